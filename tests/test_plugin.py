@@ -1,0 +1,66 @@
+"""The installed plugin and the twistd command line, run as a user would run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_get_plugins_finds_novnc_outside_the_checkout(tmp_path):
+    """The install exposes twisted/plugins: getPlugins(IServiceMaker) finds tapname novnc."""
+    code = (
+        "from twisted.plugin import getPlugins\n"
+        "from twisted.application.service import IServiceMaker\n"
+        "found = [p for p in getPlugins(IServiceMaker) if p.tapname == 'novnc']\n"
+        "assert len(found) == 1, found\n"
+        "print(found[0].module, found[0].options.__module__, found[0].options.__name__)\n"
+    )
+    result = run([sys.executable, "-c", code], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["twisted_novnc.tap", "twisted_novnc.tap", "Options"]
+
+
+def test_twistd_help_lists_the_plugin_options(tmp_path):
+    """``twistd novnc --help`` documents --config."""
+    result = run([TWISTD, "novnc", "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout
+
+
+def test_bad_config_stops_start_up_with_one_line(tmp_path):
+    """A bad value stops start-up with one line naming file, section, key and problem."""
+    config = tmp_path / "bad.ini"
+    config.write_text("[novnc]\ntarget_port = 70000\n")
+    result = run([TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config)], tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    expected = f"twisted_novnc: configuration error: {config}: [novnc] target_port:"
+    assert lines[0].startswith(expected)
+    assert "65535" in lines[0]
+
+
+def test_unknown_key_stops_start_up(tmp_path):
+    """An unknown key is named, with the closest known key suggested."""
+    config = tmp_path / "typo.ini"
+    config.write_text("[database]\ntabel = sessions\n")
+    result = run([TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config)], tmp_path)
+    assert result.returncode != 0
+    assert f"{config}: [database] tabel: unknown key" in result.stderr
+    assert "table" in result.stderr
+
+
+def test_missing_config_file_is_named(tmp_path):
+    """A config file that does not exist is named in the error."""
+    result = run([TWISTD, "--pidfile=", "-n", "novnc", "--config", "nowhere.ini"], tmp_path)
+    assert result.returncode != 0
+    assert "nowhere.ini" in result.stderr
