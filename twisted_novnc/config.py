@@ -1,0 +1,506 @@
+"""The daemon's settings: an ini file, checked against one schema, held in frozen records.
+
+Each key is declared once, as a field of its section's record, with its parser, default and help
+line; ``SCHEMA`` is built from those fields, so the parser, the sample ``etc/twisted-novnc.ini``,
+the README's "Configuration" section (both checked by tests) and ``check-config`` cannot drift apart.
+
+To add a key, add one ``_setting(...)`` field to its record.  To add a section, write a record of
+``_setting`` fields and add one field for it to ``Settings``, marked by ``_section(...)``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
+
+import attrs
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration problem, told in one line that says where it is and what is wrong."""
+
+    def __init__(self, source: str, section: str | None, key: str | None, problem: str) -> None:
+        super().__init__(source, section, key, problem)
+        self.source = source
+        self.section = section
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        if self.section is None:
+            text = f"{self.source}: {self.problem}"
+        elif self.key is None:
+            text = f"{self.source}: [{self.section}]: {self.problem}"
+        else:
+            text = f"{self.source}: [{self.section}] {self.key}: {self.problem}"
+        # Names and messages come from user text and libraries; keep the promise of one line.
+        return " ".join(text.splitlines())
+
+
+# --- kinds of value ---------------------------------------------------------------------------
+
+
+def _verbatim(text: str) -> str:
+    return text
+
+
+@attrs.frozen
+class Kind(Generic[T]):
+    """One kind of value: how ini text becomes a value and back, and what it allows (for docs).
+
+    ``parse`` raises ValueError with the problem, which the caller turns into a ConfigError
+    naming the file, section and key.  ``redact`` hides secrets when settings are shown.
+    """
+
+    parse: Callable[[str], T]
+    format: Callable[[T], str]
+    allowed: str
+    redact: Callable[[str], str] = _verbatim
+
+
+def _integer(low: int, high: int) -> Kind[int]:
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text):
+            raise ValueError(f"expected a whole number from {low} to {high}, got {text!r}")
+        # int() of a huge digit string is slow or refused; such a number is out of range anyway.
+        digits = text.lstrip("0") or "0"
+        value = int(digits) if len(digits) <= len(str(high)) else high + 1
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low} to {high}, got {text}")
+        return value
+
+    return Kind(parse, str, f"a whole number from {low} to {high}")
+
+
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _parse_seconds(text: str) -> float:
+    # A regex, not float() alone: float() also takes "nan", "1_0" and non-ASCII digits.
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(f"expected a number of seconds, like 30 or 2.5, got {text!r}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"must be finite, got {text}")
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _format_seconds(value: float) -> str:
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+_SECONDS = Kind(_parse_seconds, _format_seconds, "a number of seconds greater than 0")
+
+
+def _choice(*choices: str) -> Kind[str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return text
+
+    return Kind(parse, _verbatim, "one of " + ", ".join(f"``{c}``" for c in choices))
+
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+# PostgreSQL silently truncates longer names, and pg_notify() refuses longer channels.
+_NAME_MAX = 63
+
+
+def _identifier(qualified: bool = False, optional: bool = False) -> Kind[str]:
+    """An SQL name, used quoted (so case matters), optionally ``schema.name``, optionally empty."""
+    pattern = re.compile(rf"{_NAME}(?:\.{_NAME})?" if qualified else _NAME)
+    what = "an SQL name, optionally schema-qualified" if qualified else "an SQL name"
+
+    def parse(text: str) -> str:
+        if optional and text == "":
+            return text
+        if not pattern.fullmatch(text):
+            raise ValueError(
+                f"must be {what} (ASCII letters, digits and _, not starting with a digit),"
+                f" got {text!r}"
+            )
+        if any(len(part) > _NAME_MAX for part in text.split(".")):
+            raise ValueError(f"a name may be at most {_NAME_MAX} characters long, got {text!r}")
+        return text
+
+    allowed = what + " (letters, digits, ``_``; case matters)"
+    return Kind(parse, _verbatim, allowed + ", or empty" if optional else allowed)
+
+
+def _parse_words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+_WORDS = Kind(_parse_words, " ".join, "words separated by whitespace, or empty")
+
+
+def _check_endpoint(description: str) -> None:
+    try:
+        endpoint = serverFromString(MemoryReactor(), description)
+    # Endpoint parsers (plugins too) raise all sorts: TypeError, KeyError, OSError, SSL errors.
+    except Exception as e:
+        raise ValueError(f"bad endpoint {description!r}: {e}") from None
+    # Twisted parses "tcp:70000" happily and fails only at listen time; say so now.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(f"bad endpoint {description!r}: port {port} is not in 0..65535")
+
+
+def _parse_endpoints(text: str) -> tuple[str, ...]:
+    descriptions = tuple(text.split())
+    if not descriptions:
+        raise ValueError("needs at least one endpoint, like tcp:6080:interface=127.0.0.1")
+    for description in descriptions:
+        _check_endpoint(description)
+    for i, description in enumerate(descriptions):
+        if description in descriptions[:i]:
+            raise ValueError(f"endpoint {description!r} is listed twice")
+    return descriptions
+
+
+_ENDPOINTS = Kind(
+    _parse_endpoints,
+    " ".join,
+    "one or more Twisted server endpoint strings separated by whitespace,"
+    " e.g. ``tcp:6080:interface=127.0.0.1``, ``unix:/run/novnc.sock``,"
+    " ``systemd:domain=INET:index=0``",
+)
+
+_PLACEHOLDER = "{session_id}"
+
+
+def _parse_path(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError(f"must start with '/', got {text!r}")
+    # A request's raw path is printable ASCII; anything else could never match.
+    if not re.fullmatch(r"[!-~]*", text):
+        raise ValueError(f"may hold only printable ASCII characters, without spaces, got {text!r}")
+    if "?" in text or "#" in text:
+        raise ValueError(f"may not contain '?' or '#' (only the path is matched), got {text!r}")
+    if text.count(_PLACEHOLDER) != 1:
+        raise ValueError(f"must contain {_PLACEHOLDER} exactly once, got {text!r}")
+    if re.search(r"[{}]", text.replace(_PLACEHOLDER, "")):
+        raise ValueError(f"may not contain '{{' or '}}' other than {_PLACEHOLDER}, got {text!r}")
+    return text
+
+
+_PATH = Kind(
+    _parse_path,
+    _verbatim,
+    "a path starting with ``/`` holding ``{session_id}`` exactly once;"
+    " printable ASCII without spaces, ``?``, ``#`` or other braces",
+)
+
+
+def _parse_directory(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    if "\n" in text:
+        raise ValueError(f"must be one line, got {text!r}")
+    return text
+
+
+_DIRECTORY = Kind(_parse_directory, _verbatim, "a directory path, relative or absolute")
+
+_KV_PASSWORD = re.compile(r"(?i)((?:^|(?<=\s))\w*password\s*=\s*)('(?:[^'\\]|\\.?)*'?|\S*)")
+_URI = re.compile(r"(?i)postgres(?:ql)?://")
+# libpq ends the userinfo at the first '@' or '/', so the password is what lies before either.
+_URI_PASSWORD = re.compile(r"(?i)^(postgres(?:ql)?://[^:@/]*):[^@/]*@")
+_URI_QUERY_PASSWORD = re.compile(r"(?i)([?&]\w*password=)[^&#]*")
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ``***``, fit to print or log."""
+    if _URI.match(dsn):
+        return _URI_QUERY_PASSWORD.sub(r"\1***", _URI_PASSWORD.sub(r"\1:***@", dsn))
+    return _KV_PASSWORD.sub(r"\1***", dsn)
+
+
+def _format_lines(text: str) -> str:
+    """Text as an ini value: continuation lines are indented."""
+    return "\n    ".join(text.split("\n"))
+
+
+_DSN = Kind(
+    _verbatim,
+    _format_lines,
+    "``embedded``, or a libpq connection string (``host=... dbname=...``)"
+    " or URI (``postgresql://user@host/db``)",
+    redact=mask_dsn,
+)
+
+
+# --- the schema -------------------------------------------------------------------------------
+
+_META = "twisted_novnc.config"
+
+
+def _setting(kind: Kind[T], default: T, help: str) -> Any:
+    """A record field that is an ini key: its parser, its default and its one-line help."""
+    return attrs.field(default=default, metadata={_META: (kind, help)})
+
+
+def _section(record: type, help: str) -> dict[str, Any]:
+    """The metadata marking a ``Settings`` field as an ini section read into ``record``."""
+    return {_META: (record, help)}
+
+
+@attrs.frozen
+class NovncSettings:
+    """``[novnc]``: where browsers connect and how their connections are answered."""
+
+    listen: tuple[str, ...] = _setting(
+        _ENDPOINTS,
+        ("tcp:6080:interface=127.0.0.1",),
+        "Where to accept browser connections.",
+    )
+    path: str = _setting(
+        _PATH,
+        "/websockify/{session_id}",
+        "The URL path a browser opens; {session_id} names the session row to connect to.",
+    )
+    readiness_timeout: float = _setting(
+        _SECONDS,
+        30.0,
+        "How long a connection waits for its session's VM address to be committed.",
+    )
+    target_port: int = _setting(
+        _integer(1, 65535),
+        5900,
+        "The VNC port on the VM, used when the session row names none.",
+    )
+    reject: str = _setting(
+        _choice("close", "http"),
+        "close",
+        "How a refused connection is told why: close = complete the handshake, then close with"
+        " code 4000 + HTTP status (browsers can read it); http = refuse the handshake with the"
+        " HTTP status (browsers see only 1006).",
+    )
+    max_message_size: int = _setting(
+        _integer(1024, 64 * 1024 * 1024),
+        1024 * 1024,
+        "The largest WebSocket frame or message, in bytes, accepted from a browser.",
+    )
+
+
+@attrs.frozen
+class DatabaseSettings:
+    """``[database]``: the PostgreSQL table that says where each session's VM is."""
+
+    dsn: str = _setting(
+        _DSN,
+        "embedded",
+        "The database: embedded = a private PostgreSQL cluster under embedded_dir; anything"
+        " else is a libpq connection string or URI, used as written.",
+    )
+    table: str = _setting(
+        _identifier(qualified=True),
+        "auth_sessions",
+        "The sessions table, optionally schema-qualified.",
+    )
+    id_column: str = _setting(
+        _identifier(),
+        "session_id",
+        "The column matched against the {session_id} of the path.",
+    )
+    ip_column: str = _setting(
+        _identifier(),
+        "vm_ip",
+        "The column holding the VM's IP address; a connection waits until it is committed.",
+    )
+    port_column: str = _setting(
+        _identifier(optional=True),
+        "",
+        "The column holding the VM's VNC port; empty means every VM listens on target_port.",
+    )
+    status_column: str = _setting(
+        _identifier(optional=True),
+        "status",
+        "The column holding the session's status; empty means the status is not checked.",
+    )
+    ended_statuses: tuple[str, ...] = _setting(
+        _WORDS,
+        ("ended", "closed", "expired", "failed"),
+        "Statuses meaning the session is over: its connections are refused.",
+    )
+    notify_channel: str = _setting(
+        _identifier(),
+        "twisted_novnc",
+        "The LISTEN/NOTIFY channel the table's trigger announces changed sessions on.",
+    )
+    pool_size: int = _setting(
+        _integer(1, 64),
+        4,
+        "How many connections run session lookups (LISTEN has one more of its own).",
+    )
+    embedded_dir: str = _setting(
+        _DIRECTORY,
+        "var/postgres",
+        "Where the private cluster lives when dsn = embedded; relative to the working directory.",
+    )
+
+
+@attrs.frozen
+class Settings:
+    """Everything the daemon is configured with, and the file it came from."""
+
+    novnc: NovncSettings = attrs.field(
+        factory=NovncSettings,
+        metadata=_section(NovncSettings, "The browser-facing listener and how it answers."),
+    )
+    database: DatabaseSettings = attrs.field(
+        factory=DatabaseSettings,
+        metadata=_section(DatabaseSettings, "The table that says where each session's VM is."),
+    )
+    source: str = "<defaults>"
+
+
+@attrs.frozen
+class Key:
+    """One ini key: its section, name, kind of value, default and one-line help."""
+
+    section: str
+    name: str
+    kind: Kind[Any]
+    default: Any
+    help: str
+
+    @property
+    def default_text(self) -> str:
+        """The default as it is written in an ini file."""
+        return self.kind.format(self.default)
+
+
+@attrs.frozen
+class Section:
+    """One ini section: its name, the record it is read into, its help and its keys in order."""
+
+    name: str
+    record: type
+    help: str
+    keys: Mapping[str, Key]
+
+
+def _build_schema() -> dict[str, Section]:
+    schema = {}
+    for field in attrs.fields(Settings):
+        if _META not in field.metadata:
+            continue
+        record, section_help = field.metadata[_META]
+        keys = {}
+        for f in attrs.fields(record):
+            kind, key_help = f.metadata[_META]
+            keys[f.name] = Key(field.name, f.name, kind, f.default, key_help)
+        schema[field.name] = Section(field.name, record, section_help, keys)
+    return schema
+
+
+SCHEMA: Mapping[str, Section] = _build_schema()
+"""Every section and its keys, in file order: the one list the parser, docs and tools follow."""
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+class _Parser(configparser.ConfigParser):
+    """configparser with case-sensitive keys, no interpolation, ``=`` only, no DEFAULT magic."""
+
+    def __init__(self) -> None:
+        # A section header cannot hold a newline, so no file can open this "default" section;
+        # "[DEFAULT]" is then an ordinary (unknown) section instead of one merged into all.
+        super().__init__(interpolation=None, delimiters=("=",), default_section="\n")
+
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr
+
+
+def _did_you_mean(name: str, known: Iterable[str], template: str) -> str:
+    known = list(known)
+    same_but_case = [k for k in known if k.lower() == name.lower()]
+    close = same_but_case or difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {template.format(close[0])}?)" if close else ""
+
+
+def _again(lineno: int | None) -> str:
+    return f" (again on line {lineno})" if lineno is not None else ""
+
+
+def _read_ini(text: str, source: str) -> _Parser:
+    """configparser's own view of the text, its errors turned into ConfigErrors."""
+    parser = _Parser()
+    try:
+        parser.read_string(text, source)
+    except configparser.DuplicateSectionError as e:
+        problem = "section appears twice" + _again(e.lineno)
+        raise ConfigError(source, e.section, None, problem) from None
+    except configparser.DuplicateOptionError as e:
+        problem = "key set twice" + _again(e.lineno)
+        raise ConfigError(source, e.section, e.option, problem) from None
+    except configparser.MissingSectionHeaderError as e:
+        problem = f"line {e.lineno}: {e.line.strip()!r} comes before any [section] header"
+        raise ConfigError(source, None, None, problem) from None
+    except configparser.ParsingError as e:
+        lineno = e.errors[0][0]
+        line = text.split("\n")[lineno - 1].strip()  # configparser splits lines on "\n" alone
+        problem = f"line {lineno}: expected 'key = value' or '[section]', got {line!r}"
+        raise ConfigError(source, None, None, problem) from None
+    except configparser.Error as e:  # any other complaint configparser may grow
+        raise ConfigError(source, None, None, e.message) from None
+    return parser
+
+
+def parse_config(text: str, source: str = "<string>") -> Settings:
+    """Settings from ini text; ``source`` names it in errors.  Absent keys take their defaults."""
+    parser = _read_ini(text, source)
+    records: dict[str, Any] = {}
+    for section_name in parser.sections():
+        section = SCHEMA.get(section_name)
+        if section is None:
+            hint = _did_you_mean(section_name, SCHEMA, "[{}]")
+            raise ConfigError(source, section_name, None, "unknown section" + hint)
+        values: dict[str, Any] = {}
+        for key_name in parser.options(section_name):
+            key = section.keys.get(key_name)
+            if key is None:
+                hint = _did_you_mean(key_name, section.keys, "{!r}")
+                raise ConfigError(source, section_name, key_name, "unknown key" + hint)
+            try:
+                values[key_name] = key.kind.parse(parser.get(section_name, key_name))
+            except ValueError as e:
+                raise ConfigError(source, section_name, key_name, str(e)) from None
+        records[section_name] = section.record(**values)
+    return Settings(source=source, **records)
+
+
+def read_config(path: str) -> Settings:
+    """Settings from the ini file at ``path``; an unreadable file is a ConfigError naming it."""
+    try:
+        # utf-8-sig: a byte-order mark left by an editor is not a parse error.
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read the file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, None, f"not UTF-8 text (byte {e.start})") from None
+    return parse_config(text, path)
+
+
+def effective_items(settings: Settings) -> list[tuple[str, str, str]]:
+    """Every (section, key, value as ini text) in effect, secrets masked, for showing to people."""
+    items = []
+    for section in SCHEMA.values():
+        record = getattr(settings, section.name)
+        for key in section.keys.values():
+            text = key.kind.redact(key.kind.format(getattr(record, key.name)))
+            items.append((section.name, key.name, text))
+    return items
