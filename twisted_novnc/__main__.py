@@ -1,0 +1,69 @@
+"""``python -m twisted_novnc``: helper commands beside the daemon.
+
+  install-schema --config FILE [--create-table] [--print]
+      install the NOTIFY trigger on the configured (existing) sessions table
+  schema [--config FILE]
+      print the schema SQL for the configured names
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, Settings, parse_config, read_config
+from .schema import schema_sql
+
+
+def _settings(path: str | None) -> Settings:
+    return read_config(path) if path else parse_config("", "<defaults>")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m twisted_novnc")
+    commands = parser.add_subparsers(dest="command", required=True)
+    install = commands.add_parser(
+        "install-schema", help="install the NOTIFY trigger on the configured sessions table"
+    )
+    install.add_argument("--config", required=True, help="the daemon's ini file")
+    install.add_argument(
+        "--create-table", action="store_true", help="also create the table if it is missing"
+    )
+    install.add_argument("--dsn", help="the database to change (default: the config's dsn)")
+    show = commands.add_parser("schema", help="print the schema SQL for the configured names")
+    show.add_argument("--config", help="the daemon's ini file (default: built-in defaults)")
+    show.add_argument("--no-table", action="store_true", help="only the trigger")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = _settings(args.config)
+    except ConfigError as e:
+        print(f"twisted_novnc: configuration error: {e}", file=sys.stderr)
+        return 2
+
+    if args.command == "schema":
+        sys.stdout.write(schema_sql(settings.database, create_table=not args.no_table))
+        return 0
+
+    from .embedded import apply_sql
+
+    dsn = args.dsn or settings.database.dsn
+    if dsn == "embedded":
+        print(
+            "twisted_novnc: the embedded database gets its schema when the daemon starts;"
+            " give --dsn to change another database",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        apply_sql(dsn, schema_sql(settings.database, create_table=args.create_table))
+    except Exception as e:  # psycopg2 errors carry the server's message
+        print(f"twisted_novnc: install-schema failed: {e}".rstrip(), file=sys.stderr)
+        return 1
+    db = settings.database
+    print(f"installed trigger {db.table} -> NOTIFY {db.notify_channel}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

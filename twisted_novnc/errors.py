@@ -1,0 +1,54 @@
+"""The refusal table: every way a request can fail, with its close code and HTTP status.
+
+Browsers cannot read the HTTP status of a refused WebSocket handshake (they report 1006), so
+by default the proxy completes the handshake and closes at once with ``4000 + status``.  This
+table is the one place that maps a reason to both forms.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Refusal(enum.Enum):
+    """Why a browser's connection was refused or ended, as (close code, HTTP status, reason)."""
+
+    BAD_PATH = (4400, 400, "bad path")
+    BAD_REQUEST = (4400, 400, "bad request")
+    UNAUTHORIZED = (4401, 401, "unauthorized")
+    FORBIDDEN = (4403, 403, "forbidden")
+    NOT_FOUND = (4404, 404, "no such session")
+    ENDED = (4410, 410, "session ended")
+    MOVED = (4410, 410, "session moved")
+    TOO_MANY = (4429, 429, "too many connections")
+    VM_UNREACHABLE = (4502, 502, "VM unreachable")
+    VM_LOST = (4502, 502, "VM connection lost")
+    BAD_VM_ADDRESS = (4502, 502, "bad VM address")
+    DATABASE_UNAVAILABLE = (4503, 503, "database unavailable")
+    SHUTTING_DOWN = (4503, 503, "shutting down")
+    NOT_READY = (4504, 504, "session not ready in time")
+
+    @property
+    def close_code(self) -> int:
+        return self.value[0]
+
+    @property
+    def http_status(self) -> int:
+        return self.value[1]
+
+    @property
+    def reason(self) -> str:
+        return self.value[2]
+
+
+class Refused(Exception):
+    """A request that cannot be served; ``detail`` goes to the log, never to the browser."""
+
+    def __init__(self, refusal: Refusal, detail: str = "") -> None:
+        super().__init__(refusal, detail)
+        self.refusal = refusal
+        self.detail = detail
+
+    def __str__(self) -> str:
+        text = f"{self.refusal.close_code} {self.refusal.reason}"
+        return f"{text}: {self.detail}" if self.detail else text

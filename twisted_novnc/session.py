@@ -1,0 +1,36 @@
+"""What the proxy knows about a session: the row it read, and where to connect."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import attrs
+
+
+@attrs.frozen
+class SessionRow:
+    """One committed row of the sessions table, as the proxy reads it."""
+
+    session_id: str
+    vm_ip: str | None
+    port: int | None = None
+    status: str | None = None
+
+
+@attrs.frozen
+class Target:
+    """A ready session's upstream: an IP literal (never a name) and a port."""
+
+    session_id: str
+    host: str
+    port: int
+
+
+def parse_vm_ip(text: str) -> str | None:
+    """An IP literal from a text or inet column (``10.0.0.5`` or ``10.0.0.5/32``); never a name."""
+    try:
+        if "/" in text:
+            return str(ipaddress.ip_interface(text.strip()).ip)
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        return None
