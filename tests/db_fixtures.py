@@ -1,0 +1,43 @@
+"""Per-test sessions tables: each test gets its own table and NOTIFY channel on the shared
+cluster, so tests (and the daemons they start) never see each other's sessions."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg2
+import pytest
+
+from twisted_novnc.config import parse_config
+from twisted_novnc.embedded import apply_sql
+from twisted_novnc.schema import schema_sql
+
+
+@pytest.fixture
+def sessions_table(postgres_dsn):
+    """DatabaseSettings for a fresh table (with a port column) and channel; dropped after."""
+    name = "sessions_" + uuid.uuid4().hex[:12]
+    settings = parse_config(
+        f"[database]\ndsn = {postgres_dsn}\ntable = {name}\nport_column = vnc_port\n"
+        f"notify_channel = {name}\n",
+        "<test>",
+    ).database
+    apply_sql(postgres_dsn, schema_sql(settings))
+    yield settings
+    apply_sql(postgres_dsn, f'DROP TABLE IF EXISTS "{name}"')
+
+
+@pytest.fixture
+def pg_factory(postgres_dsn):
+    """Open extra psycopg2 connections (e.g. a backend mid-transaction); closed after."""
+    opened = []
+
+    def connect(autocommit: bool = True):
+        conn = psycopg2.connect(postgres_dsn)
+        conn.autocommit = autocommit
+        opened.append(conn)
+        return conn
+
+    yield connect
+    for conn in opened:
+        conn.close()

@@ -1,0 +1,178 @@
+"""The PostgreSQL session store and the in-process service against the real cluster."""
+
+from __future__ import annotations
+
+import uuid
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from twisted_novnc.config import parse_config
+from twisted_novnc.readiness import ReadinessGate
+from twisted_novnc.service import make_service
+from twisted_novnc.session import SessionRow
+from twisted_novnc.store import PostgresSessionStore
+from twisted_novnc.testing import recording_client_factory
+
+pytestmark = pytest.mark.integration
+
+LIMIT = 30.0
+
+
+@attrs.define
+class RecordingObserver:
+    notified_ids: list[str] = attrs.field(factory=list)
+    listening_count: int = 0
+    when_listening: defer.Deferred[None] = attrs.field(factory=defer.Deferred)
+    _waiting: list = attrs.field(factory=list)
+
+    def notified(self, session_id: str) -> None:
+        self.notified_ids.append(session_id)
+        for sid, d in list(self._waiting):
+            if sid == session_id:
+                self._waiting.remove((sid, d))
+                d.callback(sid)
+
+    def when_notified(self, session_id: str) -> defer.Deferred[str]:
+        d: defer.Deferred[str] = defer.Deferred()
+        self._waiting.append((session_id, d))
+        return d.addTimeout(LIMIT, reactor)
+
+    def listening(self) -> None:
+        self.listening_count += 1
+        if not self.when_listening.called:
+            self.when_listening.callback(None)
+
+    def not_listening(self) -> None:
+        pass
+
+
+@pytest.fixture
+def store(postgres_dsn, sessions_table):
+    observer = RecordingObserver()
+    store = PostgresSessionStore(sessions_table, lambda: postgres_dsn, reactor, observer)
+    store.start()
+    pytest_twisted.blockon(observer.when_listening.addTimeout(LIMIT, reactor))
+    yield store
+    store.stop()
+
+
+def insert(pg, table, sid, vm_ip=None, port=None, status="pending"):
+    with pg.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status) VALUES (%s,%s,%s,%s)',
+            (sid, vm_ip, port, status),
+        )
+
+
+@pytest_twisted.inlineCallbacks
+def test_fetch_reads_committed_rows(store, pg, sessions_table):
+    """fetch returns the committed rows of the named sessions in one query, absent ids absent."""
+    a, b, missing = (str(uuid.uuid4()) for _ in range(3))
+    insert(pg, sessions_table.table, a, "10.0.0.5", 5901, "running")
+    insert(pg, sessions_table.table, b, None, None, "pending")
+    rows = yield store.fetch([a, b, missing])
+    assert rows == {
+        a: SessionRow(a, "10.0.0.5", 5901, "running"),
+        b: SessionRow(b, None, None, "pending"),
+    }
+    assert store.id_type == "uuid"
+
+
+@pytest_twisted.inlineCallbacks
+def test_fetch_ignores_ids_the_column_cannot_hold(store):
+    """A non-UUID id against a uuid column is never sent to the database."""
+    rows = yield store.fetch(["not-a-uuid", "' OR 1=1 --"])
+    assert rows == {}
+    assert store.normalise_id("3F1C6A52-8A4E-4A55-9F53-0F6A0F3C2A10") == (
+        "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"
+    )
+
+
+@pytest_twisted.inlineCallbacks
+def test_notify_arrives_only_at_commit(store, pg_factory, sessions_table):
+    """The trigger's NOTIFY reaches the LISTEN connection when the transaction commits."""
+    sid = str(uuid.uuid4())
+    backend = pg_factory(autocommit=False)
+    with backend.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO "{sessions_table.table}" (session_id) VALUES (%s)', (sid,)
+        )
+    # A second, committed change proves notifications flow while the first is still open.
+    witness = str(uuid.uuid4())
+    insert(pg_factory(), sessions_table.table, witness)
+    yield store.observer.when_notified(witness)
+    assert sid not in store.observer.notified_ids
+    backend.commit()
+    yield store.observer.when_notified(sid)
+
+
+@pytest_twisted.inlineCallbacks
+def test_missing_column_keeps_store_unready(postgres_dsn, sessions_table):
+    """A config naming a column the table lacks never listens, and says why in the log."""
+    from twisted.logger import globalLogPublisher
+
+    broken = attrs.evolve(sessions_table, ip_column="no_such_column")
+    seen: defer.Deferred[dict] = defer.Deferred()
+
+    def observe(event):
+        text = event.get("log_format", "")
+        if "cannot listen" in text and not seen.called:
+            seen.callback(event)
+
+    globalLogPublisher.addObserver(observe)
+    observer = RecordingObserver()
+    store = PostgresSessionStore(broken, lambda: postgres_dsn, reactor, observer)
+    try:
+        store.start()
+        event = yield seen.addTimeout(LIMIT, reactor)
+        assert "no_such_column" in event["error"]
+        assert not store.is_listening and observer.listening_count == 0
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        store.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_leaving_while_waiting_leaves_nothing(postgres_dsn, sessions_table):
+    """In the real service, a browser that leaves while waiting leaves no waiter or timer."""
+    settings = parse_config(
+        "[novnc]\nlisten = tcp:0:interface=127.0.0.1\nreadiness_timeout = 60\n"
+        f"[database]\ndsn = {postgres_dsn}\ntable = {sessions_table.table}\n"
+        f"port_column = vnc_port\nnotify_channel = {sessions_table.notify_channel}\n",
+        "<test>",
+    )
+    service = make_service(settings, reactor)
+    service.privilegedStartService()
+    service.startService()
+    try:
+        listener = next(s for s in service if hasattr(s, "_waitingForPort"))
+        port = (yield listener._waitingForPort).getHost().port
+        gate = next(s for s in service if hasattr(s, "gate")).gate
+        assert isinstance(gate, ReadinessGate)
+        before = set(reactor.getDelayedCalls())
+        factory = recording_client_factory(f"ws://127.0.0.1:{port}/websockify/{uuid.uuid4()}")
+        client = yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port), factory.buildProtocol(None)
+        )
+        while gate.waiting == 0:
+            yield deferLater0()
+        timers = set(reactor.getDelayedCalls()) - before
+        assert any(abs(t.getTime() - reactor.seconds() - 60) < 5 for t in timers)
+        client.transport.loseConnection()
+        yield client.closed
+        while gate.waiting:
+            yield deferLater0()
+        leftover = [t for t in reactor.getDelayedCalls() if t.getTime() - reactor.seconds() > 50]
+        assert leftover == []
+    finally:
+        yield service.stopService()
+
+
+def deferLater0() -> defer.Deferred[None]:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, 0, lambda: None)

@@ -1,0 +1,240 @@
+"""The readiness gate, driven by a Clock and an in-memory session source."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+
+from twisted_novnc.errors import Refusal, Refused
+from twisted_novnc.readiness import ReadinessGate
+from twisted_novnc.session import SessionRow, Target
+from twisted_novnc.testing import MemorySessionSource
+
+SID = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"
+
+
+def make_gate(source: MemorySessionSource | None = None, timeout: float = 30.0):
+    clock = Clock()
+    source = source or MemorySessionSource()
+    gate = ReadinessGate(source, clock, timeout, frozenset({"ended", "failed"}), 5900)
+    return gate, source, clock
+
+
+def result_of(d):
+    results = []
+    d.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    return results[0]
+
+
+def refusal_of(d) -> Refusal:
+    failure = result_of(d)
+    assert hasattr(failure, "value") and isinstance(failure.value, Refused), failure
+    return failure.value.refusal
+
+
+def test_ready_row_fires_after_first_read():
+    """A session whose committed row has a vm_ip fires on the first read, with the default port."""
+    gate, source, clock = make_gate()
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, "running")
+    d = gate.when_ready(SID)
+    assert not d.called, "the read happens on the next reactor turn, after registration"
+    clock.advance(0)
+    assert result_of(d) == Target(SID, "10.0.0.5", 5900)
+    assert gate.waiting == 0
+
+
+def test_port_column_overrides_default_port():
+    """A non-null port in the row overrides target_port."""
+    gate, source, clock = make_gate()
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", 5901, None)
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert result_of(d).port == 5901
+
+
+def test_waits_for_notify_after_absent_row():
+    """An absent row keeps the waiter; a NOTIFY re-reads and fires it."""
+    gate, source, clock = make_gate()
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert not d.called
+    source.rows[SID] = SessionRow(SID, "10.0.0.7", None, "running")
+    clock.advance(1)
+    assert not d.called, "no polling: only a notification causes a re-read"
+    gate.notified(SID)
+    clock.advance(0)
+    assert result_of(d).host == "10.0.0.7"
+
+
+def test_null_vm_ip_keeps_waiting():
+    """A row without vm_ip is not ready; the waiter stays until the row gets one."""
+    gate, source, clock = make_gate()
+    source.rows[SID] = SessionRow(SID, None, None, "starting")
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    gate.notified(SID)
+    clock.advance(0)
+    assert not d.called
+    assert gate.waiting_for(SID) == 1
+
+
+def test_notify_during_read_causes_another_read():
+    """A commit whose NOTIFY arrives while a read is in flight is not lost: it is read again."""
+    source = MemorySessionSource(hold=True)
+    gate, source, clock = make_gate(source)
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert len(source.fetches) == 1
+    gate.notified(SID)  # the commit lands while the first read is in flight
+    clock.advance(0)
+    assert len(source.fetches) == 1, "one read in flight at a time"
+    source.release()  # the first read saw the old state: nothing
+    source.rows[SID] = SessionRow(SID, "10.0.0.9", None, None)
+    clock.advance(0)
+    assert len(source.fetches) == 2
+    source.release()
+    assert result_of(d).host == "10.0.0.9"
+
+
+def test_notifications_are_batched():
+    """Many notifications in one turn become one query naming all the sessions."""
+    gate, source, clock = make_gate()
+    ids = [f"s{i}" for i in range(50)]
+    waits = [gate.when_ready(i) for i in ids]
+    clock.advance(0)
+    assert len(source.fetches) == 1 and len(source.fetches[0]) == 50
+    for i in ids:
+        source.rows[i] = SessionRow(i, "10.1.0.1", None, None)
+        gate.notified(i)
+    clock.advance(0)
+    assert len(source.fetches) == 2 and len(source.fetches[1]) == 50
+    assert all(isinstance(result_of(d), Target) for d in waits)
+
+
+def test_notification_for_unknown_session_reads_nothing():
+    """A NOTIFY for a session nobody waits for costs no query."""
+    gate, source, clock = make_gate()
+    gate.notified("nobody")
+    clock.advance(0)
+    assert source.fetches == []
+
+
+@pytest.mark.parametrize("status", ["ended", "failed"])
+def test_ended_session_fails_at_once(status):
+    """An ended status refuses with 4410 immediately, not at the deadline."""
+    gate, source, clock = make_gate()
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, status)
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert refusal_of(d) is Refusal.ENDED
+    assert Refusal.ENDED.close_code == 4410
+
+
+def test_timeout_absent_row_is_not_found():
+    """A row still absent at the deadline gives 4404, and leaves nothing behind."""
+    gate, source, clock = make_gate(timeout=5)
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    clock.advance(4.9)
+    assert not d.called
+    clock.advance(0.1)
+    assert refusal_of(d) is Refusal.NOT_FOUND
+    assert gate.waiting == 0 and clock.getDelayedCalls() == []
+
+
+def test_timeout_row_without_ip_is_not_ready():
+    """A row present but without vm_ip at the deadline gives 4504."""
+    gate, source, clock = make_gate(timeout=5)
+    source.rows[SID] = SessionRow(SID, None, None, "booting")
+    d = gate.when_ready(SID)
+    clock.advance(5)
+    assert refusal_of(d) is Refusal.NOT_READY
+
+
+def test_database_errors_retry_then_give_4503():
+    """Failed reads are retried with backoff; at the deadline a failing database gives 4503."""
+    source = MemorySessionSource(fail_with=RuntimeError("connection refused"))
+    gate, source, clock = make_gate(source, timeout=3)
+    d = gate.when_ready(SID)
+    for _ in range(30):
+        clock.advance(0.1)
+    assert len(source.fetches) > 2, "reads are retried while the database fails"
+    assert refusal_of(d) is Refusal.DATABASE_UNAVAILABLE
+    assert clock.getDelayedCalls() == []
+
+
+def test_database_recovers_before_deadline():
+    """A waiter whose reads failed still connects when the database answers in time."""
+    source = MemorySessionSource(fail_with=RuntimeError("down"))
+    gate, source, clock = make_gate(source, timeout=10)
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    source.fail_with = None
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, None)
+    for _ in range(40):
+        clock.advance(0.1)
+    assert isinstance(result_of(d), Target)
+
+
+def test_cancel_removes_waiter_and_timer():
+    """A browser that leaves while waiting leaves no waiter and no timer behind."""
+    gate, source, clock = make_gate()
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert gate.waiting == 1 and len(clock.getDelayedCalls()) == 1
+    d.cancel()
+    assert result_of(d).check(CancelledError)
+    assert gate.waiting == 0 and clock.getDelayedCalls() == []
+
+
+def test_cancel_before_first_read_cancels_the_read():
+    """Cancelling before the first read leaves no scheduled read either."""
+    gate, source, clock = make_gate()
+    d = gate.when_ready(SID)
+    d.cancel()
+    assert clock.getDelayedCalls() == []
+    clock.advance(0)
+    assert source.fetches == []
+
+
+def test_one_commit_fires_every_waiter_of_a_session():
+    """Several browsers on one session are all served by one read."""
+    gate, source, clock = make_gate()
+    waits = [gate.when_ready(SID) for _ in range(3)]
+    clock.advance(0)
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, None)
+    gate.notified(SID)
+    clock.advance(0)
+    assert [result_of(d).host for d in waits] == ["10.0.0.5"] * 3
+
+
+def test_listening_rereads_every_waiter():
+    """After LISTEN is re-established, every waiter is read again (notifications were lost)."""
+    gate, source, clock = make_gate()
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, None)
+    gate.not_listening()
+    gate.listening()
+    clock.advance(0)
+    assert isinstance(result_of(d), Target)
+
+
+def test_bad_vm_address_is_refused():
+    """A vm_ip that is not an IP literal is refused with 4502, never resolved."""
+    gate, source, clock = make_gate()
+    source.rows[SID] = SessionRow(SID, "vm.example.com", None, None)
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert refusal_of(d) is Refusal.BAD_VM_ADDRESS
+
+
+def test_fail_all_refuses_every_waiter():
+    """Shutting down fails every waiter with the given refusal and leaves no timers."""
+    gate, source, clock = make_gate()
+    waits = [gate.when_ready(f"s{i}") for i in range(3)]
+    gate.fail_all(Refusal.SHUTTING_DOWN)
+    assert [refusal_of(d) for d in waits] == [Refusal.SHUTTING_DOWN] * 3
+    assert clock.getDelayedCalls() == []

@@ -1,0 +1,316 @@
+"""Session lookup on PostgreSQL (txpostgres): the pooled queries, the LISTEN connection, the SQL.
+
+All SQL the daemon runs at request time lives here.  Queries run on a small pool; notifications
+arrive on one dedicated LISTEN connection that never runs a query of its own, so a slow lookup
+can never delay a NOTIFY.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import attrs
+import psycopg2
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorTime
+from twisted.logger import Logger
+from txpostgres import reconnection, retrying, txpostgres
+
+from .backoff import jittered_backoff
+from .config import DatabaseSettings
+from .schema import quote_ident
+from .session import SessionRow
+
+_log = Logger()
+
+#: (id, vm_ip, port, status) as the lookup query returns them.
+RowTuple = tuple[str, str | None, int | None, str | None]
+
+INTEGER_TYPES = {"smallint": 2**15, "integer": 2**31, "bigint": 2**63}
+
+
+class StoreObserver(Protocol):
+    """What the store tells the readiness gate."""
+
+    def notified(self, session_id: str) -> None:
+        """A transaction touching this session's row has committed."""
+
+    def listening(self) -> None:
+        """LISTEN is (again) active: anything committed while it was not is unknown."""
+
+    def not_listening(self) -> None:
+        """The LISTEN connection is lost; notifications may be missed until ``listening``."""
+
+
+def normalise_id(raw: str, column_type: str | None) -> str | None:
+    """The id as PostgreSQL prints it, or None when no row of this column type can have it."""
+    if column_type == "uuid":
+        try:
+            return str(uuid.UUID(raw))
+        except ValueError:
+            return None
+    if column_type in INTEGER_TYPES:
+        if not raw.lstrip("-").isdigit():
+            return None
+        value = int(raw)
+        limit = INTEGER_TYPES[column_type]
+        return str(value) if -limit <= value < limit else None
+    return raw
+
+
+@attrs.define
+class _Health:
+    """Says once that the database is unreachable (and again only if the reason changes)."""
+
+    down_reason: str | None = None
+
+    def down(self, error: str) -> None:
+        error = " ".join(error.split())
+        if error != self.down_reason:
+            _log.warn("database unreachable: {error}; retrying", error=error)
+            self.down_reason = error
+
+    def up(self) -> None:
+        if self.down_reason is not None:
+            _log.info("database reachable again")
+            self.down_reason = None
+
+
+class _Detector(reconnection.DeadConnectionDetector):
+    """txpostgres' detector, plus a hook when the connection dies and a way to stop retrying."""
+
+    health: _Health
+    on_death: Callable[[], None] | None = None
+    _retrying: Deferred[Any] | None = None
+    stopped: bool = False
+
+    def startReconnecting(self, f: Any) -> None:
+        if self.stopped:
+            return
+        self.health.down(f.getErrorMessage())
+        if self.on_death is not None:
+            self.on_death()
+        call = retrying.RetryingCall(self.reconnect)
+        call.reactor = self.reactor
+        self._retrying = call.start(self.reconnectionIterator())
+        self._retrying.addCallback(lambda _: self.connectionRecovered())
+        self._retrying.addErrback(lambda f: f.trap(defer.CancelledError))
+
+    def reconnect(self) -> Deferred[Any]:
+        d = super().reconnect()
+        d.addErrback(self._log_attempt)
+        return d
+
+    def _log_attempt(self, f: Any) -> Any:
+        self.health.down(f.getErrorMessage())
+        return f
+
+    def connectionRecovered(self) -> Any:
+        self._retrying = None
+        self.health.up()
+        return super().connectionRecovered()
+
+    def stop(self) -> None:
+        self.stopped = True
+        retrying, self._retrying = self._retrying, None
+        if retrying is not None:
+            retrying.cancel()
+
+
+@attrs.define(eq=False)
+class PostgresSessionStore:
+    """Reads sessions through a txpostgres pool and relays NOTIFYs to one observer."""
+
+    settings: DatabaseSettings
+    dsn: Callable[[], str]
+    reactor: Any
+    observer: StoreObserver | None = None
+    id_type: str | None = None
+    _pool: txpostgres.ConnectionPool | None = None
+    _listener: txpostgres.Connection | None = None
+    _listening: bool = False
+    _stopped: bool = False
+    _select: str = ""
+    _listen_retry: Any = None
+    _health: _Health = attrs.field(factory=_Health)
+    _listen_delays: Iterator[float] = attrs.field(factory=lambda: jittered_backoff(1.0, 30.0))
+
+    @property
+    def is_listening(self) -> bool:
+        return self._listening
+
+    def _make_connection(self) -> txpostgres.Connection:
+        detector = _Detector(
+            reconnectionIterator=jittered_backoff, reactor=self.reactor
+        )
+        detector.health = self._health
+        return txpostgres.Connection(reactor=self.reactor, detector=detector)
+
+    def start(self) -> None:
+        """Connect the pool and the LISTEN connection; each retries on its own until it is up."""
+        self._stopped = False
+        dsn = self.dsn()
+        store = self
+
+        class Pool(txpostgres.ConnectionPool):
+            reactor = store.reactor
+
+            def connectionFactory(self, *args: Any) -> txpostgres.Connection:
+                return store._make_connection()
+
+        self._pool = Pool(None, dsn, min=self.settings.pool_size)
+        for connection in self._pool.connections:
+            self._connect(connection, dsn)
+        self._listener = self._make_connection()
+        self._listener.detector.on_death = self._listen_lost
+        self._listener.detector.addRecoveryHandler(self._listen)
+        self._listener.addNotifyObserver(self._notify_received)
+        self._connect(self._listener, dsn).addCallback(
+            lambda connected: self._listen() if connected else None
+        )
+
+    def _connect(self, connection: txpostgres.Connection, dsn: str) -> Deferred[bool]:
+        """Connect once; a failure hands the connection to its detector, which keeps trying."""
+        d = connection.connect(dsn)
+
+        def failed(f: Any) -> bool:
+            self._health.down(f.getErrorMessage())
+            connection.detector.checkForDeadConnection(f)
+            return False
+
+        return d.addCallbacks(lambda _: True, failed)
+
+    def _listen(self) -> Deferred[None]:
+        """Issue LISTEN, learn the id column's type, then tell the observer to re-read."""
+        assert self._listener is not None
+        channel = quote_ident(self.settings.notify_channel)
+        d = self._listener.runOperation(f"LISTEN {channel}")
+        d.addCallback(lambda _: self._introspect())
+
+        def listening(_: object) -> None:
+            if self._stopped:
+                return
+            self._listening = True
+            self._listen_delays = jittered_backoff(1.0, 30.0)
+            _log.info(
+                "listening for session changes on channel {channel}",
+                channel=self.settings.notify_channel,
+            )
+            if self.observer is not None:
+                self.observer.listening()
+
+        d.addCallback(listening)
+        d.addErrback(self._listen_failed)
+        return d
+
+    def _listen_failed(self, f: Any) -> None:
+        if self._stopped:
+            return
+        _log.error("cannot listen for session changes: {error}", error=f.getErrorMessage())
+        if f.check(psycopg2.InterfaceError, psycopg2.OperationalError):
+            return  # the connection's detector reconnects, then calls _listen again
+        # The connection is fine but the table is not (yet): look again later.
+        delay = next(self._listen_delays)
+        self._listen_retry = self.reactor.callLater(delay, self._retry_listen)
+
+    def _retry_listen(self) -> None:
+        self._listen_retry = None
+        listener = self._listener
+        if self._stopped or self._listening or listener is None:
+            return
+        if not listener.detector.connectionIsDead:
+            self._listen()
+
+    def _listen_lost(self) -> None:
+        self._listening = False
+        if self.observer is not None and not self._stopped:
+            self.observer.not_listening()
+
+    def _notify_received(self, notify: Any) -> None:
+        if self.observer is not None and notify.channel == self.settings.notify_channel:
+            self.observer.notified(notify.payload)
+
+    def _introspect(self) -> Deferred[None]:
+        """Check the configured table and columns exist, and build the lookup query."""
+        assert self._listener is not None
+        d = self._listener.runQuery(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+            " WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            (quote_ident(self.settings.table),),
+        )
+
+        def check(rows: Sequence[tuple[str, str]]) -> None:
+            types = dict(rows)
+            s = self.settings
+            wanted = [s.id_column, s.ip_column, s.port_column, s.status_column]
+            missing = [c for c in wanted if c and c not in types]
+            if missing:
+                raise SchemaMismatch(
+                    f"table {s.table} has no column {', '.join(missing)}"
+                    " (see [database] in the config)"
+                )
+            self.id_type = types[s.id_column]
+            self._select = self._build_select()
+
+        return d.addCallback(check)
+
+    def _build_select(self) -> str:
+        s = self.settings
+        port = f"{quote_ident(s.port_column)}::integer" if s.port_column else "NULL::integer"
+        status = f"{quote_ident(s.status_column)}::text" if s.status_column else "NULL::text"
+        cast = self.id_type if self.id_type in ("uuid", *INTEGER_TYPES) else "text"
+        ident = quote_ident(s.id_column)
+        return (
+            f"SELECT {ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}"
+            f" FROM {quote_ident(s.table)} WHERE {ident} = ANY(%s::{cast}[])"
+        )
+
+    def normalise_id(self, raw: str) -> str | None:
+        return normalise_id(raw, self.id_type)
+
+    def fetch(self, session_ids: Iterable[str]) -> Deferred[dict[str, SessionRow]]:
+        """Read the committed rows of these sessions in one query; absent ids are absent."""
+        if self._pool is None or not self._select:
+            return defer.fail(DatabaseNotReady("not connected to the database yet"))
+        ids = [i for i in (self.normalise_id(s) for s in session_ids) if i is not None]
+        if not ids:
+            return defer.succeed({})
+        d = self._pool.runQuery(self._select, (ids,))
+
+        def rows(result: Sequence[RowTuple]) -> dict[str, SessionRow]:
+            return {
+                r[0]: SessionRow(session_id=r[0], vm_ip=r[1], port=r[2], status=r[3])
+                for r in result
+            }
+
+        return d.addCallback(rows)
+
+    def stop(self) -> None:
+        """Close every connection and stop every reconnection attempt."""
+        self._stopped = True
+        self._listening = False
+        if self._listen_retry is not None:
+            self._listen_retry.cancel()
+            self._listen_retry = None
+        connections = [self._listener, *(self._pool.connections if self._pool else ())]
+        for connection in connections:
+            if connection is None:
+                continue
+            connection.detector.stop()
+            if connection._connection is not None:
+                connection.close()
+
+
+class DatabaseNotReady(Exception):
+    """The store has no working connection (yet)."""
+
+
+class SchemaMismatch(Exception):
+    """The configured table or columns do not exist."""
+
+
+# Only the reactor interfaces the store uses, for readers of the type hints.
+StoreReactor = IReactorCore | IReactorFDSet | IReactorTime
