@@ -1,0 +1,234 @@
+"""The browser-facing pipeline over real loopback sockets, with sessions held in memory."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from twisted_novnc.config import NovncSettings
+from twisted_novnc.front import NoVNCServerFactory
+from twisted_novnc.readiness import ReadinessGate
+from twisted_novnc.session import SessionRow
+from twisted_novnc.testing import (
+    RFB_BANNER,
+    MemorySessionSource,
+    VNCEchoFactory,
+    recording_client_factory,
+)
+from twisted_novnc.upstream import connect_tcp
+
+SID = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"
+
+
+class Harness:
+    """A proxy factory on a loopback port, a test VNC server, and in-memory sessions."""
+
+    def __init__(self, timeout: float = 5.0, reject: str = "close") -> None:
+        self.source = MemorySessionSource()
+        self.gate = ReadinessGate(self.source, reactor, timeout, frozenset({"ended"}), 1)
+        settings = NovncSettings(readiness_timeout=timeout, reject=reject)
+        self.factory = NoVNCServerFactory(
+            settings, self.gate, lambda t, s: connect_tcp(reactor, t, s), reactor
+        )
+        self.vnc = VNCEchoFactory()
+        self.ports: list = []
+
+    @pytest_twisted.inlineCallbacks
+    def start(self):
+        proxy = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.factory)
+        vnc = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.vnc)
+        self.ports = [proxy, vnc]
+        self.proxy_port = proxy.getHost().port
+        self.vnc_port = vnc.getHost().port
+        return self
+
+    def ready(self, sid: str = SID) -> None:
+        self.source.rows[sid] = SessionRow(sid, "127.0.0.1", self.vnc_port, "running")
+        self.gate.notified(sid)
+
+    def connect(self, path: str = f"/websockify/{SID}", protocols=None) -> Deferred:
+        url = f"ws://127.0.0.1:{self.proxy_port}{path}"
+        factory = recording_client_factory(url, protocols)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy_port)
+        return connectProtocol(endpoint, factory.buildProtocol(None))
+
+    @pytest_twisted.inlineCallbacks
+    def stop(self):
+        for port in self.ports:
+            yield port.stopListening()
+
+
+@pytest.fixture
+def harness():
+    h = pytest_twisted.blockon(Harness().start())
+    yield h
+    pytest_twisted.blockon(h.stop())
+
+
+@pytest_twisted.inlineCallbacks
+def test_ready_session_relays_banner_and_echo(harness):
+    """A ready session gets the 101 with subprotocol binary, the VNC banner, and its echo."""
+    harness.ready()
+    client = yield harness.connect()
+    yield client.opened
+    assert client.subprotocol == "binary"
+    yield client.when_received(len(RFB_BANNER))
+    client.sendMessage(b"hello", isBinary=True)
+    data = yield client.when_received(len(RFB_BANNER) + 5)
+    assert data == RFB_BANNER + b"hello"
+    client.sendClose(1000)
+    yield client.closed
+
+
+@pytest_twisted.inlineCallbacks
+def test_upgrade_waits_until_session_is_ready(harness):
+    """No 101 is sent while the session is not ready; it is sent once it is."""
+    client = yield harness.connect()
+    yield _turns(5)
+    assert not client.opened.called
+    assert harness.gate.waiting == 1
+    harness.ready()
+    yield client.opened
+    data = yield client.when_received(len(RFB_BANNER))
+    assert data == RFB_BANNER
+    client.sendClose(1000)
+    yield client.closed
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_path_closes_with_4400(harness):
+    """A path that does not fit the template is closed with 4400 after the handshake."""
+    client = yield harness.connect("/nothing/here")
+    code, reason = yield client.closed
+    assert (code, reason) == (4400, "bad path")
+
+
+@pytest_twisted.inlineCallbacks
+def test_ended_session_closes_with_4410(harness):
+    """An ended session is closed with 4410 and its reason."""
+    harness.source.rows[SID] = SessionRow(SID, "127.0.0.1", harness.vnc_port, "ended")
+    client = yield harness.connect()
+    code, reason = yield client.closed
+    assert (code, reason) == (4410, "session ended")
+
+
+@pytest_twisted.inlineCallbacks
+def test_unreachable_vm_closes_with_4502(harness):
+    """A VM that refuses the connection is reported as 4502."""
+    yield harness.ports[1].stopListening()
+    harness.ports.pop()
+    harness.ready()
+    client = yield harness.connect()
+    code, reason = yield client.closed
+    assert (code, reason) == (4502, "VM unreachable")
+
+
+class RawExchange(Protocol):
+    """Sends raw bytes and collects the whole answer until the server closes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.answer = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.answer += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.done.callback(self.answer)
+
+
+def upgrade_request(path: str) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+@pytest_twisted.inlineCallbacks
+def test_reject_http_refuses_with_status():
+    """With reject = http a refusal is the HTTP status of the failed upgrade."""
+    h = yield Harness(reject="http").start()
+    try:
+        h.source.rows[SID] = SessionRow(SID, "127.0.0.1", h.vnc_port, "ended")
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", h.proxy_port)
+        ended = yield connectProtocol(endpoint, RawExchange(upgrade_request(f"/websockify/{SID}")))
+        bad = yield connectProtocol(endpoint, RawExchange(upgrade_request("/nope")))
+        answers = yield gatherResults([ended.done, bad.done])
+        assert answers[0].startswith(b"HTTP/1.1 410 session ended\r\n")
+        assert answers[1].startswith(b"HTTP/1.1 400 bad path\r\n")
+    finally:
+        yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_leaving_while_waiting_leaves_no_waiter(harness):
+    """A browser that disconnects while waiting leaves no waiter and no timer."""
+    client = yield harness.connect()
+    yield _turns(5)
+    assert harness.gate.waiting == 1
+    client.transport.loseConnection()
+    yield client.closed
+    yield _turns(5)
+    assert harness.gate.waiting == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_vm_closing_ends_browser_with_1000(harness):
+    """A VM that closes its socket normally ends the browser side with 1000."""
+    harness.ready()
+    client = yield harness.connect()
+    yield client.when_received(len(RFB_BANNER))
+    harness.vnc.connections[0].transport.loseConnection()
+    code, reason = yield client.closed
+    assert code == 1000
+
+
+@pytest_twisted.inlineCallbacks
+def test_browser_closing_closes_vm(harness):
+    """The browser closing closes the VM connection too."""
+    harness.ready()
+    client = yield harness.connect()
+    yield client.when_received(len(RFB_BANNER))
+    client.sendClose(1000)
+    yield client.closed
+    yield _until(lambda: not harness.vnc.connections)
+    assert len(harness.vnc.lost) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_text_message_is_refused_with_1003(harness):
+    """noVNC speaks binary only; a text message ends the connection with 1003."""
+    harness.ready()
+    client = yield harness.connect()
+    yield client.when_received(len(RFB_BANNER))
+    client.sendMessage(b"text", isBinary=False)
+    code, reason = yield client.closed
+    assert code == 1003
+
+
+def _turns(n: int) -> Deferred:
+    """Let the reactor run ``n`` iterations (no wall-clock sleep)."""
+    from twisted.internet.task import deferLater
+
+    d = deferLater(reactor, 0, lambda: None)
+    for _ in range(n - 1):
+        d.addCallback(lambda _: deferLater(reactor, 0, lambda: None))
+    return d
+
+
+@pytest_twisted.inlineCallbacks
+def _until(predicate, limit: int = 10000):
+    for _ in range(limit):
+        if predicate():
+            return
+        yield _turns(1)
+    raise AssertionError("condition never became true")

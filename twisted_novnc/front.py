@@ -1,0 +1,211 @@
+"""The browser side: Autobahn's server protocol running the request pipeline.
+
+match the path -> wait for readiness -> connect upstream -> accept the handshake -> relay.
+``onConnect`` returns a Deferred for that whole pipeline, so the HTTP 101 is sent only once the
+VM is connected.  A refusal is turned into a close code after a completed handshake (browsers
+cannot read an HTTP status) or, with ``reject = http``, into the HTTP status itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .config import NovncSettings
+from .errors import Refusal, Refused
+from .paths import PathTemplate
+from .readiness import ReadinessGate
+from .relay import Relay
+from .session import Target
+from .upstream import TCPUpstream
+
+SUBPROTOCOL = "binary"
+
+Connector = Callable[[Target, float], Deferred[TCPUpstream]]
+
+
+def close_frame(protocol: WebSocketServerProtocol, code: int, reason: str) -> None:
+    """Send a close frame with any code (``sendClose`` refuses e.g. 1001 and 1003)."""
+    if protocol.state == protocol.STATE_OPEN:
+        protocol.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+
+class NoVNCServerProtocol(WebSocketServerProtocol):
+    """One browser connection; Autobahn owns ``self.log``, so our logger is ``_log``."""
+
+    _log = Logger()
+    factory: NoVNCServerFactory
+    session_id: str | None = None
+    relay: Relay | None = None
+    _upstream: TCPUpstream | None = None
+    _pending: Deferred[Any] | None = None
+    _refused: Refused | None = None
+    _gone: bool = False
+    _started: float = 0.0
+
+    # -- the handshake ---------------------------------------------------------------------
+
+    # Autobahn documents a Deferred result for onConnect; its annotation omits it.
+    def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # type: ignore[override]
+        clock = self.factory.clock
+        self._started = clock.seconds()
+        match = self.factory.paths.match(request.path)
+        if match is None:
+            d: Deferred[Any] = Deferred()
+            d.addErrback(self._refuse, request)
+            d.errback(Refused(Refusal.BAD_PATH, request.path[:200]))
+            return d
+        self.session_id = match.session_id
+        deadline = self._started + self.factory.settings.readiness_timeout
+        self._log.info(
+            "request {session_id} from {peer}: waiting for readiness",
+            session_id=self.session_id,
+            peer=self.peer,
+        )
+        d = self.factory.gate.when_ready(match.session_id)
+        d.addCallback(self._ready, deadline)  # type: ignore[arg-type]
+        d.addCallback(self._accept, request)  # type: ignore[call-overload]
+        d.addErrback(self._refuse, request)
+        self._pending = d
+        return d
+
+    def _ready(self, target: Target, deadline: float) -> Deferred[TCPUpstream]:
+        waited = self.factory.clock.seconds() - self._started
+        self._log.info(
+            "session {session_id} ready after {waited:.3f}s: connecting to {host}:{port}",
+            session_id=target.session_id,
+            waited=waited,
+            host=target.host,
+            port=target.port,
+        )
+        remaining = deadline - self.factory.clock.seconds()
+        return self.factory.connect(target, remaining)
+
+    def _accept(self, upstream: TCPUpstream, request: ConnectionRequest) -> str | None:
+        self._pending = None
+        self._upstream = upstream
+        if self._gone:
+            upstream.close(1000, "browser left")
+            raise CancelledError()
+        return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
+
+    def _refuse(self, failure: Failure, request: ConnectionRequest) -> str | None:
+        self._pending = None
+        if failure.check(CancelledError) or self._gone:
+            raise ConnectionDeny(499, "client closed request")
+        if not failure.check(Refused):
+            self._log.failure("unexpected error serving {path}", failure, path=request.path)
+            refused = Refused(Refusal.VM_UNREACHABLE, failure.getErrorMessage())
+        else:
+            refused = failure.value
+        self._log.info(
+            "refused {session_id} from {peer}: {code} {reason} ({detail})",
+            session_id=self.session_id,
+            peer=self.peer,
+            code=refused.refusal.close_code,
+            reason=refused.refusal.reason,
+            detail=refused.detail,
+        )
+        if self.factory.settings.reject == "http":
+            raise ConnectionDeny(refused.refusal.http_status, refused.refusal.reason)
+        self._refused = refused
+        offered = request.protocols
+        return SUBPROTOCOL if SUBPROTOCOL in offered else None
+
+    # -- the open connection -------------------------------------------------------------
+
+    def onOpen(self) -> None:
+        if self._refused is not None:
+            refusal = self._refused.refusal
+            self.sendClose(refusal.close_code, refusal.reason)
+            return
+        assert self._upstream is not None and self.session_id is not None
+        self.relay = Relay(self.session_id, browser=self, vm=self._upstream)
+        self.relay.start()
+        self._upstream.attach(self.relay)
+        self._log.info(
+            "relay open {session_id} from {peer} after {waited:.3f}s",
+            session_id=self.session_id,
+            peer=self.peer,
+            waited=self.factory.clock.seconds() - self._started,
+        )
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.relay is None:
+            return
+        if not isBinary:
+            self.relay.browser_gone()
+            close_frame(self, 1003, "binary messages only")
+            return
+        self.relay.from_browser(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._browser_left()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._browser_left()
+        super().connectionLost(reason)
+
+    def _browser_left(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+        if self.relay is not None:
+            self.relay.browser_gone()
+        elif self._upstream is not None:
+            self._upstream.close(1000, "browser left")
+
+    # -- Peer, for the relay -----------------------------------------------------------------
+
+    @property
+    def producer(self) -> IPushProducer:
+        return self.transport  # type: ignore[return-value]
+
+    @property
+    def consumer(self) -> IConsumer:
+        return self.transport  # type: ignore[return-value]
+
+    def send(self, data: bytes) -> None:
+        self.sendMessage(data, isBinary=True)
+
+    def close(self, code: int, reason: str) -> None:
+        close_frame(self, code, reason)
+
+
+class NoVNCServerFactory(WebSocketServerFactory):
+    """Accepts noVNC clients on every listener and hands them the shared gate and connector."""
+
+    protocol = NoVNCServerProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        settings: NovncSettings,
+        gate: ReadinessGate,
+        connect: Connector,
+        clock: Any,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.gate = gate
+        self.connect = connect
+        self.clock = clock
+        self.paths = PathTemplate(settings.path)
+        self.setProtocolOptions(
+            # Our own readiness deadline governs the wait; Autobahn's would cut it short.
+            openHandshakeTimeout=0,
+            maxFramePayloadSize=settings.max_message_size,
+            maxMessagePayloadSize=settings.max_message_size,
+            # Never compress: VNC payloads are already encoded, and it costs memory per socket.
+            perMessageCompressionAccept=lambda offers: None,
+        )

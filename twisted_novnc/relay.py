@@ -1,0 +1,102 @@
+"""Moves bytes between the browser and the VM, with back-pressure both ways.
+
+The relay knows two peers through a small interface, not their transports: each peer can send
+bytes, be closed with a reason, and offers the producer/consumer pair that Twisted uses for flow
+control.  Wiring each side's producer to the other side's consumer is what keeps memory bounded:
+a browser that stops reading fills its socket, its transport pauses the VM's transport, and the
+kernel pushes back on the VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol as TypingProtocol
+
+import attrs
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.logger import Logger
+
+_log = Logger()
+
+
+class Peer(TypingProtocol):
+    """One end of a relay."""
+
+    @property
+    def producer(self) -> IPushProducer:
+        """What to pause when the other end cannot take more."""
+
+    @property
+    def consumer(self) -> IConsumer:
+        """Where the other end's producer registers."""
+
+    def send(self, data: bytes) -> None:
+        """Deliver bytes that came from the other end."""
+
+    def close(self, code: int, reason: str) -> None:
+        """End this side; ``code`` is a WebSocket close code where the side speaks WebSocket."""
+
+
+class RelayEnd:
+    """Who ended a relay, for the log and the close code."""
+
+    BROWSER = "browser"
+    VM = "vm"
+
+
+@attrs.define(eq=False)
+class Relay:
+    """The bytes between one browser and one VM."""
+
+    session_id: str
+    browser: Peer
+    vm: Peer
+    up_bytes: int = 0
+    down_bytes: int = 0
+    ended_by: str | None = None
+
+    def start(self) -> None:
+        """Wire flow control both ways; the VM's first bytes were held until now."""
+        self.browser.consumer.registerProducer(self.vm.producer, True)
+        self.vm.consumer.registerProducer(self.browser.producer, True)
+
+    def from_browser(self, data: bytes) -> None:
+        if self.ended_by is None:
+            self.up_bytes += len(data)
+            self.vm.send(data)
+
+    def from_vm(self, data: bytes) -> None:
+        if self.ended_by is None:
+            self.down_bytes += len(data)
+            self.browser.send(data)
+
+    def browser_gone(self) -> None:
+        """The browser closed or vanished: let the VM's socket go too."""
+        if self.ended_by is not None:
+            return
+        self._end(RelayEnd.BROWSER)
+        self.vm.close(1000, "browser closed")
+
+    def vm_gone(self, clean: bool) -> None:
+        """The VM closed (FIN: 1000) or died (reset or timeout: 4502)."""
+        if self.ended_by is not None:
+            return
+        self._end(RelayEnd.VM)
+        if clean:
+            self.browser.close(1000, "VM closed the connection")
+        else:
+            self.browser.close(4502, "VM connection lost")
+
+    def _end(self, by: str) -> None:
+        self.ended_by = by
+        for peer in (self.browser, self.vm):
+            # An already disconnected transport may refuse; there is nothing left to undo.
+            with contextlib.suppress(Exception):
+                peer.consumer.unregisterProducer()
+        _log.info(
+            "relay closed {session_id} by {by} up={up_bytes} down={down_bytes}",
+            session_id=self.session_id,
+            by=by,
+            up_bytes=self.up_bytes,
+            down_bytes=self.down_bytes,
+        )

@@ -1,0 +1,128 @@
+"""Fakes that tests (ours and our users') share: an in-memory session source, a test VNC server,
+and a small WebSocket client that records what a browser would see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+
+from .session import SessionRow
+
+RFB_BANNER = b"RFB 003.008\n"
+
+
+@attrs.define(eq=False)
+class MemorySessionSource:
+    """Sessions in a dict; ``fetch`` answers from it, or holds answers until ``release``."""
+
+    rows: dict[str, SessionRow] = attrs.field(factory=dict)
+    fail_with: Exception | None = None
+    hold: bool = False
+    fetches: list[frozenset[str]] = attrs.field(factory=list)
+    _held: list[tuple[Deferred[dict[str, SessionRow]], frozenset[str]]] = attrs.field(
+        factory=list
+    )
+
+    def normalise_id(self, raw: str) -> str | None:
+        return raw
+
+    def fetch(self, session_ids: Iterable[str]) -> Deferred[dict[str, SessionRow]]:
+        ids = frozenset(session_ids)
+        self.fetches.append(ids)
+        if self.hold:
+            d: Deferred[dict[str, SessionRow]] = Deferred()
+            self._held.append((d, ids))
+            return d
+        return self._answer(ids)
+
+    def _answer(self, ids: frozenset[str]) -> Deferred[dict[str, SessionRow]]:
+        if self.fail_with is not None:
+            return defer.fail(self.fail_with)
+        return defer.succeed({i: self.rows[i] for i in ids if i in self.rows})
+
+    def release(self) -> None:
+        """Answer every held fetch from the rows as they are now."""
+        held, self._held = self._held, []
+        for d, ids in held:
+            self._answer(ids).chainDeferred(d)
+
+
+class VNCEchoServer(Protocol):
+    """Speaks first with the RFB banner, like a VNC server, then echoes every byte."""
+
+    transport: Any
+    factory: VNCEchoFactory
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.transport.write(RFB_BANNER)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.connections.remove(self)
+        self.factory.lost.append(reason)
+
+
+class VNCEchoFactory(Factory):
+    protocol = VNCEchoServer  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        self.connections: list[VNCEchoServer] = []
+        self.lost: list[Any] = []
+
+
+class RecordingClient(WebSocketClientProtocol):
+    """A WebSocket client that records what a browser's page would see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: Deferred[None] = Deferred()
+        self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
+        self.received = bytearray()
+        self.subprotocol: str | None = None
+        self._waiting: list[tuple[int, Deferred[bytes]]] = []
+
+    def onConnect(self, response: Any) -> None:
+        self.subprotocol = response.protocol
+
+    def onOpen(self) -> None:
+        self.opened.callback(None)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received += payload
+        for item in list(self._waiting):
+            if len(self.received) >= item[0]:
+                self._waiting.remove(item)
+                item[1].callback(bytes(self.received))
+
+    def when_received(self, count: int) -> Deferred[bytes]:
+        """Fire once at least ``count`` bytes have arrived in total."""
+        if len(self.received) >= count:
+            return defer.succeed(bytes(self.received))
+        d: Deferred[bytes] = Deferred()
+        self._waiting.append((count, d))
+        return d
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"closed before open: {code} {reason}"))
+        if not self.closed.called:
+            self.closed.callback((code, reason))
+
+
+def recording_client_factory(
+    url: str, protocols: list[str] | None = None
+) -> WebSocketClientFactory:
+    factory = WebSocketClientFactory(url, protocols=protocols or ["binary"])
+    factory.protocol = RecordingClient
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=5)
+    return factory
