@@ -27,10 +27,14 @@ SID = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"
 class Harness:
     """A proxy factory on a loopback port, a test VNC server, and in-memory sessions."""
 
-    def __init__(self, timeout: float = 5.0, reject: str = "close") -> None:
+    def __init__(
+        self, timeout: float = 5.0, reject: str = "close", max_message_size: int = 1048576
+    ) -> None:
         self.source = MemorySessionSource()
         self.gate = ReadinessGate(self.source, reactor, timeout, frozenset({"ended"}), 1)
-        settings = NovncSettings(readiness_timeout=timeout, reject=reject)
+        settings = NovncSettings(
+            readiness_timeout=timeout, reject=reject, max_message_size=max_message_size
+        )
         self.factory = NoVNCServerFactory(
             settings, self.gate, lambda t, s: connect_tcp(reactor, t, s), reactor
         )
@@ -232,3 +236,21 @@ def _until(predicate, limit: int = 10000):
             return
         yield _turns(1)
     raise AssertionError("condition never became true")
+
+
+@pytest_twisted.inlineCallbacks
+def test_oversized_message_is_refused_with_1009():
+    """A browser message larger than max_message_size ends the connection with 1009."""
+    h = yield Harness(max_message_size=1024).start()
+    try:
+        h.ready()
+        client = yield h.connect()
+        yield client.when_received(len(RFB_BANNER))
+        client.sendMessage(b"x" * 1024, isBinary=True)
+        yield client.when_received(len(RFB_BANNER) + 1024)
+        client.sendMessage(b"x" * 1025, isBinary=True)
+        code, reason = yield client.closed
+        assert code == 1009
+        yield _until(lambda: not h.vnc.connections)
+    finally:
+        yield h.stop()

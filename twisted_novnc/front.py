@@ -206,6 +206,8 @@ class NoVNCServerFactory(WebSocketServerFactory):
             openHandshakeTimeout=0,
             maxFramePayloadSize=settings.max_message_size,
             maxMessagePayloadSize=settings.max_message_size,
+            # Say why (e.g. 1009 too big) in a close frame instead of dropping the socket (1006).
+            failByDrop=False,
             # Never compress: VNC payloads are already encoded, and it costs memory per socket.
             perMessageCompressionAccept=lambda offers: None,
         )
