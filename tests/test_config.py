@@ -604,6 +604,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("novnc", "target_port"): st.integers(1, 65535),
     ("novnc", "reject"): st.sampled_from(["close", "http"]),
     ("novnc", "max_message_size"): st.integers(1024, 64 * 1024 * 1024),
+    ("novnc", "drain_timeout"): st.floats(0.001, 1e6),
     ("database", "dsn"): st.one_of(st.just("embedded"), one_line),
     ("database", "table"): identifier | st.builds("{}.{}".format, identifier, identifier),
     ("database", "id_column"): identifier,
@@ -612,8 +613,10 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("database", "status_column"): st.one_of(st.just(""), identifier),
     ("database", "ended_statuses"): st.lists(word, max_size=5).map(tuple),
     ("database", "notify_channel"): identifier,
+    ("database", "expires_column"): st.one_of(st.just(""), identifier),
     ("database", "pool_size"): st.integers(1, 64),
     ("database", "embedded_dir"): one_line.filter(bool),
+    ("upstream", "connect_retry"): st.booleans(),
 }
 
 

@@ -238,3 +238,108 @@ def test_fail_all_refuses_every_waiter():
     gate.fail_all(Refusal.SHUTTING_DOWN)
     assert [refusal_of(d) for d in waits] == [Refusal.SHUTTING_DOWN] * 3
     assert clock.getDelayedCalls() == []
+
+
+def live(gate, clock, source, sid=SID, expires_at=None):
+    """A watched live relay on ``sid``; returns the list its revocations land in."""
+    revoked: list[Refused] = []
+    source.rows[sid] = SessionRow(sid, "10.0.0.5", None, "running", expires_at)
+    d = gate.when_ready(sid)
+    clock.advance(0)
+    gate.watch(result_of(d), revoked.append)
+    return revoked
+
+
+@pytest.mark.parametrize(
+    "change, refusal",
+    [
+        (lambda rows: rows.pop(SID), Refusal.ENDED),
+        (lambda rows: rows.update({SID: SessionRow(SID, "10.0.0.5", None, "ended")}),
+         Refusal.ENDED),
+        (lambda rows: rows.update({SID: SessionRow(SID, "10.0.0.6", None, "running")}),
+         Refusal.MOVED),
+        (lambda rows: rows.update({SID: SessionRow(SID, "10.0.0.5", 5901, "running")}),
+         Refusal.MOVED),
+    ],
+    ids=["deleted", "ended", "new-ip", "new-port"],
+)
+def test_live_session_is_revoked_on_notify(change, refusal):
+    """A deleted, ended or moved row revokes its live relays on the NOTIFY, once."""
+    gate, source, clock = make_gate()
+    revoked = live(gate, clock, source)
+    change(source.rows)
+    gate.notified(SID)
+    clock.advance(0)
+    assert [r.refusal for r in revoked] == [refusal]
+    gate.notified(SID)
+    clock.advance(0)
+    assert len(revoked) == 1 and gate.watched == 0
+
+
+def test_unrelated_update_keeps_live_session():
+    """An update that keeps the VM address (e.g. a status change) does not revoke."""
+    gate, source, clock = make_gate()
+    revoked = live(gate, clock, source)
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, "in_use")
+    gate.notified(SID)
+    clock.advance(0)
+    assert revoked == [] and gate.watched == 1
+
+
+def test_live_session_expires_on_time():
+    """With an expiry, the relay is revoked (4410 expired) when that time comes."""
+    gate, source, clock = make_gate()
+    clock.advance(1000)
+    revoked = live(gate, clock, source, expires_at=1060.0)
+    clock.advance(59)
+    assert revoked == []
+    clock.advance(1)
+    assert [r.refusal for r in revoked] == [Refusal.EXPIRED]
+    assert clock.getDelayedCalls() == []
+
+
+def test_expiry_moved_by_update():
+    """An UPDATE of the expiry moves the revocation time."""
+    gate, source, clock = make_gate()
+    revoked = live(gate, clock, source, expires_at=60.0)
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, "running", 120.0)
+    gate.notified(SID)
+    clock.advance(0)
+    clock.advance(60)
+    assert revoked == []
+    clock.advance(60)
+    assert [r.refusal for r in revoked] == [Refusal.EXPIRED]
+
+
+def test_expired_session_is_refused():
+    """A session whose expiry has passed is refused with 4410 before any connection."""
+    gate, source, clock = make_gate()
+    clock.advance(100)
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, "running", 50.0)
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert refusal_of(d) is Refusal.EXPIRED
+
+
+def test_unwatch_leaves_nothing():
+    """Unwatching (the relay ended) cancels the expiry timer and forgets the session."""
+    gate, source, clock = make_gate()
+    revoked: list[Refused] = []
+    watch = gate.watch(Target(SID, "10.0.0.5", 5900, 500.0), revoked.append)
+    assert len(clock.getDelayedCalls()) == 1
+    gate.unwatch(watch)
+    assert gate.watched == 0 and clock.getDelayedCalls() == []
+    gate.notified(SID)
+    clock.advance(0)
+    assert source.fetches == []
+
+
+def test_database_outage_does_not_revoke():
+    """Failed reads never revoke a live relay."""
+    gate, source, clock = make_gate()
+    revoked = live(gate, clock, source)
+    source.fail_with = RuntimeError("down")
+    gate.notified(SID)
+    for _ in range(20):
+        clock.advance(0.5)
+    assert revoked == [] and gate.watched == 1

@@ -2,7 +2,8 @@
 
 Each key is declared once, as a field of its section's record, with its parser, default and help
 line; ``SCHEMA`` is built from those fields, so the parser, the sample ``etc/twisted-novnc.ini``,
-the README's "Configuration" section (both checked by tests) and ``check-config`` cannot drift apart.
+the README's "Configuration" section (both checked by tests) and ``check-config`` cannot drift
+apart.
 
 To add a key, add one ``_setting(...)`` field to its record.  To add a section, write a record of
 ``_setting`` fields and add one field for it to ``Settings``, marked by ``_section(...)``.
@@ -109,6 +110,15 @@ def _choice(*choices: str) -> Kind[str]:
         return text
 
     return Kind(parse, _verbatim, "one of " + ", ".join(f"``{c}``" for c in choices))
+
+
+def _parse_switch(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ValueError(f"must be on or off; got {text!r}")
+    return text == "on"
+
+
+_SWITCH = Kind(_parse_switch, lambda value: "on" if value else "off", "``on`` or ``off``")
 
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -291,6 +301,11 @@ class NovncSettings:
         1024 * 1024,
         "The largest WebSocket frame or message, in bytes, accepted from a browser.",
     )
+    drain_timeout: float = _setting(
+        _SECONDS,
+        10.0,
+        "On SIGTERM, how long live relays may go on before they are closed with 1001.",
+    )
 
 
 @attrs.frozen
@@ -338,6 +353,11 @@ class DatabaseSettings:
         "twisted_novnc",
         "The LISTEN/NOTIFY channel the table's trigger announces changed sessions on.",
     )
+    expires_column: str = _setting(
+        _identifier(optional=True),
+        "",
+        "A timestamp column; when set, a session's connections are closed (4410) at that time.",
+    )
     pool_size: int = _setting(
         _integer(1, 64),
         4,
@@ -347,6 +367,18 @@ class DatabaseSettings:
         _DIRECTORY,
         "var/postgres",
         "Where the private cluster lives when dsn = embedded; relative to the working directory.",
+    )
+
+
+@attrs.frozen
+class UpstreamSettings:
+    """``[upstream]``: how the proxy connects to the VM."""
+
+    connect_retry: bool = _setting(
+        _SWITCH,
+        True,
+        "While the VM refuses connections (still booting), retry with backoff until the"
+        " readiness deadline, then refuse with 4502; off = refuse at the first failure.",
     )
 
 
@@ -361,6 +393,10 @@ class Settings:
     database: DatabaseSettings = attrs.field(
         factory=DatabaseSettings,
         metadata=_section(DatabaseSettings, "The table that says where each session's VM is."),
+    )
+    upstream: UpstreamSettings = attrs.field(
+        factory=UpstreamSettings,
+        metadata=_section(UpstreamSettings, "How the proxy connects to the VM."),
     )
     source: str = "<defaults>"
 

@@ -20,6 +20,7 @@ class Refusal(enum.Enum):
     NOT_FOUND = (4404, 404, "no such session")
     ENDED = (4410, 410, "session ended")
     MOVED = (4410, 410, "session moved")
+    EXPIRED = (4410, 410, "session expired")
     TOO_MANY = (4429, 429, "too many connections")
     VM_UNREACHABLE = (4502, 502, "VM unreachable")
     VM_LOST = (4502, 502, "VM connection lost")

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from .config import NovncSettings
 from .errors import Refusal, Refused
 from .paths import PathTemplate
-from .readiness import ReadinessGate
+from .readiness import ReadinessGate, Watch
 from .relay import Relay
 from .session import Target
 from .upstream import TCPUpstream
@@ -44,6 +44,8 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     factory: NoVNCServerFactory
     session_id: str | None = None
     relay: Relay | None = None
+    _target: Target | None = None
+    _watch: Watch | None = None
     _upstream: TCPUpstream | None = None
     _pending: Deferred[Any] | None = None
     _refused: Refused | None = None
@@ -85,6 +87,7 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             host=target.host,
             port=target.port,
         )
+        self._target = target
         remaining = deadline - self.factory.clock.seconds()
         return self.factory.connect(target, remaining)
 
@@ -126,16 +129,35 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             refusal = self._refused.refusal
             self.sendClose(refusal.close_code, refusal.reason)
             return
-        assert self._upstream is not None and self.session_id is not None
-        self.relay = Relay(self.session_id, browser=self, vm=self._upstream)
+        assert self._upstream is not None and self._target is not None
+        self.relay = Relay(self._target.session_id, browser=self, vm=self._upstream)
         self.relay.start()
         self._upstream.attach(self.relay)
+        self._watch = self.factory.gate.watch(self._target, self._revoked)
+        self.factory.live.add(self)
         self._log.info(
             "relay open {session_id} from {peer} after {waited:.3f}s",
             session_id=self.session_id,
             peer=self.peer,
             waited=self.factory.clock.seconds() - self._started,
         )
+
+    def _revoked(self, refused: Refused) -> None:
+        """The session ended, expired or moved while relayed."""
+        self._watch = None
+        self._log.info(
+            "revoked {session_id}: {code} {reason} ({detail})",
+            session_id=self.session_id,
+            code=refused.refusal.close_code,
+            reason=refused.refusal.reason,
+            detail=refused.detail,
+        )
+        self.end_relay(refused.refusal.close_code, refused.refusal.reason, "revoked")
+
+    def end_relay(self, code: int, reason: str, by: str) -> None:
+        """Close both sides of a live relay with this code (revocation, shutdown)."""
+        if self.relay is not None:
+            self.relay.end(by, code, reason)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.relay is None:
@@ -149,9 +171,17 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._browser_left()
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.connections.add(self)
+
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._browser_left()
         super().connectionLost(reason)
+        self.factory.connections.discard(self)
+        if not self.factory.connections and self.factory.drained is not None:
+            drained, self.factory.drained = self.factory.drained, None
+            drained.callback(None)
 
     def _browser_left(self) -> None:
         if self._gone:
@@ -160,6 +190,10 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
+        if self._watch is not None:
+            self.factory.gate.unwatch(self._watch)
+            self._watch = None
+        self.factory.live.discard(self)
         if self.relay is not None:
             self.relay.browser_gone()
         elif self._upstream is not None:
@@ -201,6 +235,11 @@ class NoVNCServerFactory(WebSocketServerFactory):
         self.connect = connect
         self.clock = clock
         self.paths = PathTemplate(settings.path)
+        #: Every open browser connection, and those with a live relay, for the drain.
+        self.connections: set[NoVNCServerProtocol] = set()
+        self.live: set[NoVNCServerProtocol] = set()
+        #: Fired when ``connections`` becomes empty, while a drain waits for it.
+        self.drained: Deferred[None] | None = None
         self.setProtocolOptions(
             # Our own readiness deadline governs the wait; Autobahn's would cut it short.
             openHandshakeTimeout=0,

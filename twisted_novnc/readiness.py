@@ -9,7 +9,7 @@ a burst of a thousand commits to a handful of round trips.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -57,8 +57,21 @@ class _Waiter:
 
 
 @attrs.define(eq=False)
+class Watch:
+    """A live relay's interest in its session: revoked when the row says it must end."""
+
+    target: Target
+    on_revoked: Callable[[Refused], None]
+    expiry: IDelayedCall | None = None
+
+
+@attrs.define(eq=False)
 class ReadinessGate:
-    """Hands out ``when_ready`` Deferreds and fires them from the rows the store reads."""
+    """Hands out ``when_ready`` Deferreds and fires them from the rows the store reads.
+
+    The same reads watch live sessions: a row deleted, ended, expired or pointing at another VM
+    revokes the session's relays (4410).
+    """
 
     source: SessionSource
     clock: IReactorTime
@@ -66,6 +79,7 @@ class ReadinessGate:
     ended_statuses: Collection[str]
     default_port: int
     _waiters: dict[str, set[_Waiter]] = attrs.field(factory=dict)
+    _watches: dict[str, set[Watch]] = attrs.field(factory=dict)
     _seen: dict[str, _Seen] = attrs.field(factory=dict)
     _pending: set[str] = attrs.field(factory=set)
     _flush_call: IDelayedCall | None = None
@@ -101,6 +115,29 @@ class ReadinessGate:
     def waiting_for(self, session_id: str) -> int:
         return len(self._waiters.get(session_id, ()))
 
+    @property
+    def watched(self) -> int:
+        """How many live relays are watched for revocation."""
+        return sum(len(w) for w in self._watches.values())
+
+    def watch(self, target: Target, on_revoked: Callable[[Refused], None]) -> Watch:
+        """Call ``on_revoked`` once if the session ends, expires or moves while it is relayed."""
+        watch = Watch(target, on_revoked)
+        self._watches.setdefault(target.session_id, set()).add(watch)
+        self._schedule_expiry(watch, target.expires_at)
+        return watch
+
+    def unwatch(self, watch: Watch) -> None:
+        if watch.expiry is not None and watch.expiry.active():
+            watch.expiry.cancel()
+        watch.expiry = None
+        watches = self._watches.get(watch.target.session_id)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del self._watches[watch.target.session_id]
+        self._maybe_idle()
+
     def fail_all(self, refusal: Refusal, detail: str = "") -> None:
         """Fail every waiter now (the daemon is shutting down)."""
         for key in list(self._waiters):
@@ -110,12 +147,12 @@ class ReadinessGate:
     # -- the store's side (StoreObserver) ----------------------------------------------
 
     def notified(self, session_id: str) -> None:
-        if session_id in self._waiters:
+        if session_id in self._waiters or session_id in self._watches:
             self._schedule_read([session_id])
 
     def listening(self) -> None:
-        """Notifications sent while LISTEN was down are lost: re-read every waiter."""
-        self._schedule_read(self._waiters)
+        """Notifications sent while LISTEN was down are lost: re-read every session we track."""
+        self._schedule_read([*self._waiters, *self._watches])
 
     def not_listening(self) -> None:
         _log.warn("not listening for session changes; {n} waiters keep their deadline",
@@ -130,7 +167,7 @@ class ReadinessGate:
 
     def _flush(self) -> None:
         self._flush_call = None
-        batch = {k for k in self._pending if k in self._waiters}
+        batch = {k for k in self._pending if k in self._waiters or k in self._watches}
         self._pending.clear()
         if not batch:
             return
@@ -149,12 +186,57 @@ class ReadinessGate:
         for key in batch:
             if key in self._waiters:
                 self._judge(key, rows.get(key))
+            if key in self._watches:
+                self._judge_live(key, rows.get(key))
+
+    def _ended(self, row: SessionRow) -> Refused | None:
+        """Why this row's session is over, if it is."""
+        if row.status is not None and row.status in self.ended_statuses:
+            return Refused(Refusal.ENDED, f"status is {row.status!r}")
+        if row.expires_at is not None and row.expires_at <= self.clock.seconds():
+            return Refused(Refusal.EXPIRED, "expired")
+        return None
+
+    def _judge_live(self, key: str, row: SessionRow | None) -> None:
+        if row is None:
+            self._revoke(key, Refused(Refusal.ENDED, "row deleted"))
+            return
+        ended = self._ended(row)
+        if ended is not None:
+            self._revoke(key, ended)
+            return
+        host = parse_vm_ip(row.vm_ip) if row.vm_ip else None
+        for watch in list(self._watches.get(key, ())):
+            target = watch.target
+            if host != target.host or (row.port or self.default_port) != target.port:
+                self._revoke_one(watch, Refused(Refusal.MOVED, f"now {row.vm_ip}:{row.port}"))
+            else:
+                self._schedule_expiry(watch, row.expires_at)
+
+    def _schedule_expiry(self, watch: Watch, expires_at: float | None) -> None:
+        if watch.expiry is not None and watch.expiry.active():
+            watch.expiry.cancel()
+        watch.expiry = None
+        if expires_at is not None:
+            delay = max(0.0, expires_at - self.clock.seconds())
+            watch.expiry = self.clock.callLater(
+                delay, self._revoke_one, watch, Refused(Refusal.EXPIRED, "expired")
+            )
+
+    def _revoke(self, key: str, error: Refused) -> None:
+        for watch in list(self._watches.get(key, ())):
+            self._revoke_one(watch, error)
+
+    def _revoke_one(self, watch: Watch, error: Refused) -> None:
+        self.unwatch(watch)
+        watch.on_revoked(error)
 
     def _judge(self, key: str, row: SessionRow | None) -> None:
+        ended = self._ended(row) if row is not None else None
         if row is None:
             self._seen[key] = _Seen.ABSENT
-        elif row.status is not None and row.status in self.ended_statuses:
-            self._fail(key, Refused(Refusal.ENDED, f"status is {row.status!r}"))
+        elif ended is not None:
+            self._fail(key, ended)
         elif not row.vm_ip:
             self._seen[key] = _Seen.NOT_READY
         else:
@@ -162,13 +244,16 @@ class ReadinessGate:
             if host is None:
                 self._fail(key, Refused(Refusal.BAD_VM_ADDRESS, f"vm_ip {row.vm_ip!r}"))
             else:
-                self._succeed(key, Target(key, host, row.port or self.default_port))
+                port = row.port or self.default_port
+                self._succeed(key, Target(key, host, port, row.expires_at))
 
     def _read_failed(self, failure: Any, batch: set[str]) -> None:
         _log.warn("session lookup failed: {error}", error=failure.getErrorMessage())
         for key in batch:
             if key in self._waiters:
                 self._seen[key] = _Seen.DATABASE_ERROR
+        # Live relays go on through an outage; their rows are read again so that a revocation
+        # committed meanwhile is not missed.
         self._retry_ids.update(batch)
         if self._retry_call is None:
             self._retry_call = self.clock.callLater(next(self._retry_delays), self._retry)
@@ -218,7 +303,10 @@ class ReadinessGate:
                 self._seen.pop(waiter.session_id, None)
                 self._pending.discard(waiter.session_id)
                 self._retry_ids.discard(waiter.session_id)
-        if not self._waiters:
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self._waiters and not self._watches:
             self._stop_calls()
 
     def _stop_calls(self) -> None:

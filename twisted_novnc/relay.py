@@ -87,6 +87,14 @@ class Relay:
         else:
             self.browser.close(4502, "VM connection lost")
 
+    def end(self, by: str, code: int, reason: str) -> None:
+        """End the relay from outside (revoked, shutting down): close both sides."""
+        if self.ended_by is not None:
+            return
+        self._end(by)
+        self.browser.close(code, reason)
+        self.vm.close(code, reason)
+
     def _end(self, by: str) -> None:
         self.ended_by = by
         for peer in (self.browser, self.vm):

@@ -15,6 +15,8 @@ class SessionRow:
     vm_ip: str | None
     port: int | None = None
     status: str | None = None
+    #: When the session expires, in seconds since the epoch (``expires_column``), if known.
+    expires_at: float | None = None
 
 
 @attrs.frozen
@@ -24,6 +26,7 @@ class Target:
     session_id: str
     host: str
     port: int
+    expires_at: float | None = None
 
 
 def parse_vm_ip(text: str) -> str | None:

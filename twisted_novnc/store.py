@@ -26,8 +26,18 @@ from .session import SessionRow
 
 _log = Logger()
 
-#: (id, vm_ip, port, status) as the lookup query returns them.
-RowTuple = tuple[str, str | None, int | None, str | None]
+#: (id, vm_ip, port, status, expires_at) as the lookup query returns them.
+RowTuple = tuple[str, str | None, int | None, str | None, float | None]
+
+#: libpq options for every connection: a name to find it by in pg_stat_activity, a bounded
+#: connect, and keepalives so a vanished server is noticed in seconds rather than hours.
+CONNECTION_OPTIONS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+}
 
 INTEGER_TYPES = {"smallint": 2**15, "integer": 2**31, "bigint": 2**63}
 
@@ -163,18 +173,18 @@ class PostgresSessionStore:
 
         self._pool = Pool(None, dsn, min=self.settings.pool_size)
         for connection in self._pool.connections:
-            self._connect(connection, dsn)
+            self._connect(connection, dsn, "twisted_novnc-pool")
         self._listener = self._make_connection()
         self._listener.detector.on_death = self._listen_lost
         self._listener.detector.addRecoveryHandler(self._listen)
         self._listener.addNotifyObserver(self._notify_received)
-        self._connect(self._listener, dsn).addCallback(
+        self._connect(self._listener, dsn, "twisted_novnc-listen").addCallback(
             lambda connected: self._listen() if connected else None
         )
 
-    def _connect(self, connection: txpostgres.Connection, dsn: str) -> Deferred[bool]:
+    def _connect(self, connection: txpostgres.Connection, dsn: str, name: str) -> Deferred[bool]:
         """Connect once; a failure hands the connection to its detector, which keeps trying."""
-        d = connection.connect(dsn)
+        d = connection.connect(dsn, application_name=name, **CONNECTION_OPTIONS)
 
         def failed(f: Any) -> bool:
             self._health.down(f.getErrorMessage())
@@ -245,7 +255,7 @@ class PostgresSessionStore:
         def check(rows: Sequence[tuple[str, str]]) -> None:
             types = dict(rows)
             s = self.settings
-            wanted = [s.id_column, s.ip_column, s.port_column, s.status_column]
+            wanted = [s.id_column, s.ip_column, s.port_column, s.status_column, s.expires_column]
             missing = [c for c in wanted if c and c not in types]
             if missing:
                 raise SchemaMismatch(
@@ -261,10 +271,15 @@ class PostgresSessionStore:
         s = self.settings
         port = f"{quote_ident(s.port_column)}::integer" if s.port_column else "NULL::integer"
         status = f"{quote_ident(s.status_column)}::text" if s.status_column else "NULL::text"
+        expires = (
+            f"EXTRACT(EPOCH FROM {quote_ident(s.expires_column)})::float8"
+            if s.expires_column
+            else "NULL::float8"
+        )
         cast = self.id_type if self.id_type in ("uuid", *INTEGER_TYPES) else "text"
         ident = quote_ident(s.id_column)
         return (
-            f"SELECT {ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}"
+            f"SELECT {ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}, {expires}"
             f" FROM {quote_ident(s.table)} WHERE {ident} = ANY(%s::{cast}[])"
         )
 
@@ -282,7 +297,7 @@ class PostgresSessionStore:
 
         def rows(result: Sequence[RowTuple]) -> dict[str, SessionRow]:
             return {
-                r[0]: SessionRow(session_id=r[0], vm_ip=r[1], port=r[2], status=r[3])
+                r[0]: SessionRow(r[0], vm_ip=r[1], port=r[2], status=r[3], expires_at=r[4])
                 for r in result
             }
 

@@ -6,7 +6,9 @@ upstream transport is paused from the moment it connects until the relay starts.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import socket
 from typing import Any
 
 from twisted.internet import error
@@ -16,11 +18,18 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from .backoff import jittered_backoff
 from .errors import Refusal, Refused
 from .relay import Relay
 from .session import Target
 
 _DONE = Failure(error.ConnectionDone())
+
+KEEPALIVE = [
+    (getattr(socket, name), value)
+    for name, value in [("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 3), ("TCP_KEEPCNT", 3)]
+    if hasattr(socket, name)
+]
 
 
 class TCPUpstream(Protocol):
@@ -33,6 +42,13 @@ class TCPUpstream(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
+        self.transport.setTcpNoDelay(True)
+        # A VM that vanishes without a FIN or RST is noticed in about 20 s, as a dead VM (4502).
+        self.transport.setTcpKeepAlive(True)
+        sock = self.transport.getHandle()
+        for option, value in KEEPALIVE:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
     # Peer
     @property
@@ -64,18 +80,59 @@ class TCPUpstream(Protocol):
             self.relay.vm_gone(clean=reason.check(error.ConnectionDone) is not None)
 
 
-def connect_tcp(reactor: Any, target: Target, timeout: float) -> Deferred[TCPUpstream]:
-    """Open a TCP connection to the target; failures become :class:`Refused` (4502)."""
+#: One connection attempt never waits longer than this, so a retry can follow.
+ATTEMPT_TIMEOUT = 5.0
+
+
+def connect_tcp(
+    reactor: Any, target: Target, timeout: float, retry: bool = False
+) -> Deferred[TCPUpstream]:
+    """Open a TCP connection to the target within ``timeout`` seconds.
+
+    With ``retry``, a VM that refuses (still booting) is tried again with capped backoff until
+    the time is up.  Failures become :class:`Refused` (4502).  Cancelling stops everything.
+    """
     address = ipaddress.ip_address(target.host)
     endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-    endpoint = endpoint_type(reactor, target.host, target.port, timeout=max(1, int(timeout)))
-    d = connectProtocol(endpoint, TCPUpstream())
+    deadline = reactor.seconds() + timeout
+    delays = jittered_backoff(0.1, 1.0)
+    next(delays)  # the first attempt is immediate
+    current: list[Deferred[Any] | Any] = []
+    cancelled: list[bool] = []
 
-    def unreachable(f: Failure) -> Failure:
-        if f.check(error.ConnectError, error.TimeoutError, OSError):
-            raise Refused(
-                Refusal.VM_UNREACHABLE, f"{target.host}:{target.port}: {f.getErrorMessage()}"
-            )
-        return f
+    def attempt() -> None:
+        remaining = deadline - reactor.seconds()
+        per_try = max(0.1, min(ATTEMPT_TIMEOUT, remaining))
+        endpoint = endpoint_type(reactor, target.host, target.port, timeout=per_try)
+        # The endpoint's timeout is whole seconds at best; bound the attempt ourselves too.
+        d = connectProtocol(endpoint, TCPUpstream()).addTimeout(per_try, reactor)
+        current[:] = [d]
+        d.addCallbacks(connected, failed)
 
-    return d.addErrback(unreachable)
+    def connected(upstream: TCPUpstream) -> None:
+        current.clear()
+        result.callback(upstream)
+
+    def failed(f: Failure) -> None:
+        current.clear()
+        if cancelled:
+            return
+        remaining = deadline - reactor.seconds()
+        delay = next(delays)
+        retryable = f.check(error.ConnectionRefusedError, error.TimeoutError, TimeoutError)
+        if retry and retryable and remaining > delay:
+            current[:] = [reactor.callLater(delay, attempt)]
+            return
+        message = f.getErrorMessage()
+        result.errback(Refused(Refusal.VM_UNREACHABLE, f"{target.host}:{target.port}: {message}"))
+
+    def cancel(_: Deferred[TCPUpstream]) -> None:
+        cancelled.append(True)
+        for pending in current:
+            if isinstance(pending, Deferred) or pending.active():
+                pending.cancel()
+        current.clear()
+
+    result: Deferred[TCPUpstream] = Deferred(cancel)
+    attempt()
+    return result
