@@ -172,6 +172,9 @@ class EmbeddedPostgres:
     durable: bool = True
     bindir: str | None = None
     system_user: str = "postgres"
+    #: Use this socket directory (kept on stop) instead of a fresh one, so that the DSN stays
+    #: the same across restarts; fault-injection tests restart a cluster under a live daemon.
+    socket_dir_fixed: str | None = None
     _dsn: str | None = attrs.field(default=None, init=False)
     _socket_dir: str | None = attrs.field(default=None, init=False)
     _owned: bool = attrs.field(default=False, init=False)
@@ -219,12 +222,13 @@ class EmbeddedPostgres:
             return self._dsn
         if not os.path.exists(os.path.join(self.data_dir, "PG_VERSION")):
             self._initdb()
-        socket_dir = tempfile.mkdtemp(prefix="tnovnc-", dir=SOCKET_PARENT)
+        socket_dir = self.socket_dir_fixed or tempfile.mkdtemp(prefix="tnovnc-", dir=SOCKET_PARENT)
         try:
             self._give_to_cluster_user(socket_dir)
             self._pg_ctl_start(socket_dir)
         except BaseException:
-            shutil.rmtree(socket_dir, ignore_errors=True)
+            if self.socket_dir_fixed is None:
+                shutil.rmtree(socket_dir, ignore_errors=True)
             raise
         self._socket_dir, self._owned = socket_dir, True
         self._dsn = _make_dsn(socket_dir, PORT)
@@ -240,7 +244,7 @@ class EmbeddedPostgres:
                                 "stop"], timeout=90)
             if result.returncode != 0 and self._status() == 0:
                 self._fail(result, log_since=log_start)
-            if self._socket_dir is not None:
+            if self._socket_dir is not None and self.socket_dir_fixed is None:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
             _log.info("stopped the PostgreSQL cluster in {data_dir}", data_dir=self.data_dir)
         self._dsn = self._socket_dir = None

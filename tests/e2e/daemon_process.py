@@ -1,0 +1,118 @@
+"""Running the real daemon, ``twistd -n novnc``, as a subprocess, and watching its log."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol
+
+LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+STARTUP_LIMIT = 30.0
+#: The venv's own twistd script, as users run it.
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+class DaemonProcess(ProcessProtocol):
+    """A running ``twistd -n novnc``; collects its output and fires on its log lines."""
+
+    def __init__(self) -> None:
+        self.output = ""
+        self.listening: defer.Deferred[int] = defer.Deferred()
+        self.ended: defer.Deferred[int | None] = defer.Deferred()
+        self._watches: list[tuple[str, int, defer.Deferred[int]]] = []
+        self.port = 0
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+        if not self.listening.called:
+            m = LISTENING.search(self.output)
+            if m:
+                self.port = int(m.group(1))
+                self.listening.callback(self.port)
+        for item in list(self._watches):
+            if self.count(item[0]) >= item[1]:
+                self._watches.remove(item)
+                item[2].callback(item[1])
+
+    errReceived = outReceived
+
+    def count(self, pattern: str) -> int:
+        """How many times the output so far matches ``pattern``."""
+        return len(re.findall(pattern, self.output))
+
+    def when_logged(self, pattern: str, times: int = 1) -> defer.Deferred[int]:
+        """Fire once the output has matched ``pattern`` at least ``times`` times."""
+        if self.count(pattern) >= times:
+            return defer.succeed(times)
+        d: defer.Deferred[int] = defer.Deferred()
+        self._watches.append((pattern, times, d))
+        return d
+
+    def processEnded(self, reason) -> None:  # type: ignore[no-untyped-def]
+        code = reason.value.exitCode
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(f"daemon exited ({code}):\n{self.output}"))
+        self.ended.callback(code)
+
+    @property
+    def pid(self) -> int:
+        return self.transport.pid  # type: ignore[no-any-return]
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+def write_config(path: Path, dsn: str, db, **novnc: object) -> Path:  # type: ignore[no-untyped-def]
+    options = {"listen": "tcp:0:interface=127.0.0.1", "readiness_timeout": 20, **novnc}
+    lines = ["[novnc]"] + [f"{k} = {v}" for k, v in options.items()]
+    lines += [
+        "[database]",
+        f"dsn = {dsn}",
+        f"table = {db.table}",
+        f"port_column = {db.port_column}",
+        f"notify_channel = {db.notify_channel}",
+        "pool_size = 2",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest_twisted.inlineCallbacks
+def start_daemon(config: Path, cwd: Path, proto: DaemonProcess):
+    """Start the daemon from a directory that is not the checkout, as a user would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    reactor.spawnProcess(
+        proto,
+        TWISTD,
+        [TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config)],
+        env=env,
+        path=str(cwd),
+    )
+    timer = reactor.callLater(STARTUP_LIMIT, proto.listening.cancel)
+    try:
+        yield proto.listening
+    finally:
+        if timer.active():
+            timer.cancel()
+    yield proto.when_logged("listening for session changes")
+    return proto
+
+
+@pytest_twisted.inlineCallbacks
+def stop_daemon(proto: DaemonProcess):
+    if not proto.ended.called:
+        proto.transport.signalProcess(signal.SIGTERM)
+        timer = reactor.callLater(15, lambda: proto.transport.signalProcess(signal.SIGKILL))
+        yield proto.ended
+        if timer.active():
+            timer.cancel()

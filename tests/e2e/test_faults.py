@@ -1,0 +1,430 @@
+"""Fault injection with the real daemon, the real PostgreSQL and real sockets (issue: live
+sessions and faults).  Each test waits on events, bounded in time, and checks nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import psycopg2
+import pytest
+import pytest_twisted
+from daemon_process import DaemonProcess, start_daemon, stop_daemon, write_config
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Factory
+
+from twisted_novnc.config import parse_config
+from twisted_novnc.embedded import EmbeddedPostgres, apply_sql, read_postmaster_pid
+from twisted_novnc.schema import schema_sql
+from twisted_novnc.testing import RFB_BANNER, VNCEchoFactory, recording_client_factory
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+EVENT_LIMIT = 30.0
+
+
+def within(d: defer.Deferred, seconds: float = EVENT_LIMIT) -> defer.Deferred:
+    return d.addTimeout(seconds, reactor)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def connect_client(port: int, session_id: str):
+    factory = recording_client_factory(f"ws://127.0.0.1:{port}/websockify/{session_id}")
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    return connectProtocol(endpoint, factory.buildProtocol(None))
+
+
+def insert_many(dsn: str, db, rows) -> None:
+    """Commit rows (session_id, vm_ip, port, status), one transaction for all."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.executemany(
+                f'INSERT INTO "{db.table}" (session_id, vm_ip, "{db.port_column}", status)'
+                " VALUES (%s, %s, %s, %s)",
+                rows,
+            )
+    finally:
+        conn.close()
+
+
+def execute(dsn: str, sql: str, args=()) -> list:
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+class PrivateCluster:
+    """A cluster of the test's own, which it may kill, stop and restart under a live daemon."""
+
+    def __init__(self, root: str) -> None:
+        self.data_dir = os.path.join(root, "pgdata")
+        self.socket_dir = os.path.join(root, "sock")
+        os.mkdir(self.socket_dir)
+        self.cluster = self._new()
+        self.dsn = self.cluster.start()
+        self.db = parse_config(
+            "[database]\ntable = auth_sessions\nport_column = vnc_port\n", "<test>"
+        ).database
+        apply_sql(self.dsn, schema_sql(self.db))
+
+    def _new(self) -> EmbeddedPostgres:
+        return EmbeddedPostgres(self.data_dir, durable=False, socket_dir_fixed=self.socket_dir)
+
+    @pytest_twisted.inlineCallbacks
+    def kill(self):
+        """SIGKILL the postmaster, as a crash or the OOM killer would; fire once it is gone.
+
+        PostgreSQL refuses to start while the old postmaster's pid exists, and an orphan stays
+        a zombie until PID 1 reaps it (about 2 s on this kind of machine).
+        """
+        pid = read_postmaster_pid(self.data_dir).pid
+        os.kill(pid, signal.SIGKILL)
+        yield _until(lambda: not os.path.exists(f"/proc/{pid}"))
+        return pid
+
+    def restart(self) -> None:
+        self.cluster = self._new()
+        self.cluster.start()
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+@pytest.fixture
+def private_cluster(scratch_dir):
+    cluster = PrivateCluster(scratch_dir)
+    yield cluster
+    cluster.cluster = cluster._new()
+    if read_postmaster_pid(cluster.data_dir) is not None:
+        cluster.cluster.start()
+    cluster.stop()
+
+
+@pytest.fixture
+def private_daemon(private_cluster, tmp_path):
+    """Start daemons on the private cluster; stopped after the test."""
+    started: list[DaemonProcess] = []
+
+    @pytest_twisted.inlineCallbacks
+    def start(**novnc: object):
+        config = write_config(
+            tmp_path / f"private{len(started)}.ini",
+            private_cluster.dsn,
+            private_cluster.db,
+            **novnc,
+        )
+        proto = DaemonProcess()
+        started.append(proto)
+        yield start_daemon(config, tmp_path, proto)
+        return proto
+
+    yield start
+    for proto in started:
+        if proto.transport is not None:
+            pytest_twisted.blockon(stop_daemon(proto))
+
+
+@pytest.fixture
+def vnc():
+    factory = VNCEchoFactory()
+    port = pytest_twisted.blockon(
+        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    )
+    factory.port = port.getHost().port
+    factory.listening_port = port
+    yield factory
+    for conn in list(factory.connections):
+        conn.transport.abortConnection()
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest_twisted.inlineCallbacks
+def echo_round_trip(client, payload: bytes) -> defer.Deferred:
+    before = len(client.received)
+    client.sendMessage(payload, isBinary=True)
+    data = yield within(client.when_received(before + len(payload)))
+    assert data[before:] == payload
+
+
+@pytest_twisted.inlineCallbacks
+def test_postmaster_killed_while_fifty_wait(private_cluster, private_daemon, vnc):
+    """kill -9 of the postmaster with 50 clients waiting; after a restart and the commits,
+    every client connects before its deadline."""
+    daemon = yield private_daemon(readiness_timeout=60)
+    ids = [new_id() for _ in range(50)]
+    clients = []
+    for sid in ids:
+        clients.append((yield connect_client(daemon.port, sid)))
+    yield within(daemon.when_logged("request .* waiting for readiness", times=50))
+
+    yield private_cluster.kill()
+    yield within(daemon.when_logged("database unreachable"))
+    private_cluster.restart()
+    insert_many(
+        private_cluster.dsn, private_cluster.db,
+        [(sid, "127.0.0.1", vnc.port, "running") for sid in ids],
+    )
+    for client in clients:
+        data = yield within(client.when_received(len(RFB_BANNER)))
+        assert data == RFB_BANNER
+    assert daemon.count("refused [0-9a-f-]+ from") == 0, daemon.output
+    for client in clients:
+        client.sendClose(1000)
+        yield within(client.closed)
+
+
+@pytest_twisted.inlineCallbacks
+def test_listen_connection_terminated_then_commit(private_cluster, private_daemon, vnc):
+    """pg_terminate_backend on the LISTEN connection, then a commit: the waiter is served."""
+    daemon = yield private_daemon()
+    sid = new_id()
+    client = yield connect_client(daemon.port, sid)
+    yield within(daemon.when_logged(f"request {sid} from"))
+    killed = execute(
+        private_cluster.dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = 'twisted_novnc-listen'",
+    )
+    assert killed == [(True,)]
+    yield within(daemon.when_logged("database unreachable"))
+    insert_many(private_cluster.dsn, private_cluster.db, [(sid, "127.0.0.1", vnc.port, "up")])
+    data = yield within(client.when_received(len(RFB_BANNER)))
+    assert data == RFB_BANNER
+    yield within(daemon.when_logged("listening for session changes", times=2))
+    client.sendClose(1000)
+    yield within(client.closed)
+
+
+@pytest_twisted.inlineCallbacks
+def test_database_stops_while_hundred_relays_run(private_cluster, private_daemon, vnc):
+    """The database stops while 100 relays run: every relay keeps moving bytes."""
+    daemon = yield private_daemon()
+    ids = [new_id() for _ in range(100)]
+    insert_many(
+        private_cluster.dsn, private_cluster.db,
+        [(sid, "127.0.0.1", vnc.port, "running") for sid in ids],
+    )
+    clients = []
+    for sid in ids:
+        clients.append((yield connect_client(daemon.port, sid)))
+    for client in clients:
+        yield within(client.when_received(len(RFB_BANNER)))
+    private_cluster.stop()
+    yield within(daemon.when_logged("database unreachable"))
+    for i, client in enumerate(clients):
+        yield echo_round_trip(client, f"still here {i}".encode())
+    assert not any(c.closed.called for c in clients)
+    for client in clients:
+        client.sendClose(1000)
+        yield within(client.closed)
+
+
+@pytest_twisted.inlineCallbacks
+def test_vnc_server_starts_three_seconds_late(daemon_factory, pg, sessions_table):
+    """The VNC server starts 3 s after the session is ready: the client still connects."""
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+    reserved = port.getHost().port
+    yield port.stopListening()
+    daemon = yield daemon_factory()
+    sid = new_id()
+    with pg.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO "{sessions_table.table}" (session_id, vm_ip, vnc_port, status)'
+            " VALUES (%s, '127.0.0.1', %s, 'running')",
+            (sid, reserved),
+        )
+    client = yield connect_client(daemon.port, sid)
+    yield within(daemon.when_logged(f"session {sid} ready"))
+    late = VNCEchoFactory()
+    listening = []
+
+    def boot() -> None:
+        endpoint = TCP4ServerEndpoint(reactor, reserved, interface="127.0.0.1")
+        listening.append(endpoint.listen(late))
+
+    reactor.callLater(3, boot)  # the scenario: the VM's VNC server comes up 3 s later
+    try:
+        data = yield within(client.when_received(len(RFB_BANNER)))
+        assert data == RFB_BANNER
+        yield echo_round_trip(client, b"booted")
+        client.sendClose(1000)
+        yield within(client.closed)
+    finally:
+        for d in listening:
+            vnc_port = yield d
+            yield vnc_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_vnc_server_dies_mid_relay(daemon_factory, pg, sessions_table, vnc):
+    """The VNC server dies (its socket is reset) mid-relay: the client sees 4502 within 1 s."""
+    daemon = yield daemon_factory()
+    sid = new_id()
+    with pg.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO "{sessions_table.table}" (session_id, vm_ip, vnc_port, status)'
+            " VALUES (%s, '127.0.0.1', %s, 'running')",
+            (sid, vnc.port),
+        )
+    client = yield connect_client(daemon.port, sid)
+    yield within(client.when_received(len(RFB_BANNER)))
+    vnc.connections[0].transport.abortConnection()  # SO_LINGER 0: a reset, as a crash gives
+    code, reason = yield within(client.closed, 1.0)
+    assert (code, reason) == (4502, "VM connection lost")
+
+
+@pytest_twisted.inlineCallbacks
+def test_session_ended_with_three_viewers(daemon_factory, pg, sessions_table, vnc):
+    """The session is ended while 3 viewers watch: all three see 4410 within one second."""
+    daemon = yield daemon_factory()
+    sid = new_id()
+    table = sessions_table.table
+    with pg.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status)'
+            " VALUES (%s, '127.0.0.1', %s, 'running')",
+            (sid, vnc.port),
+        )
+    viewers = []
+    for _ in range(3):
+        viewer = yield connect_client(daemon.port, sid)
+        yield within(viewer.when_received(len(RFB_BANNER)))
+        viewers.append(viewer)
+    with pg.cursor() as cur:
+        cur.execute(f'UPDATE "{table}" SET status = %s WHERE session_id = %s', ("ended", sid))
+    results = yield within(defer.gatherResults([v.closed for v in viewers]), 1.0)
+    assert results == [(4410, "session ended")] * 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_session_moved_and_deleted_are_revoked(daemon_factory, pg, sessions_table, vnc):
+    """A new vm_ip closes the relay with 4410 "session moved"; a deleted row with "ended"."""
+    daemon = yield daemon_factory()
+    table = sessions_table.table
+    moved, deleted = new_id(), new_id()
+    with pg.cursor() as cur:
+        for sid in (moved, deleted):
+            cur.execute(
+                f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status)'
+                " VALUES (%s, '127.0.0.1', %s, 'running')",
+                (sid, vnc.port),
+            )
+    a = yield connect_client(daemon.port, moved)
+    b = yield connect_client(daemon.port, deleted)
+    for client in (a, b):
+        yield within(client.when_received(len(RFB_BANNER)))
+    with pg.cursor() as cur:
+        cur.execute(f"UPDATE \"{table}\" SET vm_ip = '10.9.9.9' WHERE session_id = %s", (moved,))
+        cur.execute(f'DELETE FROM "{table}" WHERE session_id = %s', (deleted,))
+    assert (yield within(a.closed, 1.0)) == (4410, "session moved")
+    assert (yield within(b.closed, 1.0)) == (4410, "session ended")
+
+
+@pytest_twisted.inlineCallbacks
+def test_sigterm_drains_then_closes_with_1001(daemon_factory, pg, sessions_table, vnc):
+    """SIGTERM with live clients: waiters get 4503, each relay 1001 after the drain, the daemon
+    exits cleanly, and no socket is left behind."""
+    daemon = yield daemon_factory(drain_timeout=1)
+    table = sessions_table.table
+    ids = [new_id() for _ in range(3)]
+    with pg.cursor() as cur:
+        for sid in ids:
+            cur.execute(
+                f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status)'
+                " VALUES (%s, '127.0.0.1', %s, 'running')",
+                (sid, vnc.port),
+            )
+    clients = []
+    for sid in ids:
+        client = yield connect_client(daemon.port, sid)
+        yield within(client.when_received(len(RFB_BANNER)))
+        clients.append(client)
+    waiter = yield connect_client(daemon.port, new_id())
+    yield within(daemon.when_logged("waiting for readiness", times=4))
+
+    started = time.monotonic()
+    daemon.transport.signalProcess(signal.SIGTERM)
+    assert (yield within(waiter.closed, 5)) == (4503, "shutting down")
+    yield echo_round_trip(clients[0], b"still relaying during the drain")
+    results = yield within(defer.gatherResults([c.closed for c in clients]), 10)
+    assert [code for code, _ in results] == [1001] * 3
+    assert time.monotonic() - started >= 0.9, "relays were closed before the drain ended"
+    exit_code = yield within(daemon.ended, 10)
+    assert exit_code in (0, None), daemon.output
+    assert not Path(f"/proc/{daemon.pid}").exists()
+    yield _until(lambda: not vnc.connections)
+    refused = connect_client(daemon.port, new_id())
+    with pytest.raises(Exception):  # noqa: B017  (ConnectionRefusedError, wrapped by Twisted)
+        yield within(refused, 5)
+
+
+@pytest_twisted.inlineCallbacks
+def test_second_sigterm_closes_at_once(daemon_factory, pg, sessions_table, vnc):
+    """A second SIGTERM during the drain closes every relay at once."""
+    daemon = yield daemon_factory(drain_timeout=300)
+    sid = new_id()
+    with pg.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO "{sessions_table.table}" (session_id, vm_ip, vnc_port, status)'
+            " VALUES (%s, '127.0.0.1', %s, 'running')",
+            (sid, vnc.port),
+        )
+    client = yield connect_client(daemon.port, sid)
+    yield within(client.when_received(len(RFB_BANNER)))
+    daemon.transport.signalProcess(signal.SIGTERM)
+    yield within(daemon.when_logged("draining"))
+    daemon.transport.signalProcess(signal.SIGTERM)
+    code, _ = yield within(client.closed, 10)
+    assert code == 1001
+    yield within(daemon.ended, 10)
+
+
+@pytest_twisted.inlineCallbacks
+def test_daemon_starts_without_database(private_cluster, private_daemon, vnc):
+    """The daemon starts while PostgreSQL is down and serves once it comes up."""
+    private_cluster.stop()
+    daemon = yield private_daemon(readiness_timeout=60)
+    yield within(daemon.when_logged("database unreachable"))
+    sid = new_id()
+    client = yield connect_client(daemon.port, sid)
+    yield within(daemon.when_logged(f"request {sid} from"))
+    private_cluster.restart()
+    insert_many(private_cluster.dsn, private_cluster.db, [(sid, "127.0.0.1", vnc.port, "up")])
+    data = yield within(client.when_received(len(RFB_BANNER)))
+    assert data == RFB_BANNER
+    client.sendClose(1000)
+    yield within(client.closed)
+
+
+@pytest_twisted.inlineCallbacks
+def test_waiter_deadline_during_outage_is_4503(private_cluster, private_daemon):
+    """A waiter whose deadline passes while the database is unreachable gets 4503."""
+    daemon = yield private_daemon(readiness_timeout=2)
+    private_cluster.stop()
+    yield within(daemon.when_logged("database unreachable"))
+    client = yield connect_client(daemon.port, new_id())
+    assert (yield within(client.closed)) == (4503, "database unavailable")
+
+
+@pytest_twisted.inlineCallbacks
+def _until(predicate, limit: int = 100000):
+    from twisted.internet import task
+
+    for _ in range(limit):
+        if predicate():
+            return
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition never became true")
