@@ -343,3 +343,31 @@ def test_database_outage_does_not_revoke():
     for _ in range(20):
         clock.advance(0.5)
     assert revoked == [] and gate.watched == 1
+
+
+def test_stuck_query_does_not_hold_later_reads():
+    """A lookup that never answers is given up after query_timeout; reads go on."""
+    source = MemorySessionSource(hold=True)
+    gate, source, clock = make_gate(source, timeout=30)
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert len(source.fetches) == 1
+    source.hold = False
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, None)
+    clock.advance(gate.query_timeout - 0.1)
+    assert not d.called, "while the first read is stuck, no other read is started"
+    clock.advance(0.1)  # the first read is abandoned, and read again at once
+    assert len(source.fetches) == 2
+    assert isinstance(result_of(d), Target)
+    source.release()  # the stuck answer arriving late changes nothing
+    assert gate.waiting == 0
+
+
+def test_stuck_database_gives_4503_at_deadline():
+    """Lookups that never answer end, at the deadline, in 4503."""
+    source = MemorySessionSource(hold=True)
+    gate, source, clock = make_gate(source, timeout=12)
+    d = gate.when_ready(SID)
+    for _ in range(130):
+        clock.advance(0.1)
+    assert refusal_of(d) is Refusal.DATABASE_UNAVAILABLE

@@ -16,6 +16,7 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .backoff import jittered_backoff
 from .errors import Refusal, Refused
@@ -78,6 +79,7 @@ class ReadinessGate:
     timeout: float
     ended_statuses: Collection[str]
     default_port: int
+    query_timeout: float = 5.0
     _waiters: dict[str, set[_Waiter]] = attrs.field(factory=dict)
     _watches: dict[str, set[Watch]] = attrs.field(factory=dict)
     _seen: dict[str, _Seen] = attrs.field(factory=dict)
@@ -172,10 +174,35 @@ class ReadinessGate:
         if not batch:
             return
         self._in_flight = True
-        d = self.source.fetch(batch)
+        d = self._bounded(self.source.fetch(batch))
         d.addCallbacks(self._apply, self._read_failed, callbackArgs=(batch,),
                        errbackArgs=(batch,))
         d.addBoth(self._read_done)
+
+    def _bounded(self, fetch: Deferred[dict[str, SessionRow]]) -> Deferred[dict[str, SessionRow]]:
+        """The fetch's result, or a failure after ``query_timeout``: a query stuck on a dead
+        connection must not hold every later read (and so every deadline's code) behind it.
+        The late result, if any, is dropped."""
+        bounded: Deferred[dict[str, SessionRow]] = Deferred()
+
+        def expire() -> None:
+            if not bounded.called:
+                bounded.errback(QueryTimeout(f"no answer in {self.query_timeout:g}s"))
+
+        timer = self.clock.callLater(self.query_timeout, expire)
+
+        def arrived(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if bounded.called:
+                return
+            if isinstance(result, Failure):
+                bounded.errback(result)
+            else:
+                bounded.callback(result)
+
+        fetch.addBoth(arrived)
+        return bounded
 
     def _read_done(self, _: object) -> None:
         self._in_flight = False
@@ -315,6 +342,10 @@ class ReadinessGate:
             if call is not None and call.active():
                 call.cancel()
             setattr(self, name, None)
+
+
+class QueryTimeout(Exception):
+    """A session lookup got no answer in time."""
 
 
 def _failed(error: Exception) -> Deferred[Any]:

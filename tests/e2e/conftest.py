@@ -18,12 +18,13 @@ def daemon_factory(postgres_dsn, sessions_table, tmp_path):  # noqa: F811
     started: list[DaemonProcess] = []
 
     @pytest_twisted.inlineCallbacks
-    def start(**novnc: object):
+    def start(sections: dict | None = None, **novnc: object):
         n = len(started)
         config = write_config(
             tmp_path / f"daemon{n}.ini",
             postgres_dsn,
             sessions_table,
+            sections,
             **novnc,
         )
         proto = DaemonProcess()

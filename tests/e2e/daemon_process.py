@@ -72,9 +72,14 @@ class DaemonProcess(ProcessProtocol):
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
 
-def write_config(path: Path, dsn: str, db, **novnc: object) -> Path:  # type: ignore[no-untyped-def]
+def write_config(  # type: ignore[no-untyped-def]
+    path: Path, dsn: str, db, sections: dict | None = None, **novnc: object
+) -> Path:
+    """A config for the test's table; ``sections`` adds keys, e.g. {"upstream": {...}}."""
+    sections = dict(sections or {})
     options = {"listen": "tcp:0:interface=127.0.0.1", "readiness_timeout": 20, **novnc}
     lines = ["[novnc]"] + [f"{k} = {v}" for k, v in options.items()]
+    extra_db = sections.pop("database", {})
     lines += [
         "[database]",
         f"dsn = {dsn}",
@@ -82,7 +87,9 @@ def write_config(path: Path, dsn: str, db, **novnc: object) -> Path:  # type: ig
         f"port_column = {db.port_column}",
         f"notify_channel = {db.notify_channel}",
         "pool_size = 2",
-    ]
+    ] + [f"{k} = {v}" for k, v in extra_db.items()]
+    for section, keys in sections.items():
+        lines += [f"[{section}]"] + [f"{k} = {v}" for k, v in keys.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

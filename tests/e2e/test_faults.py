@@ -334,6 +334,47 @@ def test_session_moved_and_deleted_are_revoked(daemon_factory, pg, sessions_tabl
 
 
 @pytest_twisted.inlineCallbacks
+def test_session_expires_while_relayed(daemon_factory, pg, sessions_table, vnc):
+    """With expires_column set, a live relay is closed with 4410 "session expired" on time,
+    and an already expired session is refused."""
+    table = sessions_table.table
+    with pg.cursor() as cur:
+        cur.execute(f'ALTER TABLE "{table}" ADD COLUMN expires_at timestamptz')
+    daemon = yield daemon_factory({"database": {"expires_column": "expires_at"}})
+    soon, past = new_id(), new_id()
+    with pg.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status, expires_at)'
+            " VALUES (%s, '127.0.0.1', %s, 'running', now() + interval '2 seconds'),"
+            " (%s, '127.0.0.1', %s, 'running', now() - interval '1 second')",
+            (soon, vnc.port, past, vnc.port),
+        )
+    client = yield connect_client(daemon.port, soon)
+    yield within(client.when_received(len(RFB_BANNER)))
+    assert (yield within(client.closed, 10)) == (4410, "session expired")
+    late = yield connect_client(daemon.port, past)
+    assert (yield within(late.closed, 10)) == (4410, "session expired")
+
+
+@pytest_twisted.inlineCallbacks
+def test_connect_retry_off_refuses_at_once(daemon_factory, pg, sessions_table):
+    """With [upstream] connect_retry = off, a refusing VM gives 4502 without waiting."""
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+    closed_port = port.getHost().port
+    yield port.stopListening()
+    daemon = yield daemon_factory({"upstream": {"connect_retry": "off"}}, readiness_timeout=60)
+    sid = new_id()
+    with pg.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO "{sessions_table.table}" (session_id, vm_ip, vnc_port, status)'
+            " VALUES (%s, '127.0.0.1', %s, 'running')",
+            (sid, closed_port),
+        )
+    client = yield connect_client(daemon.port, sid)
+    assert (yield within(client.closed, 10)) == (4502, "VM unreachable")
+
+
+@pytest_twisted.inlineCallbacks
 def test_sigterm_drains_then_closes_with_1001(daemon_factory, pg, sessions_table, vnc):
     """SIGTERM with live clients: waiters get 4503, each relay 1001 after the drain, the daemon
     exits cleanly, and no socket is left behind."""
