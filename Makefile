@@ -34,5 +34,11 @@ lint: venv
 	$(VENV)/bin/ruff check twisted_novnc tests twisted
 	$(VENV)/bin/mypy twisted_novnc
 
+# The benchmark (bench/README.md): BENCH_ARGS=--quick for a smoke run.
+BENCH_ARGS ?=
+.PHONY: bench
+bench: venv
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,421 @@
+'use strict';
+// Load client of bench/run.py (adapted from shared/tools/wsbench). One scenario per invocation;
+// prints one JSON result line on stdout (and, for conc/ready, one {"event":...} line first).
+//
+//   node client.js SCENARIO --url URL [--ids FILE] [options]
+//
+// URL: ws://host:port/any/path?query  (WebSocket, subprotocol "binary", binary messages)
+//      tcp://host:port                (raw TCP, for TCP relays such as socat)
+// --ids FILE: one session id per line; "{id}" in the URL becomes ids[i % n] for connection i
+// (twisted_novnc: every connection names its own session row).
+//
+// SCENARIO      what it does                                           main options
+//   down        receive --bytes from a "source" target, MiB/s           --bytes
+//   up          send --bytes in --msg-size messages to a "sink" target  --bytes --msg-size --window
+//               (target acks with one byte once all arrived), MiB/s
+//   echo        --count sequential --msg-size round trips, p50/p99 us   --count --msg-size --warmup
+//   setup       --count sequential open/first-byte/close cycles         --count
+//   conc        hold --conns idle connections (each got the banner);    --conns --parallel --hold
+//               prints {"event":"ready"} then waits for a line on stdin (or --hold seconds)
+//   streams     --conns concurrent connections each receiving --bytes   --conns --bytes
+//   ready       one connection per id, all at once; prints {"event":"sent"} once every upgrade
+//               request is written, then records when each 101 arrives (CLOCK_MONOTONIC ns,
+//               comparable with Python's time.monotonic_ns) and whether a data frame followed;
+//               ends when all are settled or after --wait seconds
+// Every scenario is bounded by --timeout seconds (default 180): on expiry it prints a JSON
+// line with "error":"timeout" and exits 3.
+const net = require('net');
+const WebSocket = require('ws');
+
+const argv = process.argv.slice(2);
+const scenario = argv[0];
+const opt = { url: null, ids: null, bytes: null, 'msg-size': null, count: null, warmup: null, conns: null,
+  parallel: 64, window: 16, hold: 600, wait: 60, timeout: 180, label: '', recv: 'fast', send: 'fast' };
+for (let i = 1; i < argv.length; i += 2) {
+  const k = argv[i].replace(/^--/, '');
+  if (!(k in opt)) { console.error('unknown option ' + argv[i]); process.exit(2); }
+  opt[k] = argv[i + 1];
+}
+const num = (v, d) => (v === null || v === undefined ? d : Number(v));
+const MiB = 1048576;
+const isTcp = opt.url && opt.url.startsWith('tcp://');
+const now = () => Number(process.hrtime.bigint()) / 1e6; // ms
+
+// Whether ws masks/unmasks with bufferutil's native code (the client's ceiling depends on it).
+let nativeMask = false;
+try { nativeMask = /native code/.test(require('bufferutil').mask.toString()); } catch (e) { nativeMask = false; }
+const ids = opt.ids ? require('fs').readFileSync(opt.ids, 'utf8').split('\n').map((x) => x.trim()).filter(Boolean) : null;
+// The URL of connection i: "{id}" names that connection's session.
+function urlFor(i) {
+  if (!opt.url.includes('{id}')) return opt.url;
+  if (!ids || !ids.length) throw new Error('the URL holds {id} but no --ids file was given');
+  return opt.url.replace('{id}', encodeURIComponent(ids[i % ids.length]));
+}
+function emit(obj) {
+  process.stdout.write(JSON.stringify(Object.assign({ scenario, transport: isTcp ? 'tcp' : 'ws', label: opt.label || undefined, bufferutil: nativeMask }, obj)) + '\n');
+}
+const deadline = setTimeout(() => { emit({ error: 'timeout', timeout_s: num(opt.timeout) }); process.exit(3); }, num(opt.timeout) * 1000);
+deadline.unref();
+
+// Uniform connection: open(url, onData) -> Promise<conn>; conn.send(buf, cb); conn.close() -> Promise
+function open(url, onData, onClose) {
+  return new Promise((resolve, reject) => {
+    if (isTcp) {
+      const u = new URL(url);
+      const s = net.connect({ host: u.hostname, port: Number(u.port) });
+      s.setNoDelay(true);
+      s.on('data', onData);
+      s.once('connect', () => {
+        s.removeListener('error', reject);
+        s.on('error', () => {});
+        resolve({
+          send: (b, cb) => s.write(b, cb),
+          close: () => new Promise((r) => {
+            if (s.destroyed) return r();
+            const t = setTimeout(() => { s.destroy(); r(); }, 2000);
+            s.once('close', () => { clearTimeout(t); r(); });
+            s.end();
+          }),
+          destroy: () => s.destroy(),
+        });
+      });
+      s.once('error', reject);
+      if (onClose) s.once('close', onClose);
+    } else {
+      const ws = new WebSocket(url, ['binary'], { perMessageDeflate: false, maxPayload: 0, handshakeTimeout: 30000 });
+      ws.on('message', (d) => onData(Buffer.isBuffer(d) ? d : Array.isArray(d) ? Buffer.concat(d) : Buffer.from(d)));
+      if (onClose) ws.once('close', (code) => onClose(code));
+      const fail = (e) => reject(e);
+      ws.once('error', fail);
+      ws.once('unexpected-response', (req, res) => { reject(new Error('HTTP ' + res.statusCode)); ws.terminate(); });
+      ws.once('open', () => {
+        ws.removeListener('error', fail);
+        ws.on('error', () => {});
+        resolve({
+          send: (b, cb) => ws.send(b, { binary: true }, cb),
+          close: () => new Promise((r) => {
+            if (ws.readyState === WebSocket.CLOSED) return r();
+            const t = setTimeout(() => { ws.terminate(); r(); }, 2000);
+            ws.once('close', () => { clearTimeout(t); r(); });
+            ws.close(1000);
+          }),
+          destroy: () => ws.terminate(),
+        });
+      });
+    }
+  });
+}
+
+
+// Receive-only fast path (down/streams over ws://): does the RFC 6455 handshake with node's
+// http module, then parses frame headers itself and only counts payload bytes (no copy, no
+// per-message Buffer), so the client is not the bottleneck for the downstream direction.
+// Server->client frames must be unmasked, no extensions (we offer none). --recv ws uses the
+// ws library instead.
+const http = require('http');
+const crypto = require('crypto');
+function fastRecv(url, onBytes, onClose, wantSock) {
+  return new Promise((resolve, reject) => {
+    const u = new URL(url);
+    const key = crypto.randomBytes(16).toString('base64');
+    const req = http.request({ host: u.hostname, port: Number(u.port), path: u.pathname + u.search, agent: false,
+      headers: { Connection: 'Upgrade', Upgrade: 'websocket', 'Sec-WebSocket-Version': '13', 'Sec-WebSocket-Key': key,
+        'Sec-WebSocket-Protocol': 'binary' } });
+    req.on('error', reject);
+    req.on('response', (res) => { reject(new Error('HTTP ' + res.statusCode)); res.resume(); });
+    req.on('upgrade', (res, sock, head) => {
+      const want = crypto.createHash('sha1').update(key + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64');
+      if (res.headers['sec-websocket-accept'] !== want) { sock.destroy(); return reject(new Error('bad accept')); }
+      sock.setNoDelay(true);
+      let hb = Buffer.alloc(14), hn = 0, need = 2, left = 0, op = 0, inPayload = false, closed = false;
+      const feed = (b) => {
+        let off = 0;
+        while (off < b.length) {
+          if (inPayload) {
+            const n = Math.min(left, b.length - off);
+            if (op !== 8 && op !== 9 && op !== 10) onBytes(n);
+            off += n; left -= n;
+            if (left === 0) { inPayload = false; hn = 0; need = 2; if (op === 8) { closed = true; sock.end(); } }
+            continue;
+          }
+          while (hn < need && off < b.length) hb[hn++] = b[off++];
+          if (hn < need) break;
+          if (need === 2) {
+            const l7 = hb[1] & 127;
+            if (hb[1] & 128) { sock.destroy(); return; } // masked server frame: protocol error
+            need = l7 === 126 ? 4 : l7 === 127 ? 10 : 2;
+            if (need > 2) continue;
+          }
+          op = hb[0] & 15; const l7 = hb[1] & 127;
+          left = l7 === 126 ? hb.readUInt16BE(2) : l7 === 127 ? Number(hb.readBigUInt64BE(2)) : l7;
+          if (op === 9) sock.write(Buffer.from([0x8a, 0x80, 0, 0, 0, 0])); // pong (empty, masked)
+          if (left === 0) { hn = 0; need = 2; if (op === 8) { closed = true; sock.end(); } } else inPayload = true;
+        }
+      };
+      sock.on('data', feed);
+      sock.on('error', () => {});
+      if (onClose) sock.once('close', onClose);
+      if (head && head.length) feed(head);
+      resolve({
+        sock,
+        close: () => new Promise((r) => {
+          if (sock.destroyed) return r();
+          const t = setTimeout(() => { sock.destroy(); r(); }, 2000);
+          sock.once('close', () => { clearTimeout(t); r(); });
+          if (!closed) sock.write(Buffer.from([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])); // masked close 1000 (zero mask)
+          sock.end();
+        }),
+      });
+    });
+    req.end();
+  });
+}
+const useFast = !isTcp && opt.recv !== 'ws';
+const useFastSend = !isTcp && opt.send !== 'ws';
+// Pre-masked frames for the upload fast path: the client masks one block of 16 frames once
+// (fixed non-zero key) and writes that block repeatedly; the proxy still has to unmask every byte.
+function maskedBlock(msg, frames) {
+  const key = crypto.randomBytes(4); key[0] |= 1;
+  const payload = Buffer.alloc(msg, 'y');
+  const hl = msg < 126 ? 2 : msg < 65536 ? 4 : 10;
+  const f = Buffer.alloc(hl + 4 + msg);
+  f[0] = 0x82;
+  if (hl === 2) f[1] = 0x80 | msg; else if (hl === 4) { f[1] = 0x80 | 126; f.writeUInt16BE(msg, 2); } else { f[1] = 0x80 | 127; f.writeBigUInt64BE(BigInt(msg), 2); }
+  key.copy(f, hl);
+  for (let i = 0; i < msg; i++) f[hl + 4 + i] = payload[i] ^ key[i & 3];
+  return Buffer.concat(Array.from({ length: frames }, () => f));
+}
+function openRecv(url, onBytes, onClose) {
+  return useFast ? fastRecv(url, onBytes, onClose) : open(url, (d) => onBytes(d.length), onClose);
+}
+
+function pct(sorted, p) {
+  if (!sorted.length) return null;
+  const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+  return sorted[i];
+}
+const r3 = (x) => (x === null ? null : Math.round(x * 1000) / 1000);
+
+async function down() {
+  const bytes = num(opt.bytes, 256 * MiB);
+  let got = 0, tOpen = 0, done;
+  const fin = new Promise((r) => (done = r));
+  const t0 = now();
+  const c = await openRecv(urlFor(0), (n) => { got += n; if (got >= bytes) done(); }, () => done());
+  tOpen = now();
+  await fin;
+  const t1 = now();
+  c.close();
+  const sec = (t1 - tOpen) / 1000;
+  emit({ recv: isTcp ? undefined : (useFast ? 'fast' : 'ws'), bytes, received: got, ok: got >= bytes, seconds: r3(sec), mib_s: r3(got / MiB / sec), connect_ms: r3(tOpen - t0) });
+}
+
+async function up() {
+  const bytes = num(opt.bytes, 256 * MiB), msg = num(opt['msg-size'], 65536), win = num(opt.window, 16);
+  let acked = false, done;
+  const fin = new Promise((r) => (done = r));
+  let c, sent = 0;
+  const onAck = (d) => { if ((d.length ?? d) > 0) { acked = true; done(); } };
+  if (useFastSend && bytes % (16 * msg) === 0) {
+    c = await fastRecv(urlFor(0), onAck, () => done());
+  } else {
+    c = await open(urlFor(0), onAck, () => done());
+  }
+  const t0 = now();
+  await new Promise((resolve) => {
+    if (c.sock) { // fast path: write pre-masked 16-frame blocks with socket backpressure
+      const block = maskedBlock(msg, 16);
+      const pump = () => {
+        while (sent < bytes) {
+          sent += 16 * msg;
+          if (!c.sock.write(block)) { if (sent < bytes) return c.sock.once('drain', pump); }
+        }
+        resolve();
+      };
+      return pump();
+    }
+    const buf = Buffer.alloc(msg, 'y');
+    let inflight = 0;
+    const pump = () => {
+      while (sent < bytes && inflight < win) {
+        const n = Math.min(msg, bytes - sent);
+        sent += n; inflight++;
+        c.send(n === msg ? buf : buf.subarray(0, n), () => { inflight--; if (sent < bytes) pump(); else if (inflight === 0) resolve(); });
+      }
+    };
+    pump();
+  });
+  const tSent = now();
+  await fin;
+  const t1 = now();
+  c.close();
+  const sec = (t1 - t0) / 1000;
+  emit({ send: isTcp ? undefined : (c.sock ? 'fast' : 'ws'), bytes, msg_size: msg, ok: acked, seconds: r3(sec), mib_s: r3(bytes / MiB / sec), send_done_s: r3((tSent - t0) / 1000) });
+}
+
+async function echo() {
+  const count = num(opt.count, 10000), msg = num(opt['msg-size'], 64), warm = num(opt.warmup, 200);
+  const buf = Buffer.alloc(msg, 'e');
+  let got = 0, want = 0, wake = null;
+  const c = await open(urlFor(0), (d) => { got += d.length; if (wake && got >= want) { const w = wake; wake = null; w(); } });
+  const lat = [];
+  const t0 = now();
+  for (let i = 0; i < warm + count; i++) {
+    want += msg;
+    const ts = process.hrtime.bigint();
+    const p = new Promise((r) => (wake = r));
+    c.send(buf);
+    if (got >= want) { wake = null; } else { await p; }
+    const us = Number(process.hrtime.bigint() - ts) / 1000;
+    if (i >= warm) lat.push(us);
+  }
+  const total = (now() - t0) / 1000;
+  await c.close();
+  const s = lat.slice().sort((a, b) => a - b);
+  emit({ count, msg_size: msg, p50_us: r3(pct(s, 50)), p99_us: r3(pct(s, 99)), p999_us: r3(pct(s, 99.9)),
+    mean_us: r3(lat.reduce((a, b) => a + b, 0) / lat.length), max_us: r3(s[s.length - 1]), rtt_per_s: r3((warm + count) / total) });
+}
+
+async function setup() {
+  const count = num(opt.count, 1000);
+  const setupMs = [], cycleMs = [];
+  let errors = 0, firstErr = null;
+  const t0 = now();
+  for (let i = 0; i < count; i++) {
+    const ts = now();
+    let gotFirst;
+    const first = new Promise((r) => (gotFirst = r));
+    try {
+      let code = null;
+      const c = await open(urlFor(i), () => gotFirst(true), (cc) => { code = cc; gotFirst(false); });
+      const ok = await first;
+      const tf = now();
+      await c.close();
+      if (!ok) throw new Error('closed before first byte' + (code ? ' (' + code + ')' : ''));
+      setupMs.push(tf - ts); cycleMs.push(now() - ts);
+    } catch (e) { errors++; if (!firstErr) firstErr = String(e.message || e); }
+  }
+  const total = (now() - t0) / 1000;
+  const s = setupMs.slice().sort((a, b) => a - b), cs = cycleMs.slice().sort((a, b) => a - b);
+  emit({ count, ok: setupMs.length, errors, first_error: firstErr, conn_per_s: r3(setupMs.length / total),
+    setup_p50_ms: r3(pct(s, 50)), setup_p99_ms: r3(pct(s, 99)), cycle_p50_ms: r3(pct(cs, 50)), cycle_p99_ms: r3(pct(cs, 99)) });
+}
+
+async function conc() {
+  const n = num(opt.conns, 1000), par = num(opt.parallel, 64);
+  const conns = [];
+  let errors = 0, closedEarly = 0, next = 0;
+  const errKinds = {};
+  const t0 = now();
+  async function worker() {
+    while (next < n) {
+      const i = next++;
+      let gotFirst;
+      const first = new Promise((r) => (gotFirst = r));
+      const st = { dead: false, code: null };
+      try {
+        const c = await open(urlFor(i), () => gotFirst(true), (cc) => { st.code = cc; gotFirst(false); st.dead = true; });
+        c.st = st;
+        const to = setTimeout(() => gotFirst(false), 30000);
+        const ok = await first;
+        clearTimeout(to);
+        if (!ok) throw new Error('no first byte' + (st.code ? ' (' + st.code + ')' : ''));
+        conns.push(c);
+      } catch (e) { errors++; const k = String(e.code || e.message || e).slice(0, 60); errKinds[k] = (errKinds[k] || 0) + 1; }
+    }
+  }
+  await Promise.all(Array.from({ length: par }, worker));
+  const openSec = (now() - t0) / 1000;
+  process.stdout.write(JSON.stringify({ event: 'ready', open: conns.length, errors }) + '\n');
+  await new Promise((r) => {
+    const t = setTimeout(r, num(opt.hold, 600) * 1000);
+    process.stdin.once('data', () => { clearTimeout(t); r(); });
+    process.stdin.once('end', () => { clearTimeout(t); r(); });
+  });
+  const alive = conns.filter((c) => !c.st.dead).length;
+  closedEarly = conns.length - alive;
+  await Promise.all(conns.map((c) => c.close()));
+  emit({ conns: n, ok: conns.length, alive_at_end: alive, closed_early: closedEarly, errors, error_kinds: errKinds, open_seconds: r3(openSec) });
+}
+
+async function streams() {
+  const n = num(opt.conns, 50), bytes = num(opt.bytes, 8 * MiB);
+  const t0 = now();
+  const durs = [];
+  let errors = 0, total = 0;
+  await Promise.all(Array.from({ length: n }, async (_, i) => {
+    let got = 0, done;
+    const fin = new Promise((r) => (done = r));
+    const ts = now();
+    try {
+      const c = await openRecv(urlFor(i), (k) => { got += k; total += k; if (got >= bytes) done(); }, () => done());
+      await fin;
+      if (got < bytes) errors++; else durs.push(now() - ts);
+      c.close();
+    } catch (e) { errors++; }
+  }));
+  const sec = (now() - t0) / 1000;
+  const s = durs.sort((a, b) => a - b);
+  emit({ conns: n, bytes_each: bytes, ok: durs.length, errors, seconds: r3(sec), agg_mib_s: r3(total / MiB / sec),
+    stream_p50_ms: r3(pct(s, 50)), stream_max_ms: r3(s[s.length - 1] ?? null) });
+}
+
+
+// ready: every id's client waits at once; the harness commits the sessions meanwhile. Raw
+// http upgrade (as fastRecv) so the 101's arrival is timed without ws' own bookkeeping.
+async function ready() {
+  if (isTcp || !ids) throw new Error('ready needs a ws:// URL with {id} and --ids');
+  const n = ids.length, waitS = num(opt.wait, 60);
+  const res = new Array(n), socks = [];
+  let settled = 0, sent = 0, allDone;
+  const all = new Promise((r) => (allDone = r));
+  const settle = (i, r) => { if (res[i]) return; res[i] = r; if (++settled === n) allDone(); };
+  for (let i = 0; i < n; i++) {
+    const u = new URL(urlFor(i));
+    const req = http.request({ host: u.hostname, port: Number(u.port), path: u.pathname + u.search, agent: false,
+      headers: { Connection: 'Upgrade', Upgrade: 'websocket', 'Sec-WebSocket-Version': '13',
+        'Sec-WebSocket-Key': crypto.randomBytes(16).toString('base64'), 'Sec-WebSocket-Protocol': 'binary' } });
+    req.on('error', (e) => settle(i, { ok: false, error: String(e.code || e.message) }));
+    req.on('response', (r) => { settle(i, { ok: false, error: 'HTTP ' + r.statusCode }); r.resume(); });
+    req.on('upgrade', (r, sock, head) => {
+      const t101 = process.hrtime.bigint();
+      socks.push(sock);
+      sock.on('error', () => {});
+      let buf = head && head.length ? Buffer.from(head) : Buffer.alloc(0);
+      // The first frame says whether the session was served: data (the VM's banner) or a close.
+      const check = () => {
+        if (buf.length < 2) return;
+        if ((buf[0] & 15) === 8) {
+          if (buf.length < 4 && (buf[1] & 127) >= 2) return;
+          settle(i, { ok: false, t101, error: 'close ' + ((buf[1] & 127) >= 2 ? buf.readUInt16BE(2) : '') });
+        } else settle(i, { ok: true, t101 });
+      };
+      sock.on('data', (d) => { if (!res[i]) { buf = Buffer.concat([buf, d]); check(); } });
+      sock.on('close', () => settle(i, { ok: false, t101, error: 'closed before a frame' }));
+      check();
+    });
+    req.on('finish', () => { if (++sent === n) process.stdout.write(JSON.stringify({ event: 'sent', n }) + '\n'); });
+    req.end();
+  }
+  const timer = setTimeout(allDone, waitS * 1000);
+  await all;
+  clearTimeout(timer);
+  const kinds = {};
+  let ok = 0;
+  const opens = [];
+  for (let i = 0; i < n; i++) {
+    const r = res[i] || { ok: false, error: 'no answer within ' + waitS + 's' };
+    if (r.ok) ok++; else kinds[r.error] = (kinds[r.error] || 0) + 1;
+    opens.push([ids[i], r.t101 === undefined ? null : r.t101.toString(), !!r.ok]);
+  }
+  const closeFrame = Buffer.from([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]); // masked 1000, zero key
+  for (const sock of socks) { if (!sock.destroyed) { sock.write(closeFrame); sock.end(); } }
+  emit({ conns: n, ok, errors: n - ok, error_kinds: kinds, opens });
+}
+
+const fns = { down, up, echo, setup, conc, streams, ready };
+if (!fns[scenario] || !opt.url) {
+  console.error('usage: node client.js down|up|echo|setup|conc|streams|ready --url ws://...|tcp://... [--ids FILE] [options]');
+  process.exit(2);
+}
+fns[scenario]().then(() => process.exit(0), (e) => { emit({ error: String(e && e.message || e) }); process.exit(1); });

@@ -1,0 +1,270 @@
+"""From the runs' result rows to medians, same-run ratios, the issue's targets, and markdown.
+
+A row is one (round, scenario, proxy) run: the load client's JSON line plus what the harness
+measured.  Ratios are the median of per-round ratios (twisted_novnc ÷ reference in the same
+round), which is what stays meaningful on a noisy 2-core machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+
+Row = dict[str, Any]
+
+SUBJECT = "twisted_novnc"
+REFERENCES = ("socat", "websockify")
+
+
+@attrs.frozen
+class Metric:
+    key: str
+    label: str
+    higher_is_better: bool
+
+
+METRICS: dict[str, list[Metric]] = {
+    "down": [Metric("mib_s", "MiB/s", True)],
+    "up": [Metric("mib_s", "MiB/s", True)],
+    "echo": [Metric("p50_us", "p50 µs", False), Metric("p99_us", "p99 µs", False)],
+    "setup": [
+        Metric("conn_per_s", "conn/s", True),
+        Metric("setup_p50_ms", "open→first byte p50 ms", False),
+        Metric("setup_p99_ms", "open→first byte p99 ms", False),
+    ],
+    "conc": [
+        Metric("ok", "held", True),
+        Metric("errors", "errors", False),
+        Metric("pss_kb_per_conn", "PSS KB/conn", False),
+        Metric("rss_kb_per_conn", "RSS KB/conn", False),
+        Metric("open_seconds", "s to open all", False),
+    ],
+    "streams": [Metric("agg_mib_s", "MiB/s total", True), Metric("errors", "errors", False)],
+    "ready": [
+        Metric("ready_p50_ms", "COMMIT→101 p50 ms", False),
+        Metric("ready_p99_ms", "COMMIT→101 p99 ms", False),
+        Metric("ready_max_ms", "COMMIT→101 max ms", False),
+        Metric("ready_errors", "errors", False),
+        Metric("burst_p50_ms", "burst COMMIT→101 p50 ms", False),
+        Metric("burst_last_ms", "burst COMMIT→last 101 ms", False),
+        Metric("burst_errors", "burst errors", False),
+    ],
+}
+
+#: Counts are shown but not divided: a ratio of error counts means nothing.
+NO_RATIO = {"ok", "errors", "ready_errors", "burst_errors"}
+
+
+def number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def valid(row: Row) -> bool:
+    """A run the harness and the client completed (a proxy's own errors are still counted)."""
+    return not row.get("error")
+
+
+def values(rows: Iterable[Row], scenario: str, proxy: str, key: str) -> list[float]:
+    out = []
+    for row in rows:
+        if row["scenario"] == scenario and row["proxy"] == proxy and valid(row):
+            v = number(row.get(key))
+            if v is not None:
+                out.append(v)
+    return out
+
+
+def median(rows: Sequence[Row], scenario: str, proxy: str, key: str) -> float | None:
+    vals = values(rows, scenario, proxy, key)
+    return statistics.median(vals) if vals else None
+
+
+def ratio(rows: Sequence[Row], scenario: str, key: str, ref: str,
+          subject: str = SUBJECT) -> float | None:
+    """Median over rounds of subject ÷ ref, each pair from the same round."""
+    per_round = []
+    for row in rows:
+        if row["scenario"] != scenario or row["proxy"] != subject or not valid(row):
+            continue
+        mine = number(row.get(key))
+        theirs = [
+            number(r.get(key)) for r in rows
+            if r["scenario"] == scenario and r["proxy"] == ref and r["round"] == row["round"]
+            and valid(r)
+        ]
+        if mine is not None and theirs and theirs[0]:
+            per_round.append(mine / theirs[0])
+    return statistics.median(per_round) if per_round else None
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+# -- the issue's targets ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Target:
+    name: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+
+def _ratio_target(rows: Sequence[Row], name: str, scenario: str, key: str, ref: str,
+                  limit: float, at_least: bool) -> Target:
+    r = ratio(rows, scenario, key, ref)
+    if r is None:
+        return Target(name, "not measured", None)
+    return Target(name, fmt_ratio(r), r >= limit if at_least else r <= limit)
+
+
+def _absolute_target(rows: Sequence[Row], name: str, scenario: str, key: str,
+                     check: Callable[[float], bool], unit: str) -> Target:
+    m = median(rows, scenario, SUBJECT, key)
+    if m is None:
+        return Target(name, "not measured", None)
+    return Target(name, f"{fmt(m)} {unit}", check(m))
+
+
+def targets(rows: Sequence[Row], conc_n: int) -> list[Target]:
+    """Issue 6, point 2: every target, judged on this run's medians and same-run ratios."""
+    out = [
+        _ratio_target(rows, "down ≥ 1.0 x socat", "down", "mib_s", "socat", 1.0, True),
+        _ratio_target(rows, "up ≥ 0.8 x socat", "up", "mib_s", "socat", 0.8, True),
+        _ratio_target(rows, "streams (1 worker) ≥ 1.3 x websockify", "streams", "agg_mib_s",
+                      "websockify", 1.3, True),
+        _ratio_target(rows, "echo p50 ≤ websockify p50", "echo", "p50_us", "websockify", 1.0,
+                      False),
+        _ratio_target(rows, "echo p99 ≤ socat p99", "echo", "p99_us", "socat", 1.0, False),
+        _ratio_target(rows, "setup ≥ 0.9 x socat conn/s (with the PostgreSQL lookup)", "setup",
+                      "conn_per_s", "socat", 0.9, True),
+    ]
+    conc_runs = [r for r in rows if r["scenario"] == "conc" and r["proxy"] == SUBJECT]
+    if conc_runs:
+        held = [int(r.get("ok") or 0) for r in conc_runs if valid(r)]
+        errors = [int(r.get("errors") or 0) for r in conc_runs if valid(r)]
+        failed = len(conc_runs) - len(held)
+        measured = (f"held {min(held) if held else 0}-{max(held) if held else 0}, "
+                    f"errors {max(errors) if errors else '—'} (worst round)"
+                    + (f", {failed} failed run(s)" if failed else ""))
+        met = bool(held) and not failed and min(held) >= conc_n and max(errors) == 0
+        out.append(Target(f"conc: {conc_n:,} held with 0 errors, one process", measured, met))
+    else:
+        out.append(Target(f"conc: {conc_n:,} held with 0 errors, one process", "not measured",
+                          None))
+    out += [
+        _absolute_target(rows, "conc ≤ 10 KB PSS per connection", "conc", "pss_kb_per_conn",
+                         lambda v: v <= 10, "KB"),
+        _absolute_target(rows, "ready p50 ≤ 2 ms (COMMIT → 101)", "ready", "ready_p50_ms",
+                         lambda v: v <= 2, "ms"),
+        _absolute_target(rows, "ready p99 ≤ 5 ms (COMMIT → 101)", "ready", "ready_p99_ms",
+                         lambda v: v <= 5, "ms"),
+        _absolute_target(rows, "burst: last open ≤ 250 ms after COMMIT", "ready",
+                         "burst_last_ms", lambda v: v <= 250, "ms"),
+    ]
+    return out
+
+
+# -- tables -------------------------------------------------------------------------------------
+
+
+def scenario_order(rows: Sequence[Row]) -> list[str]:
+    seen: list[str] = []
+    for row in rows:
+        if row["scenario"] not in seen:
+            seen.append(row["scenario"])
+    return [s for s in METRICS if s in seen]
+
+
+def proxy_order(rows: Sequence[Row]) -> list[str]:
+    seen: list[str] = []
+    for row in rows:
+        if row["proxy"] not in seen:
+            seen.append(row["proxy"])
+    preferred = ["ceiling-tcp", "ceiling-ws", "socat", "websockify", SUBJECT]
+    return [p for p in preferred if p in seen] + [p for p in seen if p not in preferred]
+
+
+def summary(rows: Sequence[Row], conc_n: int) -> dict[str, Any]:
+    """Everything the tables show, as data (the --json output)."""
+    medians: dict[str, dict[str, dict[str, float | None]]] = {}
+    ratios: dict[str, dict[str, dict[str, float | None]]] = {}
+    for s in scenario_order(rows):
+        medians[s], ratios[s] = {}, {}
+        for m in METRICS[s]:
+            medians[s][m.key] = {p: median(rows, s, p, m.key) for p in proxy_order(rows)}
+            if m.key not in NO_RATIO:
+                ratios[s][m.key] = {ref: ratio(rows, s, m.key, ref) for ref in REFERENCES}
+    return {
+        "medians": medians,
+        "ratios": ratios,
+        "targets": [attrs.asdict(t) for t in targets(rows, conc_n)],
+    }
+
+
+def markdown(rows: Sequence[Row], conc_n: int, rounds: int) -> str:
+    proxies = proxy_order(rows)
+    refs = [r for r in REFERENCES if r in proxies and SUBJECT in proxies]
+    head = ["scenario", "metric", *proxies, *(f"tn ÷ {r}" for r in refs)]
+    lines = [
+        f"Medians of {rounds} round(s); in every round each scenario runs every proxy back to "
+        "back, the order rotating. Ratios (tn = twisted_novnc) are medians of per-round "
+        "ratios. ↑ higher is better, ↓ lower is better. `ceiling-tcp` (raw TCP) and "
+        "`ceiling-ws` (a trivial Node WebSocket server) are the load client's ceilings: no "
+        "proxy in between.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for s in scenario_order(rows):
+        for m in METRICS[s]:
+            cells = [s, f"{m.label} {'↑' if m.higher_is_better else '↓'}"]
+            cells += [fmt(median(rows, s, p, m.key)) for p in proxies]
+            cells += ["" if m.key in NO_RATIO else fmt_ratio(ratio(rows, s, m.key, r))
+                      for r in refs]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Targets (issue 6, point 2):", "", "| target | measured | met |",
+              "|---|---|---|"]
+    for t in targets(rows, conc_n):
+        verdict = {True: "yes", False: "**no**", None: "—"}[t.met]
+        lines.append(f"| {t.name} | {t.measured} | {verdict} |")
+    problems = [r for r in rows if r.get("error") or r.get("errors") or r.get("ready_errors")
+                or r.get("burst_errors") or r.get("daemon_log_errors")
+                or r.get("proxy_exited") is not None]
+    if problems:
+        lines += ["", "Runs with errors:", ""]
+        for r in problems:
+            lines.append(f"- round {r['round']} {r['scenario']} {r['proxy']}: {describe(r)}")
+    return "\n".join(lines) + "\n"
+
+
+def describe(row: Row) -> str:
+    parts = []
+    if row.get("error"):
+        parts.append(str(row["error"]))
+    for key in ("errors", "ready_errors", "burst_errors"):
+        if row.get(key):
+            kinds = row.get(key.replace("errors", "error_kinds")) or row.get("first_error")
+            parts.append(f"{key}={row[key]}" + (f" {kinds}" if kinds else ""))
+    if row.get("proxy_exited") is not None:
+        parts.append(f"proxy exited with {row['proxy_exited']} during the run")
+    if row.get("daemon_log_errors"):
+        parts.append(f"daemon log: {row['daemon_log_errors']} error(s), first: "
+                     f"{row.get('daemon_log_first_error', '')!r}")
+    return "; ".join(parts)

@@ -1,0 +1,916 @@
+#!/usr/bin/env python3
+"""twisted_novnc's benchmark: one command, every proxy in one run, interleaved; see README.md.
+
+    .venv/bin/python bench/run.py [--quick] [--rounds 3] [--scenarios down,up,...]
+                                  [--proxies ceiling-tcp,ceiling-ws,socat,websockify,twisted_novnc]
+
+It builds what it needs (the C target with gcc, the Node client with ``npm ci``, websockify in
+its own virtualenv, socat from apt), starts a private PostgreSQL cluster with the sessions
+table, then for every round, scenario and proxy (the proxy order rotating each round) starts a
+fresh target and a fresh proxy, runs the load client once, measures, and stops both by PID.
+twisted_novnc runs as a real ``twistd -n novnc`` subprocess with a config written here; its
+sessions are rows committed in that table.  Everything listens on 127.0.0.1, every wait is
+bounded, and everything started is stopped at the end.  Output: a markdown table of medians and
+same-run ratios and the issue's targets, on stdout and in bench/out/run-*/ (report.md,
+summary.json, results.jsonl, every process's log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import procs
+import profiles
+import report
+
+try:
+    import psycopg2
+
+    import twisted_novnc
+    from twisted_novnc.config import parse_config
+    from twisted_novnc.embedded import EmbeddedPostgres, apply_sql
+    from twisted_novnc.schema import quote_ident, schema_sql
+except ImportError as e:  # pragma: no cover - a message instead of a traceback
+    sys.exit(f"bench/run.py runs in the project's virtualenv ({e}): use `make bench` or "
+             "`.venv/bin/python bench/run.py`")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+#: Built and installed tools (C target, websockify's and py-spy's virtualenvs), kept between runs.
+BUILD = HERE / "out"
+MiB = 1 << 20
+
+SCENARIOS = ("down", "up", "echo", "setup", "conc", "streams", "ready")
+PROXIES = ("ceiling-tcp", "ceiling-ws", "socat", "websockify", "twisted_novnc")
+WEBSOCKIFY = "websockify==0.13.*"
+
+#: Full sizes are the issue's; --quick is a smoke test that exercises every code path.
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {"down": 256 * MiB, "up": 256 * MiB, "echo": 10_000, "setup": 1000, "conc": 9000,
+             "streams": (50, 8 * MiB), "ready": 1000, "ready_rate": 200},
+    "quick": {"down": 16 * MiB, "up": 16 * MiB, "echo": 1000, "setup": 100, "conc": 200,
+              "streams": (10, 2 * MiB), "ready": 100, "ready_rate": 200},
+}
+
+#: What twisted_novnc logs when a browser's upgrade is held (counted to know all are waiting),
+#: when its LISTEN is up (it is ready to serve), and when something went wrong.
+HELD_LINE = re.compile(r"waiting for readiness")
+LISTENING_LINE = "listening for session changes"
+ERROR_LINE = re.compile(r"Unhandled Error|Traceback \(most recent call last\)|CRITICAL|"
+                        r"unexpected error")
+REFUSED_LINE = re.compile(r"refused \S+ from")
+
+
+class BenchError(Exception):
+    """A run could not be set up; the message says what to do."""
+
+
+# -- setting up the tools ---------------------------------------------------------------------
+
+
+def run_quiet(args: Sequence[str], what: str, timeout: float = 600, **kw: Any) -> None:
+    """Run a set-up command; on failure raise with its output's tail."""
+    try:
+        cp = subprocess.run(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+                            **kw)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BenchError(f"{what}: {shlex.join(args)}: {e}") from e
+    if cp.returncode != 0:
+        tail = "\n".join(cp.stdout.strip().splitlines()[-15:])
+        raise BenchError(f"{what} failed ({shlex.join(args)}, exit {cp.returncode}):\n{tail}")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Tools:
+    """The programs the bench runs, built or installed on first use under bench/out."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.target = out / "bin" / "target"
+        self.websockify = out / "venv-websockify" / "bin" / "websockify"
+        self.pyspy = out / "venv-tools" / "bin" / "py-spy"
+
+    def say(self, text: str) -> None:
+        print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+    def require(self, program: str, how: str) -> str:
+        path = shutil.which(program)
+        if path is None:
+            raise BenchError(f"{program} is not installed: {how}")
+        return path
+
+    def node_client(self) -> None:
+        """``npm ci`` from the committed lock, again whenever the lock changes."""
+        self.require("node", "install Node.js 18 or later (Debian: apt-get install nodejs npm)")
+        self.require("npm", "install npm (Debian: apt-get install npm)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        stamp = self.out / "npm-ci.stamp"
+        lock = sha256(HERE / "package-lock.json")
+        if (HERE / "node_modules" / "ws").is_dir() and stamp.exists() \
+                and stamp.read_text() == lock:
+            return
+        self.say("npm ci (ws + bufferutil) in bench/")
+        run_quiet(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], "npm ci",
+                  cwd=HERE)
+        stamp.write_text(lock)
+
+    def target_binary(self) -> None:
+        source = HERE / "target.c"
+        if self.target.exists() and self.target.stat().st_mtime >= source.stat().st_mtime:
+            return
+        gcc = self.require("gcc", "install a C compiler (Debian: apt-get install gcc)")
+        self.say("building the TCP target with gcc")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        run_quiet([gcc, "-O2", "-pthread", "-o", str(self.target), str(source)], "gcc")
+
+    def _venv(self, name: str, requirement: str, marker: Path) -> None:
+        venv = self.out / name
+        stamp = venv / ".bench-installed"
+        if marker.exists() and stamp.exists() and stamp.read_text() == requirement:
+            return
+        self.say(f"creating {venv} with {requirement} from PyPI")
+        python = getattr(sys, "_base_executable", None) or sys.executable
+        run_quiet([python, "-m", "venv", "--clear", str(venv)], "python -m venv")
+        run_quiet([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                   "--disable-pip-version-check", requirement], f"pip install {requirement}")
+        stamp.write_text(requirement)
+
+    def websockify_venv(self) -> None:
+        self._venv("venv-websockify", WEBSOCKIFY, self.websockify)
+
+    def pyspy_venv(self) -> None:
+        self._venv("venv-tools", "py-spy", self.pyspy)
+
+    def socat(self) -> None:
+        if shutil.which("socat"):
+            return
+        how = "install it (Debian: apt-get install socat) or leave it out with --proxies"
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            raise BenchError(f"socat is not installed: {how}")
+        self.say("installing socat with apt-get")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "-q", "-y"]
+        try:
+            run_quiet([*apt, "install", "socat"], "apt-get install socat", env=env)
+        except BenchError:
+            run_quiet([*apt, "update"], "apt-get update", env=env)
+            run_quiet([*apt, "install", "socat"], "apt-get install socat", env=env)
+        if not shutil.which("socat"):
+            raise BenchError(f"socat is still not on PATH: {how}")
+
+
+# -- the database -----------------------------------------------------------------------------
+
+
+class Sessions:
+    """The sessions table in a private cluster (or a given server): rows are the sessions."""
+
+    def __init__(self, dsn: str | None, scratch: Path) -> None:
+        self._cluster: EmbeddedPostgres | None = None
+        self._scratch = scratch
+        self.table = "bench_sessions_" + os.urandom(4).hex()
+        if dsn is None:
+            # The cluster runs as `postgres` when we are root: it must be able to enter this.
+            os.chmod(scratch, 0o711)
+            self._cluster = EmbeddedPostgres(str(scratch / "pgdata"), durable=False)
+            dsn = self._cluster.start()
+        self.dsn = dsn
+        self.settings = parse_config(
+            f"[database]\ndsn = {dsn}\ntable = {self.table}\nport_column = vnc_port\n"
+            f"notify_channel = {self.table}\n", "<bench>").database
+        apply_sql(dsn, schema_sql(self.settings))
+        self._conn = psycopg2.connect(dsn)
+        self._conn.autocommit = True
+        self._q = quote_ident(self.table)
+
+    def add(self, n: int, port: int, ready: bool) -> list[str]:
+        """Commit ``n`` new sessions on 127.0.0.1:``port``: ready, or booting (no vm_ip yet)."""
+        with self._conn.cursor() as cur:
+            cur.execute(
+                f"INSERT INTO {self._q} (session_id, vm_ip, vnc_port, status)"
+                " SELECT gen_random_uuid(), %s, %s, %s FROM generate_series(1, %s)"
+                " RETURNING session_id::text",
+                ("127.0.0.1" if ready else None, port, "running" if ready else "booting", n))
+            return [r[0] for r in cur.fetchall()]
+
+    def clear(self) -> None:
+        with self._conn.cursor() as cur:
+            cur.execute(f"TRUNCATE {self._q}")
+
+    def committer(self) -> Committer:
+        conn = psycopg2.connect(self.dsn)
+        conn.autocommit = False
+        return Committer(conn, self._q)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception), self._conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {self._q}")
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        if self._cluster is not None:
+            self._cluster.stop()
+
+
+class Committer:
+    """The platform's backend: sets vm_ip in transactions and notes when each COMMIT is sent."""
+
+    def __init__(self, conn: Any, table: str) -> None:
+        self._conn = conn
+        self._update = (f"UPDATE {table} SET vm_ip = '127.0.0.1', status = 'running'"
+                        " WHERE session_id = ANY(%s::uuid[])")
+
+    def paced(self, ids: Sequence[str], rate: float) -> dict[str, int]:
+        """One session per transaction, COMMITs ``rate`` per second on a fixed schedule."""
+        sent: dict[str, int] = {}
+        start = time.monotonic() + 0.01
+        with self._conn.cursor() as cur:
+            for i, sid in enumerate(ids):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                cur.execute(self._update, ([sid],))
+                sent[sid] = time.monotonic_ns()
+                self._conn.commit()
+        return sent
+
+    def all_at_once(self, ids: Sequence[str]) -> int:
+        """Every session in one transaction; the time the COMMIT was sent."""
+        with self._conn.cursor() as cur:
+            cur.execute(self._update, (list(ids),))
+            sent = time.monotonic_ns()
+            self._conn.commit()
+        return sent
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile, as the Node client computes its own."""
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, -(-len(sorted_values) * p // 100) - 1))
+    return sorted_values[int(i)]
+
+
+def r3(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizes = dict(SIZES["quick" if args.quick else "full"])
+        if args.conc:
+            self.sizes["conc"] = args.conc
+        self.out = Path(args.out).resolve()
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.run_dir = self.out / f"run-{stamp}-{os.getpid()}"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.run_dir / "bench.log", "a", encoding="utf-8")  # noqa: SIM115
+        self.tools = Tools(BUILD)
+        self.twistd = args.twistd or str(Path(sys.executable).parent / "twistd")
+        self.sessions: Sessions | None = None
+        self.rows: list[dict[str, Any]] = []
+
+    # -- set-up and tear-down
+
+    def prepare(self, proxies: Sequence[str]) -> None:
+        self.tools.node_client()
+        self.tools.target_binary()
+        if "socat" in proxies:
+            self.tools.socat()
+        if "websockify" in proxies:
+            self.tools.websockify_venv()
+        if self.args.profile:
+            self.tools.pyspy_venv()
+        if "twisted_novnc" in proxies:
+            if not os.access(self.twistd, os.X_OK):
+                raise BenchError(f"no twistd at {self.twistd}: install the project (make venv) "
+                                 "or pass --twistd")
+            self.sessions = Sessions(self.args.dsn, Path(tempfile.mkdtemp(prefix="tnovnc-bench-",
+                                                                          dir="/tmp")))
+
+    def close(self) -> None:
+        if self.sessions is not None:
+            scratch = self.sessions._scratch
+            self.sessions.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+        self.log.close()
+
+    # -- processes
+
+    def _spawn(self, args: Sequence[str], log_name: str, **kw: Any) -> subprocess.Popen[Any]:
+        log = open(self.run_dir / log_name, "ab")  # noqa: SIM115 - owned by the child
+        try:
+            return subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, **kw)
+        finally:
+            log.close()
+
+    def start_backend(self, scenario: str, proxy: str, port: int,
+                      tag: str) -> subprocess.Popen[Any]:
+        s = self.sizes
+        mode = {"down": ["source", s["down"]], "up": ["sink", s["up"]], "echo": ["echo"],
+                "streams": ["source", s["streams"][1]]}.get(scenario, ["banner"])
+        if proxy == "ceiling-ws":
+            args = ["node", str(HERE / "wsserver.js"), str(mode[0]), str(port),
+                    *map(str, mode[1:])]
+        else:
+            args = [str(self.tools.target), str(mode[0]), str(port), *map(str, mode[1:])]
+        proc = self._spawn(args, f"{tag}-target.log")
+        if not procs.wait_until(lambda: procs.is_listening(port) or proc.poll() is not None, 15):
+            raise BenchError(f"the target did not listen on {port}")
+        if proc.poll() is not None:
+            raise BenchError(f"the target exited ({proc.returncode}); see {tag}-target.log")
+        return proc
+
+    def start_proxy(self, proxy: str, port: int, target_port: int,
+                    tag: str) -> subprocess.Popen[Any] | None:
+        if proxy.startswith("ceiling"):
+            return None
+        if proxy == "socat":
+            args = ["socat", "-b", "65536",
+                    f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+                    f"TCP:127.0.0.1:{target_port}"]
+        elif proxy == "websockify":
+            args = [str(self.tools.websockify), f"127.0.0.1:{port}", f"127.0.0.1:{target_port}"]
+        else:
+            return self.start_twisted_novnc(port, target_port, tag)
+        proc = self._spawn(args, f"{tag}-proxy.log")
+        if not procs.wait_until(lambda: procs.is_listening(port) or proc.poll() is not None, 15):
+            raise BenchError(f"{proxy} did not listen on {port}")
+        if proc.poll() is not None:
+            raise BenchError(f"{proxy} exited ({proc.returncode}); see {tag}-proxy.log")
+        return proc
+
+    def start_twisted_novnc(self, port: int, target_port: int,
+                            tag: str) -> subprocess.Popen[Any]:
+        assert self.sessions is not None
+        config = self.run_dir / f"{tag}.ini"
+        # Defaults everywhere but where the daemon must find the bench's table, and the listen
+        # backlog (Twisted's default of 50 drops SYNs when a thousand clients arrive at once;
+        # socat gets the same 4096).  The readiness deadline only has to outlast the scenario.
+        config.write_text(
+            "[novnc]\n"
+            f"listen = tcp:{port}:interface=127.0.0.1:backlog=4096\n"
+            "readiness_timeout = 120\n"
+            f"target_port = {target_port}\n"
+            "[database]\n"
+            f"dsn = {self.sessions.dsn}\n"
+            f"table = {self.sessions.table}\n"
+            "port_column = vnc_port\n"
+            f"notify_channel = {self.sessions.table}\n", encoding="utf-8")
+        log = self.run_dir / f"{tag}-proxy.log"
+        proc = self._spawn([self.twistd, "--pidfile=", "-n", "novnc", "--config", str(config)],
+                           log.name, cwd=str(self.run_dir))
+
+        def up() -> bool:
+            return proc.poll() is not None or LISTENING_LINE in log.read_text(errors="replace")
+
+        if not procs.wait_until(up, 60, 0.05) or proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise BenchError(f"twisted_novnc did not start (exit {proc.poll()}):\n{tail}")
+        if not procs.wait_until(lambda: procs.is_listening(port), 15):
+            raise BenchError(f"twisted_novnc did not listen on {port}")
+        return proc
+
+    # -- the load client
+
+    def client_command(self, scenario: str, url: str, proxy: str, ids: Path | None,
+                       extra: Sequence[Any] = ()) -> list[str]:
+        s = self.sizes
+        args: list[Any] = {
+            "down": ["--bytes", s["down"]],
+            "up": ["--bytes", s["up"], "--msg-size", 65536],
+            "echo": ["--count", s["echo"], "--msg-size", 64],
+            "setup": ["--count", s["setup"]],
+            "conc": ["--conns", s["conc"], "--parallel", 64],
+            "streams": ["--conns", s["streams"][0], "--bytes", s["streams"][1]],
+            "ready": ["--wait", 60],
+        }[scenario]
+        cmd = ["node", str(HERE / "client.js"), scenario, "--url", url, "--timeout",
+               str(self.args.client_timeout), "--label", proxy, *map(str, args),
+               *map(str, extra)]
+        if ids is not None:
+            cmd += ["--ids", str(ids)]
+        return cmd
+
+    def client(self, cmd: Sequence[str]) -> subprocess.Popen[str]:
+        return subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=self.log, text=True)
+
+    def run_plain(self, cmd: Sequence[str]) -> dict[str, Any]:
+        try:
+            cp = subprocess.run(list(cmd), stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                timeout=self.args.client_timeout + 30, stdin=subprocess.DEVNULL,
+                                check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": "client killed after its timeout"}
+        lines = [line for line in cp.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            return {"error": f"client printed no result (exit {cp.returncode})"}
+        result: dict[str, Any] = json.loads(lines[-1])
+        if cp.returncode != 0 and not result.get("error"):
+            result["error"] = f"client exit {cp.returncode}"
+        return result
+
+    def run_conc(self, cmd: Sequence[str], proxy_proc: subprocess.Popen[Any] | None,
+                 ) -> dict[str, Any]:
+        """Hold the connections, sample the proxy's memory, release them, look for leaks."""
+        root = proxy_proc.pid if proxy_proc is not None else None
+
+        def sample() -> dict[str, int] | None:
+            return procs.memory_kb(procs.process_tree(root)) if root else None
+
+        before = sample()
+        fds_before = procs.fd_count(root) if root else None
+        cl = self.client(cmd)
+        lines = procs.LineReader(cl.stdout)  # type: ignore[arg-type]
+        try:
+            first = lines.next(self.args.client_timeout + 30)
+            ready = json.loads(first) if first else None
+            if not ready or ready.get("event") != "ready":
+                return {"error": f"client not ready: {(first or '')[:300]}"}
+            time.sleep(1.0)  # let the proxy settle (and forked children finish starting)
+            held = sample()
+            fds_held = procs.fd_count(root) if root else None
+            assert cl.stdin is not None
+            cl.stdin.write("go\n")
+            cl.stdin.flush()
+            last = lines.next(120)
+            result: dict[str, Any] = json.loads(last) if last else {"error": "no result"}
+        finally:
+            procs.stop(cl, grace=10)
+        if before and held:
+            ok = max(1, int(result.get("ok") or ready.get("open") or 1))
+            result.update(
+                rss_before_mb=round(before["rss_kb"] / 1024, 1),
+                rss_held_mb=round(held["rss_kb"] / 1024, 1),
+                pss_before_mb=round(before["pss_kb"] / 1024, 1),
+                pss_held_mb=round(held["pss_kb"] / 1024, 1),
+                procs_held=held["procs"],
+                rss_kb_per_conn=round((held["rss_kb"] - before["rss_kb"]) / ok, 1),
+                pss_kb_per_conn=round((held["pss_kb"] - before["pss_kb"]) / ok, 1),
+                fds_before=fds_before, fds_held=fds_held)
+            # Released: descriptors should be back where they started.
+            procs.wait_until(lambda: procs.fd_count(root) == fds_before, 10, 0.2)  # type: ignore[arg-type]
+            after = sample()
+            result.update(fds_after_close=procs.fd_count(root),  # type: ignore[arg-type]
+                          pss_after_close_mb=round(after["pss_kb"] / 1024, 1) if after else None)
+        return result
+
+    def run_ready(self, url: str, proxy: str, log: Path, paced_ids: Path, burst_ids: Path,
+                  ) -> dict[str, Any]:
+        """Clients wait; sessions are committed one per transaction, then all in one."""
+        assert self.sessions is not None
+        committer = self.sessions.committer()
+        try:
+            paced = self._ready_phase(url, proxy, log, paced_ids, "ready",
+                                      lambda ids: committer.paced(ids, self.sizes["ready_rate"]))
+            burst = self._ready_phase(url, proxy, log, burst_ids, "burst",
+                                      lambda ids: dict.fromkeys(ids, committer.all_at_once(ids)))
+        finally:
+            committer.close()
+        return {**paced, **burst}
+
+    def _ready_phase(self, url: str, proxy: str, log: Path, ids_file: Path, name: str,
+                     commit: Any) -> dict[str, Any]:
+        ids = ids_file.read_text().split()
+        offset = log.stat().st_size
+        cl = self.client(self.client_command("ready", url, proxy, ids_file))
+        lines = procs.LineReader(cl.stdout)  # type: ignore[arg-type]
+        try:
+            first = lines.next(60)
+            if not first or json.loads(first).get("event") != "sent":
+                return {f"{name}_error": f"client did not send: {(first or '')[:200]}",
+                        "error": f"{name}: client did not send"}
+
+            def held() -> int:
+                with open(log, encoding="utf-8", errors="replace") as f:
+                    f.seek(offset)
+                    return len(HELD_LINE.findall(f.read()))
+
+            all_held = procs.wait_until(lambda: held() >= len(ids), 60, 0.1)
+            time.sleep(0.5)  # the first reads of the held sessions (all not ready) finish
+            committed = commit(ids)
+            last = lines.next(120)
+            result = json.loads(last) if last else {"error": "no result"}
+        finally:
+            procs.stop(cl, grace=10)
+        if result.get("error"):
+            return {"error": f"{name}: {result['error']}"}
+        lat, early = [], 0
+        for sid, t101, ok in result["opens"]:
+            if not ok or t101 is None:
+                continue
+            ms = (int(t101) - committed[sid]) / 1e6
+            if ms < 0:
+                early += 1  # a 101 before its COMMIT was sent: the race the daemon exists for
+            lat.append(ms)
+        lat.sort()
+        out: dict[str, Any] = {
+            f"{name}_n": len(ids), f"{name}_ok": result["ok"], f"{name}_errors": result["errors"],
+            f"{name}_error_kinds": result.get("error_kinds"), f"{name}_early": early,
+            f"{name}_all_held_before_commit": all_held,
+            f"{name}_p50_ms": r3(percentile(lat, 50)), f"{name}_p99_ms": r3(percentile(lat, 99)),
+            f"{name}_max_ms": r3(lat[-1] if lat else None),
+        }
+        if name == "burst":
+            out["burst_last_ms"] = out["burst_max_ms"]
+        else:
+            spread = (max(committed.values()) - min(committed.values())) / 1e9
+            out["ready_commit_rate"] = r3((len(ids) - 1) / spread) if spread > 0 else None
+        return out
+
+    # -- one (round, scenario, proxy)
+
+    def run_one(self, rnd: int, scenario: str, proxy: str) -> dict[str, Any]:
+        tag = f"r{rnd}-{scenario}-{proxy}"
+        row: dict[str, Any] = {"round": rnd, "scenario": scenario, "proxy": proxy,
+                               "t": round(time.time(), 3)}
+        target = proxy_proc = profiler = None
+        tport = procs.free_port()
+        pport = procs.free_port()
+        while pport == tport:
+            pport = procs.free_port()
+        started = time.monotonic()
+        try:
+            target = self.start_backend(scenario, proxy, tport, tag)
+            ids_file = burst_file = None
+            if proxy == "twisted_novnc":
+                assert self.sessions is not None
+                n = {"setup": self.sizes["setup"], "conc": self.sizes["conc"],
+                     "streams": self.sizes["streams"][0], "ready": self.sizes["ready"]}
+                count = n.get(scenario, 1)
+                ids_file = self.run_dir / f"{tag}.ids"
+                ids_file.write_text("\n".join(
+                    self.sessions.add(count, tport, ready=scenario != "ready")) + "\n")
+                if scenario == "ready":
+                    burst_file = self.run_dir / f"{tag}-burst.ids"
+                    burst_file.write_text("\n".join(
+                        self.sessions.add(count, tport, ready=False)) + "\n")
+            proxy_proc = self.start_proxy(proxy, pport, tport, tag)
+            if proxy_proc is not None and self.args.profile and proxy == "twisted_novnc":
+                profiler = self.start_profiler(proxy_proc.pid, tag)
+            url = {
+                "ceiling-tcp": f"tcp://127.0.0.1:{tport}",
+                "ceiling-ws": f"ws://127.0.0.1:{tport}/websockify",
+                "socat": f"tcp://127.0.0.1:{pport}",
+                "websockify": f"ws://127.0.0.1:{pport}/websockify",
+                "twisted_novnc": f"ws://127.0.0.1:{pport}/websockify/{{id}}",
+            }[proxy]
+            if scenario == "ready":
+                assert ids_file is not None and burst_file is not None
+                result = self.run_ready(url, proxy, self.run_dir / f"{tag}-proxy.log",
+                                        ids_file, burst_file)
+            elif scenario == "conc":
+                result = self.run_conc(self.client_command(scenario, url, proxy, ids_file),
+                                       proxy_proc)
+            else:
+                result = self.run_plain(self.client_command(scenario, url, proxy, ids_file))
+            result.pop("scenario", None)
+            row.update(result)
+            if proxy_proc is not None and proxy_proc.poll() is not None:
+                row["proxy_exited"] = proxy_proc.returncode
+        except BenchError as e:
+            row["error"] = f"harness: {e}"
+        finally:
+            if profiler is not None:
+                self.stop_profiler(profiler, tag)
+            procs.stop(proxy_proc, grace=15)
+            procs.stop(target, grace=5)
+            if proxy == "twisted_novnc":
+                self.scan_daemon_log(self.run_dir / f"{tag}-proxy.log", row)
+                if self.sessions is not None:
+                    self.sessions.clear()
+        row["wall_s"] = round(time.monotonic() - started, 1)
+        return row
+
+    def scan_daemon_log(self, log: Path, row: dict[str, Any]) -> None:
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            return
+        errors = ERROR_LINE.findall(text)
+        if errors:
+            row["daemon_log_errors"] = len(errors)
+            m = ERROR_LINE.search(text)
+            assert m is not None
+            row["daemon_log_first_error"] = text[max(0, m.start() - 100):m.start() + 400]
+        refused = REFUSED_LINE.findall(text)
+        if refused:
+            row["daemon_refused"] = len(refused)
+
+    # -- profiling
+
+    def start_profiler(self, pid: int, tag: str) -> subprocess.Popen[Any]:
+        out = self.run_dir / "profile" / f"{tag}.txt"
+        out.parent.mkdir(exist_ok=True)
+        return self._spawn([str(self.tools.pyspy), "record", "--pid", str(pid), "--rate",
+                            str(self.args.profile_rate), "--format", "raw", "--output",
+                            str(out)], f"{tag}-py-spy.log")
+
+    def stop_profiler(self, proc: subprocess.Popen[Any], tag: str) -> None:
+        # py-spy writes its output on SIGINT.
+        procs.stop(proc, grace=30, sig=signal.SIGINT)
+        raw = self.run_dir / "profile" / f"{tag}.txt"
+        if raw.exists():
+            (raw.with_suffix(".md")).write_text(profiles.summarise(raw.read_text(), title=tag))
+
+    # -- the whole matrix
+
+    def run(self, scenarios: Sequence[str], proxies: Sequence[str]) -> None:
+        results = open(self.run_dir / "results.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        with results:
+            for rnd in range(1, self.args.rounds + 1):
+                for scenario in scenarios:
+                    eligible = [p for p in proxies
+                                if scenario != "ready" or p == "twisted_novnc"]
+                    if not eligible:
+                        continue
+                    k = (rnd - 1) % len(eligible)
+                    for proxy in eligible[k:] + eligible[:k]:
+                        row = self.run_one(rnd, scenario, proxy)
+                        self.rows.append(row)
+                        results.write(json.dumps(row) + "\n")
+                        results.flush()
+                        self.tools.say(progress_line(row))
+
+
+def progress_line(row: dict[str, Any]) -> str:
+    s = row["scenario"]
+    shown = [f"{m.key}={report.fmt(report.number(row.get(m.key)))}"
+             for m in report.METRICS.get(s, []) if row.get(m.key) is not None]
+    head = f"round {row['round']} {s:7} {row['proxy']:13} {row.get('wall_s', 0):5.1f}s "
+    return head + (" ".join(shown) or "") + (f"  ERROR {row['error']}" if row.get("error") else "")
+
+
+# -- what was measured, and on what ---------------------------------------------------------
+
+
+def _version(args: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(list(args), capture_output=True, text=True, timeout=30,
+                             check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0].strip() if text else "?"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="utf-8") as f:
+        mem = f"{int(f.readline().split()[1]) // 1024} MiB"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "kernel": platform.release(),
+            "os": platform.platform(terse=True), "loadavg_at_start": load,
+            "python": platform.python_version(), "node": _version(["node", "--version"])}
+
+
+def code_under_test(twistd: str) -> dict[str, Any]:
+    """Which twisted_novnc the daemon ran: the installed package, compared with the tree."""
+    installed = Path(twisted_novnc.__file__).resolve().parent
+    source = ROOT / "twisted_novnc"
+    differs = []
+    if installed != source.resolve():
+        for f in sorted(source.glob("*.py")):
+            other = installed / f.name
+            if not other.exists() or other.read_bytes() != f.read_bytes():
+                differs.append(f.name)
+    git = ["git", "-C", str(ROOT)]
+    return {
+        "git_commit": _version([*git, "rev-parse", "--short", "HEAD"]),
+        "git_dirty_twisted_novnc": bool(subprocess.run(
+            [*git, "status", "--porcelain", "--", "twisted_novnc"], capture_output=True,
+            text=True, check=False).stdout.strip()),
+        "installed_package": str(installed),
+        "installed_differs_from_tree": differs,
+        "twistd": twistd,
+    }
+
+
+def versions(tools: Tools, proxies: Sequence[str]) -> dict[str, str]:
+    out = {}
+    if "socat" in proxies:
+        lines = subprocess.run(["socat", "-V"], capture_output=True, text=True,
+                               check=False).stdout.splitlines()
+        found = next((line for line in lines if "socat version" in line), "")
+        out["socat"] = found.split("socat version", 1)[-1].split(" on ")[0].strip() or "?"
+    if "websockify" in proxies:
+        python = tools.websockify.parent / "python"
+        out["websockify"] = _version([str(python), "-c", "import importlib.metadata as m; "
+                                      "print(m.version('websockify'))"])
+    import autobahn
+
+    import twisted
+
+    out["autobahn"] = autobahn.__version__
+    out["twisted"] = twisted.__version__
+    return out
+
+
+def render(bench: Bench, meta: dict[str, Any]) -> str:
+    rows = bench.rows
+    lines = [
+        f"## {meta['date']} — {meta['label']}",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
+        f"{meta['machine']['memory']}, Linux {meta['machine']['kernel']}, load average at "
+        f"start {meta['machine']['loadavg_at_start']}; Python {meta['machine']['python']}, "
+        f"Node {meta['machine']['node']}; " +
+        ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+        "",
+    ]
+    code = meta.get("code")
+    if code:
+        note = (f"twisted_novnc at {code['git_commit']}"
+                + (" (twisted_novnc/ has uncommitted changes)"
+                   if code["git_dirty_twisted_novnc"] else "")
+                + f", run by {code['twistd']}")
+        if code["installed_differs_from_tree"]:
+            note += ("; the installed package differs from the working tree in "
+                     + ", ".join(code["installed_differs_from_tree"]))
+        lines += [note + ".", ""]
+    s = bench.sizes
+    lines += [
+        f"Sizes: down/up {s['down'] // MiB} MiB, echo {s['echo']:,} x 64 B, setup "
+        f"{s['setup']:,}, conc {s['conc']:,}, streams {s['streams'][0]} x "
+        f"{s['streams'][1] // MiB} MiB, ready {s['ready']:,} at {s['ready_rate']}/s then "
+        f"{s['ready']:,} in one transaction. Wall time {meta['wall_s']:.0f} s.",
+        "",
+        report.markdown(rows, s["conc"], bench.args.rounds),
+    ]
+    extra = ready_details(rows) + conc_details(rows)
+    if extra:
+        lines += extra
+    return "\n".join(lines)
+
+
+def ready_details(rows: Sequence[dict[str, Any]]) -> list[str]:
+    runs = [r for r in rows if r["scenario"] == "ready" and not r.get("error")]
+    if not runs:
+        return []
+    rates = [r["ready_commit_rate"] for r in runs if r.get("ready_commit_rate")]
+    early = sum(int(r.get("ready_early") or 0) + int(r.get("burst_early") or 0) for r in runs)
+    unheld = sum(1 for r in runs if not r.get("ready_all_held_before_commit", True)
+                 or not r.get("burst_all_held_before_commit", True))
+    return [
+        f"ready: COMMITs paced at a median {statistics.median(rates):.0f}/s achieved; "
+        f"{early} client(s) opened before their COMMIT was sent (must be 0); "
+        f"{unheld} run(s) where not every client was seen held before the first COMMIT.",
+        "",
+    ] if rates else []
+
+
+def conc_details(rows: Sequence[dict[str, Any]]) -> list[str]:
+    runs = [r for r in rows if r["scenario"] == "conc" and r["proxy"] == "twisted_novnc"
+            and not r.get("error") and r.get("fds_before") is not None]
+    if not runs:
+        return []
+    out = ["conc, twisted_novnc's descriptors (before / held / after release) and PSS (before /"
+           " held / after release, MB):"]
+    for r in runs:
+        out.append(f"round {r['round']}: fds {r['fds_before']} / {r['fds_held']} / "
+                   f"{r['fds_after_close']}; PSS {r['pss_before_mb']} / {r['pss_held_mb']} / "
+                   f"{r['pss_after_close_mb']}")
+    return [" ".join(out[:1]), "", *(f"- {line}" for line in out[1:]), ""]
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help=f"comma list of {', '.join(SCENARIOS)} (default all)")
+    ap.add_argument("--proxies", default=",".join(PROXIES),
+                    help=f"comma list of {', '.join(PROXIES)} (default all)")
+    ap.add_argument("--conc", type=int, default=0, help="idle connections for conc "
+                    "(default 9000; quick 200)")
+    ap.add_argument("--dsn", default=None, help="use this PostgreSQL (libpq DSN) instead of "
+                    "a private cluster; the bench makes and drops its own table")
+    ap.add_argument("--twistd", default=None, help="the twistd that runs twisted_novnc "
+                    "(default: next to this Python)")
+    ap.add_argument("--profile", action="store_true", help="record twisted_novnc with py-spy "
+                    "(figures of profiled runs are not comparable)")
+    ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--client-timeout", type=int, default=300,
+                    help="seconds any one client run may take")
+    ap.add_argument("--out", default=str(BUILD), help="where each run's directory goes "
+                    "(default bench/out; tools are always built in bench/out)")
+    ap.add_argument("--md", default=None, help="also write the report here")
+    ap.add_argument("--json", default=None, help="also write the summary (medians, ratios, "
+                    "targets, every run) here as JSON")
+    ap.add_argument("--label", default="", help="a title for this run in the report")
+    args = ap.parse_args(argv)
+    for name, allowed in (("scenarios", SCENARIOS), ("proxies", PROXIES)):
+        chosen = [x for x in getattr(args, name).split(",") if x]
+        unknown = [x for x in chosen if x not in allowed]
+        if unknown or not chosen:
+            ap.error(f"--{name}: unknown {', '.join(unknown) or '(none)'}; "
+                     f"choose from {', '.join(allowed)}")
+        setattr(args, name, [x for x in allowed if x in chosen])
+    if args.rounds < 1 or args.rounds > 50:
+        ap.error("--rounds: from 1 to 50")
+    return args
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every process started is stopped on the way out."""
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Each relay holds two descriptors in the daemon and the target one per connection.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.conc and hard < 2 * args.conc + 200:
+        print(f"[bench] warning: the hard descriptor limit {hard} is below what {args.conc} "
+              "relays need", file=sys.stderr)
+    bench = Bench(args)
+    started = time.monotonic()
+    meta: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "label": args.label or ("quick" if args.quick else "full"),
+        "command": "python bench/run.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "nofile": [hard, hard],
+    }
+    with sigterm_as_exit():
+        try:
+            bench.prepare(args.proxies)
+            meta["versions"] = versions(bench.tools, args.proxies)
+            if "twisted_novnc" in args.proxies:
+                meta["code"] = code_under_test(bench.twistd)
+            bench.run(args.scenarios, args.proxies)
+        except BenchError as e:
+            print(f"[bench] {e}", file=sys.stderr)
+            return 2
+        finally:
+            bench.close()
+    meta["wall_s"] = time.monotonic() - started
+    text = render(bench, meta)
+    print(text)
+    (bench.run_dir / "report.md").write_text(text, encoding="utf-8")
+    summary = {"meta": meta, "sizes": bench.sizes, **report.summary(bench.rows,
+                                                                      bench.sizes["conc"]),
+               "runs": bench.rows}
+    (bench.run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    if args.md:
+        Path(args.md).write_text(text, encoding="utf-8")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    print(f"[bench] results in {bench.run_dir}", file=sys.stderr)
+    return 1 if any(r.get("error") for r in bench.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The benchmark command (``bench/run.py``) runs end to end in its quickest mode.
+
+It builds its own load client (``npm ci`` from bench/package-lock.json) and C target (gcc),
+starts its own PostgreSQL cluster and a real ``twistd -n novnc``, and must produce a report
+whose figures and targets parse.  socat and websockify are left out to keep it short; the
+full command runs all three.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TEST_DSN_ENV
+
+pytestmark = [pytest.mark.bench, pytest.mark.e2e, pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "bench" / "run.py"
+TOOLS = ("node", "npm", "gcc")
+MISSING = [tool for tool in TOOLS if shutil.which(tool) is None]
+LIMIT = 180  # seconds; it takes about 15 here, most of it npm ci and starting PostgreSQL
+
+
+@pytest.mark.skipif(bool(MISSING), reason=f"the bench needs {', '.join(MISSING)} "
+                    "(Debian: apt-get install nodejs npm gcc)")
+def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
+    """echo and ready against the real daemon: no failed run, and the report parses."""
+    summary, report = tmp_path / "summary.json", tmp_path / "report.md"
+    command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
+               "twisted_novnc", "--scenarios", "echo,ready", "--out", str(tmp_path),
+               "--json", str(summary), "--md", str(report)]
+    if os.environ.get(TEST_DSN_ENV):
+        command += ["--dsn", os.environ[TEST_DSN_ENV]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT, cwd=ROOT,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    data = json.loads(summary.read_text(encoding="utf-8"))
+    runs = data["runs"]
+    assert sorted((r["scenario"], r["proxy"]) for r in runs) == [
+        ("echo", "twisted_novnc"), ("ready", "twisted_novnc")]
+    assert [r.get("error") for r in runs] == [None, None]
+    echo = next(r for r in runs if r["scenario"] == "echo")
+    assert echo["bufferutil"] is True  # the client masks natively: it is not the bottleneck
+    assert 0 < data["medians"]["echo"]["p50_us"]["twisted_novnc"] <= echo["p99_us"]
+    ready = next(r for r in runs if r["scenario"] == "ready")
+    n = data["sizes"]["ready"]
+    assert (ready["ready_ok"], ready["burst_ok"]) == (n, n)
+    assert (ready["ready_early"], ready["burst_early"]) == (0, 0)  # no 101 before its COMMIT
+    assert 0 < ready["ready_p50_ms"] <= ready["ready_p99_ms"] <= ready["ready_max_ms"]
+    assert ready["burst_last_ms"] > 0
+    targets = {t["name"]: t for t in data["targets"]}
+    assert isinstance(targets["ready p50 ≤ 2 ms (COMMIT → 101)"]["met"], bool)
+    assert targets["down ≥ 1.0 x socat"]["met"] is None  # not measured in this run
+
+    text = report.read_text(encoding="utf-8")
+    header = next(line for line in text.splitlines() if line.startswith("| scenario |"))
+    assert header.split("|")[3].strip() == "twisted_novnc"
+    row = next(line for line in text.splitlines() if line.startswith("| echo | p50"))
+    assert re.fullmatch(r"\d+(\.\d+)?", row.split("|")[3].strip())
