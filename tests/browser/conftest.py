@@ -3,6 +3,9 @@
 The tools come from Debian (chromium, tigervnc-standalone-server), npm (``make browser-deps``
 runs ``npm ci`` here) and the ``test`` extra (python-xlib). Under CI (``$CI`` set) a missing
 tool fails every test loudly; elsewhere the tests are skipped with the missing tools named.
+
+Run them alone with ``make browser-deps && .venv/bin/python -m pytest -m browser``; leave them
+out with ``-m "not browser"`` (``make test-fast`` leaves out every e2e test, these included).
 """
 
 from __future__ import annotations
