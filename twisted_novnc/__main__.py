@@ -4,6 +4,8 @@
       install the NOTIFY trigger on the configured (existing) sessions table
   schema [--config FILE]
       print the schema SQL for the configured names
+  mint-token --secret-file FILE --session ID [--ttl SECONDS]
+      print a token that opens one session in [auth] mode = hmac
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .auth import add_mint_token_arguments, run_mint_token
 from .config import ConfigError, Settings, parse_config, read_config
 from .schema import schema_sql
 
@@ -33,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     show = commands.add_parser("schema", help="print the schema SQL for the configured names")
     show.add_argument("--config", help="the daemon's ini file (default: built-in defaults)")
     show.add_argument("--no-table", action="store_true", help="only the trigger")
+    mint = commands.add_parser(
+        "mint-token", help="print a token that opens one session in [auth] mode = hmac"
+    )
+    add_mint_token_arguments(mint)
     args = parser.parse_args(argv)
+
+    if args.command == "mint-token":
+        return run_mint_token(args)
 
     try:
         settings = _settings(args.config)

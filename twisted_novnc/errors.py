@@ -16,6 +16,8 @@ class Refusal(enum.Enum):
     BAD_PATH = (4400, 400, "bad path")
     BAD_REQUEST = (4400, 400, "bad request")
     UNAUTHORIZED = (4401, 401, "unauthorized")
+    TOKEN_REQUIRED = (4401, 401, "token required")
+    TOKEN_EXPIRED = (4401, 401, "token expired")
     FORBIDDEN = (4403, 403, "forbidden")
     NOT_FOUND = (4404, 404, "no such session")
     ENDED = (4410, 410, "session ended")
