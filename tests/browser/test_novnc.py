@@ -64,14 +64,15 @@ def test_connect_and_render(browser, web_root, xvnc, daemon_factory, pg, session
         name = yield page.when_event(type="desktopname")
         assert name["name"] == "tnovnc-test"
         yield page.wait_for_colour(EVERYWHERE, BLUE)
-        yield within(daemon.when_logged(f"relay open {sid} from"))
+        yield within(xvnc.when_line(lambda fd, line: "Connections: accepted" in line))
 
         # The browser leaves: noVNC reports a clean disconnect (its close code is 1005, so none
-        # is asserted) and the daemon closes the VM's side.
+        # is asserted) and the daemon closes its connection to the VNC server.
         yield page.evaluate("tnovnc.rfb.disconnect()")
         event = yield page.when_event(type="disconnect")
         assert event["clean"] is True
-        yield within(daemon.when_logged(f"relay closed {sid}"))
+        yield within(xvnc.when_line(lambda fd, line: "Connections: closed" in line))
+        assert "Clean disconnection" in xvnc.output, xvnc.output  # an EOF, not a reset
     finally:
         yield page.close()
 
