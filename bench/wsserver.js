@@ -1,5 +1,6 @@
 'use strict';
-// The bench's direct WebSocket server (copied from shared/tools/wsbench): the same modes as target.c,
+// The bench's direct WebSocket server (copied from shared/tools/wsbench): target.c's modes, spoken
+// over WebSocket.
 // Used (a) as the "client ceiling" peer (client -> this server, no proxy hop) and
 // (b) as the backend behind a WebSocket pass-through proxy such as nginx.
 //
