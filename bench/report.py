@@ -51,11 +51,15 @@ METRICS: dict[str, list[Metric]] = {
         Metric("burst_p50_ms", "burst COMMIT→101 p50 ms", False),
         Metric("burst_last_ms", "burst COMMIT→last 101 ms", False),
         Metric("burst_errors", "burst errors", False),
+        Metric("ready_gc_ms", "GC pauses in paced phase ms (--gc-log)", False),
+        Metric("burst_gc_ms", "GC pauses in burst ms (--gc-log)", False),
     ],
 }
 
 #: Counts are shown but not divided: a ratio of error counts means nothing.
-NO_RATIO = {"ok", "errors", "ready_errors", "burst_errors"}
+NO_RATIO = {"ok", "errors", "ready_errors", "burst_errors", "ready_gc_ms", "burst_gc_ms"}
+#: Rows shown only when some run measured them.
+OPTIONAL = {"ready_gc_ms", "burst_gc_ms"}
 
 
 def number(value: Any) -> float | None:
@@ -234,6 +238,8 @@ def markdown(rows: Sequence[Row], conc_n: int, rounds: int) -> str:
     ]
     for s in scenario_order(rows):
         for m in METRICS[s]:
+            if m.key in OPTIONAL and not any(values(rows, s, p, m.key) for p in proxies):
+                continue
             cells = [s, f"{m.label} {'↑' if m.higher_is_better else '↓'}"]
             cells += [fmt(median(rows, s, p, m.key)) for p in proxies]
             cells += ["" if m.key in NO_RATIO else fmt_ratio(ratio(rows, s, m.key, r))

@@ -388,8 +388,15 @@ class Bench:
             "port_column = vnc_port\n"
             f"notify_channel = {self.sessions.table}\n", encoding="utf-8")
         log = self.run_dir / f"{tag}-proxy.log"
+        env = None
+        if self.args.trace_malloc or self.args.gc_log:
+            env = dict(os.environ, PYTHONPATH=str(HERE / "inject"))
+            if self.args.trace_malloc:
+                env["TNOVNC_BENCH_TRACEMALLOC"] = str(self.run_dir / f"{tag}-tracemalloc")
+            if self.args.gc_log:
+                env["TNOVNC_BENCH_GCLOG"] = str(self.run_dir / f"{tag}-gc.log")
         proc = self._spawn([self.twistd, "--pidfile=", "-n", "novnc", "--config", str(config)],
-                           log.name, cwd=str(self.run_dir))
+                           log.name, cwd=str(self.run_dir), env=env)
 
         def up() -> bool:
             return proc.poll() is not None or LISTENING_LINE in log.read_text(errors="replace")
@@ -451,6 +458,7 @@ class Bench:
 
         before = sample()
         fds_before = procs.fd_count(root) if root else None
+        self.snapshot_memory(proxy_proc)
         cl = self.client(cmd)
         lines = procs.LineReader(cl.stdout)  # type: ignore[arg-type]
         try:
@@ -461,6 +469,7 @@ class Bench:
             time.sleep(1.0)  # let the proxy settle (and forked children finish starting)
             held = sample()
             fds_held = procs.fd_count(root) if root else None
+            self.snapshot_memory(proxy_proc)
             assert cl.stdin is not None
             cl.stdin.write("go\n")
             cl.stdin.flush()
@@ -485,6 +494,12 @@ class Bench:
             result.update(fds_after_close=procs.fd_count(root),  # type: ignore[arg-type]
                           pss_after_close_mb=round(after["pss_kb"] / 1024, 1) if after else None)
         return result
+
+    def snapshot_memory(self, proc: subprocess.Popen[Any] | None) -> None:
+        """With --trace-malloc, have the daemon write its allocations (inject/)."""
+        if self.args.trace_malloc and proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGUSR2)
+            time.sleep(2.0)  # a snapshot of a large heap takes a moment
 
     def run_ready(self, url: str, proxy: str, log: Path, paced_ids: Path, burst_ids: Path,
                   ) -> dict[str, Any]:
@@ -542,6 +557,8 @@ class Bench:
             f"{name}_p50_ms": r3(percentile(lat, 50)), f"{name}_p99_ms": r3(percentile(lat, 99)),
             f"{name}_max_ms": r3(lat[-1] if lat else None),
         }
+        # CLOCK_MONOTONIC, to line the phase up with the daemon's own logs (e.g. GC pauses).
+        out[f"{name}_commits_ns"] = [min(committed.values()), max(committed.values())]
         if name == "burst":
             out["burst_last_ms"] = out["burst_max_ms"]
         else:
@@ -608,6 +625,8 @@ class Bench:
             procs.stop(target, grace=5)
             if proxy == "twisted_novnc":
                 self.scan_daemon_log(self.run_dir / f"{tag}-proxy.log", row)
+                if self.args.gc_log:
+                    gc_pauses(self.run_dir / f"{tag}-gc.log", row)
                 if self.sessions is not None:
                     self.sessions.clear()
         row["wall_s"] = round(time.monotonic() - started, 1)
@@ -662,6 +681,39 @@ class Bench:
                         results.write(json.dumps(row) + "\n")
                         results.flush()
                         self.tools.say(progress_line(row))
+        if self.args.profile:
+            self.summarise_profiles(scenarios)
+
+    def summarise_profiles(self, scenarios: Sequence[str]) -> None:
+        """One summary per scenario over every round's samples: profile/<scenario>.md."""
+        folder = self.run_dir / "profile"
+        for scenario in scenarios:
+            raws = sorted(folder.glob(f"r*-{scenario}-twisted_novnc.txt"))
+            if raws:
+                text = "".join(raw.read_text() for raw in raws)
+                title = f"twisted_novnc, {scenario}, {len(raws)} round(s)"
+                (folder / f"{scenario}.md").write_text(profiles.summarise(text, title=title))
+
+
+def gc_pauses(log: Path, row: dict[str, Any]) -> None:
+    """Summarise the daemon's GC pauses (--gc-log): all of them, and those inside ready's
+    paced phase and burst (ended between the phase's first COMMIT and its last 101)."""
+    try:
+        pauses = [(int(t), gen, float(ms)) for t, gen, ms in
+                  (line.split() for line in log.read_text().splitlines() if line.strip())]
+    except (OSError, ValueError):
+        return
+    row["gc_pauses"] = len(pauses)
+    row["gc_gen2"] = sum(1 for _, gen, _ in pauses if gen == "gen2")
+    row["gc_max_ms"] = max((ms for _, _, ms in pauses), default=0.0)
+    row["gc_total_ms"] = round(sum(ms for _, _, ms in pauses), 1)
+    for phase in ("ready", "burst"):
+        window = row.get(f"{phase}_commits_ns")
+        if window and row.get(f"{phase}_max_ms") is not None:
+            end = window[1] + row[f"{phase}_max_ms"] * 1e6
+            inside = [ms for t, _, ms in pauses if window[0] <= t <= end]
+            row[f"{phase}_gc_ms"] = round(sum(inside), 1)
+            row[f"{phase}_gc_max_ms"] = max(inside, default=0.0)
 
 
 def progress_line(row: dict[str, Any]) -> str:
@@ -833,6 +885,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="record twisted_novnc with py-spy "
                     "(figures of profiled runs are not comparable)")
     ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--trace-malloc", action="store_true", help="run twisted_novnc under "
+                    "tracemalloc and write what conc's held connections allocated (slow)")
+    ap.add_argument("--gc-log", action="store_true", help="log twisted_novnc's garbage-"
+                    "collection pauses of 1 ms or more, and count those inside ready's phases")
     ap.add_argument("--client-timeout", type=int, default=300,
                     help="seconds any one client run may take")
     ap.add_argument("--out", default=str(BUILD), help="where each run's directory goes "

@@ -1,0 +1,61 @@
+"""Instruments twistd for ``bench/run.py --trace-malloc`` / ``--gc-log``; loaded through
+PYTHONPATH only then, and does nothing unless its environment variables are set.
+
+``TNOVNC_BENCH_TRACEMALLOC=PREFIX``: start tracemalloc; on each SIGUSR2 write ``PREFIX-N.txt``,
+the allocations by source line (the first snapshot whole, later ones as growth since the
+first).  The bench signals before the conc clients connect and while they are held, so the
+second file says which lines hold each idle connection's memory.
+
+``TNOVNC_BENCH_GCLOG=FILE``: append one line per garbage collection that takes 1 ms or more:
+``<CLOCK_MONOTONIC ns at its end> gen<N> <ms>``, to line pauses up with the bench's timings.
+"""
+
+import gc
+import os
+import signal
+import time
+import tracemalloc
+
+_TOP = 80
+
+
+def _trace_malloc(prefix: str) -> None:
+    tracemalloc.start(int(os.environ.get("TNOVNC_BENCH_TRACEMALLOC_FRAMES", "1")))
+    snapshots: list[tracemalloc.Snapshot] = []
+
+    def dump(signum: int, frame: object) -> None:
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)])
+        snapshots.append(snapshot)
+        if len(snapshots) == 1:
+            stats = snapshot.statistics("lineno")
+            total = sum(s.size for s in stats)
+        else:
+            stats = snapshot.compare_to(snapshots[0], "lineno")
+            total = sum(s.size_diff for s in stats)
+        with open(f"{prefix}-{len(snapshots)}.txt", "w", encoding="utf-8") as f:
+            f.write(f"total {total} bytes\n")
+            for stat in stats[:_TOP]:
+                f.write(f"{stat}\n")
+
+    signal.signal(signal.SIGUSR2, dump)
+
+
+def _gc_log(path: str) -> None:
+    out = open(path, "a", buffering=1, encoding="ascii")  # noqa: SIM115 - for the process
+    started = [0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        now = time.monotonic_ns()
+        if phase == "start":
+            started[0] = now
+        elif now - started[0] >= 1_000_000:
+            out.write(f"{now} gen{info['generation']} {(now - started[0]) / 1e6:.1f}\n")
+
+    gc.callbacks.append(callback)
+
+
+if os.environ.get("TNOVNC_BENCH_TRACEMALLOC"):
+    _trace_malloc(os.environ["TNOVNC_BENCH_TRACEMALLOC"])
+if os.environ.get("TNOVNC_BENCH_GCLOG"):
+    _gc_log(os.environ["TNOVNC_BENCH_GCLOG"])
