@@ -490,6 +490,7 @@ class Bench:
                 fds_before=fds_before, fds_held=fds_held)
             # Released: descriptors should be back where they started.
             procs.wait_until(lambda: procs.fd_count(root) == fds_before, 10, 0.2)  # type: ignore[arg-type]
+            self.snapshot_memory(proxy_proc)  # what is left once every connection is gone
             after = sample()
             result.update(fds_after_close=procs.fd_count(root),  # type: ignore[arg-type]
                           pss_after_close_mb=round(after["pss_kb"] / 1024, 1) if after else None)

@@ -1,10 +1,11 @@
 """Instruments twistd for ``bench/run.py --trace-malloc`` / ``--gc-log``; loaded through
 PYTHONPATH only then, and does nothing unless its environment variables are set.
 
-``TNOVNC_BENCH_TRACEMALLOC=PREFIX``: start tracemalloc; on each SIGUSR2 write ``PREFIX-N.txt``,
-the allocations by source line (the first snapshot whole, later ones as growth since the
-first).  The bench signals before the conc clients connect and while they are held, so the
-second file says which lines hold each idle connection's memory.
+``TNOVNC_BENCH_TRACEMALLOC=PREFIX``: start tracemalloc; on each SIGUSR2 run a full collection
+and write ``PREFIX-N.txt``, the allocations by source line (the first snapshot whole, later ones
+as growth since the first).  The bench signals before the conc clients connect, while they are
+held and after they left, so the second file says which lines hold each idle connection's
+memory and the third what stays behind.
 
 ``TNOVNC_BENCH_GCLOG=FILE``: append one line per garbage collection that takes 1 ms or more:
 ``<CLOCK_MONOTONIC ns at its end> gen<N> <ms>``, to line pauses up with the bench's timings.
@@ -24,6 +25,9 @@ def _trace_malloc(prefix: str) -> None:
     snapshots: list[tracemalloc.Snapshot] = []
 
     def dump(signum: int, frame: object) -> None:
+        # Unreachable cycles (a closed connection's protocol, transport and Deferreds) wait
+        # for a full collection: collect first, so what remains is really held.
+        unreachable = gc.collect()
         snapshot = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(False, tracemalloc.__file__)])
         snapshots.append(snapshot)
@@ -34,7 +38,8 @@ def _trace_malloc(prefix: str) -> None:
             stats = snapshot.compare_to(snapshots[0], "lineno")
             total = sum(s.size_diff for s in stats)
         with open(f"{prefix}-{len(snapshots)}.txt", "w", encoding="utf-8") as f:
-            f.write(f"total {total} bytes\n")
+            f.write(f"total {total} bytes; gc.collect() found {unreachable} unreachable objects"
+                    " first\n")
             for stat in stats[:_TOP]:
                 f.write(f"{stat}\n")
 
