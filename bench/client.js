@@ -22,6 +22,8 @@
 //               request is written, then records when each 101 arrives (CLOCK_MONOTONIC ns,
 //               comparable with Python's time.monotonic_ns) and whether a data frame followed;
 //               ends when all are settled or after --wait seconds
+// setup and conc open connections with a minimal hand-written handshake (rawOpen) unless
+// --open ws asks for the ws library; echo always uses ws.
 // Every scenario is bounded by --timeout seconds (default 180): on expiry it prints a JSON
 // line with "error":"timeout" and exits 3.
 const net = require('net');
@@ -30,7 +32,7 @@ const WebSocket = require('ws');
 const argv = process.argv.slice(2);
 const scenario = argv[0];
 const opt = { url: null, ids: null, bytes: null, 'msg-size': null, count: null, warmup: null, conns: null,
-  parallel: 64, window: 16, hold: 600, wait: 60, timeout: 180, label: '', recv: 'fast', send: 'fast' };
+  parallel: 64, window: 16, hold: 600, wait: 60, timeout: 180, label: '', recv: 'fast', send: 'fast', open: 'raw' };
 for (let i = 1; i < argv.length; i += 2) {
   const k = argv[i].replace(/^--/, '');
   if (!(k in opt)) { console.error('unknown option ' + argv[i]); process.exit(2); }
@@ -185,6 +187,86 @@ function maskedBlock(msg, frames) {
   for (let i = 0; i < msg; i++) f[hl + 4 + i] = payload[i] ^ key[i & 3];
   return Buffer.concat(Array.from({ length: frames }, () => f));
 }
+// Raw WebSocket open (setup/conc, and echo with --open raw): net.connect, one fixed upgrade
+// request, the 101 checked against the fixed key's accept value, then unmasked server frames
+// parsed by hand; sends are masked with a zero key (legal, and the payload goes out as is).
+// Much cheaper per connection than the ws library, so setup measures the proxy, not the client.
+const RAW_KEY = 'dGhlIHNhbXBsZSBub25jZQ==';
+const RAW_ACCEPT = 's3pPLMBiTxaQ9kYGzzhZRbK+xOo=';
+function rawOpen(url, onData, onClose) {
+  return new Promise((resolve, reject) => {
+    const u = new URL(url);
+    const s = net.connect({ host: u.hostname, port: Number(u.port) });
+    s.setNoDelay(true);
+    let head = Buffer.alloc(0), open = false, settled = false, closeCode = null;
+    let hb = Buffer.alloc(14), hn = 0, need = 2, left = 0, op = 0, inPayload = false;
+    const fail = (e) => { if (!settled) { settled = true; reject(e); } s.destroy(); };
+    const frames = (b) => {
+      let off = 0;
+      while (off < b.length) {
+        if (inPayload) {
+          const n = Math.min(left, b.length - off);
+          if (op === 8) { if (closeCode === null && n >= 2) closeCode = b.readUInt16BE(off); }
+          else if (op < 8) onData(b.subarray(off, off + n));
+          off += n; left -= n;
+          if (left === 0) { inPayload = false; hn = 0; need = 2; if (op === 8) s.end(); }
+          continue;
+        }
+        while (hn < need && off < b.length) hb[hn++] = b[off++];
+        if (hn < need) break;
+        if (need === 2) {
+          const l7 = hb[1] & 127;
+          if (hb[1] & 128) { s.destroy(); return; }
+          need = l7 === 126 ? 4 : l7 === 127 ? 10 : 2;
+          if (need > 2) continue;
+        }
+        op = hb[0] & 15; const l7 = hb[1] & 127;
+        left = l7 === 126 ? hb.readUInt16BE(2) : l7 === 127 ? Number(hb.readBigUInt64BE(2)) : l7;
+        if (left === 0) { hn = 0; need = 2; if (op === 8) s.end(); } else inPayload = true;
+      }
+    };
+    s.on('data', (d) => {
+      if (open) return frames(d);
+      head = Buffer.concat([head, d]);
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0) { if (head.length > 8192) fail(new Error('no HTTP response end')); return; }
+      const text = head.subarray(0, end).toString('latin1');
+      const status = text.slice(0, text.indexOf('\r\n'));
+      if (!/^HTTP\/1\.1 101/.test(status)) return fail(new Error(status.slice(9, 12) ? 'HTTP ' + status.slice(9, 12) : 'bad response'));
+      if (!text.includes(RAW_ACCEPT)) return fail(new Error('bad accept'));
+      open = true; settled = true;
+      resolve({
+        send: (b, cb) => {
+          const n = b.length;
+          const h = n < 126 ? Buffer.from([0x82, 0x80 | n, 0, 0, 0, 0])
+            : n < 65536 ? Buffer.from([0x82, 0x80 | 126, n >> 8, n & 255, 0, 0, 0, 0])
+              : (() => { const x = Buffer.alloc(14); x[0] = 0x82; x[1] = 0x80 | 127; x.writeBigUInt64BE(BigInt(n), 2); return x; })();
+          s.write(h); return s.write(b, cb);
+        },
+        close: () => new Promise((r) => {
+          if (s.destroyed) return r();
+          const t = setTimeout(() => { s.destroy(); r(); }, 2000);
+          s.once('close', () => { clearTimeout(t); r(); });
+          s.write(Buffer.from([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]));
+          s.end();
+        }),
+        destroy: () => s.destroy(),
+      });
+      const rest = head.subarray(end + 4);
+      head = null;
+      if (rest.length) frames(rest);
+    });
+    s.on('error', (e) => fail(e));
+    s.once('close', () => { if (!settled) fail(new Error('closed during the handshake')); else if (onClose) onClose(closeCode === null ? 1006 : closeCode); });
+    s.once('connect', () => {
+      s.write('GET ' + u.pathname + u.search + ' HTTP/1.1\r\nHost: ' + u.host + '\r\nUpgrade: websocket\r\n' +
+        'Connection: Upgrade\r\nSec-WebSocket-Key: ' + RAW_KEY + '\r\nSec-WebSocket-Version: 13\r\n' +
+        'Sec-WebSocket-Protocol: binary\r\n\r\n');
+    });
+  });
+}
+// setup and conc open with rawOpen unless --open ws; echo always uses ws (random masks).
+const openLight = (url, onData, onClose) => (isTcp || opt.open === 'ws' ? open(url, onData, onClose) : rawOpen(url, onData, onClose));
 function openRecv(url, onBytes, onClose) {
   return useFast ? fastRecv(url, onBytes, onClose) : open(url, (d) => onBytes(d.length), onClose);
 }
@@ -287,7 +369,7 @@ async function setup() {
     const first = new Promise((r) => (gotFirst = r));
     try {
       let code = null;
-      const c = await open(urlFor(i), () => gotFirst(true), (cc) => { code = cc; gotFirst(false); });
+      const c = await openLight(urlFor(i), () => gotFirst(true), (cc) => { code = cc; gotFirst(false); });
       const ok = await first;
       const tf = now();
       await c.close();
@@ -297,7 +379,7 @@ async function setup() {
   }
   const total = (now() - t0) / 1000;
   const s = setupMs.slice().sort((a, b) => a - b), cs = cycleMs.slice().sort((a, b) => a - b);
-  emit({ count, ok: setupMs.length, errors, first_error: firstErr, conn_per_s: r3(setupMs.length / total),
+  emit({ open: isTcp ? undefined : opt.open, count, ok: setupMs.length, errors, first_error: firstErr, conn_per_s: r3(setupMs.length / total),
     setup_p50_ms: r3(pct(s, 50)), setup_p99_ms: r3(pct(s, 99)), cycle_p50_ms: r3(pct(cs, 50)), cycle_p99_ms: r3(pct(cs, 99)) });
 }
 
@@ -314,7 +396,7 @@ async function conc() {
       const first = new Promise((r) => (gotFirst = r));
       const st = { dead: false, code: null };
       try {
-        const c = await open(urlFor(i), () => gotFirst(true), (cc) => { st.code = cc; gotFirst(false); st.dead = true; });
+        const c = await openLight(urlFor(i), () => gotFirst(true), (cc) => { st.code = cc; gotFirst(false); st.dead = true; });
         c.st = st;
         const to = setTimeout(() => gotFirst(false), 30000);
         const ok = await first;
@@ -335,7 +417,7 @@ async function conc() {
   const alive = conns.filter((c) => !c.st.dead).length;
   closedEarly = conns.length - alive;
   await Promise.all(conns.map((c) => c.close()));
-  emit({ conns: n, ok: conns.length, alive_at_end: alive, closed_early: closedEarly, errors, error_kinds: errKinds, open_seconds: r3(openSec) });
+  emit({ open: isTcp ? undefined : opt.open, conns: n, ok: conns.length, alive_at_end: alive, closed_early: closedEarly, errors, error_kinds: errKinds, open_seconds: r3(openSec) });
 }
 
 async function streams() {

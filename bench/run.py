@@ -417,8 +417,8 @@ class Bench:
             "down": ["--bytes", s["down"]],
             "up": ["--bytes", s["up"], "--msg-size", 65536],
             "echo": ["--count", s["echo"], "--msg-size", 64],
-            "setup": ["--count", s["setup"]],
-            "conc": ["--conns", s["conc"], "--parallel", 64],
+            "setup": ["--count", s["setup"], "--open", self.args.client_open],
+            "conc": ["--conns", s["conc"], "--parallel", 64, "--open", self.args.client_open],
             "streams": ["--conns", s["streams"][0], "--bytes", s["streams"][1]],
             "ready": ["--wait", 60],
         }[scenario]
@@ -572,7 +572,7 @@ class Bench:
     def run_one(self, rnd: int, scenario: str, proxy: str) -> dict[str, Any]:
         tag = f"r{rnd}-{scenario}-{proxy}"
         row: dict[str, Any] = {"round": rnd, "scenario": scenario, "proxy": proxy,
-                               "t": round(time.time(), 3)}
+                               "t": round(time.time(), 3), "load1": os.getloadavg()[0]}
         target = proxy_proc = profiler = None
         tport = procs.free_port()
         pport = procs.free_port()
@@ -804,8 +804,10 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`",
         "",
         f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
-        f"{meta['machine']['memory']}, Linux {meta['machine']['kernel']}, load average at "
-        f"start {meta['machine']['loadavg_at_start']}; Python {meta['machine']['python']}, "
+        f"{meta['machine']['memory']}, Linux {meta['machine']['kernel']}, load average "
+        f"{meta['machine']['loadavg_at_start']} at the start and "
+        f"{meta['machine'].get('loadavg_at_end', '?')} at the end (1, 5, 15 min; the bench "
+        f"itself keeps about 2 busy); Python {meta['machine']['python']}, "
         f"Node {meta['machine']['node']}; " +
         ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         "",
@@ -890,6 +892,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "tracemalloc and write what conc's held connections allocated (slow)")
     ap.add_argument("--gc-log", action="store_true", help="log twisted_novnc's garbage-"
                     "collection pauses of 1 ms or more, and count those inside ready's phases")
+    ap.add_argument("--client-open", choices=("raw", "ws"), default="raw",
+                    help="how the client opens setup's and conc's connections: a minimal "
+                    "hand-written handshake (default) or the ws library")
     ap.add_argument("--client-timeout", type=int, default=300,
                     help="seconds any one client run may take")
     ap.add_argument("--out", default=str(BUILD), help="where each run's directory goes "
@@ -954,6 +959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             bench.close()
     meta["wall_s"] = time.monotonic() - started
+    meta["machine"]["loadavg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     text = render(bench, meta)
     print(text)
     (bench.run_dir / "report.md").write_text(text, encoding="utf-8")

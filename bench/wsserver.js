@@ -26,6 +26,7 @@ const wss = new WebSocketServer({
 });
 const server = http.createServer((req, res) => { res.writeHead(426); res.end(); });
 server.on('upgrade', (req, sock, head) => {
+  if (mode === 'banner') return rawBanner(req, sock);
   if (mode !== 'sink') return wss.handleUpgrade(req, sock, head, (ws) => wss.emit('connection', ws, req));
   // Fast sink: own handshake, then parse frame headers and count payload bytes without
   // unmasking (the ack only needs the count), so this server is not the upload bottleneck.
@@ -63,6 +64,22 @@ server.on('upgrade', (req, sock, head) => {
   sock.on('error', () => {});
   if (head && head.length) feed(head);
 });
+// Fast banner: the handshake by hand, the banner as one binary frame, and an echoed close when
+// the client closes, so the connection-rate ceiling (setup, conc) is the client's, not ws'.
+function rawBanner(req, sock) {
+  const key = req.headers['sec-websocket-key'] || '';
+  const accept = crypto.createHash('sha1').update(key + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64');
+  const proto = /(^|,)\s*binary\s*(,|$)/.test(req.headers['sec-websocket-protocol'] || '') ? 'Sec-WebSocket-Protocol: binary\r\n' : '';
+  conns++;
+  sock.setNoDelay(true);
+  sock.on('error', () => {});
+  sock.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ' +
+    accept + '\r\n' + proto + '\r\n');
+  sock.write(Buffer.concat([Buffer.from([0x82, 12]), Buffer.from('RFB 003.008\n')]));
+  bytesOut += 12;
+  // Clients send nothing but a close frame: answer it and end.
+  sock.on('data', (d) => { bytesIn += d.length; if ((d[0] & 15) === 8) sock.end(Buffer.from([0x88, 2, 0x03, 0xe8])); });
+}
 server.listen({ host: '127.0.0.1', port, backlog: 4096 }, () => console.log(`LISTENING ${port}`));
 let conns = 0, bytesIn = 0, bytesOut = 0;
 const chunk = Buffer.alloc(msgSize, 'x');
