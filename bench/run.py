@@ -814,13 +814,13 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
     ]
     code = meta.get("code")
     if code:
-        note = (f"twisted_novnc at {code['git_commit']}"
-                + (" (twisted_novnc/ has uncommitted changes)"
-                   if code["git_dirty_twisted_novnc"] else "")
-                + f", run by {code['twistd']}")
-        if code["installed_differs_from_tree"]:
-            note += ("; the installed package differs from the working tree in "
-                     + ", ".join(code["installed_differs_from_tree"]))
+        note = (f"Daemon: {code['twistd']}, package {code['installed_package']}"
+                + (", which differs from the working tree in "
+                   + ", ".join(code["installed_differs_from_tree"])
+                   if code["installed_differs_from_tree"] else ", the same as the working tree")
+                + f". Checkout (and bench) at {code['git_commit']}"
+                + (" with uncommitted changes in twisted_novnc/"
+                   if code["git_dirty_twisted_novnc"] else ""))
         lines += [note + ".", ""]
     s = bench.sizes
     lines += [
