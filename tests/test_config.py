@@ -605,6 +605,12 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("novnc", "reject"): st.sampled_from(["close", "http"]),
     ("novnc", "max_message_size"): st.integers(1024, 64 * 1024 * 1024),
     ("novnc", "drain_timeout"): st.floats(0.001, 1e6),
+    ("novnc", "trusted_proxies"): st.lists(
+        st.sampled_from(["10.0.0.0/8", "127.0.0.1/32", "192.168.1.0/24", "::1/128"]),
+        max_size=3,
+    ).map(tuple),
+    ("novnc", "ping_interval"): st.integers(0, 86400),
+    ("novnc", "ping_timeout"): st.integers(2, 3600),
     ("database", "dsn"): st.one_of(st.just("embedded"), one_line),
     ("database", "table"): identifier | st.builds("{}.{}".format, identifier, identifier),
     ("database", "id_column"): identifier,
@@ -617,6 +623,11 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("database", "pool_size"): st.integers(1, 64),
     ("database", "embedded_dir"): one_line.filter(bool),
     ("upstream", "connect_retry"): st.booleans(),
+    ("admin", "listen"): st.one_of(
+        st.just(()), st.lists(endpoint, min_size=1, max_size=2, unique=True).map(tuple)
+    ),
+    ("log", "format"): st.sampled_from(["text", "json"]),
+    ("log", "file"): one_line,
 }
 
 

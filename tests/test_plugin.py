@@ -33,7 +33,24 @@ def test_twistd_help_lists_the_plugin_options(tmp_path):
     """``twistd novnc --help`` documents --config."""
     result = run([TWISTD, "novnc", "--help"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "--config" in result.stdout
+    for option in ["--config", "--listen", "--dsn", "--readiness-timeout", "--admin-listen",
+                   "--log-format", "--log-file", "--set"]:
+        assert option in result.stdout, option
+
+
+def test_check_config_prints_effective_settings_masked(tmp_path):
+    """check-config validates a file and prints every key, the DSN password masked."""
+    config = tmp_path / "c.ini"
+    config.write_text("[database]\ndsn = host=db user=u password=hunter2\n")
+    result = run([sys.executable, "-m", "twisted_novnc", "check-config", str(config)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    assert "dsn = host=db user=u password=***" in result.stdout
+    assert "[upstream]" in result.stdout and "readiness_timeout = 30" in result.stdout
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[novnc]\nreject = maybe\n")
+    result = run([sys.executable, "-m", "twisted_novnc", "check-config", str(bad)], tmp_path)
+    assert result.returncode == 2 and f"{bad}: [novnc] reject:" in result.stderr
 
 
 def test_bad_config_stops_start_up_with_one_line(tmp_path):

@@ -4,6 +4,8 @@
       install the NOTIFY trigger on the configured (existing) sessions table
   schema [--config FILE]
       print the schema SQL for the configured names
+  check-config FILE
+      validate a config file and print the effective settings, secrets masked
   mint-token --secret-file FILE --session ID [--ttl SECONDS]
       print a token that opens one session in [auth] mode = hmac
 """
@@ -14,7 +16,7 @@ import argparse
 import sys
 
 from .auth import add_mint_token_arguments, run_mint_token
-from .config import ConfigError, Settings, parse_config, read_config
+from .config import ConfigError, Settings, effective_items, parse_config, read_config
 from .schema import schema_sql
 
 
@@ -33,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         "--create-table", action="store_true", help="also create the table if it is missing"
     )
     install.add_argument("--dsn", help="the database to change (default: the config's dsn)")
+    check = commands.add_parser(
+        "check-config", help="validate a config file and print the effective settings"
+    )
+    check.add_argument("config", help="the daemon's ini file")
     show = commands.add_parser("schema", help="print the schema SQL for the configured names")
     show.add_argument("--config", help="the daemon's ini file (default: built-in defaults)")
     show.add_argument("--no-table", action="store_true", help="only the trigger")
@@ -50,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"twisted_novnc: configuration error: {e}", file=sys.stderr)
         return 2
+
+    if args.command == "check-config":
+        print(f"# {args.config}: valid; effective settings (secrets masked)")
+        section = None
+        for name, key, value in effective_items(settings):
+            if name != section:
+                print(f"\n[{name}]" if section is not None else f"[{name}]")
+                section = name
+            print(f"{key} = {value}".rstrip())
+        return 0
 
     if args.command == "schema":
         sys.stdout.write(schema_sql(settings.database, create_table=not args.no_table))

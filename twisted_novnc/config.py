@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import configparser
 import difflib
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -103,6 +104,23 @@ def _format_seconds(value: float) -> str:
 _SECONDS = Kind(_parse_seconds, _format_seconds, "a number of seconds greater than 0")
 
 
+def _parse_networks(text: str) -> tuple[str, ...]:
+    networks = []
+    for word in text.split():
+        try:
+            networks.append(str(ipaddress.ip_network(word, strict=False)))
+        except ValueError:
+            raise ValueError(f"not an IP network (CIDR) or address: {word!r}") from None
+    return tuple(networks)
+
+
+_NETWORKS = Kind(
+    _parse_networks,
+    " ".join,
+    "IP networks in CIDR notation or single addresses, separated by whitespace, or empty",
+)
+
+
 def _choice(*choices: str) -> Kind[str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -178,6 +196,16 @@ def _parse_endpoints(text: str) -> tuple[str, ...]:
     return descriptions
 
 
+def _parse_optional_endpoints(text: str) -> tuple[str, ...]:
+    return _parse_endpoints(text) if text.split() else ()
+
+
+_OPTIONAL_ENDPOINTS = Kind(
+    _parse_optional_endpoints,
+    " ".join,
+    "Twisted server endpoint strings separated by whitespace, or empty for none",
+)
+
 _ENDPOINTS = Kind(
     _parse_endpoints,
     " ".join,
@@ -221,6 +249,15 @@ def _parse_directory(text: str) -> str:
 
 
 _DIRECTORY = Kind(_parse_directory, _verbatim, "a directory path, relative or absolute")
+
+
+def _parse_optional_file(text: str) -> str:
+    if "\n" in text:
+        raise ValueError(f"must be one line, got {text!r}")
+    return text
+
+
+_OPTIONAL_FILE = Kind(_parse_optional_file, _verbatim, "a file path, or empty")
 
 _KV_PASSWORD = re.compile(r"(?i)((?:^|(?<=\s))\w*password\s*=\s*)('(?:[^'\\]|\\.?)*'?|\S*)")
 _URI = re.compile(r"(?i)postgres(?:ql)?://")
@@ -306,6 +343,21 @@ class NovncSettings:
         10.0,
         "On SIGTERM, how long live relays may go on before they are closed with 1001.",
     )
+    trusted_proxies: tuple[str, ...] = _setting(
+        _NETWORKS,
+        (),
+        "Proxies whose X-Forwarded-For / Forwarded headers name the real client address.",
+    )
+    ping_interval: int = _setting(
+        _integer(0, 86400),
+        25,
+        "Seconds between WebSocket pings to an idle browser (0 = never).",
+    )
+    ping_timeout: int = _setting(
+        _integer(2, 3600),
+        10,
+        "Seconds a ping may go unanswered before the browser is taken for gone.",
+    )
 
 
 @attrs.frozen
@@ -383,6 +435,33 @@ class UpstreamSettings:
 
 
 @attrs.frozen
+class AdminSettings:
+    """``[admin]``: the operators' listener: metrics and health."""
+
+    listen: tuple[str, ...] = _setting(
+        _OPTIONAL_ENDPOINTS,
+        (),
+        "Where to serve /metrics, /healthz and /readyz; empty = no admin listener.",
+    )
+
+
+@attrs.frozen
+class LogSettings:
+    """``[log]``: where the daemon's log goes, and in which format."""
+
+    format: str = _setting(
+        _choice("text", "json"),
+        "text",
+        "text = twistd's lines; json = one JSON object per line, for log shippers.",
+    )
+    file: str = _setting(
+        _OPTIONAL_FILE,
+        "",
+        "A file to write the log to, reopened on SIGHUP; empty = twistd's own log.",
+    )
+
+
+@attrs.frozen
 class Settings:
     """Everything the daemon is configured with, and the file it came from."""
 
@@ -397,6 +476,14 @@ class Settings:
     upstream: UpstreamSettings = attrs.field(
         factory=UpstreamSettings,
         metadata=_section(UpstreamSettings, "How the proxy connects to the VM."),
+    )
+    admin: AdminSettings = attrs.field(
+        factory=AdminSettings,
+        metadata=_section(AdminSettings, "The operators' listener: metrics and health."),
+    )
+    log: LogSettings = attrs.field(
+        factory=LogSettings,
+        metadata=_section(LogSettings, "Where the log goes, and in which format."),
     )
     source: str = "<defaults>"
 
@@ -495,9 +582,30 @@ def _read_ini(text: str, source: str) -> _Parser:
     return parser
 
 
-def parse_config(text: str, source: str = "<string>") -> Settings:
-    """Settings from ini text; ``source`` names it in errors.  Absent keys take their defaults."""
+#: Where values given on the command line come from, in error messages.
+COMMAND_LINE = "command line"
+
+
+def parse_config(
+    text: str,
+    source: str = "<string>",
+    overrides: Mapping[tuple[str, str], str] | None = None,
+) -> Settings:
+    """Settings from ini text; ``source`` names it in errors.  Absent keys take their defaults.
+
+    ``overrides`` maps (section, key) to ini text that replaces the file's value (the command
+    line's ``--listen`` and friends); their errors name the command line.
+    """
     parser = _read_ini(text, source)
+    overridden: set[tuple[str, str]] = set()
+    for (section_name, key_name), value in (overrides or {}).items():
+        section = SCHEMA.get(section_name)
+        if section is None or key_name not in section.keys:
+            raise ConfigError(COMMAND_LINE, section_name, key_name, "unknown key")
+        if not parser.has_section(section_name):
+            parser.add_section(section_name)
+        parser.set(section_name, key_name, value)
+        overridden.add((section_name, key_name))
     records: dict[str, Any] = {}
     for section_name in parser.sections():
         section = SCHEMA.get(section_name)
@@ -513,12 +621,15 @@ def parse_config(text: str, source: str = "<string>") -> Settings:
             try:
                 values[key_name] = key.kind.parse(parser.get(section_name, key_name))
             except ValueError as e:
-                raise ConfigError(source, section_name, key_name, str(e)) from None
+                where = COMMAND_LINE if (section_name, key_name) in overridden else source
+                raise ConfigError(where, section_name, key_name, str(e)) from None
         records[section_name] = section.record(**values)
     return Settings(source=source, **records)
 
 
-def read_config(path: str) -> Settings:
+def read_config(
+    path: str, overrides: Mapping[tuple[str, str], str] | None = None
+) -> Settings:
     """Settings from the ini file at ``path``; an unreadable file is a ConfigError naming it."""
     try:
         # utf-8-sig: a byte-order mark left by an editor is not a parse error.
@@ -528,7 +639,7 @@ def read_config(path: str) -> Settings:
         raise ConfigError(path, None, None, f"cannot read the file: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(path, None, None, f"not UTF-8 text (byte {e.start})") from None
-    return parse_config(text, path)
+    return parse_config(text, path, overrides)
 
 
 def effective_items(settings: Settings) -> list[tuple[str, str, str]]:

@@ -4,6 +4,10 @@ match the path -> wait for readiness -> connect upstream -> accept the handshake
 ``onConnect`` returns a Deferred for that whole pipeline, so the HTTP 101 is sent only once the
 VM is connected.  A refusal is turned into a close code after a completed handshake (browsers
 cannot read an HTTP status) or, with ``reject = http``, into the HTTP status itself.
+
+Each connection logs one event per step of its life (request, ready, upstream connected,
+relay open, closed) with the same keys: ``session_id``, ``client``, and at the end
+``outcome``, ``wait_seconds``, ``relay_seconds``, ``up_bytes``, ``down_bytes``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from twisted.python.failure import Failure
 
 from .config import NovncSettings
 from .errors import Refusal, Refused
+from .forwarded import client_address, parse_networks
+from .metrics import Metrics
 from .paths import PathTemplate
 from .readiness import ReadinessGate, Watch
 from .relay import Relay
@@ -43,14 +49,18 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     _log = Logger()
     factory: NoVNCServerFactory
     session_id: str | None = None
+    client: str = "-"
     relay: Relay | None = None
     _target: Target | None = None
     _watch: Watch | None = None
     _upstream: TCPUpstream | None = None
     _pending: Deferred[Any] | None = None
     _refused: Refused | None = None
+    _http_status: int | None = None
     _gone: bool = False
     _started: float = 0.0
+    _ready_at: float | None = None
+    _opened_at: float | None = None
 
     # -- the handshake ---------------------------------------------------------------------
 
@@ -58,6 +68,8 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # type: ignore[override]
         clock = self.factory.clock
         self._started = clock.seconds()
+        peer = getattr(self.transport.getPeer(), "host", "unix")  # type: ignore[union-attr]
+        self.client = client_address(peer, request.headers, self.factory.trusted_proxies)
         match = self.factory.paths.match(request.path)
         if match is None:
             d: Deferred[Any] = Deferred()
@@ -67,9 +79,9 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         self.session_id = match.session_id
         deadline = self._started + self.factory.settings.readiness_timeout
         self._log.info(
-            "request {session_id} from {peer}: waiting for readiness",
+            "request {session_id} from {client}: waiting for readiness",
             session_id=self.session_id,
-            peer=self.peer,
+            client=self.client,
         )
         d = self.factory.gate.when_ready(match.session_id)
         d.addCallback(self._ready, deadline)  # type: ignore[arg-type]
@@ -79,17 +91,19 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         return d
 
     def _ready(self, target: Target, deadline: float) -> Deferred[TCPUpstream]:
-        waited = self.factory.clock.seconds() - self._started
+        now = self.factory.clock.seconds()
+        self._ready_at = now
+        self._target = target
+        self.factory.metrics.readiness_wait.observe(now - self._started)
         self._log.info(
-            "session {session_id} ready after {waited:.3f}s: connecting to {host}:{port}",
+            "session {session_id} ready after {wait_seconds:.3f}s: connecting to {host}:{port}",
             session_id=target.session_id,
-            waited=waited,
+            client=self.client,
+            wait_seconds=now - self._started,
             host=target.host,
             port=target.port,
         )
-        self._target = target
-        remaining = deadline - self.factory.clock.seconds()
-        return self.factory.connect(target, remaining)
+        return self.factory.connect(target, deadline - now)
 
     def _accept(self, upstream: TCPUpstream, request: ConnectionRequest) -> str | None:
         self._pending = None
@@ -97,6 +111,17 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         if self._gone:
             upstream.close(1000, "browser left")
             raise CancelledError()
+        assert self._ready_at is not None and self._target is not None
+        took = self.factory.clock.seconds() - self._ready_at
+        self.factory.metrics.upstream_connect.observe(took)
+        self._log.info(
+            "upstream connected {session_id} {host}:{port} in {connect_seconds:.3f}s",
+            session_id=self.session_id,
+            client=self.client,
+            host=self._target.host,
+            port=self._target.port,
+            connect_seconds=took,
+        )
         return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
 
     def _refuse(self, failure: Failure, request: ConnectionRequest) -> str | None:
@@ -109,18 +134,18 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         else:
             refused = failure.value
         self._log.info(
-            "refused {session_id} from {peer}: {code} {reason} ({detail})",
+            "refused {session_id} from {client}: {code} {reason} ({detail})",
             session_id=self.session_id,
-            peer=self.peer,
+            client=self.client,
             code=refused.refusal.close_code,
             reason=refused.refusal.reason,
             detail=refused.detail,
         )
         if self.factory.settings.reject == "http":
+            self._http_status = refused.refusal.http_status
             raise ConnectionDeny(refused.refusal.http_status, refused.refusal.reason)
         self._refused = refused
-        offered = request.protocols
-        return SUBPROTOCOL if SUBPROTOCOL in offered else None
+        return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
 
     # -- the open connection -------------------------------------------------------------
 
@@ -130,24 +155,26 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             self.sendClose(refusal.close_code, refusal.reason)
             return
         assert self._upstream is not None and self._target is not None
+        self._opened_at = self.factory.clock.seconds()
         self.relay = Relay(self._target.session_id, browser=self, vm=self._upstream)
         self.relay.start()
         self._upstream.attach(self.relay)
         self._watch = self.factory.gate.watch(self._target, self._revoked)
         self.factory.live.add(self)
         self._log.info(
-            "relay open {session_id} from {peer} after {waited:.3f}s",
+            "relay open {session_id} from {client} after {wait_seconds:.3f}s",
             session_id=self.session_id,
-            peer=self.peer,
-            waited=self.factory.clock.seconds() - self._started,
+            client=self.client,
+            wait_seconds=self._opened_at - self._started,
         )
 
     def _revoked(self, refused: Refused) -> None:
         """The session ended, expired or moved while relayed."""
         self._watch = None
         self._log.info(
-            "revoked {session_id}: {code} {reason} ({detail})",
+            "revoked {session_id} from {client}: {code} {reason} ({detail})",
             session_id=self.session_id,
+            client=self.client,
             code=refused.refusal.close_code,
             reason=refused.refusal.reason,
             detail=refused.detail,
@@ -178,6 +205,7 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._browser_left()
         super().connectionLost(reason)
+        self._closed()
         self.factory.connections.discard(self)
         if not self.factory.connections and self.factory.drained is not None:
             drained, self.factory.drained = self.factory.drained, None
@@ -199,6 +227,41 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         elif self._upstream is not None:
             self._upstream.close(1000, "browser left")
 
+    def outcome(self) -> str:
+        """How the connection ended, as a close code (1006: no close frame at all)."""
+        if self._http_status is not None:
+            return f"http_{self._http_status}"
+        if self.closedByMe and self.localCloseCode is not None:
+            return str(self.localCloseCode)
+        if self.remoteCloseCode is not None:
+            return str(self.remoteCloseCode)
+        if self.localCloseCode is not None:
+            return str(self.localCloseCode)
+        return "1006"
+
+    def _closed(self) -> None:
+        """The last lifecycle event, and the metrics of the whole connection."""
+        end = self.factory.clock.seconds()
+        outcome = self.outcome()
+        up = self.relay.up_bytes if self.relay is not None else 0
+        down = self.relay.down_bytes if self.relay is not None else 0
+        wait = (self._ready_at or self._opened_at or end) - self._started
+        relayed = end - self._opened_at if self._opened_at is not None else 0.0
+        self.factory.metrics.connections.labels(outcome).inc()
+        if self.relay is not None:
+            self.factory.metrics.relay_closed(up, down)
+        self._log.info(
+            "closed {session_id} from {client}: {outcome} waited={wait_seconds:.3f}s"
+            " relayed={relay_seconds:.3f}s up={up_bytes} down={down_bytes}",
+            session_id=self.session_id,
+            client=self.client,
+            outcome=outcome,
+            wait_seconds=wait,
+            relay_seconds=relayed,
+            up_bytes=up,
+            down_bytes=down,
+        )
+
     # -- Peer, for the relay -----------------------------------------------------------------
 
     @property
@@ -210,7 +273,12 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         return self.transport  # type: ignore[return-value]
 
     def send(self, data: bytes) -> None:
-        self.sendMessage(data, isBinary=True)
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(data, isBinary=True)
+        elif self.relay is not None:
+            # A close handshake has begun (ours, the browser's, or a ping timeout): the VM's
+            # bytes have nowhere to go, so let the VM go too.
+            self.relay.browser_gone()
 
     def close(self, code: int, reason: str) -> None:
         close_frame(self, code, reason)
@@ -228,13 +296,16 @@ class NoVNCServerFactory(WebSocketServerFactory):
         gate: ReadinessGate,
         connect: Connector,
         clock: Any,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
         self.gate = gate
         self.connect = connect
         self.clock = clock
+        self.metrics = metrics if metrics is not None else Metrics()
         self.paths = PathTemplate(settings.path)
+        self.trusted_proxies = parse_networks(settings.trusted_proxies)
         #: Every open browser connection, and those with a live relay, for the drain.
         self.connections: set[NoVNCServerProtocol] = set()
         self.live: set[NoVNCServerProtocol] = set()
@@ -249,4 +320,19 @@ class NoVNCServerFactory(WebSocketServerFactory):
             failByDrop=False,
             # Never compress: VNC payloads are already encoded, and it costs memory per socket.
             perMessageCompressionAccept=lambda offers: None,
+            # Autobahn's timers fire on whole-second buckets, so its default of 1 s may end a
+            # close handshake at once and drop the socket before a distant browser's reply;
+            # then the browser would see 1006 instead of our close code.
+            closeHandshakeTimeout=5,
         )
+        if settings.ping_interval > 0:
+            # Keeps idle sessions alive through load balancers and finds vanished browsers.
+            self.setProtocolOptions(
+                autoPingInterval=settings.ping_interval,
+                autoPingTimeout=settings.ping_timeout,
+            )
+
+    def live_bytes(self) -> tuple[int, int]:
+        """Bytes moved so far by the relays still open: (up, down)."""
+        relays = [p.relay for p in self.live if p.relay is not None]
+        return sum(r.up_bytes for r in relays), sum(r.down_bytes for r in relays)

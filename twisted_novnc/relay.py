@@ -14,9 +14,6 @@ from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.interfaces import IConsumer, IPushProducer
-from twisted.logger import Logger
-
-_log = Logger()
 
 
 class Peer(TypingProtocol):
@@ -101,10 +98,3 @@ class Relay:
             # An already disconnected transport may refuse; there is nothing left to undo.
             with contextlib.suppress(Exception):
                 peer.consumer.unregisterProducer()
-        _log.info(
-            "relay closed {session_id} by {by} up={up_bytes} down={down_bytes}",
-            session_id=self.session_id,
-            by=by,
-            up_bytes=self.up_bytes,
-            down_bytes=self.down_bytes,
-        )

@@ -13,10 +13,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from .admin import admin_site
 from .config import Settings
 from .embedded import EmbeddedPostgresService, apply_sql
 from .errors import Refusal
 from .front import NoVNCServerFactory
+from .logs import LogService
+from .metrics import LiveState, Metrics
 from .readiness import ReadinessGate
 from .schema import schema_sql
 from .session import Target
@@ -115,9 +118,10 @@ class DrainService(Service):
 class ListenerService(StreamServerEndpointService):
     """A listening endpoint that says where it listens once it does."""
 
-    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+    def __init__(self, description: str, endpoint: Any, factory: Any, role: str = "") -> None:
         super().__init__(endpoint, factory)
         self.description = description
+        self.role = role
         self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
@@ -129,7 +133,8 @@ class ListenerService(StreamServerEndpointService):
             return port
         host = port.getHost()
         _log.info(
-            "listening on {host}:{port} ({description})",
+            "{role}listening on {host}:{port} ({description})",
+            role=f"{self.role} " if self.role else "",
             host=getattr(host, "host", host),
             port=getattr(host, "port", ""),
             description=self.description,
@@ -160,6 +165,7 @@ class EmbeddedSchemaService(Service):
 def make_service(settings: Settings, reactor: Any) -> MultiService:
     """Build the whole daemon; nothing runs until the service starts."""
     top = MultiService()
+    LogService(settings.log, reactor).setServiceParent(top)
     db = settings.database
     if db.dsn == "embedded":
         embedded = EmbeddedPostgresService(db.embedded_dir)
@@ -187,8 +193,22 @@ def make_service(settings: Settings, reactor: Any) -> MultiService:
     def connect(target: Target, timeout: float) -> Deferred[TCPUpstream]:
         return connect_tcp(reactor, target, timeout, retry=settings.upstream.connect_retry)
 
-    factory = NoVNCServerFactory(settings.novnc, gate, connect, reactor)
+    metrics = Metrics()
+    factory = NoVNCServerFactory(settings.novnc, gate, connect, reactor, metrics)
+    metrics.live = LiveState(
+        connections_open=lambda: len(factory.connections),
+        relays_open=lambda: len(factory.live),
+        waiting=lambda: gate.waiting,
+        live_bytes=factory.live_bytes,
+        listen_connected=lambda: store.is_listening,
+        database_reachable=lambda: store.database_reachable,
+    )
+    store.on_reconnect(metrics.database_reconnects.inc)
     DrainService(factory, settings.novnc.drain_timeout, reactor).setServiceParent(top)
+    site = admin_site(metrics)
+    for description in settings.admin.listen:
+        endpoint = serverFromString(reactor, description)
+        ListenerService(description, endpoint, site, "admin").setServiceParent(top)
     for description in settings.novnc.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, factory).setServiceParent(top)

@@ -76,6 +76,8 @@ class _Health:
     """Says once that the database is unreachable (and again only if the reason changes)."""
 
     down_reason: str | None = None
+    #: Called each time a dead connection is re-established (for the reconnect counter).
+    on_recovered: Callable[[], None] | None = None
 
     def down(self, error: str) -> None:
         error = " ".join(error.split())
@@ -121,6 +123,8 @@ class _Detector(reconnection.DeadConnectionDetector):
     def connectionRecovered(self) -> Any:
         self._retrying = None
         self.health.up()
+        if self.health.on_recovered is not None:
+            self.health.on_recovered()
         return super().connectionRecovered()
 
     def stop(self) -> None:
@@ -146,11 +150,25 @@ class PostgresSessionStore:
     _select: str = ""
     _listen_retry: Any = None
     _health: _Health = attrs.field(factory=_Health)
+    _all_pool_connections: list[Any] = attrs.field(factory=list)
     _listen_delays: Iterator[float] = attrs.field(factory=lambda: jittered_backoff(1.0, 30.0))
 
     @property
     def is_listening(self) -> bool:
         return self._listening
+
+    @property
+    def database_reachable(self) -> bool:
+        """At least one query connection is up, and none has just reported the database gone."""
+        alive = [
+            c for c in self._all_pool_connections
+            if c._connection is not None and not c._connection.closed
+            and not c.detector.connectionIsDead
+        ]
+        return bool(alive) and self._health.down_reason is None
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        self._health.on_recovered = callback
 
     def _make_connection(self) -> txpostgres.Connection:
         detector = _Detector(
@@ -172,6 +190,8 @@ class PostgresSessionStore:
                 return store._make_connection()
 
         self._pool = Pool(None, dsn, min=self.settings.pool_size)
+        # The pool hands connections out and back; keep our own list to judge health by.
+        self._all_pool_connections = list(self._pool.connections)
         for connection in self._pool.connections:
             self._connect(connection, dsn, "twisted_novnc-pool")
         self._listener = self._make_connection()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import pytest_twisted
 from daemon_process import DaemonProcess, start_daemon, stop_daemon, write_config
 from db_fixtures import pg_factory, sessions_table  # noqa: F401  (fixtures)
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
+from twisted_novnc.config import parse_config
+from twisted_novnc.embedded import EmbeddedPostgres, apply_sql, read_postmaster_pid
+from twisted_novnc.schema import schema_sql
 from twisted_novnc.testing import VNCEchoFactory
 
 
@@ -50,3 +56,85 @@ def vnc_server():
     for conn in list(factory.connections):
         conn.transport.abortConnection()
     pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+class PrivateCluster:
+    """A cluster of the test's own, which it may kill, stop and restart under a live daemon."""
+
+    def __init__(self, root: str) -> None:
+        self.data_dir = os.path.join(root, "pgdata")
+        self.socket_dir = os.path.join(root, "sock")
+        os.mkdir(self.socket_dir)
+        self.cluster = self._new()
+        self.dsn = self.cluster.start()
+        self.db = parse_config(
+            "[database]\ntable = auth_sessions\nport_column = vnc_port\n", "<test>"
+        ).database
+        apply_sql(self.dsn, schema_sql(self.db))
+
+    def _new(self) -> EmbeddedPostgres:
+        return EmbeddedPostgres(self.data_dir, durable=False, socket_dir_fixed=self.socket_dir)
+
+    @pytest_twisted.inlineCallbacks
+    def kill(self):
+        """SIGKILL the postmaster, as a crash or the OOM killer would; fire once it is gone.
+
+        PostgreSQL refuses to start while the old postmaster's pid exists, and an orphan stays
+        a zombie until PID 1 reaps it (about 2 s on this kind of machine).
+        """
+        pid = read_postmaster_pid(self.data_dir).pid
+        os.kill(pid, signal.SIGKILL)
+        yield _until(lambda: not os.path.exists(f"/proc/{pid}"))
+        return pid
+
+    def restart(self) -> None:
+        self.cluster = self._new()
+        self.cluster.start()
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+@pytest.fixture
+def private_cluster(scratch_dir):
+    cluster = PrivateCluster(scratch_dir)
+    yield cluster
+    cluster.cluster = cluster._new()
+    if read_postmaster_pid(cluster.data_dir) is not None:
+        cluster.cluster.start()
+    cluster.stop()
+
+
+@pytest.fixture
+def private_daemon(private_cluster, tmp_path):
+    """Start daemons on the private cluster; stopped after the test."""
+    started: list[DaemonProcess] = []
+
+    @pytest_twisted.inlineCallbacks
+    def start(sections: dict | None = None, wait_for_database: bool = True, **novnc: object):
+        config = write_config(
+            tmp_path / f"private{len(started)}.ini",
+            private_cluster.dsn,
+            private_cluster.db,
+            sections,
+            **novnc,
+        )
+        proto = DaemonProcess()
+        started.append(proto)
+        yield start_daemon(config, tmp_path, proto, wait_for_database=wait_for_database)
+        return proto
+
+    yield start
+    for proto in started:
+        if proto.transport is not None:
+            pytest_twisted.blockon(stop_daemon(proto))
+
+
+@pytest_twisted.inlineCallbacks
+def _until(predicate, interval: float = 0.01, limit: int = 100000):
+    """Poll a condition the test cannot be told about (a process reaped by PID 1)."""
+    for _ in range(limit):
+        if predicate():
+            return
+        yield task.deferLater(reactor, interval, lambda: None)
+    raise AssertionError("condition never became true")

@@ -12,7 +12,9 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ProcessProtocol
 
-LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(r"(?<!admin )listening on 127\.0\.0\.1:(\d+)")
+LISTENING_FOR_CHANGES = "listening for session changes on channel"
+ADMIN_LISTENING = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 STARTUP_LIMIT = 30.0
 #: The venv's own twistd script, as users run it.
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -27,6 +29,7 @@ class DaemonProcess(ProcessProtocol):
         self.ended: defer.Deferred[int | None] = defer.Deferred()
         self._watches: list[tuple[str, int, defer.Deferred[int]]] = []
         self.port = 0
+        self.admin_port: int | None = None
 
     def outReceived(self, data: bytes) -> None:
         self.output += data.decode("utf-8", "replace")
@@ -34,6 +37,8 @@ class DaemonProcess(ProcessProtocol):
             m = LISTENING.search(self.output)
             if m:
                 self.port = int(m.group(1))
+                admin = ADMIN_LISTENING.search(self.output)
+                self.admin_port = int(admin.group(1)) if admin else None
                 self.listening.callback(self.port)
         for item in list(self._watches):
             if self.count(item[0]) >= item[1]:
@@ -95,13 +100,20 @@ def write_config(  # type: ignore[no-untyped-def]
 
 
 @pytest_twisted.inlineCallbacks
-def start_daemon(config: Path, cwd: Path, proto: DaemonProcess):
-    """Start the daemon from a directory that is not the checkout, as a user would."""
+def start_daemon(
+    config: Path,
+    cwd: Path,
+    proto: DaemonProcess,
+    args: tuple[str, ...] = (),
+    wait_for_database: bool = True,
+):
+    """Start the daemon from a directory that is not the checkout, as a user would; fire once
+    it listens (and, unless told otherwise, once it listens for session changes too)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     reactor.spawnProcess(
         proto,
         TWISTD,
-        [TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config)],
+        [TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config), *args],
         env=env,
         path=str(cwd),
     )
@@ -111,7 +123,8 @@ def start_daemon(config: Path, cwd: Path, proto: DaemonProcess):
     finally:
         if timer.active():
             timer.cancel()
-    yield proto.when_logged("listening for session changes")
+    if wait_for_database:
+        yield proto.when_logged(LISTENING_FOR_CHANGES)
     return proto
 
 

@@ -3,7 +3,6 @@ sessions and faults).  Each test waits on events, bounded in time, and checks no
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 import uuid
@@ -12,14 +11,13 @@ from pathlib import Path
 import psycopg2
 import pytest
 import pytest_twisted
-from daemon_process import DaemonProcess, start_daemon, stop_daemon, write_config
+from daemon_process import (
+    LISTENING_FOR_CHANGES,
+)
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory
 
-from twisted_novnc.config import parse_config
-from twisted_novnc.embedded import EmbeddedPostgres, apply_sql, read_postmaster_pid
-from twisted_novnc.schema import schema_sql
 from twisted_novnc.testing import RFB_BANNER, VNCEchoFactory, recording_client_factory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -64,77 +62,6 @@ def execute(dsn: str, sql: str, args=()) -> list:
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
-
-
-class PrivateCluster:
-    """A cluster of the test's own, which it may kill, stop and restart under a live daemon."""
-
-    def __init__(self, root: str) -> None:
-        self.data_dir = os.path.join(root, "pgdata")
-        self.socket_dir = os.path.join(root, "sock")
-        os.mkdir(self.socket_dir)
-        self.cluster = self._new()
-        self.dsn = self.cluster.start()
-        self.db = parse_config(
-            "[database]\ntable = auth_sessions\nport_column = vnc_port\n", "<test>"
-        ).database
-        apply_sql(self.dsn, schema_sql(self.db))
-
-    def _new(self) -> EmbeddedPostgres:
-        return EmbeddedPostgres(self.data_dir, durable=False, socket_dir_fixed=self.socket_dir)
-
-    @pytest_twisted.inlineCallbacks
-    def kill(self):
-        """SIGKILL the postmaster, as a crash or the OOM killer would; fire once it is gone.
-
-        PostgreSQL refuses to start while the old postmaster's pid exists, and an orphan stays
-        a zombie until PID 1 reaps it (about 2 s on this kind of machine).
-        """
-        pid = read_postmaster_pid(self.data_dir).pid
-        os.kill(pid, signal.SIGKILL)
-        yield _until(lambda: not os.path.exists(f"/proc/{pid}"))
-        return pid
-
-    def restart(self) -> None:
-        self.cluster = self._new()
-        self.cluster.start()
-
-    def stop(self) -> None:
-        self.cluster.stop()
-
-
-@pytest.fixture
-def private_cluster(scratch_dir):
-    cluster = PrivateCluster(scratch_dir)
-    yield cluster
-    cluster.cluster = cluster._new()
-    if read_postmaster_pid(cluster.data_dir) is not None:
-        cluster.cluster.start()
-    cluster.stop()
-
-
-@pytest.fixture
-def private_daemon(private_cluster, tmp_path):
-    """Start daemons on the private cluster; stopped after the test."""
-    started: list[DaemonProcess] = []
-
-    @pytest_twisted.inlineCallbacks
-    def start(**novnc: object):
-        config = write_config(
-            tmp_path / f"private{len(started)}.ini",
-            private_cluster.dsn,
-            private_cluster.db,
-            **novnc,
-        )
-        proto = DaemonProcess()
-        started.append(proto)
-        yield start_daemon(config, tmp_path, proto)
-        return proto
-
-    yield start
-    for proto in started:
-        if proto.transport is not None:
-            pytest_twisted.blockon(stop_daemon(proto))
 
 
 @pytest.fixture
@@ -203,7 +130,7 @@ def test_listen_connection_terminated_then_commit(private_cluster, private_daemo
     insert_many(private_cluster.dsn, private_cluster.db, [(sid, "127.0.0.1", vnc.port, "up")])
     data = yield within(client.when_received(len(RFB_BANNER)))
     assert data == RFB_BANNER
-    yield within(daemon.when_logged("listening for session changes", times=2))
+    yield within(daemon.when_logged(LISTENING_FOR_CHANGES, times=2))
     client.sendClose(1000)
     yield within(client.closed)
 
@@ -437,7 +364,7 @@ def test_second_sigterm_closes_at_once(daemon_factory, pg, sessions_table, vnc):
 def test_daemon_starts_without_database(private_cluster, private_daemon, vnc):
     """The daemon starts while PostgreSQL is down and serves once it comes up."""
     private_cluster.stop()
-    daemon = yield private_daemon(readiness_timeout=60)
+    daemon = yield private_daemon(wait_for_database=False, readiness_timeout=60)
     yield within(daemon.when_logged("database unreachable"))
     sid = new_id()
     client = yield connect_client(daemon.port, sid)

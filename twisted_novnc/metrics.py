@@ -1,0 +1,119 @@
+"""Prometheus metrics: what the daemon counts, in one registry per daemon.
+
+Values that exist anyway (open connections, waiters, bytes on live relays) are read at scrape
+time by a collector instead of being updated on every message, so metrics cost nothing on
+the relay's hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+# The *_created series only double every counter; nothing here reads them.
+disable_created_metrics()
+
+WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+@attrs.define(eq=False)
+class LiveState:
+    """Callables that read the daemon's live state at scrape time."""
+
+    connections_open: Callable[[], int] = lambda: 0
+    relays_open: Callable[[], int] = lambda: 0
+    waiting: Callable[[], int] = lambda: 0
+    live_bytes: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    listen_connected: Callable[[], bool] = lambda: False
+    database_reachable: Callable[[], bool] = lambda: False
+
+
+class _LiveCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m, live = self.metrics, self.metrics.live
+        yield GaugeMetricFamily(
+            "twisted_novnc_connections_open", "Browser connections open now.",
+            value=live.connections_open(),
+        )
+        yield GaugeMetricFamily(
+            "twisted_novnc_relays_open", "Relays moving bytes now.", value=live.relays_open()
+        )
+        yield GaugeMetricFamily(
+            "twisted_novnc_waiting_clients", "Browsers held waiting for their session.",
+            value=live.waiting(),
+        )
+        up, down = live.live_bytes()
+        relayed = CounterMetricFamily(
+            "twisted_novnc_relayed_bytes",
+            "Bytes relayed: up = browser to VM, down = VM to browser.",
+            labels=["direction"],
+        )
+        relayed.add_metric(["up"], m.closed_up_bytes + up)
+        relayed.add_metric(["down"], m.closed_down_bytes + down)
+        yield relayed
+        yield GaugeMetricFamily(
+            "twisted_novnc_listen_connected",
+            "1 while the LISTEN connection is up and listening, else 0.",
+            value=1 if live.listen_connected() else 0,
+        )
+        yield GaugeMetricFamily(
+            "twisted_novnc_database_reachable",
+            "1 while the database answers, else 0.",
+            value=1 if live.database_reachable() else 0,
+        )
+        info = GaugeMetricFamily(
+            "twisted_novnc_build_info", "The running version.", labels=["version"]
+        )
+        info.add_metric([__version__], 1)
+        yield info
+
+
+@attrs.define(eq=False)
+class Metrics:
+    """Every metric of one daemon process."""
+
+    registry: CollectorRegistry = attrs.field(factory=lambda: CollectorRegistry(auto_describe=True))
+    live: LiveState = attrs.field(factory=LiveState)
+    closed_up_bytes: int = 0
+    closed_down_bytes: int = 0
+    connections: Any = attrs.field(init=False)
+    readiness_wait: Any = attrs.field(init=False)
+    upstream_connect: Any = attrs.field(init=False)
+    database_reconnects: Any = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        r = self.registry
+        self.connections = Counter(
+            "twisted_novnc_connections", "Browser connections ended, by outcome (close code).",
+            ["outcome"], registry=r,
+        )
+        self.readiness_wait = Histogram(
+            "twisted_novnc_readiness_wait_seconds",
+            "How long browsers waited for their session to be ready.",
+            buckets=WAIT_BUCKETS, registry=r,
+        )
+        self.upstream_connect = Histogram(
+            "twisted_novnc_upstream_connect_seconds",
+            "How long connecting to the VM took, retries included.",
+            buckets=CONNECT_BUCKETS, registry=r,
+        )
+        self.database_reconnects = Counter(
+            "twisted_novnc_database_reconnects", "Database connections re-established.",
+            registry=r,
+        )
+        r.register(_LiveCollector(self))
+
+    def relay_closed(self, up_bytes: int, down_bytes: int) -> None:
+        self.closed_up_bytes += up_bytes
+        self.closed_down_bytes += down_bytes
