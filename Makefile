@@ -35,8 +35,9 @@ $(BROWSER_DIR)/node_modules/.installed: $(BROWSER_DIR)/package.json $(BROWSER_DI
 
 browser-deps: $(BROWSER_DIR)/node_modules/.installed
 
+# ARGS: extra options, e.g. ARGS='--set upstream.allowed_networks=127.0.0.1/32'
 run: venv
-	$(VENV)/bin/twistd --pidfile= -n novnc --config $(CONFIG)
+	$(VENV)/bin/twistd --pidfile= -n novnc --config $(CONFIG) $(ARGS)
 
 test: venv browser-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

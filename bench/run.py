@@ -382,11 +382,17 @@ class Bench:
             f"listen = tcp:{port}:interface=127.0.0.1:backlog=4096\n"
             "readiness_timeout = 120\n"
             f"target_port = {target_port}\n"
+            # The bench's clients all come from 127.0.0.1, so the per-address limits (safe
+            # defaults for the open internet) are raised to the bench's own counts.
+            "max_connections = 20000\nmax_per_ip = 20000\nmax_waiting = 20000\n"
+            "max_waiting_per_ip = 20000\n"
             "[database]\n"
             f"dsn = {self.sessions.dsn}\n"
             f"table = {self.sessions.table}\n"
             "port_column = vnc_port\n"
-            f"notify_channel = {self.sessions.table}\n", encoding="utf-8")
+            f"notify_channel = {self.sessions.table}\n"
+            # Its targets are on loopback, which the default allowlist leaves out.
+            "[upstream]\nallowed_networks = 127.0.0.0/8\n", encoding="utf-8")
         log = self.run_dir / f"{tag}-proxy.log"
         env = None
         if self.args.trace_malloc or self.args.gc_log:

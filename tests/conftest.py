@@ -15,8 +15,16 @@ from typing import Any
 
 import psycopg2
 import pytest
+from hypothesis import HealthCheck, settings
 
 from twisted_novnc.embedded import EmbeddedPostgres
+
+# The suite runs on a small machine next to real daemons and databases: time is not what the
+# property tests measure, so neither deadlines nor the too-slow check may fail them.
+settings.register_profile(
+    "twisted_novnc", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("twisted_novnc")
 
 TEST_DSN_ENV = "TWISTED_NOVNC_TEST_DSN"
 

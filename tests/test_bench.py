@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_DSN_ENV
+
+#: The same variable tests/conftest.py reads for an external PostgreSQL.
+TEST_DSN_ENV = "TWISTED_NOVNC_TEST_DSN"
 
 pytestmark = [pytest.mark.bench, pytest.mark.e2e, pytest.mark.integration]
 

@@ -25,6 +25,8 @@ from twisted_novnc.config import (
     parse_config,
     read_config,
 )
+from twisted_novnc.origins import OriginPolicy
+from twisted_novnc.targets import parse_networks, parse_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "etc" / "twisted-novnc.ini"
@@ -610,6 +612,16 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
         max_size=3,
     ).map(tuple),
     ("novnc", "ping_interval"): st.integers(0, 86400),
+    ("novnc", "allowed_origins"): st.sampled_from(
+        ["", "https://desk.example.com", "https://*.example.com http://localhost:6080"]
+    ).map(OriginPolicy.from_text),
+    ("novnc", "max_connections"): st.integers(1, 1_000_000),
+    ("novnc", "max_per_ip"): st.integers(1, 1_000_000),
+    ("novnc", "max_per_session"): st.integers(1, 1_000_000),
+    ("novnc", "max_waiting"): st.integers(1, 1_000_000),
+    ("novnc", "max_waiting_per_ip"): st.integers(1, 1_000_000),
+    ("novnc", "request_timeout"): st.floats(0.001, 1e6),
+    ("novnc", "idle_timeout"): st.integers(0, 1_000_000),
     ("novnc", "ping_timeout"): st.integers(2, 3600),
     ("database", "dsn"): st.one_of(st.just("embedded"), one_line),
     ("database", "table"): identifier | st.builds("{}.{}".format, identifier, identifier),
@@ -622,7 +634,16 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("database", "expires_column"): st.one_of(st.just(""), identifier),
     ("database", "pool_size"): st.integers(1, 64),
     ("database", "embedded_dir"): one_line.filter(bool),
+    ("upstream", "allowed_networks"): st.sampled_from(
+        ["10.0.0.0/8", "127.0.0.1/32 fc00::/7", "0.0.0.0/0 ::/0"]
+    ).map(parse_networks),
+    ("upstream", "allowed_ports"): st.sampled_from(["1-65535", "5900-5999 6080"]).map(parse_ports),
     ("upstream", "connect_retry"): st.booleans(),
+    ("auth", "mode"): st.just("none"),
+    ("auth", "token_column"): st.one_of(st.just(""), identifier),
+    ("auth", "one_time"): st.just(False),
+    ("auth", "cookie"): st.sampled_from(["", "novnc_token"]),
+    ("auth", "secret_file"): st.sampled_from(["", "/etc/novnc/secret"]),
     ("admin", "listen"): st.one_of(
         st.just(()), st.lists(endpoint, min_size=1, max_size=2, unique=True).map(tuple)
     ),

@@ -9,10 +9,13 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from twisted_novnc.config import NovncSettings
+from twisted_novnc.auth import mint_token, token_digest
+from twisted_novnc.config import AuthSettings, NovncSettings
 from twisted_novnc.front import NoVNCServerFactory
+from twisted_novnc.origins import OriginPolicy
 from twisted_novnc.readiness import ReadinessGate
 from twisted_novnc.session import SessionRow
+from twisted_novnc.targets import TargetPolicy
 from twisted_novnc.testing import (
     RFB_BANNER,
     MemorySessionSource,
@@ -28,15 +31,24 @@ class Harness:
     """A proxy factory on a loopback port, a test VNC server, and in-memory sessions."""
 
     def __init__(
-        self, timeout: float = 5.0, reject: str = "close", max_message_size: int = 1048576
+        self,
+        timeout: float = 5.0,
+        reject: str = "close",
+        max_message_size: int = 1048576,
+        auth: AuthSettings | None = None,
+        secret: bytes = b"",
+        networks: str = "127.0.0.0/8",
+        **novnc: object,
     ) -> None:
         self.source = MemorySessionSource()
         self.gate = ReadinessGate(self.source, reactor, timeout, frozenset({"ended"}), 1)
         settings = NovncSettings(
-            readiness_timeout=timeout, reject=reject, max_message_size=max_message_size
+            readiness_timeout=timeout, reject=reject, max_message_size=max_message_size,
+            **novnc,
         )
         self.factory = NoVNCServerFactory(
-            settings, self.gate, lambda t, s: connect_tcp(reactor, t, s), reactor
+            settings, self.gate, lambda t, s: connect_tcp(reactor, t, s), reactor,
+            auth=auth, secret=secret, targets=TargetPolicy.from_config(networks),
         )
         self.vnc = VNCEchoFactory()
         self.ports: list = []
@@ -50,13 +62,22 @@ class Harness:
         self.vnc_port = vnc.getHost().port
         return self
 
-    def ready(self, sid: str = SID) -> None:
-        self.source.rows[sid] = SessionRow(sid, "127.0.0.1", self.vnc_port, "running")
+    def ready(self, sid: str = SID, token_digest: str | None = None) -> None:
+        self.source.rows[sid] = SessionRow(
+            sid, "127.0.0.1", self.vnc_port, "running", token_digest=token_digest
+        )
         self.gate.notified(sid)
 
-    def connect(self, path: str = f"/websockify/{SID}", protocols=None) -> Deferred:
+    def connect(
+        self, path: str = f"/websockify/{SID}", protocols=None, origin: str | None = None,
+        headers: dict | None = None,
+    ) -> Deferred:
         url = f"ws://127.0.0.1:{self.proxy_port}{path}"
         factory = recording_client_factory(url, protocols)
+        if origin is not None:
+            factory.origin = origin
+        if headers:
+            factory.headers = headers
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy_port)
         return connectProtocol(endpoint, factory.buildProtocol(None))
 
@@ -252,5 +273,166 @@ def test_oversized_message_is_refused_with_1009():
         code, reason = yield client.closed
         assert code == 1009
         yield _until(lambda: not h.vnc.connections)
+    finally:
+        yield h.stop()
+
+
+# -- security: decided before any waiting, and never connecting where it should not ----------
+
+SECRET = b"0123456789abcdef-test-secret"
+
+
+@pytest_twisted.inlineCallbacks
+def _refused_with(h: Harness, path: str = f"/websockify/{SID}", **kwargs):
+    client = yield h.connect(path, **kwargs)
+    code, reason = yield client.closed
+    return code, reason
+
+
+@pytest_twisted.inlineCallbacks
+def test_origin_outside_the_allowlist_is_4403():
+    """An Origin not in allowed_origins gets 4403 at once, holding no waiter."""
+    h = yield Harness(allowed_origins=OriginPolicy.from_text("https://*.example.com")).start()
+    try:
+        assert (yield _refused_with(h, origin="https://evil.test")) == (
+            4403, "origin not allowed"
+        )
+        assert h.gate.waiting == 0 and h.source.fetches == []
+        h.ready()
+        client = yield h.connect(origin="https://desk.example.com")
+        yield client.when_received(len(RFB_BANNER))
+        client.sendClose(1000)
+        yield client.closed
+    finally:
+        yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_hmac_tokens():
+    """mode = hmac: a valid token relays; missing 4401, expired 4401, forged 4403, no waiting."""
+    h = yield Harness(auth=AuthSettings(mode="hmac", secret_file="x"), secret=SECRET).start()
+    try:
+        now = int(reactor.seconds())
+        good = mint_token(SECRET, SID, now + 60)
+        expired = mint_token(SECRET, SID, now - 1)
+        forged = mint_token(b"another-secret-of-16+", SID, now + 60)
+        base = f"/websockify/{SID}"
+        assert (yield _refused_with(h, base)) == (4401, "token required")
+        assert (yield _refused_with(h, f"{base}?token={expired}")) == (4401, "token expired")
+        assert (yield _refused_with(h, f"{base}?token={forged}")) == (4403, "forbidden")
+        assert h.source.fetches == [], "a bad token never holds a waiter"
+        h.ready()
+        client = yield h.connect(f"{base}?token={good}")
+        yield client.when_received(len(RFB_BANNER))
+        client.sendClose(1000)
+        yield client.closed
+    finally:
+        yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_column_token_and_cookie():
+    """mode = column: the token's SHA-256 must match the row's; a cookie may carry it."""
+    auth = AuthSettings(mode="column", token_column="token_sha256", cookie="novnc")
+    h = yield Harness(auth=auth).start()
+    try:
+        h.ready(token_digest=token_digest("s3cret-token"))
+        assert (yield _refused_with(h, f"/websockify/{SID}?token=wrong")) == (4403, "forbidden")
+        client = yield h.connect(headers={"Cookie": "other=1; novnc=s3cret-token"})
+        yield client.when_received(len(RFB_BANNER))
+        client.sendClose(1000)
+        yield client.closed
+    finally:
+        yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_one_time_token_replay_is_4403():
+    """one_time = on: the token works once; a replay gets 4403."""
+    auth = AuthSettings(mode="column", token_column="token_sha256", one_time=True)
+    h = yield Harness(auth=auth).start()
+    try:
+        h.ready(token_digest=token_digest("once"))
+        client = yield h.connect(f"/websockify/{SID}?token=once")
+        yield client.when_received(len(RFB_BANNER))
+        client.sendClose(1000)
+        yield client.closed
+        assert (yield _refused_with(h, f"/websockify/{SID}?token=once")) == (
+            4403, "token already used"
+        )
+    finally:
+        yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_target_outside_allowlist_is_never_connected():
+    """A vm_ip outside allowed_networks is refused with 4403 and never connected to."""
+    h = yield Harness(networks="10.0.0.0/8").start()
+    try:
+        h.ready()
+        assert (yield _refused_with(h)) == (4403, "VM address not allowed")
+        assert h.vnc.connections == [] and h.vnc.lost == []
+    finally:
+        yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_limits_give_4429():
+    """Over max_per_session or max_waiting_per_ip a connection gets 4429."""
+    h = yield Harness(max_per_session=1, max_waiting_per_ip=1).start()
+    try:
+        first = yield h.connect()
+        yield _until(lambda: h.gate.waiting == 1)
+        assert (yield _refused_with(h)) == (4429, "too many connections")
+        other = "0c7a4b0e-7d1c-4f64-9d2a-7e1f0a6e2b11"
+        assert (yield _refused_with(h, f"/websockify/{other}")) == (
+            4429, "too many connections"
+        )
+        first.transport.loseConnection()
+        yield first.closed
+        yield _until(lambda: not h.factory.per_ip and not h.factory.waiting_per_ip)
+    finally:
+        yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_max_connections_closes_at_accept():
+    """Beyond max_connections new sockets are closed at accept, before any HTTP."""
+    h = yield Harness(max_connections=1).start()
+    try:
+        first = yield h.connect()
+        yield _until(lambda: h.gate.waiting == 1)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", h.proxy_port)
+        second = yield connectProtocol(endpoint, RawExchange(upgrade_request("/x")))
+        assert (yield second.done) == b""
+        first.transport.loseConnection()
+        yield first.closed
+    finally:
+        yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_slow_request_is_dropped():
+    """A client that never finishes its HTTP request is dropped after request_timeout."""
+    h = yield Harness(request_timeout=0.3).start()
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", h.proxy_port)
+        slow = yield connectProtocol(endpoint, RawExchange(b"GET /websockify/x HTTP/1.1\r\n"))
+        assert (yield slow.done) == b""
+        assert not h.factory.connections
+    finally:
+        yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_relay_is_closed_with_4408():
+    """A relay that moves nothing for idle_timeout is closed with 4408."""
+    h = yield Harness(idle_timeout=1).start()
+    try:
+        h.ready()
+        client = yield h.connect()
+        yield client.when_received(len(RFB_BANNER))
+        code, reason = yield client.closed
+        assert (code, reason) == (4408, "idle timeout")
     finally:
         yield h.stop()

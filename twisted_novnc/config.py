@@ -23,6 +23,17 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
+from .auth import parse_cookie_name
+from .origins import OriginPolicy
+from .targets import (
+    ALL_PORTS,
+    DEFAULT_NETWORKS,
+    format_networks,
+    format_ports,
+    parse_networks,
+    parse_ports,
+)
+
 T = TypeVar("T")
 
 
@@ -353,6 +364,48 @@ class NovncSettings:
         25,
         "Seconds between WebSocket pings to an idle browser (0 = never).",
     )
+    allowed_origins: OriginPolicy = _setting(  # noqa: RUF009  (frozen, so shared safely)
+        Kind(OriginPolicy.from_text, OriginPolicy.to_text,
+             "origins (``scheme://host[:port]``, ``*`` for one whole host label) separated by"
+             " whitespace, or empty for no check"),
+        OriginPolicy(),
+        "The browser Origins allowed to connect; any other gets 4403.",
+    )
+    max_connections: int = _setting(
+        _integer(1, 1_000_000),
+        10000,
+        "The most browser connections open at once; more are refused at accept.",
+    )
+    max_per_ip: int = _setting(
+        _integer(1, 1_000_000),
+        256,
+        "The most connections open at once from one client address (4429 beyond).",
+    )
+    max_per_session: int = _setting(
+        _integer(1, 1_000_000),
+        16,
+        "The most connections (waiting or relaying) on one session (4429 beyond).",
+    )
+    max_waiting: int = _setting(
+        _integer(1, 1_000_000),
+        2000,
+        "The most browsers held waiting for readiness at once (4429 beyond).",
+    )
+    max_waiting_per_ip: int = _setting(
+        _integer(1, 1_000_000),
+        64,
+        "The most browsers from one client address held waiting at once (4429 beyond).",
+    )
+    request_timeout: float = _setting(
+        _SECONDS,
+        10.0,
+        "How long a client may take to send its HTTP upgrade request before it is dropped.",
+    )
+    idle_timeout: int = _setting(
+        _integer(0, 1_000_000),
+        3600,
+        "Seconds a relay may move no byte either way before it is closed (4408); 0 = never.",
+    )
     ping_timeout: int = _setting(
         _integer(2, 3600),
         10,
@@ -426,11 +479,54 @@ class DatabaseSettings:
 class UpstreamSettings:
     """``[upstream]``: how the proxy connects to the VM."""
 
+    allowed_networks: tuple[Any, ...] = _setting(
+        Kind(parse_networks, format_networks,
+             "IP networks in CIDR notation separated by whitespace"),
+        DEFAULT_NETWORKS,
+        "The networks a session's vm_ip may be in; any other is refused (4403), never reached.",
+    )
+    allowed_ports: tuple[Any, ...] = _setting(
+        Kind(parse_ports, format_ports, "ports and ranges (``5900-5999``) separated by whitespace"),
+        ALL_PORTS,
+        "The VNC ports the proxy may connect to; any other is refused (4403).",
+    )
     connect_retry: bool = _setting(
         _SWITCH,
         True,
         "While the VM refuses connections (still booting), retry with backoff until the"
         " readiness deadline, then refuse with 4502; off = refuse at the first failure.",
+    )
+
+
+@attrs.frozen
+class AuthSettings:
+    """``[auth]``: what a browser must show besides the session id."""
+
+    mode: str = _setting(
+        _choice("none", "column", "hmac"),
+        "none",
+        "none = the session id is the only capability; column = a token whose SHA-256 is in"
+        " token_column; hmac = a token signed with the key in secret_file.",
+    )
+    token_column: str = _setting(
+        _identifier(optional=True),
+        "",
+        "With mode = column: the column holding the SHA-256 hex digest of the session's token.",
+    )
+    one_time: bool = _setting(
+        _SWITCH,
+        False,
+        "With mode = column: consume the token on first use, so a replay gets 4403.",
+    )
+    cookie: str = _setting(
+        Kind(lambda text: parse_cookie_name(text) or "", _verbatim, "a cookie name, or empty"),
+        "",
+        "A cookie that may carry the token instead of the token query parameter.",
+    )
+    secret_file: str = _setting(
+        _OPTIONAL_FILE,
+        "",
+        "With mode = hmac: the file holding the HMAC key (at least 16 bytes, not world-readable).",
     )
 
 
@@ -476,6 +572,10 @@ class Settings:
     upstream: UpstreamSettings = attrs.field(
         factory=UpstreamSettings,
         metadata=_section(UpstreamSettings, "How the proxy connects to the VM."),
+    )
+    auth: AuthSettings = attrs.field(
+        factory=AuthSettings,
+        metadata=_section(AuthSettings, "What a browser must show besides the session id."),
     )
     admin: AdminSettings = attrs.field(
         factory=AdminSettings,
@@ -624,7 +724,20 @@ def parse_config(
                 where = COMMAND_LINE if (section_name, key_name) in overridden else source
                 raise ConfigError(where, section_name, key_name, str(e)) from None
         records[section_name] = section.record(**values)
-    return Settings(source=source, **records)
+    settings = Settings(source=source, **records)
+    _check_together(settings, source)
+    return settings
+
+
+def _check_together(settings: Settings, source: str) -> None:
+    """Keys that only make sense with others."""
+    auth = settings.auth
+    if auth.mode == "column" and not auth.token_column:
+        raise ConfigError(source, "auth", "token_column", "required when mode = column")
+    if auth.mode == "hmac" and not auth.secret_file:
+        raise ConfigError(source, "auth", "secret_file", "required when mode = hmac")
+    if auth.one_time and auth.mode != "column":
+        raise ConfigError(source, "auth", "one_time", "only applies to mode = column")
 
 
 def read_config(

@@ -12,6 +12,7 @@ relay open, closed) with the same keys: ``session_id``, ``client``, and at the e
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,8 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .config import NovncSettings
+from .auth import TokenRequired, extract_token, token_digest, verify_digest, verify_token
+from .config import AuthSettings, NovncSettings
 from .errors import Refusal, Refused
 from .forwarded import client_address, parse_networks
 from .metrics import Metrics
@@ -30,9 +32,12 @@ from .paths import PathTemplate
 from .readiness import ReadinessGate, Watch
 from .relay import Relay
 from .session import Target
+from .targets import TargetPolicy
 from .upstream import TCPUpstream
 
 SUBPROTOCOL = "binary"
+
+_log = Logger()
 
 Connector = Callable[[Target, float], Deferred[TCPUpstream]]
 
@@ -61,6 +66,12 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     _started: float = 0.0
     _ready_at: float | None = None
     _opened_at: float | None = None
+    _token: str | None = None
+    _counted: bool = False
+    _waiting_counted: bool = False
+    _request_timer: Any = None
+    _idle_timer: Any = None
+    _idle_seen: int = -1
 
     # -- the handshake ---------------------------------------------------------------------
 
@@ -68,31 +79,95 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # type: ignore[override]
         clock = self.factory.clock
         self._started = clock.seconds()
+        self._cancel_request_timer()
         peer = getattr(self.transport.getPeer(), "host", "unix")  # type: ignore[union-attr]
         self.client = client_address(peer, request.headers, self.factory.trusted_proxies)
-        match = self.factory.paths.match(request.path)
-        if match is None:
+        try:
+            self._admit(request)
+        except Refused as refused:
             d: Deferred[Any] = Deferred()
             d.addErrback(self._refuse, request)
-            d.errback(Refused(Refusal.BAD_PATH, request.path[:200]))
+            d.errback(refused)
             return d
-        self.session_id = match.session_id
+        assert self.session_id is not None
         deadline = self._started + self.factory.settings.readiness_timeout
         self._log.info(
             "request {session_id} from {client}: waiting for readiness",
             session_id=self.session_id,
             client=self.client,
         )
-        d = self.factory.gate.when_ready(match.session_id)
+        self._count_waiting(+1)
+        d = self.factory.gate.when_ready(self.session_id)
+        d.addBoth(self._done_waiting)
         d.addCallback(self._ready, deadline)  # type: ignore[arg-type]
         d.addCallback(self._accept, request)  # type: ignore[call-overload]
         d.addErrback(self._refuse, request)
         self._pending = d
         return d
 
-    def _ready(self, target: Target, deadline: float) -> Deferred[TCPUpstream]:
+    def _admit(self, request: ConnectionRequest) -> None:
+        """Everything decided before any waiting: path, origin, limits, the token's form."""
+        factory, settings = self.factory, self.factory.settings
+        match = factory.paths.match(request.path)
+        if match is None:
+            raise Refused(Refusal.BAD_PATH, request.path[:200])
+        self.session_id = match.session_id
+        if not settings.allowed_origins.allows(request.origin or None):
+            raise Refused(Refusal.ORIGIN_FORBIDDEN, f"origin {request.origin[:200]!r}")
+        factory.count(self, +1)
+        if factory.per_ip[self.client] > settings.max_per_ip:
+            raise Refused(Refusal.TOO_MANY, f"{self.client} has {settings.max_per_ip} open")
+        if factory.per_session[self.session_id] > settings.max_per_session:
+            raise Refused(Refusal.TOO_MANY, f"session has {settings.max_per_session} open")
+        if factory.gate.waiting >= settings.max_waiting:
+            raise Refused(Refusal.TOO_MANY, f"{settings.max_waiting} browsers waiting")
+        if factory.waiting_per_ip[self.client] >= settings.max_waiting_per_ip:
+            raise Refused(Refusal.TOO_MANY, f"{self.client} has browsers waiting")
+        auth = factory.auth
+        if auth.mode == "none":
+            return
+        self._token = extract_token(request.params, request.headers, auth.cookie or None)
+        if auth.mode == "hmac":
+            verify_token(factory.secret, self.session_id, self._token, factory.clock.seconds())
+        elif self._token is None:
+            raise TokenRequired()
+
+    def _count_waiting(self, delta: int) -> None:
+        self._waiting_counted = delta > 0
+        self.factory.waiting_per_ip[self.client] += delta
+        if self.factory.waiting_per_ip[self.client] <= 0:
+            del self.factory.waiting_per_ip[self.client]
+
+    def _done_waiting(self, result: Any) -> Any:
+        if self._waiting_counted:
+            self._count_waiting(-1)
+        return result
+
+    def _ready(self, target: Target, deadline: float) -> Any:
         now = self.factory.clock.seconds()
         self._ready_at = now
+        if not self.factory.targets.allows(target.host, target.port):
+            raise Refused(
+                Refusal.TARGET_FORBIDDEN,
+                f"{target.host}:{target.port} is outside [upstream] allowed_networks/ports",
+            )
+        auth = self.factory.auth
+        if auth.mode == "column" and auth.one_time:
+            digest = token_digest(self._token or "")
+            d = self.factory.gate.source.consume_token(target.session_id, digest)
+            d.addCallback(self._token_consumed, target, deadline)
+            return d
+        if auth.mode == "column":
+            verify_digest(target.token_digest, self._token)
+        return self._connect(target, deadline)
+
+    def _token_consumed(self, row: Any, target: Target, deadline: float) -> Any:
+        if row is None:
+            raise Refused(Refusal.TOKEN_USED, "no unused token matched")
+        return self._connect(target, deadline)
+
+    def _connect(self, target: Target, deadline: float) -> Deferred[TCPUpstream]:
+        now = self.factory.clock.seconds()
         self._target = target
         self.factory.metrics.readiness_wait.observe(now - self._started)
         self._log.info(
@@ -161,12 +236,42 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         self._upstream.attach(self.relay)
         self._watch = self.factory.gate.watch(self._target, self._revoked)
         self.factory.live.add(self)
+        if self.factory.settings.idle_timeout:
+            self._idle_timer = self.factory.clock.callLater(
+                self.factory.settings.idle_timeout, self._idle_check
+            )
         self._log.info(
             "relay open {session_id} from {client} after {wait_seconds:.3f}s",
             session_id=self.session_id,
             client=self.client,
             wait_seconds=self._opened_at - self._started,
         )
+
+    def _idle_check(self) -> None:
+        """Close a relay that moved nothing since the last look, one idle_timeout ago."""
+        self._idle_timer = None
+        if self.relay is None or self.relay.ended_by is not None:
+            return
+        if self.relay.activity == self._idle_seen:
+            self._log.info("idle {session_id} from {client}: closing",
+                           session_id=self.session_id, client=self.client)
+            self.end_relay(Refusal.IDLE.close_code, Refusal.IDLE.reason, "idle")
+            return
+        self._idle_seen = self.relay.activity
+        self._idle_timer = self.factory.clock.callLater(
+            self.factory.settings.idle_timeout, self._idle_check
+        )
+
+    def _request_too_slow(self) -> None:
+        self._request_timer = None
+        self._log.info("dropping {peer}: no complete request in {timeout:g}s",
+                       peer=self.peer, timeout=self.factory.settings.request_timeout)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _cancel_request_timer(self) -> None:
+        if self._request_timer is not None and self._request_timer.active():
+            self._request_timer.cancel()
+        self._request_timer = None
 
     def _revoked(self, refused: Refused) -> None:
         """The session ended, expired or moved while relayed."""
@@ -201,10 +306,18 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.factory.connections.add(self)
+        self._request_timer = self.factory.clock.callLater(
+            self.factory.settings.request_timeout, self._request_too_slow
+        )
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_request_timer()
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
         self._browser_left()
         super().connectionLost(reason)
+        self.factory.count(self, -1)
         self._closed()
         self.factory.connections.discard(self)
         if not self.factory.connections and self.factory.drained is not None:
@@ -297,9 +410,21 @@ class NoVNCServerFactory(WebSocketServerFactory):
         connect: Connector,
         clock: Any,
         metrics: Metrics | None = None,
+        auth: AuthSettings | None = None,
+        secret: bytes = b"",
+        targets: TargetPolicy | None = None,
     ) -> None:
-        super().__init__()
+        # Autobahn's own Server header would name its version to every scanner.
+        super().__init__(server="twisted_novnc")
         self.settings = settings
+        self.auth = auth if auth is not None else AuthSettings()
+        self.secret = secret
+        self.targets = targets if targets is not None else TargetPolicy()
+        #: Open connections by client address and by session, waiting ones by address.
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.per_session: collections.Counter[str] = collections.Counter()
+        self.waiting_per_ip: collections.Counter[str] = collections.Counter()
+        self._full_logged = -1.0
         self.gate = gate
         self.connect = connect
         self.clock = clock
@@ -314,6 +439,9 @@ class NoVNCServerFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             # Our own readiness deadline governs the wait; Autobahn's would cut it short.
             openHandshakeTimeout=0,
+            # No status page, and above all no ?redirect=URL (an open redirect): a request
+            # that is not a WebSocket upgrade gets 426.
+            webStatus=False,
             maxFramePayloadSize=settings.max_message_size,
             maxMessagePayloadSize=settings.max_message_size,
             # Say why (e.g. 1009 too big) in a close frame instead of dropping the socket (1006).
@@ -331,6 +459,29 @@ class NoVNCServerFactory(WebSocketServerFactory):
                 autoPingInterval=settings.ping_interval,
                 autoPingTimeout=settings.ping_timeout,
             )
+
+    def count(self, protocol: NoVNCServerProtocol, delta: int) -> None:
+        """Count a connection under its client address and session (once in, once out)."""
+        if (delta > 0) == protocol._counted:
+            return
+        protocol._counted = delta > 0
+        keys = ((self.per_ip, protocol.client), (self.per_session, protocol.session_id))
+        for counter, key in keys:
+            if key is None:
+                continue
+            counter[key] += delta
+            if counter[key] <= 0:
+                del counter[key]
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.connections) >= self.settings.max_connections:
+            now = self.clock.seconds()
+            if now - self._full_logged >= 1:
+                self._full_logged = now
+                _log.warn("max_connections ({n}) reached: closing new connections",
+                          n=self.settings.max_connections)
+            return None
+        return super().buildProtocol(addr)
 
     def live_bytes(self) -> tuple[int, int]:
         """Bytes moved so far by the relays still open: (up, down)."""

@@ -32,6 +32,8 @@ class SessionSource(Protocol):
 
     def normalise_id(self, raw: str) -> str | None: ...
 
+    def consume_token(self, session_id: str, digest: str) -> Deferred[SessionRow | None]: ...
+
 
 class _Seen(enum.Enum):
     """What the last read said about a session, which decides the code at the deadline."""
@@ -272,7 +274,7 @@ class ReadinessGate:
                 self._fail(key, Refused(Refusal.BAD_VM_ADDRESS, f"vm_ip {row.vm_ip!r}"))
             else:
                 port = row.port or self.default_port
-                self._succeed(key, Target(key, host, port, row.expires_at))
+                self._succeed(key, Target(key, host, port, row.expires_at, row.token_digest))
 
     def _read_failed(self, failure: Any, batch: set[str]) -> None:
         _log.warn("session lookup failed: {error}", error=failure.getErrorMessage())

@@ -51,6 +51,8 @@ class Relay:
     up_bytes: int = 0
     down_bytes: int = 0
     ended_by: str | None = None
+    #: Counts relayed messages; the idle check compares it between two looks.
+    activity: int = 0
 
     def start(self) -> None:
         """Wire flow control both ways; the VM's first bytes were held until now."""
@@ -60,11 +62,13 @@ class Relay:
     def from_browser(self, data: bytes) -> None:
         if self.ended_by is None:
             self.up_bytes += len(data)
+            self.activity += 1
             self.vm.send(data)
 
     def from_vm(self, data: bytes) -> None:
         if self.ended_by is None:
             self.down_bytes += len(data)
+            self.activity += 1
             self.browser.send(data)
 
     def browser_gone(self) -> None:

@@ -14,7 +14,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from .admin import admin_site
-from .config import Settings
+from .auth import SecretFileError, read_secret
+from .config import ConfigError, Settings
 from .embedded import EmbeddedPostgresService, apply_sql
 from .errors import Refusal
 from .front import NoVNCServerFactory
@@ -24,6 +25,7 @@ from .readiness import ReadinessGate
 from .schema import schema_sql
 from .session import Target
 from .store import PostgresSessionStore
+from .targets import TargetPolicy
 from .upstream import TCPUpstream, connect_tcp
 
 _log = Logger()
@@ -153,18 +155,32 @@ class EmbeddedSchemaService(Service):
         Service.startService(self)
         apply_sql(self.embedded.dsn, schema_sql(self.settings.database))
         table = self.settings.database.table
+        db = self.settings.database
         _log.info(
-            "embedded database ready; add a session with:\n  {command}",
+            "embedded database ready; add a session (its VM at 10.0.0.5:{port}) with:\n"
+            "  {command}\nthen open ws://<listen address>{path}.  A VNC server on this host"
+            " is on loopback, outside the default [upstream] allowed_networks: start with"
+            " --set upstream.allowed_networks=127.0.0.1/32 (make run ARGS=...) to reach it.",
+            port=self.settings.novnc.target_port,
+            path=self.settings.novnc.path.replace("{session_id}", "<session_id>"),
             command=self.embedded.embedded.psql_command(
-                f"INSERT INTO {table} (session_id, vm_ip) "
-                "VALUES (gen_random_uuid(), '127.0.0.1') RETURNING session_id"
+                f"INSERT INTO {table} ({db.id_column}, {db.ip_column}) "
+                "VALUES (gen_random_uuid(), '10.0.0.5') RETURNING session_id"
             ),
         )
 
 
-def make_service(settings: Settings, reactor: Any) -> MultiService:
-    """Build the whole daemon; nothing runs until the service starts."""
+def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> MultiService:
+    """Build the whole daemon; nothing runs until the service starts.
+
+    ``secret`` is the HMAC key read from ``[auth] secret_file`` (see :func:`load_secret`).
+    """
     top = MultiService()
+    if settings.auth.mode == "none":
+        _log.warn("[auth] mode = none: the session id is the only capability; anyone who"
+                  " learns one can connect to its VM")
+    if not settings.novnc.allowed_origins.patterns:
+        _log.warn("[novnc] allowed_origins is empty: pages of any origin may connect")
     LogService(settings.log, reactor).setServiceParent(top)
     db = settings.database
     if db.dsn == "embedded":
@@ -179,7 +195,7 @@ def make_service(settings: Settings, reactor: Any) -> MultiService:
         def dsn() -> str:
             return db.dsn
 
-    store = PostgresSessionStore(db, dsn, reactor)
+    store = PostgresSessionStore(db, dsn, reactor, token_column=settings.auth.token_column)
     gate = ReadinessGate(
         source=store,
         clock=reactor,
@@ -194,7 +210,10 @@ def make_service(settings: Settings, reactor: Any) -> MultiService:
         return connect_tcp(reactor, target, timeout, retry=settings.upstream.connect_retry)
 
     metrics = Metrics()
-    factory = NoVNCServerFactory(settings.novnc, gate, connect, reactor, metrics)
+    targets = TargetPolicy(settings.upstream.allowed_networks, settings.upstream.allowed_ports)
+    factory = NoVNCServerFactory(
+        settings.novnc, gate, connect, reactor, metrics, settings.auth, secret, targets
+    )
     metrics.live = LiveState(
         connections_open=lambda: len(factory.connections),
         relays_open=lambda: len(factory.live),
@@ -213,3 +232,13 @@ def make_service(settings: Settings, reactor: Any) -> MultiService:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, factory).setServiceParent(top)
     return top
+
+
+def load_secret(settings: Settings) -> bytes:
+    """The HMAC key for ``[auth] mode = hmac``; a bad file is a ConfigError naming the key."""
+    if settings.auth.mode != "hmac":
+        return b""
+    try:
+        return read_secret(settings.auth.secret_file)
+    except SecretFileError as e:
+        raise ConfigError(settings.source, "auth", "secret_file", str(e)) from None

@@ -17,6 +17,8 @@ class SessionRow:
     status: str | None = None
     #: When the session expires, in seconds since the epoch (``expires_column``), if known.
     expires_at: float | None = None
+    #: The SHA-256 hex digest of the session's token (``[auth] token_column``), if any.
+    token_digest: str | None = None
 
 
 @attrs.frozen
@@ -27,6 +29,7 @@ class Target:
     host: str
     port: int
     expires_at: float | None = None
+    token_digest: str | None = None
 
 
 def parse_vm_ip(text: str) -> str | None:

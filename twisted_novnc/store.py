@@ -26,8 +26,12 @@ from .session import SessionRow
 
 _log = Logger()
 
-#: (id, vm_ip, port, status, expires_at) as the lookup query returns them.
-RowTuple = tuple[str, str | None, int | None, str | None, float | None]
+#: (id, vm_ip, port, status, expires_at, token digest) as the lookup query returns them.
+RowTuple = tuple[str, str | None, int | None, str | None, float | None, str | None]
+
+
+def _row(r: RowTuple) -> SessionRow:
+    return SessionRow(r[0], vm_ip=r[1], port=r[2], status=r[3], expires_at=r[4], token_digest=r[5])
 
 #: libpq options for every connection: a name to find it by in pg_stat_activity, a bounded
 #: connect, and keepalives so a vanished server is noticed in seconds rather than hours.
@@ -142,12 +146,15 @@ class PostgresSessionStore:
     dsn: Callable[[], str]
     reactor: Any
     observer: StoreObserver | None = None
+    #: ``[auth] token_column``, read with the row when set.
+    token_column: str = ""
     id_type: str | None = None
     _pool: txpostgres.ConnectionPool | None = None
     _listener: txpostgres.Connection | None = None
     _listening: bool = False
     _stopped: bool = False
     _select: str = ""
+    _columns: str = ""
     _listen_retry: Any = None
     _health: _Health = attrs.field(factory=_Health)
     _all_pool_connections: list[Any] = attrs.field(factory=list)
@@ -275,7 +282,10 @@ class PostgresSessionStore:
         def check(rows: Sequence[tuple[str, str]]) -> None:
             types = dict(rows)
             s = self.settings
-            wanted = [s.id_column, s.ip_column, s.port_column, s.status_column, s.expires_column]
+            wanted = [
+                s.id_column, s.ip_column, s.port_column, s.status_column, s.expires_column,
+                self.token_column,
+            ]
             missing = [c for c in wanted if c and c not in types]
             if missing:
                 raise SchemaMismatch(
@@ -296,12 +306,35 @@ class PostgresSessionStore:
             if s.expires_column
             else "NULL::float8"
         )
-        cast = self.id_type if self.id_type in ("uuid", *INTEGER_TYPES) else "text"
+        token = f"{quote_ident(self.token_column)}::text" if self.token_column else "NULL::text"
         ident = quote_ident(s.id_column)
-        return (
-            f"SELECT {ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}, {expires}"
-            f" FROM {quote_ident(s.table)} WHERE {ident} = ANY(%s::{cast}[])"
+        self._columns = (
+            f"{ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}, {expires}, {token}"
         )
+        return (
+            f"SELECT {self._columns} FROM {quote_ident(s.table)}"
+            f" WHERE {ident} = ANY(%s::{self._cast}[])"
+        )
+
+    @property
+    def _cast(self) -> str:
+        return self.id_type if self.id_type in ("uuid", *INTEGER_TYPES) else "text"
+
+    def consume_token(self, session_id: str, digest: str) -> Deferred[SessionRow | None]:
+        """Resolve the session and clear its token in one statement; None if it did not match.
+
+        Two browsers racing with one token: the row lock lets exactly one UPDATE match.
+        """
+        if self._pool is None or not self._select:
+            return defer.fail(DatabaseNotReady("not connected to the database yet"))
+        s = self.settings
+        sql = (
+            f"UPDATE {quote_ident(s.table)} SET {quote_ident(self.token_column)} = NULL"
+            f" WHERE {quote_ident(s.id_column)} = %s::{self._cast}"
+            f" AND {quote_ident(self.token_column)} = %s RETURNING {self._columns}"
+        )
+        d = self._pool.runQuery(sql, (session_id, digest))
+        return d.addCallback(lambda rows: _row(rows[0]) if rows else None)
 
     def normalise_id(self, raw: str) -> str | None:
         return normalise_id(raw, self.id_type)
@@ -316,10 +349,7 @@ class PostgresSessionStore:
         d = self._pool.runQuery(self._select, (ids,))
 
         def rows(result: Sequence[RowTuple]) -> dict[str, SessionRow]:
-            return {
-                r[0]: SessionRow(r[0], vm_ip=r[1], port=r[2], status=r[3], expires_at=r[4])
-                for r in result
-            }
+            return {r[0]: _row(r) for r in result}
 
         return d.addCallback(rows)
 

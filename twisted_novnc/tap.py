@@ -66,12 +66,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    from .service import make_service
+    from .service import load_secret, make_service
 
     try:
         settings = read_config(options["config"], options.overrides)
+        secret = load_secret(settings)
     except ConfigError as e:
         # One line, then a non-zero exit: twistd would otherwise print a traceback.
         print(f"twisted_novnc: configuration error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return make_service(settings, reactor)
+    return make_service(settings, reactor, secret)

@@ -47,6 +47,14 @@ class MemorySessionSource:
             return defer.fail(self.fail_with)
         return defer.succeed({i: self.rows[i] for i in ids if i in self.rows})
 
+    def consume_token(self, session_id: str, digest: str) -> Deferred[SessionRow | None]:
+        """Clear the row's token if it matches, like the store's one UPDATE."""
+        row = self.rows.get(session_id)
+        if row is None or row.token_digest is None or row.token_digest != digest:
+            return defer.succeed(None)
+        self.rows[session_id] = attrs.evolve(row, token_digest=None)
+        return defer.succeed(row)
+
     def release(self) -> None:
         """Answer every held fetch from the rows as they are now."""
         held, self._held = self._held, []
