@@ -153,6 +153,9 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             )
         auth = self.factory.auth
         if auth.mode == "column" and auth.one_time:
+            if target.token_digest is None:
+                raise Refused(Refusal.TOKEN_USED, "the session has no unused token")
+            verify_digest(target.token_digest, self._token)  # a wrong token: 4403 forbidden
             digest = token_digest(self._token or "")
             d = self.factory.gate.source.consume_token(target.session_id, digest)
             d.addCallback(self._token_consumed, target, deadline)
