@@ -436,3 +436,25 @@ def test_idle_relay_is_closed_with_4408():
         assert (code, reason) == (4408, "idle timeout")
     finally:
         yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_max_per_ip_and_max_waiting_give_4429():
+    """Over max_per_ip (open from one address) or max_waiting (held in total): 4429."""
+    h = yield Harness(max_per_ip=2, max_waiting=1).start()
+    try:
+        first = yield h.connect()
+        yield _until(lambda: h.gate.waiting == 1)
+        other = "0c7a4b0e-7d1c-4f64-9d2a-7e1f0a6e2b11"
+        assert (yield _refused_with(h, f"/websockify/{other}")) == (4429, "too many connections")
+        yield _until(lambda: h.factory.per_ip["127.0.0.1"] == 1)
+        h.ready()
+        yield first.when_received(len(RFB_BANNER))
+        second = yield h.connect()  # a relay and this one: two open from 127.0.0.1
+        yield second.when_received(len(RFB_BANNER))
+        assert (yield _refused_with(h)) == (4429, "too many connections")
+        for client in (first, second):
+            client.sendClose(1000)
+            yield client.closed
+    finally:
+        yield h.stop()
