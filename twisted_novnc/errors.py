@@ -15,6 +15,7 @@ class Refusal(enum.Enum):
 
     BAD_PATH = (4400, 400, "bad path")
     BAD_REQUEST = (4400, 400, "bad request")
+    BAD_SUBPROTOCOL = (4400, 400, "subprotocol binary required")
     UNAUTHORIZED = (4401, 401, "unauthorized")
     TOKEN_REQUIRED = (4401, 401, "token required")
     TOKEN_EXPIRED = (4401, 401, "token expired")

@@ -31,11 +31,15 @@ from .metrics import Metrics
 from .paths import PathTemplate
 from .readiness import ReadinessGate, Watch
 from .relay import Relay
+from .requesthead import MAX_HEAD, BadHead, check_head, head_end
 from .session import Target
 from .targets import TargetPolicy
 from .upstream import TCPUpstream
 
 SUBPROTOCOL = "binary"
+
+#: Seconds a peer has to take our last bytes (a close frame) before its socket is aborted.
+ABORT_GRACE = 2.0
 
 _log = Logger()
 
@@ -72,6 +76,10 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     _request_timer: Any = None
     _idle_timer: Any = None
     _idle_seen: int = -1
+    _head: bytes | None = b""
+    _head_refused: bool = False
+    _early_bytes: int = 0
+    _abort_timer: Any = None
 
     # -- the handshake ---------------------------------------------------------------------
 
@@ -112,6 +120,8 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         if match is None:
             raise Refused(Refusal.BAD_PATH, request.path[:200])
         self.session_id = match.session_id
+        if request.protocols and SUBPROTOCOL not in request.protocols:
+            raise Refused(Refusal.BAD_SUBPROTOCOL, f"offered {request.protocols!r}")
         if not settings.allowed_origins.allows(request.origin or None):
             raise Refused(Refusal.ORIGIN_FORBIDDEN, f"origin {request.origin[:200]!r}")
         factory.count(self, +1)
@@ -219,7 +229,9 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             reason=refused.refusal.reason,
             detail=refused.detail,
         )
-        if self.factory.settings.reject == "http":
+        if self.factory.settings.reject == "http" or refused.refusal is Refusal.BAD_SUBPROTOCOL:
+            # A browser that offered subprotocols fails a handshake that selects none of them
+            # before it can read any close code, so this one is always an HTTP refusal.
             self._http_status = refused.refusal.http_status
             raise ConnectionDeny(refused.refusal.http_status, refused.refusal.reason)
         self._refused = refused
@@ -306,6 +318,51 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._browser_left()
 
+    def _closeConnection(self, abort: bool = False) -> None:
+        """Autobahn aborts the socket after a protocol error, which throws away what is still
+        in the write buffer: the 101 and the close frame that says why.  Flush first; abort
+        only a peer that will not take them."""
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        if abort and self._abort_timer is None:
+            self._abort_timer = self.factory.clock.callLater(ABORT_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        """Check the request head strictly before Autobahn sees it; bound what is buffered."""
+        if self._head_refused:
+            return  # answered and closing: whatever else arrives is not read
+        if self._head is None:
+            if self.state == self.STATE_CONNECTING:
+                # Nothing may come between the request and our 101 but a little pipelining.
+                self._early_bytes += len(data)
+                if self._early_bytes > MAX_HEAD:
+                    self.transport.abortConnection()  # type: ignore[union-attr]
+                    return
+            super().dataReceived(data)
+            return
+        self._head += data
+        try:
+            end = head_end(self._head)
+            if end is None:
+                return
+            check_head(self._head[:end])
+        except BadHead as bad:
+            self._head = None
+            self._head_refused = True
+            self._http_status = bad.status
+            self._cancel_request_timer()
+            self.transport.write(  # type: ignore[union-attr]
+                f"HTTP/1.1 {bad.status} {bad.reason}\r\nConnection: close\r\n\r\n".encode()
+            )
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        buffered, self._head = self._head, None
+        self._early_bytes = len(buffered) - end
+        super().dataReceived(buffered)
+
     def connectionMade(self) -> None:
         super().connectionMade()
         self.factory.connections.add(self)
@@ -315,6 +372,9 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_request_timer()
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        self._abort_timer = None
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
@@ -442,6 +502,8 @@ class NoVNCServerFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             # Our own readiness deadline governs the wait; Autobahn's would cut it short.
             openHandshakeTimeout=0,
+            # RFC 6455 only: the refusal of another version names 13 (noVNC speaks 13).
+            versions=[13],
             # No status page, and above all no ?redirect=URL (an open redirect): a request
             # that is not a WebSocket upgrade gets 426.
             webStatus=False,
