@@ -31,7 +31,8 @@ class Refusal(enum.Enum):
     ORIGIN_FORBIDDEN = (4403, 403, "origin not allowed")
     VM_UNREACHABLE = (4502, 502, "VM unreachable")
     VM_LOST = (4502, 502, "VM connection lost")
-    BAD_VM_ADDRESS = (4502, 502, "bad VM address")
+    # A name is never resolved: to the allowlist it is an address outside every network.
+    BAD_VM_ADDRESS = (4403, 403, "bad VM address")
     DATABASE_UNAVAILABLE = (4503, 503, "database unavailable")
     SHUTTING_DOWN = (4503, 503, "shutting down")
     NOT_READY = (4504, 504, "session not ready in time")
