@@ -254,6 +254,7 @@ def test_pings_keep_idle_sessions_and_find_vanished_browsers(
     yield within(_until(lambda: len(pings) >= 3))
     assert not a.closed.called
     yield within(_until(lambda: len(vnc_server.connections) == 1))  # the vanished one's VM
+    b.transport.abortConnection()  # a paused socket is in no reactor set: close it ourselves
     a.sendClose(1000)
     yield within(a.closed)
 
