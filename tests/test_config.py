@@ -638,6 +638,8 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
         ["10.0.0.0/8", "127.0.0.1/32 fc00::/7", "0.0.0.0/0 ::/0"]
     ).map(parse_networks),
     ("upstream", "allowed_ports"): st.sampled_from(["1-65535", "5900-5999 6080"]).map(parse_ports),
+    ("upstream", "mode"): st.sampled_from(["tcp", "websocket"]),
+    ("upstream", "port"): st.integers(0, 65535),
     ("upstream", "connect_retry"): st.booleans(),
     ("auth", "mode"): st.just("none"),
     ("auth", "token_column"): st.one_of(st.just(""), identifier),

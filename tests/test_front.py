@@ -47,7 +47,7 @@ class Harness:
             **novnc,
         )
         self.factory = NoVNCServerFactory(
-            settings, self.gate, lambda t, s: connect_tcp(reactor, t, s), reactor,
+            settings, self.gate, lambda t, s, *forward: connect_tcp(reactor, t, s), reactor,
             auth=auth, secret=secret, targets=TargetPolicy.from_config(networks),
         )
         self.vnc = VNCEchoFactory()

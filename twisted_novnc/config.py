@@ -490,6 +490,17 @@ class UpstreamSettings:
         ALL_PORTS,
         "The VNC ports the proxy may connect to; any other is refused (4403).",
     )
+    mode: str = _setting(
+        _choice("tcp", "websocket"),
+        "tcp",
+        "tcp = raw TCP to the VM's VNC server; websocket = a WebSocket client connection to a"
+        " websockify on the VM (ws://vm_ip:port/<path suffix>?<query without token>).",
+    )
+    port: int = _setting(
+        _integer(0, 65535),
+        0,
+        "The upstream port when it differs from the session's VNC port; 0 = the same.",
+    )
     connect_retry: bool = _setting(
         _SWITCH,
         True,

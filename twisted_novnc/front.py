@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -23,7 +24,14 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .auth import TokenRequired, extract_token, token_digest, verify_digest, verify_token
+from .auth import (
+    TokenRequired,
+    extract_token,
+    strip_token,
+    token_digest,
+    verify_digest,
+    verify_token,
+)
 from .config import AuthSettings, NovncSettings
 from .errors import Refusal, Refused
 from .forwarded import client_address, parse_networks
@@ -43,7 +51,8 @@ ABORT_GRACE = 2.0
 
 _log = Logger()
 
-Connector = Callable[[Target, float], Deferred[TCPUpstream]]
+#: (target, seconds left, path suffix, query without token) -> the connected upstream peer.
+Connector = Callable[[Target, float, str, str], Deferred[Any]]
 
 
 def close_frame(protocol: WebSocketServerProtocol, code: int, reason: str) -> None:
@@ -76,6 +85,8 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     _request_timer: Any = None
     _idle_timer: Any = None
     _idle_seen: int = -1
+    _suffix: str = ""
+    _query: str = ""
     _head: bytes | None = b""
     _head_refused: bool = False
     _early_bytes: int = 0
@@ -120,6 +131,10 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         if match is None:
             raise Refused(Refusal.BAD_PATH, request.path[:200])
         self.session_id = match.session_id
+        # What a websocket upstream is asked for: the path after the session, the query
+        # without the token (which is for this proxy alone).
+        self._suffix = match.suffix
+        self._query = strip_token(urlsplit(self.http_request_uri).query)
         if request.protocols and SUBPROTOCOL not in request.protocols:
             raise Refused(Refusal.BAD_SUBPROTOCOL, f"offered {request.protocols!r}")
         if not settings.allowed_origins.allows(request.origin or None):
@@ -191,7 +206,7 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             host=target.host,
             port=target.port,
         )
-        return self.factory.connect(target, deadline - now)
+        return self.factory.connect(target, deadline - now, self._suffix, self._query)
 
     def _accept(self, upstream: TCPUpstream, request: ConnectionRequest) -> str | None:
         self._pending = None

@@ -26,7 +26,7 @@ from .schema import schema_sql
 from .session import Target
 from .store import PostgresSessionStore
 from .targets import TargetPolicy
-from .upstream import TCPUpstream, connect_tcp
+from .upstream import connect_tcp, connect_websocket
 
 _log = Logger()
 
@@ -206,8 +206,17 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
     store.observer = gate
     SessionDatabaseService(store, gate).setServiceParent(top)
 
-    def connect(target: Target, timeout: float) -> Deferred[TCPUpstream]:
-        return connect_tcp(reactor, target, timeout, retry=settings.upstream.connect_retry)
+    upstream = settings.upstream
+
+    def connect(target: Target, timeout: float, suffix: str, query: str) -> Deferred[Any]:
+        if upstream.port:
+            target = attrs.evolve(target, port=upstream.port)
+        if upstream.mode == "websocket":
+            return connect_websocket(
+                reactor, target, timeout, suffix, query, retry=upstream.connect_retry,
+                max_message_size=settings.novnc.max_message_size,
+            )
+        return connect_tcp(reactor, target, timeout, retry=upstream.connect_retry)
 
     metrics = Metrics()
     targets = TargetPolicy(settings.upstream.allowed_networks, settings.upstream.allowed_ports)

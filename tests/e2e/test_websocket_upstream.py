@@ -1,0 +1,172 @@
+"""[upstream] mode = websocket: an Autobahn client to a websockify on the VM, for real."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+
+import pytest
+import pytest_twisted
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+
+from twisted_novnc.testing import RFB_BANNER, recording_client_factory
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+
+def within(d: defer.Deferred, seconds: float = 30.0) -> defer.Deferred:
+    return d.addTimeout(seconds, reactor)
+
+
+def connect(port: int, path: str):
+    factory = recording_client_factory(f"ws://127.0.0.1:{port}{path}")
+    return connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port), factory.buildProtocol(None)
+    )
+
+
+def insert(pg, table: str, sid: str, port: int) -> None:
+    with pg.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status)'
+            " VALUES (%s, '127.0.0.1', %s, 'running')",
+            (sid, port),
+        )
+
+
+class FakeWebsockify(WebSocketServerProtocol):
+    """A websockify stand-in that records what it was asked for, then speaks VNC-ish."""
+
+    def onConnect(self, request):
+        self.factory.requests.append(request)
+        return "binary" if "binary" in request.protocols else None
+
+    def onOpen(self):
+        self.factory.opened.append(self)
+        self.sendMessage(RFB_BANNER, isBinary=True)
+
+    def onMessage(self, payload, isBinary):
+        self.sendMessage(payload, isBinary=True)
+
+
+@pytest.fixture
+def fake_websockify():
+    factory = WebSocketServerFactory()
+    factory.protocol = FakeWebsockify
+    factory.requests = []
+    factory.opened = []
+    port = pytest_twisted.blockon(
+        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    )
+    factory.port = port.getHost().port
+    yield factory
+    for proto in factory.opened:
+        proto.transport.abortConnection()
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest_twisted.inlineCallbacks
+def test_suffix_query_and_binary_reach_the_upstream(
+    daemon_factory, pg, sessions_table, fake_websockify
+):
+    """The upstream gets ws://vm:port/<suffix>?<query minus token> offering binary, and the
+    relay moves messages both ways; the upstream's normal close ends the browser with 1000."""
+    daemon = yield daemon_factory({"upstream": {"mode": "websocket"}})
+    sid = str(uuid.uuid4())
+    insert(pg, sessions_table.table, sid, fake_websockify.port)
+    client = yield connect(daemon.port, f"/websockify/{sid}/websockify?token=s3cret&x=1")
+    yield within(client.when_received(len(RFB_BANNER)))
+    (request,) = fake_websockify.requests
+    assert request.path == "/websockify"
+    assert request.params == {"x": ["1"]}
+    assert request.protocols == ["binary"]
+    client.sendMessage(b"ping", isBinary=True)
+    assert (yield within(client.when_received(len(RFB_BANNER) + 4))) == RFB_BANNER + b"ping"
+    fake_websockify.opened[0].sendClose(1000)
+    code, _ = yield within(client.closed)
+    assert code == 1000
+    assert "s3cret" not in daemon.output
+
+
+@pytest_twisted.inlineCallbacks
+def test_refused_upstream_handshake_is_4502(daemon_factory, pg, sessions_table):
+    """An upstream that answers the upgrade with an HTTP error gives the browser 4502."""
+
+    class NotWebSocket(Protocol):
+        def dataReceived(self, data):
+            self.transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            self.transport.loseConnection()
+
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(NotWebSocket)
+    )
+    try:
+        daemon = yield daemon_factory({"upstream": {"mode": "websocket"}})
+        sid = str(uuid.uuid4())
+        insert(pg, sessions_table.table, sid, port.getHost().port)
+        client = yield connect(daemon.port, f"/websockify/{sid}")
+        assert (yield within(client.closed)) == (4502, "VM unreachable")
+    finally:
+        yield port.stopListening()
+
+
+class Websockify(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = ""
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_websockify_in_front_of_a_vnc_server(daemon_factory, pg, sessions_table, vnc_server):
+    """Through the real websockify (PyPI) to a test VNC server: banner and echo arrive."""
+    free = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
+    ws_port = free.getHost().port
+    yield free.stopListening()
+    proc = Websockify()
+    reactor.spawnProcess(
+        proc, sys.executable,
+        [sys.executable, "-m", "websockify", f"127.0.0.1:{ws_port}",
+         f"127.0.0.1:{vnc_server.port}"],
+        env=dict(os.environ), path="/tmp",
+    )
+    try:
+        yield within(_until(lambda: "Listen on" in proc.output or "WebSocket server" in proc.output
+                            or _listening(ws_port)))
+        daemon = yield daemon_factory({"upstream": {"mode": "websocket", "port": ws_port}})
+        sid = str(uuid.uuid4())
+        insert(pg, sessions_table.table, sid, vnc_server.port)
+        client = yield connect(daemon.port, f"/websockify/{sid}/websockify")
+        assert (yield within(client.when_received(len(RFB_BANNER)))) == RFB_BANNER
+        client.sendMessage(b"through websockify", isBinary=True)
+        data = yield within(client.when_received(len(RFB_BANNER) + 18))
+        assert data == RFB_BANNER + b"through websockify"
+        client.sendClose(1000)
+        yield within(client.closed)
+    finally:
+        proc.transport.signalProcess("KILL")
+        yield within(proc.ended)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def _until(predicate, interval: float = 0.05):
+    while not predicate():
+        yield task.deferLater(reactor, interval, lambda: None)
