@@ -640,6 +640,8 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("upstream", "allowed_ports"): st.sampled_from(["1-65535", "5900-5999 6080"]).map(parse_ports),
     ("upstream", "mode"): st.sampled_from(["tcp", "websocket"]),
     ("upstream", "port"): st.integers(0, 65535),
+    ("upstream", "tls"): st.sampled_from(["off", "on", "verify"]),
+    ("upstream", "ca_file"): st.sampled_from(["", "/etc/novnc/vm-ca.pem"]),
     ("upstream", "connect_retry"): st.booleans(),
     ("auth", "mode"): st.just("none"),
     ("auth", "token_column"): st.one_of(st.just(""), identifier),

@@ -501,6 +501,17 @@ class UpstreamSettings:
         0,
         "The upstream port when it differs from the session's VNC port; 0 = the same.",
     )
+    tls: str = _setting(
+        _choice("off", "on", "verify"),
+        "off",
+        "TLS to the VM (wss:// in websocket mode): on = encrypt without checking the"
+        " certificate; verify = check it against ca_file (or the system's roots) and vm_ip.",
+    )
+    ca_file: str = _setting(
+        _OPTIONAL_FILE,
+        "",
+        "With tls = verify: a PEM file of the CA certificates the VMs' certificates chain to.",
+    )
     connect_retry: bool = _setting(
         _SWITCH,
         True,

@@ -26,7 +26,7 @@ from .schema import schema_sql
 from .session import Target
 from .store import PostgresSessionStore
 from .targets import TargetPolicy
-from .upstream import connect_tcp, connect_websocket
+from .upstream import connect_tcp, connect_websocket, tls_options, tls_trust
 
 _log = Logger()
 
@@ -207,16 +207,18 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
     SessionDatabaseService(store, gate).setServiceParent(top)
 
     upstream = settings.upstream
+    trust = tls_trust(upstream.tls, upstream.ca_file)
 
     def connect(target: Target, timeout: float, suffix: str, query: str) -> Deferred[Any]:
         if upstream.port:
             target = attrs.evolve(target, port=upstream.port)
+        tls = tls_options(upstream.tls, trust, target.host)
         if upstream.mode == "websocket":
             return connect_websocket(
                 reactor, target, timeout, suffix, query, retry=upstream.connect_retry,
-                max_message_size=settings.novnc.max_message_size,
+                max_message_size=settings.novnc.max_message_size, tls=tls,
             )
-        return connect_tcp(reactor, target, timeout, retry=upstream.connect_retry)
+        return connect_tcp(reactor, target, timeout, retry=upstream.connect_retry, tls=tls)
 
     metrics = Metrics()
     targets = TargetPolicy(settings.upstream.allowed_networks, settings.upstream.allowed_ports)
@@ -244,7 +246,14 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
 
 
 def load_secret(settings: Settings) -> bytes:
-    """The HMAC key for ``[auth] mode = hmac``; a bad file is a ConfigError naming the key."""
+    """The HMAC key for ``[auth] mode = hmac``; a bad file is a ConfigError naming the key.
+
+    Also reads ``[upstream] ca_file`` once, so that a bad one stops start-up the same way.
+    """
+    try:
+        tls_trust(settings.upstream.tls, settings.upstream.ca_file)
+    except ValueError as e:
+        raise ConfigError(settings.source, "upstream", "ca_file", str(e)) from None
     if settings.auth.mode != "hmac":
         return b""
     try:

@@ -13,12 +13,19 @@ from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import error
+from OpenSSL import SSL
+from twisted.internet import error, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .backoff import jittered_backoff
 from .errors import Refusal, Refused
@@ -34,23 +41,53 @@ KEEPALIVE = [
 ]
 
 
+def tune_tcp(transport: Any) -> None:
+    """No Nagle delay, and keepalives: a VM that vanishes without a FIN or RST is noticed in
+    about 20 s, as a dead VM (4502).  Under TLS the TCP transport is the wrapper's own."""
+    tcp = getattr(transport, "transport", None) or transport  # TLSMemoryBIOProtocol wraps it
+    with contextlib.suppress(AttributeError, OSError):
+        tcp.setTcpNoDelay(True)
+        tcp.setTcpKeepAlive(True)
+        sock = tcp.getHandle()
+        for option, value in KEEPALIVE:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+#: Bytes a VM may send (under TLS) before the relay starts; then reading pauses.
+HOLD_LIMIT = 256 * 1024
+
+
+@implementer(IHandshakeListener)
 class TCPUpstream(Protocol):
-    """The VM side of a relay over raw TCP."""
+    """The VM side of a relay over raw TCP (or TLS)."""
 
     # A connected TCP transport: ITCPTransport and IPushProducer, which typing cannot join.
     transport: Any
     relay: Relay | None = None
     _closing: bool = False
 
+    def __init__(self, tls: bool = False) -> None:
+        self.tls = tls
+        #: Under TLS, fires once the VM's certificate has been accepted.
+        self.handshake: Deferred[TCPUpstream] = Deferred()
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._paused = False
+
     def connectionMade(self) -> None:
+        tune_tcp(self.transport)
+        if not self.tls:
+            # The VNC server speaks first; its banner waits in the kernel until attach.  (Under
+            # TLS reading must go on for the handshake, so early bytes are held instead.)
+            self._pause()
+
+    def handshakeCompleted(self) -> None:
+        if not self.handshake.called:
+            self.handshake.callback(self)
+
+    def _pause(self) -> None:
+        self._paused = True
         self.transport.pauseProducing()
-        self.transport.setTcpNoDelay(True)
-        # A VM that vanishes without a FIN or RST is noticed in about 20 s, as a dead VM (4502).
-        self.transport.setTcpKeepAlive(True)
-        sock = self.transport.getHandle()
-        for option, value in KEEPALIVE:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
     # Peer
     @property
@@ -71,14 +108,28 @@ class TCPUpstream(Protocol):
     def attach(self, relay: Relay) -> None:
         """Start delivering the VM's bytes (held since connect) to the relay."""
         self.relay = relay
-        self.transport.resumeProducing()
+        held, self._held = self._held, []
+        for data in held:
+            relay.from_vm(data)
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None:
             self.relay.from_vm(data)
+            return
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > HOLD_LIMIT and not self._paused:
+            self._pause()
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
-        if self.relay is not None:
+        if self.tls and not self.handshake.called:
+            self.handshake.errback(
+                Refused(Refusal.VM_UNREACHABLE, f"TLS to the VM failed: {reason.getErrorMessage()}")
+            )
+        elif self.relay is not None:
             self.relay.vm_gone(clean=reason.check(error.ConnectionDone) is not None)
 
 
@@ -86,13 +137,47 @@ class TCPUpstream(Protocol):
 ATTEMPT_TIMEOUT = 5.0
 
 
+def tls_trust(mode: str, ca_file: str) -> Any:
+    """What ``[upstream] tls = verify`` trusts, read once at start-up (None otherwise).
+
+    Raises ValueError naming the problem when ``ca_file`` is unreadable or holds no certificate.
+    """
+    if mode != "verify":
+        return None
+    if not ca_file:
+        return ssl.platformTrust()
+    try:
+        with open(ca_file, "rb") as f:
+            blocks = _pem_blocks(f.read())
+        if not blocks:
+            raise ValueError(f"no PEM certificate in {ca_file}")
+        return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+    except (OSError, SSL.Error) as e:
+        raise ValueError(f"cannot read {ca_file}: {e}") from None
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [block + end for block in data.split(end) if b"-----BEGIN" in block]
+
+
+def tls_options(mode: str, trust: Any, host: str) -> Any:
+    """The client TLS options for one connection to ``host`` (None for tls = off)."""
+    if mode == "off":
+        return None
+    if mode == "on":
+        return ssl.CertificateOptions(verify=False)
+    return ssl.optionsForClientTLS(host, trustRoot=trust)
+
+
 def connect_tcp(
     reactor: Any,
     target: Target,
     timeout: float,
     retry: bool = False,
-    make_protocol: Callable[[], Any] = TCPUpstream,
-    ready: Callable[[Any], Any] = lambda protocol: protocol,
+    make_protocol: Callable[[], Any] | None = None,
+    ready: Callable[[Any], Any] | None = None,
+    tls: Any = None,
 ) -> Deferred[Any]:
     """Open a TCP connection to the target within ``timeout`` seconds.
 
@@ -102,6 +187,10 @@ def connect_tcp(
     With ``retry``, a VM that refuses (still booting) is tried again with capped backoff until
     the time is up.  Failures become :class:`Refused` (4502).  Cancelling stops everything.
     """
+    if make_protocol is None:
+        make_protocol = lambda: TCPUpstream(tls=tls is not None)  # noqa: E731
+    if ready is None:
+        ready = (lambda p: p.handshake) if tls is not None else (lambda p: p)
     address = ipaddress.ip_address(target.host)
     endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
     deadline = reactor.seconds() + timeout
@@ -113,7 +202,9 @@ def connect_tcp(
     def attempt() -> None:
         remaining = deadline - reactor.seconds()
         per_try = max(0.1, min(ATTEMPT_TIMEOUT, remaining))
-        endpoint = endpoint_type(reactor, target.host, target.port, timeout=per_try)
+        endpoint: Any = endpoint_type(reactor, target.host, target.port, timeout=per_try)
+        if tls is not None:
+            endpoint = wrapClientTLS(tls, endpoint)
         # The endpoint's timeout is whole seconds at best; bound the attempt ourselves too.
         d = connectProtocol(endpoint, make_protocol()).addCallback(ready)
         d.addTimeout(per_try, reactor)
@@ -216,10 +307,12 @@ def connect_websocket(
     query: str,
     retry: bool = False,
     max_message_size: int = 1024 * 1024,
+    tls: Any = None,
 ) -> Deferred[WebSocketUpstream]:
-    """Open ``ws://host:port/<suffix>?<query>`` with subprotocol ``binary``; 4502 on failure."""
+    """Open ``ws(s)://host:port/<suffix>?<query>`` offering ``binary``; 4502 on failure."""
     host = f"[{target.host}]" if ":" in target.host else target.host
-    url = f"ws://{host}:{target.port}/{suffix}" + (f"?{query}" if query else "")
+    scheme = "wss" if tls is not None else "ws"
+    url = f"{scheme}://{host}:{target.port}/{suffix}" + (f"?{query}" if query else "")
     factory = WebSocketClientFactory(url, protocols=["binary"])
     factory.protocol = WebSocketUpstream
     factory.setProtocolOptions(
@@ -234,4 +327,5 @@ def connect_websocket(
         reactor, target, timeout, retry,
         make_protocol=lambda: factory.buildProtocol(None),
         ready=lambda protocol: protocol.opened,
+        tls=tls,
     )
