@@ -553,6 +553,17 @@ class AuthSettings:
 
 
 @attrs.frozen
+class WebSettings:
+    """``[web]``: the noVNC client's files, served on the WebSocket listener."""
+
+    root: str = _setting(
+        _OPTIONAL_FILE,
+        "",
+        "A directory (e.g. noVNC's) served over HTTP on the listener; empty = none.",
+    )
+
+
+@attrs.frozen
 class AdminSettings:
     """``[admin]``: the operators' listener: metrics and health."""
 
@@ -598,6 +609,10 @@ class Settings:
     auth: AuthSettings = attrs.field(
         factory=AuthSettings,
         metadata=_section(AuthSettings, "What a browser must show besides the session id."),
+    )
+    web: WebSettings = attrs.field(
+        factory=WebSettings,
+        metadata=_section(WebSettings, "The noVNC client's files, on the same listener."),
     )
     admin: AdminSettings = attrs.field(
         factory=AdminSettings,

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import web
 from .auth import (
     TokenRequired,
     extract_token,
@@ -59,6 +60,15 @@ def close_frame(protocol: WebSocketServerProtocol, code: int, reason: str) -> No
     """Send a close frame with any code (``sendClose`` refuses e.g. 1001 and 1003)."""
     if protocol.state == protocol.STATE_OPEN:
         protocol.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+
+def _is_upgrade(head: bytes) -> bool:
+    """Whether a (checked) request head asks for a WebSocket."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
+            return True
+    return False
 
 
 class NoVNCServerProtocol(WebSocketServerProtocol):
@@ -376,7 +386,20 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             return
         buffered, self._head = self._head, None
         self._early_bytes = len(buffered) - end
+        if self.factory.web_root and not _is_upgrade(buffered[:end]):
+            self._serve_file(buffered[:end])
+            return
         super().dataReceived(buffered)
+
+    def _serve_file(self, head: bytes) -> None:
+        """A plain GET on the WebSocket listener: a file of ``[web] root`` (the noVNC client)."""
+        self._head_refused = True  # nothing after this request is read
+        self._cancel_request_timer()
+        method, target = head.split(b" ", 2)[:2]
+        answer = web.response(self.factory.web_root, target.decode("ascii"), method.decode())
+        self._http_status = int(answer[9:12])
+        self.transport.write(answer)  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -491,6 +514,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
         auth: AuthSettings | None = None,
         secret: bytes = b"",
         targets: TargetPolicy | None = None,
+        web_root: str = "",
     ) -> None:
         # Autobahn's own Server header would name its version to every scanner.
         super().__init__(server="twisted_novnc")
@@ -498,6 +522,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
         self.auth = auth if auth is not None else AuthSettings()
         self.secret = secret
         self.targets = targets if targets is not None else TargetPolicy()
+        self.web_root = web_root
         #: Open connections by client address and by session, waiting ones by address.
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.per_session: collections.Counter[str] = collections.Counter()

@@ -13,7 +13,7 @@ import re
 #: The largest request head accepted (request line and headers), in bytes.
 MAX_HEAD = 16 * 1024
 
-_REQUEST_LINE = re.compile(rb"GET [\x21-\x7e]+ HTTP/1\.1")
+_REQUEST_LINE = re.compile(rb"(GET|HEAD) [\x21-\x7e]+ HTTP/1\.1")
 # field-name ":" OWS field-value OWS; field-value is visible ASCII, SP, HTAB or obs-text,
 # and no control character (so no bare CR, VT, NUL ...).
 # NEL (0x85) is obs-text to RFC 9112 but a line break to Autobahn (it decodes ISO-8859-1 and

@@ -223,7 +223,8 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
     metrics = Metrics()
     targets = TargetPolicy(settings.upstream.allowed_networks, settings.upstream.allowed_ports)
     factory = NoVNCServerFactory(
-        settings.novnc, gate, connect, reactor, metrics, settings.auth, secret, targets
+        settings.novnc, gate, connect, reactor, metrics, settings.auth, secret, targets,
+        web_root=settings.web.root,
     )
     metrics.live = LiveState(
         connections_open=lambda: len(factory.connections),
