@@ -87,3 +87,22 @@ def test_set_needs_section_and_key():
     """--set without SECTION.KEY=VALUE is a usage error."""
     with pytest.raises(usage.UsageError):
         Options().parseOptions(["--set", "listen=tcp:1"])
+
+
+def test_nvx_in_use_and_logged():
+    """Autobahn's native masking is in use here, and start-up says so in the log."""
+    from twisted.logger import globalLogPublisher
+
+    from twisted_novnc.service import log_nvx
+
+    seen: list[str] = []
+
+    def observe(event):
+        seen.append(event.get("log_format", ""))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        assert log_nvx() is True
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert any("NVX native masking: in use" in text for text in seen)
