@@ -9,7 +9,8 @@ import pytest
 import pytest_twisted
 from daemon_process import DaemonProcess, start_daemon, stop_daemon, write_config
 from db_fixtures import pg_factory, sessions_table  # noqa: F401  (fixtures)
-from twisted.internet import defer, reactor, task
+from e2e_support import until
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
 from twisted_novnc.config import parse_config
@@ -84,7 +85,7 @@ class PrivateCluster:
         """
         pid = read_postmaster_pid(self.data_dir).pid
         os.kill(pid, signal.SIGKILL)
-        yield _until(lambda: not os.path.exists(f"/proc/{pid}"))
+        yield until(lambda: not os.path.exists(f"/proc/{pid}"))
         return pid
 
     def restart(self) -> None:
@@ -130,11 +131,3 @@ def private_daemon(private_cluster, tmp_path):
             pytest_twisted.blockon(stop_daemon(proto))
 
 
-@pytest_twisted.inlineCallbacks
-def _until(predicate, interval: float = 0.01, limit: int = 100000):
-    """Poll a condition the test cannot be told about (a process reaped by PID 1)."""
-    for _ in range(limit):
-        if predicate():
-            return
-        yield task.deferLater(reactor, interval, lambda: None)
-    raise AssertionError("condition never became true")

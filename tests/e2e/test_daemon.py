@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import pytest_twisted
+from e2e_support import new_id, within
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -14,12 +13,6 @@ from twisted_novnc.testing import RFB_BANNER, recording_client_factory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-#: Every wait in these tests is on an event; this bounds each one so a bug fails, not hangs.
-EVENT_LIMIT = 30.0
-
-
-def within(d: defer.Deferred, seconds: float = EVENT_LIMIT) -> defer.Deferred:
-    return d.addTimeout(seconds, reactor)
 
 
 def connect_client(port: int, session_id: str, suffix: str = ""):
@@ -36,10 +29,6 @@ def insert(pg, db, session_id, vm_ip=None, port=None, status="pending"):
             " VALUES (%s, %s, %s, %s)",
             (session_id, vm_ip, port, status),
         )
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
 
 
 @pytest_twisted.inlineCallbacks

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import psycopg2
@@ -14,6 +13,7 @@ import pytest_twisted
 from daemon_process import (
     LISTENING_FOR_CHANGES,
 )
+from e2e_support import new_id, until, within
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory
@@ -22,15 +22,6 @@ from twisted_novnc.testing import RFB_BANNER, VNCEchoFactory, recording_client_f
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-EVENT_LIMIT = 30.0
-
-
-def within(d: defer.Deferred, seconds: float = EVENT_LIMIT) -> defer.Deferred:
-    return d.addTimeout(seconds, reactor)
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
 
 
 def connect_client(port: int, session_id: str):
@@ -334,7 +325,7 @@ def test_sigterm_drains_then_closes_with_1001(daemon_factory, pg, sessions_table
     exit_code = yield within(daemon.ended, 10)
     assert exit_code in (0, None), daemon.output
     assert not Path(f"/proc/{daemon.pid}").exists()
-    yield _until(lambda: not vnc.connections)
+    yield until(lambda: not vnc.connections)
     refused = connect_client(daemon.port, new_id())
     with pytest.raises(Exception):  # noqa: B017  (ConnectionRefusedError, wrapped by Twisted)
         yield within(refused, 5)
@@ -388,12 +379,3 @@ def test_waiter_deadline_during_outage_is_4503(private_cluster, private_daemon):
     assert (yield within(client.closed)) == (4503, "database unavailable")
 
 
-@pytest_twisted.inlineCallbacks
-def _until(predicate, limit: int = 100000):
-    from twisted.internet import task
-
-    for _ in range(limit):
-        if predicate():
-            return
-        yield task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition never became true")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from daemon_process import LISTENING_FOR_CHANGES, DaemonProcess, start_daemon, write_config
+from e2e_support import new_id, until, within
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 
@@ -21,15 +22,6 @@ from twisted_novnc.testing import RFB_BANNER, recording_client_factory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-EVENT_LIMIT = 30.0
-
-
-def within(d: defer.Deferred, seconds: float = EVENT_LIMIT) -> defer.Deferred:
-    return d.addTimeout(seconds, reactor)
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
 
 
 class _HTTP10Get(Protocol):
@@ -251,9 +243,9 @@ def test_pings_keep_idle_sessions_and_find_vanished_browsers(
     a.onPing = lambda payload, a=a: (pings.append(payload), a.sendPong(payload))
     b.transport.pauseProducing()  # the browser vanished: it reads (and answers) nothing
     yield within(daemon.when_logged(f"closed {vanished} from 127.0.0.1"))
-    yield within(_until(lambda: len(pings) >= 3))
+    yield within(until(lambda: len(pings) >= 3))
     assert not a.closed.called
-    yield within(_until(lambda: len(vnc_server.connections) == 1))  # the vanished one's VM
+    yield within(until(lambda: len(vnc_server.connections) == 1))  # the vanished one's VM
     b.transport.abortConnection()  # a paused socket is in no reactor set: close it ourselves
     a.sendClose(1000)
     yield within(a.closed)
@@ -287,18 +279,12 @@ def _free_port():
     return number
 
 
-@pytest_twisted.inlineCallbacks
-def _until(predicate, interval: float = 0.02):
-    while not predicate():
-        yield task.deferLater(reactor, interval, lambda: None)
-
-
 def _file_contains(path: Path, text: str) -> defer.Deferred:
-    return _until(lambda: path.exists() and text in path.read_text())
+    return until(lambda: path.exists() and text in path.read_text())
 
 
 def _file_exists(path: Path) -> defer.Deferred:
-    return _until(path.exists)
+    return until(path.exists)
 
 
 @pytest_twisted.inlineCallbacks

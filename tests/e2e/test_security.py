@@ -8,23 +8,14 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from e2e_support import connect_client as connect
+from e2e_support import within
+from twisted.internet import reactor
 
 from twisted_novnc.auth import mint_token, token_digest
-from twisted_novnc.testing import RFB_BANNER, recording_client_factory
+from twisted_novnc.testing import RFB_BANNER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-
-def within(d: defer.Deferred, seconds: float = 30.0) -> defer.Deferred:
-    return d.addTimeout(seconds, reactor)
-
-
-def connect(port: int, path: str):
-    factory = recording_client_factory(f"ws://127.0.0.1:{port}{path}")
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    return connectProtocol(endpoint, factory.buildProtocol(None))
 
 
 @pytest_twisted.inlineCallbacks

@@ -12,16 +12,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from e2e_support import within
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 
 from twisted_novnc.testing import RFB_BANNER, VNCEchoFactory, recording_client_factory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-
-def within(d: defer.Deferred, seconds: float = 30.0) -> defer.Deferred:
-    return d.addTimeout(seconds, reactor)
 
 
 def _name(cn: str) -> x509.Name:

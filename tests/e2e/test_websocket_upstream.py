@@ -9,24 +9,15 @@ import uuid
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from e2e_support import connect_client as connect
+from e2e_support import until, within
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 
-from twisted_novnc.testing import RFB_BANNER, recording_client_factory
+from twisted_novnc.testing import RFB_BANNER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-
-def within(d: defer.Deferred, seconds: float = 30.0) -> defer.Deferred:
-    return d.addTimeout(seconds, reactor)
-
-
-def connect(port: int, path: str):
-    factory = recording_client_factory(f"ws://127.0.0.1:{port}{path}")
-    return connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", port), factory.buildProtocol(None)
-    )
 
 
 def insert(pg, table: str, sid: str, port: int) -> None:
@@ -142,7 +133,7 @@ def test_real_websockify_in_front_of_a_vnc_server(daemon_factory, pg, sessions_t
         env=dict(os.environ), path="/tmp",
     )
     try:
-        yield within(_until(lambda: "Listen on" in proc.output or "WebSocket server" in proc.output
+        yield within(until(lambda: "Listen on" in proc.output or "WebSocket server" in proc.output
                             or _listening(ws_port)))
         daemon = yield daemon_factory({"upstream": {"mode": "websocket", "port": ws_port}})
         sid = str(uuid.uuid4())
@@ -166,7 +157,3 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest_twisted.inlineCallbacks
-def _until(predicate, interval: float = 0.05):
-    while not predicate():
-        yield task.deferLater(reactor, interval, lambda: None)
