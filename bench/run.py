@@ -659,8 +659,9 @@ class Bench:
     def start_profiler(self, pid: int, tag: str) -> subprocess.Popen[Any]:
         out = self.run_dir / "profile" / f"{tag}.txt"
         out.parent.mkdir(exist_ok=True)
+        native = ["--native"] if self.args.profile_native else []
         return self._spawn([str(self.tools.pyspy), "record", "--pid", str(pid), "--rate",
-                            str(self.args.profile_rate), "--format", "raw", "--output",
+                            str(self.args.profile_rate), "--format", "raw", *native, "--output",
                             str(out)], f"{tag}-py-spy.log")
 
     def stop_profiler(self, proc: subprocess.Popen[Any], tag: str) -> None:
@@ -893,6 +894,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "(default: next to this Python)")
     ap.add_argument("--profile", action="store_true", help="record twisted_novnc with py-spy "
                     "(figures of profiled runs are not comparable)")
+    ap.add_argument("--profile-native", action="store_true", help="with --profile: include C"
+                    " frames (py-spy --native), to see which syscall or extension takes the time")
     ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--trace-malloc", action="store_true", help="run twisted_novnc under "
                     "tracemalloc and write what conc's held connections allocated (slow)")

@@ -36,11 +36,21 @@ from .auth import (
 from .config import AuthSettings, NovncSettings
 from .errors import Refusal, Refused
 from .forwarded import client_address, parse_networks
+from .frames import (
+    OPCODE_BINARY,
+    OPCODE_CONTINUATION,
+    ClientFrameHeader,
+    Unmasker,
+    minimal_length,
+    parse_client_header,
+    server_frame_header,
+)
 from .metrics import Metrics
 from .paths import PathTemplate
 from .readiness import ReadinessGate, Watch
 from .relay import Relay
 from .requesthead import MAX_HEAD, BadHead, check_head, head_end
+from .sending import send_now, tune_relay_transport
 from .session import Target
 from .targets import TargetPolicy
 from .upstream import TCPUpstream
@@ -101,6 +111,15 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     _head_refused: bool = False
     _early_bytes: int = 0
     _abort_timer: Any = None
+    #: The browser frame being relayed on the fast path (see processData).
+    _frame_left: int = 0
+    _frame_fin: bool = False
+    _unmasker: Unmasker | None = None
+    _message_size: int = 0
+    _fast_message: bool = False
+    # Autobahn's, set per connection (annotated only: a class value would change its copying).
+    _isMessageCompressed: bool
+    maxMessagePayloadSize: int
 
     # -- the handshake ---------------------------------------------------------------------
 
@@ -271,6 +290,7 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             return
         assert self._upstream is not None and self._target is not None
         self._opened_at = self.factory.clock.seconds()
+        tune_relay_transport(self.transport)
         self.relay = Relay(self._target.session_id, browser=self, vm=self._upstream)
         self.relay.start()
         self._upstream.attach(self.relay)
@@ -343,6 +363,106 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._browser_left()
 
+    # -- browser frames, relayed as they arrive ------------------------------------------
+
+    def processData(self) -> bool:
+        """Relay binary frames chunk by chunk; Autobahn takes every other frame.
+
+        Autobahn would buffer each message whole and copy it several times before
+        ``onMessage``; noVNC's messages are a byte stream to the VM, so each part of a binary
+        frame is unmasked (one copy) and written to the VM as soon as it is read.  Control
+        frames, text, and anything Autobahn must refuse go to Autobahn's own parser, which
+        holds the same state (``inside_message``, size limits, ping timeouts) as before.
+        """
+        if self.current_frame is not None or not (
+            self._frame_left or (self.relay is not None and self.state == self.STATE_OPEN)
+        ):
+            return bool(super().processData())
+        data = self.data
+        pos, end = 0, len(data)
+        view = memoryview(data)
+        try:
+            while True:
+                if self._frame_left:
+                    n = min(self._frame_left, end - pos)
+                    if n == 0:
+                        break
+                    assert self._unmasker is not None
+                    chunk = self._unmasker.unmask(view[pos : pos + n])
+                    pos += n
+                    self._frame_left -= n
+                    if not self._frame_left:
+                        self._frame_end()
+                    if self.relay is not None:
+                        self.relay.from_browser(chunk)  # type: ignore[arg-type]
+                    continue
+                if pos == end:
+                    break
+                if self.relay is None or self.state != self.STATE_OPEN:
+                    self.data = data[pos:]
+                    return bool(super().processData())
+                header = parse_client_header(data, pos)
+                if header is None:
+                    break
+                if not self._relayable(header):
+                    self.data = data[pos:]
+                    return bool(super().processData())
+                pos += header.size
+                if not self._frame_begin(header):
+                    self.data = b""
+                    return False
+        finally:
+            view.release()
+        self.data = data[pos:] if pos else data
+        return False
+
+    def _relayable(self, header: ClientFrameHeader) -> bool:
+        """A masked binary frame, or the continuation of one, that RFC 6455 allows."""
+        if header.rsv or not header.masked or not minimal_length(header):
+            return False
+        if header.opcode == OPCODE_BINARY:
+            return not self.inside_message
+        return header.opcode == OPCODE_CONTINUATION and self.inside_message and self._fast_message
+
+    def _frame_begin(self, header: ClientFrameHeader) -> bool:
+        """Start relaying a frame's payload; False when it breaks a size limit (closed 1009)."""
+        if header.opcode == OPCODE_BINARY:
+            # What Autobahn's own frame handling expects once a message has begun.
+            self.inside_message = True
+            self._fast_message = True
+            self._isMessageCompressed = False
+            self.utf8validateIncomingCurrentMessage = False
+            self.message_is_binary = True
+            self.message_data = []
+            self.message_data_total_length = 0
+            self._message_size = 0
+        self._message_size += header.length
+        self.message_data_total_length = self._message_size
+        limit = self.maxMessagePayloadSize
+        if 0 < limit < self._message_size:
+            self.wasMaxMessagePayloadSizeExceeded = True
+            self._max_message_size_exceeded(
+                self._message_size, limit,
+                f"received WebSocket message size {self._message_size} exceeds payload limit"
+                f" of {limit} octets",
+            )
+            return False
+        self._frame_fin = header.fin
+        self._frame_left = header.length
+        self._unmasker = Unmasker(header.mask)
+        if not header.length:
+            self._frame_end()
+        return True
+
+    def _frame_end(self) -> None:
+        self._unmasker = None
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            # Data from the browser answers for it as a pong would (as Autobahn does).
+            self._cancelAutoPingTimeoutCall()
+        if self._frame_fin:
+            self.inside_message = False
+            self._fast_message = False
+
     def _closeConnection(self, abort: bool = False) -> None:
         """Autobahn aborts the socket after a protocol error, which throws away what is still
         in the write buffer: the 101 and the close frame that says why.  Flush first; abort
@@ -366,7 +486,9 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
                 if self._early_bytes > MAX_HEAD:
                     self.transport.abortConnection()  # type: ignore[union-attr]
                     return
-            super().dataReceived(data)
+            # Autobahn's own entry point: its Twisted dataReceived only adds a debug line
+            # whose arguments it builds on every read.
+            self._dataReceived(data)
             return
         self._head += data
         try:
@@ -488,7 +610,8 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
 
     def send(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendMessage(data, isBinary=True)
+            # One binary frame per chunk from the VM: a header in front, the bytes not copied.
+            send_now(self.transport, server_frame_header(len(data)), data)
         elif self.relay is not None:
             # A close handshake has begun (ours, the browser's, or a ping timeout): the VM's
             # bytes have nowhere to go, so let the VM go too.

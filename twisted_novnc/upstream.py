@@ -30,6 +30,7 @@ from zope.interface import implementer
 from .backoff import jittered_backoff
 from .errors import Refusal, Refused
 from .relay import Relay
+from .sending import send_now, tune_relay_transport
 from .session import Target
 
 _DONE = Failure(error.ConnectionDone())
@@ -76,6 +77,7 @@ class TCPUpstream(Protocol):
 
     def connectionMade(self) -> None:
         tune_tcp(self.transport)
+        tune_relay_transport(self.transport)
         if not self.tls:
             # The VNC server speaks first; its banner waits in the kernel until attach.  (Under
             # TLS reading must go on for the handshake, so early bytes are held instead.)
@@ -99,7 +101,7 @@ class TCPUpstream(Protocol):
         return self.transport
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)
+        send_now(self.transport, b"", data)
 
     def close(self, code: int, reason: str) -> None:
         self._closing = True
@@ -283,7 +285,8 @@ class WebSocketUpstream(WebSocketClientProtocol):
 
     def send(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendMessage(data, isBinary=True)
+            # The browser's bytes may come as a bytearray (unmasked in place).
+            self.sendMessage(data if type(data) is bytes else bytes(data), isBinary=True)
 
     def close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_OPEN:

@@ -1,0 +1,266 @@
+"""Browser frames relayed chunk by chunk, and the server's frames built without copies.
+
+The protocol runs over a StringTransport with its session ready in memory and a fake VM, so
+the bytes the browser sends can be cut anywhere: what reaches the VM must be exactly the
+binary payloads, in order, whatever the cuts; control frames interleaved with fragments must
+still be answered; and everything the fast path does not take must behave as Autobahn does.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.defer import succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from twisted_novnc.config import NovncSettings
+from twisted_novnc.frames import (
+    Unmasker,
+    minimal_length,
+    nvx_available,
+    parse_client_header,
+    server_frame_header,
+    xor_python,
+)
+from twisted_novnc.front import NoVNCServerFactory
+from twisted_novnc.readiness import ReadinessGate
+from twisted_novnc.session import SessionRow
+from twisted_novnc.targets import TargetPolicy
+from twisted_novnc.testing import MemorySessionSource
+
+SID = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"
+HANDSHAKE = (
+    f"GET /websockify/{SID} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
+).encode()
+
+
+def client_frame(
+    payload: bytes, opcode: int = 2, fin: bool = True, mask: bytes = b"\x01\x02\x03\x04",
+    rsv: int = 0, masked: bool = True, long_form: bool = False,
+) -> bytes:
+    """A client frame as a browser sends it (masked), optionally with a non-minimal length."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    if long_form:
+        head = struct.pack("!BBQ", first, bit | 127, n)
+    elif n < 126:
+        head = bytes((first, bit | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", first, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, bit | 127, n)
+    if not masked:
+        return head + payload
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + body
+
+
+@attrs.define(eq=False)
+class FakeVM:
+    """The VM side: records what the relay sends it."""
+
+    transport: StringTransport = attrs.field(factory=StringTransport)
+    received: bytearray = attrs.field(factory=bytearray)
+    closed: list[tuple[int, str]] = attrs.field(factory=list)
+    relay: object = None
+
+    @property
+    def producer(self):
+        return self.transport
+
+    @property
+    def consumer(self):
+        return self.transport
+
+    def send(self, data) -> None:
+        self.received += data
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+    def attach(self, relay) -> None:
+        self.relay = relay
+
+
+def open_relay(max_message_size: int = 1024 * 1024):
+    """A browser connection whose handshake is done and whose relay is open."""
+    clock = Clock()
+    source = MemorySessionSource()
+    source.rows[SID] = SessionRow(SID, "127.0.0.1", 5900, "running")
+    gate = ReadinessGate(source, clock, 5.0, frozenset({"ended"}), 5900)
+    vm = FakeVM()
+    factory = NoVNCServerFactory(
+        NovncSettings(max_message_size=max_message_size, ping_interval=0), gate,
+        lambda *args: succeed(vm), clock, targets=TargetPolicy.from_config("127.0.0.0/8"),
+    )
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(HANDSHAKE)
+    clock.advance(0)  # the gate batches its reads to the next turn
+    assert protocol.state == protocol.STATE_OPEN, transport.value()
+    assert protocol.relay is not None
+    transport.clear()
+    return protocol, transport, vm
+
+
+def feed(protocol, data: bytes, cuts: list[int]) -> None:
+    """Deliver ``data`` cut at the given offsets, as reads from the socket would."""
+    start = 0
+    for cut in [*sorted({c for c in cuts if 0 < c < len(data)}), len(data)]:
+        protocol.dataReceived(data[start:cut])
+        start = cut
+
+
+payloads = st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=6)
+
+
+cut_lists = st.lists(st.integers(min_value=0, max_value=3000), max_size=20)
+masks = st.binary(min_size=4, max_size=4)
+
+
+@given(payloads, cut_lists, masks)
+def test_binary_payloads_reach_the_vm_whatever_the_cuts(chunks, cuts, mask):
+    """Binary messages (whole or fragmented, with pings between fragments) reach the VM in
+    order and exactly, however the reads cut them; each ping is answered with its pong."""
+    protocol, transport, vm = open_relay()
+    wire = b""
+    for i, chunk in enumerate(chunks):
+        if i % 2:
+            # fragmented: first half, a ping, then the rest as a continuation
+            half = len(chunk) // 2
+            wire += client_frame(chunk[:half], opcode=2, fin=False, mask=mask)
+            wire += client_frame(b"p%d" % i, opcode=9, mask=mask)
+            wire += client_frame(chunk[half:], opcode=0, fin=True, mask=mask)
+        else:
+            wire += client_frame(chunk, mask=mask)
+    feed(protocol, wire, cuts)
+    assert bytes(vm.received) == b"".join(chunks)
+    pongs = transport.value()
+    for i in range(1, len(chunks), 2):
+        assert bytes((0x8A, len(b"p%d" % i))) + b"p%d" % i in pongs
+    assert protocol.state == protocol.STATE_OPEN
+
+
+def test_large_frames_cross_reads():
+    """A 1 MiB frame cut into 64 KiB reads arrives whole and unmasked."""
+    protocol, transport, vm = open_relay(max_message_size=2 * 1024 * 1024)
+    payload = os.urandom(1024 * 1024)
+    wire = client_frame(payload, mask=b"\x9a\x01\xff\x42")
+    feed(protocol, wire, list(range(65536, len(wire), 65536)))
+    assert bytes(vm.received) == payload
+
+
+def test_text_frame_is_refused_with_1003():
+    """A text message goes to Autobahn and ends the relay with 1003, nothing relayed."""
+    protocol, transport, vm = open_relay()
+    protocol.dataReceived(client_frame(b"hello", opcode=1))
+    assert vm.received == b""
+    close = transport.value()
+    assert close[0] == 0x88 and struct.unpack("!H", close[2:4])[0] == 1003
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        (client_frame(b"x", masked=False), 1002),  # unmasked client frame
+        (client_frame(b"x", rsv=1), 1002),  # no extension negotiated
+        (client_frame(b"x", opcode=0), 1002),  # continuation outside a message
+        (client_frame(b"x", opcode=3), 1002),  # reserved opcode
+        (client_frame(b"x" * 10, long_form=True), 1002),  # non-minimal length
+    ],
+)
+def test_frames_autobahn_refuses_are_still_refused(frame, code):
+    """What the fast path does not take is Autobahn's: protocol errors close with 1002."""
+    protocol, transport, vm = open_relay()
+    protocol.dataReceived(frame)
+    assert vm.received == b""
+    close = transport.value()
+    assert close[0] == 0x88 and struct.unpack("!H", close[2:4])[0] == code
+
+
+def test_binary_frame_inside_a_fragmented_message_is_a_protocol_error():
+    """A new binary frame before the fragmented one finished is refused (1002)."""
+    protocol, transport, vm = open_relay()
+    protocol.dataReceived(client_frame(b"ab", fin=False) + client_frame(b"cd"))
+    assert bytes(vm.received) == b"ab"
+    close = transport.value()
+    assert struct.unpack("!H", close[2:4])[0] == 1002
+
+
+def test_message_over_the_limit_is_refused_with_1009_and_not_relayed():
+    """A message above max_message_size (across fragments too) closes with 1009."""
+    protocol, transport, vm = open_relay(max_message_size=100)
+    protocol.dataReceived(client_frame(b"a" * 60, fin=False) + client_frame(b"b" * 60, opcode=0))
+    assert bytes(vm.received) == b"a" * 60
+    close = transport.value()
+    assert struct.unpack("!H", close[2:4])[0] == 1009
+
+
+def test_close_frame_is_answered_and_the_vm_let_go():
+    """The browser's close frame is Autobahn's to answer; the VM side is closed."""
+    protocol, transport, vm = open_relay()
+    protocol.dataReceived(client_frame(b"ab") + client_frame(struct.pack("!H", 1000), opcode=8))
+    assert bytes(vm.received) == b"ab"
+    assert transport.value().startswith(b"\x88\x02\x03\xe8")
+    assert transport.disconnecting  # the server drops TCP after the close handshake
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert vm.closed == [(1000, "browser closed")]
+
+
+def test_vm_bytes_go_out_as_one_binary_frame_each():
+    """What the VM sends reaches the browser as unmasked binary frames, in order."""
+    protocol, transport, vm = open_relay()
+    for size in (1, 125, 126, 65535, 65536, 200000):
+        protocol.relay.from_vm(b"v" * size)
+        out = transport.value()
+        transport.clear()
+        assert out == server_frame_header(size) + b"v" * size
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 2**32])
+def test_server_frame_header_round_trips(size):
+    """Headers we build parse back to the same length, FIN set, binary, unmasked."""
+    header = parse_client_header(server_frame_header(size))
+    assert header is not None
+    assert (header.fin, header.opcode, header.masked, header.length) == (True, 2, False, size)
+    assert minimal_length(header)
+
+
+def test_incomplete_headers_are_none():
+    """A header cut anywhere is not parsed until it is whole."""
+    frame = client_frame(b"x" * 70000)
+    for n in range(14):
+        assert parse_client_header(frame[:n]) is None
+    assert parse_client_header(frame[:14]).length == 70000
+
+
+@given(st.binary(max_size=2000), st.lists(st.integers(0, 2000), max_size=8), masks)
+def test_unmasking_in_chunks_equals_unmasking_whole(data, cuts, mask):
+    """Unmasking chunk by chunk gives the same bytes as the whole payload at once, and the
+    pure-Python fallback agrees with the native masker."""
+    whole = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    unmasker = Unmasker(mask)
+    out = bytearray()
+    start = 0
+    for cut in [*sorted({c for c in cuts if 0 < c < len(data)}), len(data)]:
+        out += unmasker.unmask(data[start:cut])
+        start = cut
+    assert bytes(out) == whole
+    assert bytes(xor_python(bytearray(data[3:]), mask, 3)) == whole[3:]
+
+
+def test_nvx_is_available_here():
+    """The native masker is what the relay uses on this install."""
+    assert nvx_available()

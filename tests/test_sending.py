@@ -1,0 +1,95 @@
+"""send_now: bytes written at once when the socket takes them, queued in order when not."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+
+from twisted_novnc.sending import RELAY_BUFFER_SIZE, send_now, tune_relay_transport
+
+
+class Collector(Protocol):
+    """Reads everything until the peer closes; starts paused so the sender's buffer fills."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.count = 0
+        self.done: Deferred[None] = Deferred()
+        self.connected_d: Deferred[Collector] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.connected_d.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.count += len(data)
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(None)
+
+
+class Sender(Protocol):
+    paused = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@pytest_twisted.inlineCallbacks
+def test_order_survives_partial_writes_and_producer_is_paused():
+    """Headers and payloads (bytes and bytearrays) arrive whole and in order even when the
+    kernel takes only part of them; the registered producer is paused when the rest queues."""
+    collector = Collector()
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(lambda: collector)
+    )
+    try:
+        sender = Sender()
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), sender
+        )
+        yield collector.connected_d
+        transport = sender.transport
+        tune_relay_transport(transport)
+        assert transport.bufferSize == RELAY_BUFFER_SIZE
+        transport.registerProducer(sender, True)
+        expected = hashlib.sha256()
+        total = 0
+        for i in range(64):  # 64 x (header + 100 KiB): far more than the socket buffers take
+            header = b"H%03d" % i
+            payload = os.urandom(100 * 1024)
+            send_now(transport, header, bytearray(payload) if i % 2 else payload)
+            expected.update(header + payload)
+            total += len(header) + len(payload)
+        assert transport._tempDataLen or len(transport.dataBuffer) > transport.offset
+        assert sender.paused
+        transport.unregisterProducer()
+        transport.loseConnection()
+        collector.transport.resumeProducing()
+        yield collector.done
+        assert collector.count == total
+        assert collector.digest.hexdigest() == expected.hexdigest()
+    finally:
+        yield port.stopListening()
+
+
+def test_other_transports_get_plain_writes():
+    """A transport that is not plain TCP (TLS, a wrapper, a test double) gets write()."""
+    transport = StringTransport()
+    send_now(transport, b"hd", bytearray(b"payload"))
+    send_now(transport, b"", b"more")
+    assert transport.value() == b"hdpayloadmore"

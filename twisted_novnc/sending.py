@@ -1,0 +1,71 @@
+"""Writing relayed bytes to a socket now, not on the reactor's next turn.
+
+Twisted's TCP transport only queues a ``write``: the bytes go out in ``doWrite`` one reactor
+iteration later, after an ``epoll_ctl`` to watch for writability and another to stop, and
+several writes are joined into one buffer first (a copy).  On the relay that is a loop turn of
+latency per message and a good share of the CPU (bench/README.md, "Profiles").
+
+:func:`send_now` sends at once with one ``sendmsg`` (header and payload gathered by the kernel,
+not joined) when nothing is queued, and leaves only what the kernel did not take to the
+transport's own buffer — so ordering, back-pressure (``bufferSize`` and the registered
+producer) and error handling stay Twisted's.  Transports that are not plain TCP (TLS, wrappers)
+simply get ``write``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+#: Bytes per read and the size of the write buffer above which the other side is paused.
+#: Twisted's default of 64 KiB costs a read, a frame and a write per 64 KiB.
+RELAY_BUFFER_SIZE = 256 * 1024
+
+
+def tune_relay_transport(transport: Any) -> None:
+    """Bigger reads and writes for a transport that relays bulk data."""
+    if isinstance(transport, tcp.Connection):
+        transport.bufferSize = RELAY_BUFFER_SIZE
+        transport.SEND_LIMIT = RELAY_BUFFER_SIZE
+
+
+def send_now(transport: Any, header: bytes, payload: Any) -> None:
+    """Write ``header`` then ``payload`` (bytes or a bytearray); ``header`` may be empty."""
+    if (
+        type(transport) not in _PLAIN_TCP
+        or transport._tempDataLen
+        or transport.offset != len(transport.dataBuffer)
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnected
+    ):
+        _queue(transport, header, payload)
+        return
+    try:
+        if header:
+            sent = transport.socket.sendmsg((header, payload))
+        else:
+            sent = transport.socket.send(payload)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        # Let the transport find the error itself when it tries, and close as usual.
+        _queue(transport, header, payload)
+        return
+    if sent < len(header):
+        _queue(transport, header[sent:], payload)
+    else:
+        sent -= len(header)
+        if sent < len(payload):
+            transport.write(bytes(memoryview(payload)[sent:]))
+
+
+def _queue(transport: Any, header: bytes, payload: Any) -> None:
+    if header:
+        transport.write(header)
+    transport.write(payload if type(payload) is bytes else bytes(payload))
+
+
+#: Transports whose buffer and socket we know: Twisted's TCP server and client connections.
+_PLAIN_TCP = frozenset({tcp.Server, tcp.Client})
