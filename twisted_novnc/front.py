@@ -13,10 +13,13 @@ relay open, closed) with the same keys: ``session_id``, ``client``, and at the e
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred
@@ -79,6 +82,33 @@ def _is_upgrade(head: bytes) -> bool:
         if name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
             return True
     return False
+
+
+class _LazyPformat:
+    """Autobahn pretty-prints its ~40 options for a debug line on every connection, even when
+    debug is off (about a tenth of the CPU per connection): this defers it to formatting."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return _pformat(self.value)
+
+    __repr__ = __str__
+
+
+_pformat = _autobahn_protocol.pformat
+
+
+@contextlib.contextmanager
+def _lazy_pformat() -> Iterator[None]:
+    _autobahn_protocol.pformat = _LazyPformat  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        _autobahn_protocol.pformat = _pformat
 
 
 class NoVNCServerProtocol(WebSocketServerProtocol):
@@ -300,6 +330,10 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             self._idle_timer = self.factory.clock.callLater(
                 self.factory.settings.idle_timeout, self._idle_check
             )
+        # The request is parsed and answered; what Autobahn kept of it is ~1.5 KB a relay.
+        self.http_request_data = b""
+        self.http_response_data = ""
+        self.http_headers = {}
         self._log.info(
             "relay open {session_id} from {client} after {wait_seconds:.3f}s",
             session_id=self.session_id,
@@ -523,6 +557,10 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
         self.transport.write(answer)  # type: ignore[union-attr]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
+    def _connectionMade(self) -> None:
+        with _lazy_pformat():
+            super()._connectionMade()
+
     def connectionMade(self) -> None:
         super().connectionMade()
         self.factory.connections.add(self)
@@ -687,6 +725,30 @@ class NoVNCServerFactory(WebSocketServerFactory):
                 autoPingInterval=settings.ping_interval,
                 autoPingTimeout=settings.ping_timeout,
             )
+        self._options_as_class_attributes()
+
+    def _options_as_class_attributes(self) -> None:
+        """Autobahn copies each option onto every connection that lacks it (~2 KB a
+        connection); set once as class attributes of this factory's protocol, they are found
+        without a copy.  Options set after this would not reach new connections: set them
+        all in ``__init__``."""
+        values = {
+            name: getattr(self, name)
+            for name in NoVNCServerProtocol.CONFIG_ATTRS
+            if hasattr(self, name)
+        }
+        self.protocol = type(  # type: ignore[assignment]
+            NoVNCServerProtocol.__name__, (NoVNCServerProtocol,), values
+        )
+
+    def startFactory(self) -> None:
+        """Start-up is done when the first listener starts: move everything allocated so far
+        out of the collector's sight.  A full collection then no longer walks the start-up
+        heap (tens of MB of modules and settings), which made each one a pause of up to
+        100 ms under load (bench/README.md, "Garbage collection")."""
+        super().startFactory()
+        gc.collect()
+        gc.freeze()
 
     def count(self, protocol: NoVNCServerProtocol, delta: int) -> None:
         """Count a connection under its client address and session (once in, once out)."""

@@ -7,23 +7,18 @@ upstream transport is paused from the moment it connects until the relay starts.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import socket
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from OpenSSL import SSL
 from twisted.internet import error, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-    wrapClientTLS,
-)
 from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -69,7 +64,7 @@ class TCPUpstream(Protocol):
 
     def __init__(self, tls: bool = False) -> None:
         self.tls = tls
-        #: Under TLS, fires once the VM's certificate has been accepted.
+        #: Fires once connected (under TLS: once the VM's certificate has been accepted).
         self.handshake: Deferred[TCPUpstream] = Deferred()
         self._held: list[bytes] = []
         self._held_bytes = 0
@@ -82,6 +77,7 @@ class TCPUpstream(Protocol):
             # The VNC server speaks first; its banner waits in the kernel until attach.  (Under
             # TLS reading must go on for the handshake, so early bytes are held instead.)
             self._pause()
+            self.handshake.callback(self)
 
     def handshakeCompleted(self) -> None:
         if not self.handshake.called:
@@ -172,6 +168,130 @@ def tls_options(mode: str, trust: Any, host: str) -> Any:
     return ssl.optionsForClientTLS(host, trustRoot=trust)
 
 
+class _AttemptFactory(ClientFactory):
+    """One connection attempt: its protocol, and a Deferred of the peer once it is ready.
+
+    Twisted's ``connectProtocol`` makes a new factory *class* per call and wraps the protocol
+    twice (about 3 KB a relay, and a log line each way); this is one small object.  It lets go
+    of the connector and the Deferred once decided, so that nothing of it is left in a
+    reference cycle for the garbage collector to find.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: Any, ready: Callable[[Any], Any]) -> None:
+        self.protocol_instance = protocol
+        self.ready = ready
+        self.connector: Any = None
+        self.result: Deferred[Any] | None = Deferred(self._cancel)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        self.connector = None
+        # Until ready (connected, TLS or WebSocket handshake done) the Deferred waits.
+        d = self.ready(self.protocol_instance)
+        if isinstance(d, Deferred):
+            d.addBoth(self._decide)
+        else:
+            self._decide(d)
+        return self.protocol_instance
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.connector = None
+        self._decide(reason)
+
+    def _decide(self, outcome: Any) -> None:
+        result, self.result = self.result, None
+        if result is None or result.called:
+            return  # cancelled or timed out already: nothing waits for this one
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    def _cancel(self, _: Deferred[Any]) -> None:
+        self.result = None
+        if self.connector is not None:
+            connector, self.connector = self.connector, None
+            connector.stopConnecting()
+            return
+        transport = getattr(self.protocol_instance, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+
+@attrs.define(eq=False)
+class _Connect:
+    """Attempts, with retries, until one is ready or the deadline passes (connect_tcp)."""
+
+    reactor: Any
+    target: Target
+    deadline: float
+    retry: bool
+    make_protocol: Callable[[], Any]
+    ready: Callable[[Any], Any]
+    tls: Any
+    result: Deferred[Any] | None = None
+    _current: Any = None
+    _delays: Any = attrs.field(factory=lambda: jittered_backoff(0.1, 1.0))
+
+    def start(self) -> Deferred[Any]:
+        result: Deferred[Any] = Deferred(self._cancel)
+        self.result = result
+        next(self._delays)  # the first attempt is immediate
+        self._attempt()
+        return result
+
+    def _attempt(self) -> None:
+        remaining = self.deadline - self.reactor.seconds()
+        per_try = max(0.1, min(ATTEMPT_TIMEOUT, remaining))
+        factory = _AttemptFactory(self.make_protocol(), self.ready)
+        wrapped = factory if self.tls is None else TLSMemoryBIOFactory(self.tls, True, factory)
+        d = factory.result
+        assert d is not None
+        # connectTCP's timeout is the TCP connect; the Deferred's also bounds the TLS or
+        # WebSocket handshake that follows.
+        factory.connector = self.reactor.connectTCP(
+            self.target.host, self.target.port, wrapped, per_try
+        )
+        d.addTimeout(per_try, self.reactor)
+        self._current = d
+        d.addCallbacks(self._connected, self._failed)
+
+    def _finish(self) -> Deferred[Any] | None:
+        self._current = None
+        result, self.result = self.result, None
+        return result
+
+    def _connected(self, upstream: Any) -> None:
+        result = self._finish()
+        if result is not None:
+            result.callback(upstream)
+
+    def _failed(self, f: Failure) -> None:
+        self._current = None
+        if self.result is None:
+            return  # cancelled
+        remaining = self.deadline - self.reactor.seconds()
+        delay = next(self._delays)
+        retryable = f.check(error.ConnectionRefusedError, error.TimeoutError, TimeoutError)
+        if self.retry and retryable and remaining > delay:
+            self._current = self.reactor.callLater(delay, self._attempt)
+            return
+        result = self._finish()
+        assert result is not None
+        if f.check(Refused):
+            result.errback(f)
+            return
+        where = f"{self.target.host}:{self.target.port}"
+        result.errback(Refused(Refusal.VM_UNREACHABLE, f"{where}: {f.getErrorMessage()}"))
+
+    def _cancel(self, _: Deferred[Any]) -> None:
+        pending = self._current
+        self._finish()
+        if isinstance(pending, Deferred) or (pending is not None and pending.active()):
+            pending.cancel()
+
+
 def connect_tcp(
     reactor: Any,
     target: Target,
@@ -184,65 +304,24 @@ def connect_tcp(
     """Open a TCP connection to the target within ``timeout`` seconds.
 
     ``make_protocol`` builds the protocol for each attempt, and ``ready`` turns a connected one
-    into the peer (or a Deferred of it): the WebSocket upstream waits for its handshake.
+    into the peer (or a Deferred of it): the TLS or WebSocket upstream waits for its handshake.
 
     With ``retry``, a VM that refuses (still booting) is tried again with capped backoff until
     the time is up.  Failures become :class:`Refused` (4502).  Cancelling stops everything.
     """
-    if make_protocol is None:
-        make_protocol = lambda: TCPUpstream(tls=tls is not None)  # noqa: E731
-    if ready is None:
-        ready = (lambda p: p.handshake) if tls is not None else (lambda p: p)
-    address = ipaddress.ip_address(target.host)
-    endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-    deadline = reactor.seconds() + timeout
-    delays = jittered_backoff(0.1, 1.0)
-    next(delays)  # the first attempt is immediate
-    current: list[Deferred[Any] | Any] = []
-    cancelled: list[bool] = []
+    return _Connect(
+        reactor,
+        target,
+        reactor.seconds() + timeout,
+        retry,
+        make_protocol or (lambda: TCPUpstream(tls=tls is not None)),
+        ready or _handshake,
+        tls,
+    ).start()
 
-    def attempt() -> None:
-        remaining = deadline - reactor.seconds()
-        per_try = max(0.1, min(ATTEMPT_TIMEOUT, remaining))
-        endpoint: Any = endpoint_type(reactor, target.host, target.port, timeout=per_try)
-        if tls is not None:
-            endpoint = wrapClientTLS(tls, endpoint)
-        # The endpoint's timeout is whole seconds at best; bound the attempt ourselves too.
-        d = connectProtocol(endpoint, make_protocol()).addCallback(ready)
-        d.addTimeout(per_try, reactor)
-        current[:] = [d]
-        d.addCallbacks(connected, failed)
 
-    def connected(upstream: Any) -> None:
-        current.clear()
-        result.callback(upstream)
-
-    def failed(f: Failure) -> None:
-        current.clear()
-        if cancelled:
-            return
-        remaining = deadline - reactor.seconds()
-        delay = next(delays)
-        retryable = f.check(error.ConnectionRefusedError, error.TimeoutError, TimeoutError)
-        if retry and retryable and remaining > delay:
-            current[:] = [reactor.callLater(delay, attempt)]
-            return
-        if f.check(Refused):
-            result.errback(f)
-            return
-        message = f.getErrorMessage()
-        result.errback(Refused(Refusal.VM_UNREACHABLE, f"{target.host}:{target.port}: {message}"))
-
-    def cancel(_: Deferred[Any]) -> None:
-        cancelled.append(True)
-        for pending in current:
-            if isinstance(pending, Deferred) or pending.active():
-                pending.cancel()
-        current.clear()
-
-    result: Deferred[Any] = Deferred(cancel)
-    attempt()
-    return result
+def _handshake(protocol: TCPUpstream) -> Deferred[TCPUpstream]:
+    return protocol.handshake
 
 
 class WebSocketUpstream(WebSocketClientProtocol):

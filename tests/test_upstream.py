@@ -1,0 +1,98 @@
+"""connect_tcp on a MemoryReactorClock: retries, deadlines and cancellation, no sockets."""
+
+from __future__ import annotations
+
+from twisted.internet import error
+from twisted.internet.defer import CancelledError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from twisted_novnc.errors import Refused
+from twisted_novnc.session import Target
+from twisted_novnc.upstream import TCPUpstream, connect_tcp
+
+TARGET = Target("s1", "10.0.0.5", 5900)
+
+
+def _refuse(reactor: MemoryReactorClock, index: int) -> None:
+    host, port, factory, timeout, _ = reactor.tcpClients[index]
+    connector = reactor.connectors[index]
+    factory.clientConnectionFailed(connector, Failure(error.ConnectionRefusedError()))
+
+
+def test_connected_peer_is_paused_and_delivered():
+    """A made connection yields the TCPUpstream, its transport paused until the relay starts."""
+    reactor = MemoryReactorClock()
+    d = connect_tcp(reactor, TARGET, 10)
+    host, port, factory, timeout, _ = reactor.tcpClients[0]
+    assert (host, port, timeout) == ("10.0.0.5", 5900, 5.0)
+    protocol = factory.buildProtocol(None)
+    assert not d.called  # not before connectionMade
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert isinstance(protocol, TCPUpstream)
+    assert d.result is protocol
+    assert transport.producerState == "paused"
+
+
+def test_refused_is_retried_until_the_deadline_then_4502():
+    """With retry, a refusing VM (still booting) is tried again with backoff; then 4502."""
+    reactor = MemoryReactorClock()
+    d = connect_tcp(reactor, TARGET, 3, retry=True)
+    attempts = 0
+    while len(reactor.tcpClients) > attempts:
+        _refuse(reactor, attempts)
+        attempts += 1
+        reactor.advance(1.0)
+    assert attempts >= 3
+    failure = d.result
+    assert isinstance(failure, Failure) and failure.check(Refused)
+    assert failure.value.refusal.close_code == 4502
+    d.addErrback(lambda f: None)
+
+
+def test_refused_without_retry_fails_at_once():
+    """Without retry the first refusal is the answer."""
+    reactor = MemoryReactorClock()
+    d = connect_tcp(reactor, TARGET, 10)
+    _refuse(reactor, 0)
+    assert d.result.check(Refused)
+    assert len(reactor.tcpClients) == 1
+    d.addErrback(lambda f: None)
+
+
+def test_cancel_while_connecting_stops_the_connector():
+    """Cancelling before the TCP connect completes stops that connect; no retry follows."""
+    reactor = MemoryReactorClock()
+    d = connect_tcp(reactor, TARGET, 10, retry=True)
+    d.cancel()
+    assert reactor.connectors[0].stoppedConnecting
+    assert d.result.check(CancelledError)
+    d.addErrback(lambda f: None)
+    reactor.advance(10)
+    assert len(reactor.tcpClients) == 1
+
+
+def test_cancel_after_connect_aborts_the_connection():
+    """Cancelling once connected but not yet ready (a TLS handshake pending) aborts it."""
+    reactor = MemoryReactorClock()
+    d = connect_tcp(reactor, TARGET, 10, ready=lambda p: p.handshake,
+                    make_protocol=lambda: TCPUpstream(tls=True))
+    host, port, factory, timeout, _ = reactor.tcpClients[0]
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert not d.called
+    d.cancel()
+    assert transport.disconnecting
+    d.addErrback(lambda f: None)
+
+
+def test_an_attempt_that_hangs_times_out():
+    """A connect that neither succeeds nor fails is given up after the deadline (4502)."""
+    reactor = MemoryReactorClock()
+    d = connect_tcp(reactor, TARGET, 2)
+    reactor.advance(2.5)
+    assert reactor.connectors[0].stoppedConnecting
+    assert d.result.check(Refused)
+    d.addErrback(lambda f: None)
