@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
@@ -371,3 +373,28 @@ def test_stuck_database_gives_4503_at_deadline():
     for _ in range(130):
         clock.advance(0.1)
     assert refusal_of(d) is Refusal.DATABASE_UNAVAILABLE
+
+
+@given(st.lists(st.tuples(st.sampled_from(["wait", "cancel", "ready", "end", "tick"]),
+                          st.integers(0, 4)), max_size=40))
+def test_waiting_counts_exactly_the_held_browsers(steps):
+    """``waiting`` (asked on every connection, so kept as a count) always equals the number
+    of Deferreds not yet fired, whatever mix of waits, cancels, commits, ends and deadlines."""
+    gate, source, clock = make_gate(timeout=3.0)
+    held: list = []
+    for action, n in steps:
+        sid = f"s{n}"
+        if action == "wait":
+            held.append(gate.when_ready(sid))
+        elif action == "cancel" and held:
+            held[n % len(held)].cancel()
+        elif action in ("ready", "end"):
+            source.rows[sid] = SessionRow(sid, "10.0.0.5", None,
+                                          "running" if action == "ready" else "ended")
+            gate.notified(sid)
+        else:
+            clock.advance(1.0)
+        clock.advance(0)
+        assert gate.waiting == sum(1 for d in held if not d.called)
+    for d in held:
+        d.addErrback(lambda f: None)

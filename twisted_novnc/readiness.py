@@ -9,6 +9,7 @@ a burst of a thousand commits to a handful of round trips.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
@@ -91,6 +92,8 @@ class ReadinessGate:
     _retry_ids: set[str] = attrs.field(factory=set)
     _retry_delays: Any = attrs.field(factory=lambda: jittered_backoff(0.05, 2.0))
     _in_flight: bool = False
+    #: How many waiters there are (``waiting`` is asked on every new connection).
+    _waiting: int = 0
 
     # -- the public side -----------------------------------------------------------------
 
@@ -104,7 +107,10 @@ class ReadinessGate:
         key = self.source.normalise_id(session_id)
         if key is None:
             return _failed(Refused(Refusal.BAD_PATH, f"not a valid session id: {session_id!r}"))
-        waiter = _Waiter(key, Deferred(lambda d: self._forget(waiter)))
+        # The canceller finds its waiter by key: closing over the waiter would make a
+        # reference cycle (waiter -> Deferred -> canceller -> waiter) per connection.
+        waiter = _Waiter(key, Deferred(functools.partial(self._cancelled, key)))
+        self._waiting += 1
         waiter.timer = self.clock.callLater(self.timeout, self._deadline, waiter)
         self._waiters.setdefault(key, set()).add(waiter)
         self._seen.setdefault(key, _Seen.NOTHING)
@@ -114,7 +120,7 @@ class ReadinessGate:
     @property
     def waiting(self) -> int:
         """How many browsers are held waiting right now."""
-        return sum(len(w) for w in self._waiters.values())
+        return self._waiting
 
     def waiting_for(self, session_id: str) -> int:
         return len(self._waiters.get(session_id, ()))
@@ -316,17 +322,20 @@ class ReadinessGate:
             self._remove(waiter)
         return waiters
 
-    def _forget(self, waiter: _Waiter) -> None:
+    def _cancelled(self, key: str, deferred: Deferred[Target]) -> None:
         """The canceller: the browser left while waiting."""
-        self._remove(waiter)
+        for waiter in list(self._waiters.get(key, ())):
+            if waiter.deferred is deferred:
+                self._remove(waiter)
 
     def _remove(self, waiter: _Waiter) -> None:
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()
         waiter.timer = None
         waiters = self._waiters.get(waiter.session_id)
-        if waiters is not None:
+        if waiters is not None and waiter in waiters:
             waiters.discard(waiter)
+            self._waiting -= 1
             if not waiters:
                 del self._waiters[waiter.session_id]
                 self._seen.pop(waiter.session_id, None)
