@@ -93,7 +93,7 @@ class FakeVM:
         self.relay = relay
 
 
-def open_relay(max_message_size: int = 1024 * 1024):
+def open_relay(max_message_size: int = 1024 * 1024, handshake: bytes = HANDSHAKE):
     """A browser connection whose handshake is done and whose relay is open."""
     clock = Clock()
     source = MemorySessionSource()
@@ -107,7 +107,7 @@ def open_relay(max_message_size: int = 1024 * 1024):
     protocol = factory.buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
-    protocol.dataReceived(HANDSHAKE)
+    protocol.dataReceived(handshake)
     clock.advance(0)  # the gate batches its reads to the next turn
     assert protocol.state == protocol.STATE_OPEN, transport.value()
     assert protocol.relay is not None
@@ -188,6 +188,19 @@ def test_frames_autobahn_refuses_are_still_refused(frame, code):
     assert vm.received == b""
     close = transport.value()
     assert close[0] == 0x88 and struct.unpack("!H", close[2:4])[0] == code
+
+
+def test_compression_offer_is_declined_and_the_relay_opens():
+    """Browsers offer permessage-deflate; the 101 declines it (no extension) and the relay
+    opens — the options the factory sets, functions included, reach every connection."""
+    offer = HANDSHAKE.replace(
+        b"\r\n\r\n",
+        b"\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+    )
+    protocol, transport, vm = open_relay(handshake=offer)
+    assert protocol.websocket_extensions_in_use == []
+    protocol.dataReceived(client_frame(b"ok"))
+    assert bytes(vm.received) == b"ok"
 
 
 def test_binary_frame_inside_a_fragmented_message_is_a_protocol_error():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -680,6 +681,14 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     def close(self, code: int, reason: str) -> None:
         close_frame(self, code, reason)
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Autobahn's own writes (the 101, close frames, pings) go out at once too, not a
+        reactor turn later: the 101 is on the path every new connection waits for."""
+        if sync or chopsize:
+            super().sendData(data, sync, chopsize)  # never used here: fails loudly
+            return
+        send_now(self.transport, b"", data)
+
 
 class NoVNCServerFactory(WebSocketServerFactory):
     """Accepts noVNC clients on every listener and hands them the shared gate and connector."""
@@ -757,9 +766,11 @@ class NoVNCServerFactory(WebSocketServerFactory):
         without a copy.  Options set after this would not reach new connections: set them
         all in ``__init__``."""
         values = {
-            name: getattr(self, name)
+            # A function as a class attribute would become a method of each connection.
+            name: staticmethod(value) if isinstance(value, types.FunctionType) else value
             for name in NoVNCServerProtocol.CONFIG_ATTRS
             if hasattr(self, name)
+            for value in [getattr(self, name)]
         }
         self.protocol = type(  # type: ignore[assignment]
             NoVNCServerProtocol.__name__, (NoVNCServerProtocol,), values
