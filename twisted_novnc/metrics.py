@@ -11,7 +11,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -91,6 +97,7 @@ class Metrics:
     readiness_wait: Any = attrs.field(init=False)
     upstream_connect: Any = attrs.field(init=False)
     database_reconnects: Any = attrs.field(init=False)
+    descriptor_limit_hits: Any = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -112,8 +119,17 @@ class Metrics:
             "twisted_novnc_database_reconnects", "Database connections re-established.",
             registry=r,
         )
+        self.descriptor_limit_hits = Counter(
+            "twisted_novnc_descriptor_limit_hits",
+            "Times accept() found no free descriptor (EMFILE/ENFILE): the descriptor limit, not"
+            " the proxy, refused connections, and accepting paused.",
+            registry=r,
+        )
         r.register(_LiveCollector(self))
+        # process_open_fds and process_max_fds beside the limit hits; CPU and memory too.
+        ProcessCollector(registry=r)
 
     def relay_closed(self, up_bytes: int, down_bytes: int) -> None:
         self.closed_up_bytes += up_bytes
         self.closed_down_bytes += down_bytes
+
