@@ -193,6 +193,46 @@ def test_sigterm_drains_every_worker_and_leaves_no_process(
 
 
 @pytest_twisted.inlineCallbacks
+def test_second_sigterm_closes_every_worker_at_once(
+    daemon_factory, pg, sessions_table, vnc_server
+):
+    """A second SIGTERM to the supervisor during a long drain closes the relays at once."""
+    daemon = yield two_workers(daemon_factory, drain_timeout=300)
+    ids = [new_id() for _ in range(4)]
+    for sid in ids:
+        insert(pg, sessions_table, sid, vnc_server.port)
+    clients = yield relays(daemon.port, ids)
+    daemon.transport.signalProcess(signal.SIGTERM)
+    yield within(daemon.when_logged("draining: "))
+    daemon.transport.signalProcess(signal.SIGTERM)
+    results = yield within(defer.gatherResults([c.closed for c in clients]), 15)
+    assert [code for code, _ in results] == [1001] * len(ids)
+    yield within(daemon.ended, 20)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie waiting for PID 1 to reap it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status
+
+
+@pytest_twisted.inlineCallbacks
+def test_workers_stop_when_the_supervisor_is_killed(daemon_factory):
+    """kill -9 of the supervisor: each worker sees its pipe close and exits; none is orphaned.
+    (The workers hold the supervisor's stdout, so the daemon only counts as ended once they
+    have exited too.)"""
+    daemon = yield two_workers(daemon_factory)
+    pids = list(worker_pids(daemon).values())
+    os.kill(daemon.pid, signal.SIGKILL)
+    yield within(daemon.ended)
+    yield until(lambda: all(gone(pid) for pid in pids))
+    assert daemon.count("the supervisor is gone") == 2
+
+
+@pytest_twisted.inlineCallbacks
 def test_auto_is_one_worker_per_core(daemon_factory):
     """workers = auto starts one worker per core this machine gives the daemon."""
     cores = len(os.sched_getaffinity(0))
