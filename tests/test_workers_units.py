@@ -489,11 +489,15 @@ class StoppableReactor(MemoryReactorClock):
         self.stops += 1
 
 
-def control() -> tuple[ControlInput, StoppableReactor, FakeDrain, int]:
+@pytest.fixture
+def worker_end():
+    """A worker's ControlInput on a fake reactor; its pipe to the supervisor read at ``r``."""
     reactor, drain = StoppableReactor(), FakeDrain()
     r, w = os.pipe()
     handles = WorkerHandles(Metrics(), drain)
-    return ControlInput(reactor, ParentChannel(w), handles), reactor, drain, r
+    yield ControlInput(reactor, ParentChannel(w), handles), reactor, drain, r
+    os.close(r)
+    os.close(w)
 
 
 def read_answer(fd: int) -> Any:
@@ -502,33 +506,33 @@ def read_answer(fd: int) -> Any:
     return json.loads(payload)
 
 
-def test_worker_stops_once_however_often_asked():
+def test_worker_stops_once_however_often_asked(worker_end):
     """STOP (or a signal, or the supervisor's pipe closing) stops the reactor exactly once."""
-    ctl, reactor, drain, r = control()
+    ctl, reactor, drain, r = worker_end
     ctl.childDataReceived("control", frame(STOP))
     ctl.childDataReceived("control", frame(STOP))
     ctl.childConnectionLost("control", Failure(EOFError()))
     assert reactor.stops == 1 and drain.closed == 0
 
 
-def test_worker_stop_now_closes_the_relays():
+def test_worker_stop_now_closes_the_relays(worker_end):
     """STOP_NOW closes every relay at once (the drain's second-SIGTERM path)."""
-    ctl, reactor, drain, r = control()
+    ctl, reactor, drain, r = worker_end
     ctl.childDataReceived("control", frame(STOP) + frame(STOP_NOW))
     assert reactor.stops == 1 and drain.closed == 1
 
 
-def test_supervisor_gone_stops_the_worker(logged):
+def test_supervisor_gone_stops_the_worker(logged, worker_end):
     """The end of the supervisor's pipe (whatever killed it) stops the worker: no orphans."""
-    ctl, reactor, drain, r = control()
+    ctl, reactor, drain, r = worker_end
     ctl.childConnectionLost("control", Failure(EOFError()))
     assert reactor.stops == 1
     assert any("the supervisor is gone" in text for _, text in logged)
 
 
-def test_worker_answers_metrics_and_status():
+def test_worker_answers_metrics_and_status(worker_end):
     """The worker answers with its Prometheus text and its readiness, under the question's id."""
-    ctl, reactor, drain, r = control()
+    ctl, reactor, drain, r = worker_end
     ctl.childDataReceived("control", frame(ASK, b'{"id": 7, "what": "metrics"}'))
     metrics = read_answer(r)
     assert metrics["id"] == 7
@@ -707,3 +711,13 @@ def test_supervisor_tree_stops_in_order():
     assert order == ["sockets", "workers"] and not stopped
     draining.callback(None)
     assert order == ["sockets", "workers", "database"] and stopped
+
+
+def test_worker_ignores_an_unreadable_question(logged, worker_end):
+    """A malformed question is logged and ignored; the worker neither stops nor answers."""
+    ctl, reactor, drain, r = worker_end
+    ctl.childDataReceived("control", frame(ASK, b"not json") + frame(ASK, b"[1]"))
+    assert reactor.stops == 0
+    assert [t for _, t in logged].count("an unreadable question from the supervisor: ignored") == 2
+    ctl.childDataReceived("control", frame(ASK, b'{"id": 1, "what": "status"}'))
+    assert read_answer(r)["id"] == 1

@@ -651,7 +651,12 @@ class ControlInput:
 
         from .admin import readiness
 
-        question = json.loads(payload)
+        try:
+            question = json.loads(payload)
+            question.get("what")
+        except (ValueError, AttributeError):
+            _log.warn("an unreadable question from the supervisor: ignored")
+            return
         body: Any = None
         if question.get("what") == "metrics":
             body = generate_latest(self.handles.metrics.registry).decode("utf-8")
