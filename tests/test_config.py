@@ -24,6 +24,7 @@ from twisted_novnc.config import (
     mask_dsn,
     parse_config,
     read_config,
+    settings_text,
 )
 from twisted_novnc.origins import OriginPolicy
 from twisted_novnc.targets import parse_networks, parse_ports
@@ -117,6 +118,10 @@ VALID = [
     ("novnc", "target_port", "1", 1),
     ("novnc", "target_port", "65535", 65535),
     ("novnc", "target_port", "05901", 5901),
+    ("novnc", "workers", "1", 1),
+    ("novnc", "workers", "auto", None),
+    ("novnc", "workers", "256", 256),
+    ("novnc", "workers", "08", 8),
     ("novnc", "reject", "http", "http"),
     ("novnc", "reject", "close", "close"),
     ("novnc", "max_message_size", "1024", 1024),
@@ -169,6 +174,14 @@ INVALID = [
     ("novnc", "target_port", "5_900", "expected a whole number"),
     ("novnc", "target_port", "\u0665\u0669\u0660\u0660", "expected a whole number"),
     ("novnc", "target_port", "", "expected a whole number"),
+    ("novnc", "workers", "0", "must be a positive integer or auto, got '0'"),
+    ("novnc", "workers", "000", "must be a positive integer or auto"),
+    ("novnc", "workers", "-1", "must be a positive integer or auto"),
+    ("novnc", "workers", "AUTO", "must be a positive integer or auto"),
+    ("novnc", "workers", "2.5", "must be a positive integer or auto"),
+    ("novnc", "workers", "", "must be a positive integer or auto"),
+    ("novnc", "workers", "257", "must be at most 256, got 257"),
+    ("novnc", "workers", "9" * 5000, "must be at most 256"),
     ("novnc", "reject", "CLOSE", "must be one of close, http"),
     ("novnc", "reject", "reset", "must be one of close, http"),
     ("novnc", "max_message_size", "1023", "must be from 1024 to 67108864"),
@@ -487,6 +500,36 @@ def test_effective_items_read_back() -> None:
     assert parse_config(ini_text(effective_items(settings))) == settings
 
 
+def test_workers_error_names_file_section_and_key() -> None:
+    """A bad workers value says exactly what is allowed, on one line naming where it is."""
+    err = error_for("[novnc]\nworkers = none\n", "etc/x.ini")
+    assert str(err) == "etc/x.ini: [novnc] workers: must be a positive integer or auto, got 'none'"
+
+
+def test_workers_refuse_systemd_sockets() -> None:
+    """An inherited systemd: socket cannot be handed to workers: a ConfigError names it."""
+    from twisted_novnc.config import _check_together
+
+    novnc = NovncSettings(listen=("tcp:1", "systemd:domain=INET:index=0"), workers=2)
+    with pytest.raises(ConfigError) as info:
+        _check_together(Settings(novnc=novnc), "x.ini")
+    assert (info.value.section, info.value.key) == ("novnc", "listen")
+    assert "systemd:domain=INET:index=0" in info.value.problem and "workers" in info.value.problem
+    _check_together(Settings(novnc=attrs.evolve(novnc, workers=1)), "x.ini")
+
+
+def test_settings_text_keeps_secrets_and_reads_back() -> None:
+    """settings_text is the exact settings, DSN password included, as parse_config reads them."""
+    text = (
+        "[novnc]\nlisten = tcp:1 tcp:2\nworkers = auto\n"
+        "[database]\ndsn = host=a password=s3cret\n  dbname=b\n"
+    )
+    settings = parse_config(text, "a.ini", {("novnc", "readiness_timeout"): "2.5"})
+    written = settings_text(settings)
+    assert "s3cret" in written and "workers = auto" in written
+    assert parse_config(written, "a.ini") == settings
+
+
 def ini_text(items: list[tuple[str, str, str]]) -> str:
     """(section, key, text) triples as an ini file."""
     lines: list[str] = []
@@ -599,6 +642,7 @@ endpoint = st.one_of(
 
 VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("novnc", "listen"): st.lists(endpoint, min_size=1, max_size=4, unique=True).map(tuple),
+    ("novnc", "workers"): st.one_of(st.none(), st.integers(1, 256)),
     ("novnc", "path"): st.builds("/{}{{session_id}}{}".format, path_part, path_part),
     ("novnc", "readiness_timeout"): st.floats(
         min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False
@@ -690,6 +734,21 @@ def test_round_trip(values: dict[tuple[str, str], Any]) -> None:
         },
     )
     assert settings == expected
+
+
+@PROPERTY_SETTINGS
+@given(chosen_values())
+def test_settings_text_round_trip(values: dict[tuple[str, str], Any]) -> None:
+    """Whatever the settings, settings_text reads back to them: workers get exactly these."""
+    settings = Settings(
+        **{
+            section.name: section.record(
+                **{k: v for (s, k), v in values.items() if s == section.name}
+            )
+            for section in SCHEMA.values()
+        },
+    )
+    assert parse_config(settings_text(settings), settings.source) == settings
 
 
 @PROPERTY_SETTINGS

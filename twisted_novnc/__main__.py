@@ -8,6 +8,8 @@
       validate a config file and print the effective settings, secrets masked
   mint-token --secret-file FILE --session ID [--ttl SECONDS]
       print a token that opens one session in [auth] mode = hmac
+  worker --index N
+      (internal) one of the [novnc] workers processes, started by the daemon itself
 """
 
 from __future__ import annotations
@@ -46,10 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         "mint-token", help="print a token that opens one session in [auth] mode = hmac"
     )
     add_mint_token_arguments(mint)
+    worker = commands.add_parser(
+        "worker", help="(internal) one of the [novnc] workers, started by the daemon itself"
+    )
+    worker.add_argument("--index", type=int, required=True, help="which worker (from 1)")
     args = parser.parse_args(argv)
 
     if args.command == "mint-token":
         return run_mint_token(args)
+    if args.command == "worker":
+        from .workers import run_worker
+
+        return run_worker(args.index)
 
     try:
         settings = _settings(args.config)

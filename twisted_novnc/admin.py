@@ -3,18 +3,47 @@
 ``/healthz`` answers while the process runs; ``/readyz`` answers 200 only while the database is
 reachable and LISTEN is active, so a load balancer sends browsers only to an instance that
 can see commits.
+
+With ``[novnc] workers`` the listener is the supervisor's: it asks every worker over its pipe,
+and ``/metrics`` shows each worker's metrics labelled ``worker="<index>"`` beside its own,
+``/readyz`` is 200 only while every worker runs and is ready.  A worker that does not answer in
+time is left out (``twisted_novnc_worker_scraped`` says so), never waited for.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.twisted import MetricsResource
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from .metrics import Metrics
+from .metrics import LiveState, Metrics, exposition, supervisor_families, worker_families
+
+_log = Logger()
+
+
+def readiness(live: LiveState) -> dict[str, Any]:
+    """Whether this process can serve browsers now: the database answers and LISTEN is up."""
+    database, listening = live.database_reachable(), live.listen_connected()
+    reasons = []
+    if not database:
+        reasons.append("database unreachable")
+    if not listening:
+        reasons.append("not listening for session changes")
+    body: dict[str, Any] = {
+        "ready": not reasons,
+        "database_reachable": database,
+        "listen_connected": listening,
+    }
+    if reasons:
+        body["reason"] = "; ".join(reasons)
+    return body
 
 
 class _JSONResource(Resource):
@@ -46,21 +75,8 @@ class Readyz(_JSONResource):
     """200 while the database answers and LISTEN is active, else 503 with the reason."""
 
     def status(self) -> tuple[int, dict[str, Any]]:
-        live = self.metrics.live
-        database, listening = live.database_reachable(), live.listen_connected()
-        reasons = []
-        if not database:
-            reasons.append("database unreachable")
-        if not listening:
-            reasons.append("not listening for session changes")
-        body: dict[str, Any] = {
-            "ready": not reasons,
-            "database_reachable": database,
-            "listen_connected": listening,
-        }
-        if reasons:
-            body["reason"] = "; ".join(reasons)
-        return (503 if reasons else 200), body
+        body = readiness(self.metrics.live)
+        return (200 if body["ready"] else 503), body
 
 
 def admin_site(metrics: Metrics) -> Site:
@@ -68,6 +84,130 @@ def admin_site(metrics: Metrics) -> Site:
     root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
     root.putChild(b"healthz", Healthz(metrics))
     root.putChild(b"readyz", Readyz(metrics))
+    site = Site(root)
+    site.noisy = False
+    site.displayTracebacks = False
+    return site
+
+
+class WorkerPool(Protocol):
+    """What the supervisor's admin listener needs from the supervisor."""
+
+    count: int
+    restarts: int
+
+    def alive(self) -> int: ...
+
+    def pids(self) -> Mapping[int, int | None]: ...
+
+    def ask_all(self, what: str) -> Deferred[dict[int, Any]]:
+        """Each worker's answer (``None`` for a worker that is down or too slow)."""
+        ...
+
+
+class _Answering(Resource):
+    """Answers once the workers have: (status, content type, body) from ``answer``."""
+
+    isLeaf = True
+
+    def __init__(self, pool: WorkerPool) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def answer(self) -> Deferred[tuple[int, bytes, bytes]]:
+        raise NotImplementedError
+
+    def render_GET(self, request: Request) -> Any:
+        gone: list[object] = []
+        request.notifyFinish().addBoth(gone.append)
+        d = self.answer()
+
+        def write(result: tuple[int, bytes, bytes]) -> None:
+            if gone:
+                return
+            code, content_type, body = result
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Any) -> None:
+            _log.failure("admin {path} failed", failure, path=request.path.decode("latin-1"))
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        d.addCallback(write).addErrback(failed)
+        return NOT_DONE_YET
+
+
+def _json(code: int, body: dict[str, Any]) -> tuple[int, bytes, bytes]:
+    return code, b"application/json", json.dumps(body).encode() + b"\n"
+
+
+class WorkersMetrics(_Answering):
+    """Every worker's metrics, labelled by worker, and the supervisor's own."""
+
+    def answer(self) -> Deferred[tuple[int, bytes, bytes]]:
+        def render(answers: dict[int, Any]) -> tuple[int, bytes, bytes]:
+            texts = {index: text for index, text in answers.items() if isinstance(text, str)}
+            families = supervisor_families(
+                self.pool.count, self.pool.alive(), self.pool.restarts, self.pool.pids(),
+                {index: index in texts for index in answers},
+            )
+            body = exposition(families + worker_families(texts))
+            return 200, CONTENT_TYPE_LATEST.encode(), body
+
+        return self.pool.ask_all("metrics").addCallback(render)
+
+
+class WorkersReadyz(_Answering):
+    """200 only while every worker runs and is ready; else 503 naming the ones that are not."""
+
+    def answer(self) -> Deferred[tuple[int, bytes, bytes]]:
+        def render(answers: dict[int, Any]) -> tuple[int, bytes, bytes]:
+            reasons = []
+            for index, status in sorted(answers.items()):
+                if status is None:
+                    reasons.append(f"worker {index} is not running or did not answer")
+                elif not status.get("ready"):
+                    reasons.append(f"worker {index}: {status.get('reason', 'not ready')}")
+            body: dict[str, Any] = {
+                "ready": not reasons,
+                "workers": {str(index): status for index, status in sorted(answers.items())},
+            }
+            if reasons:
+                body["reason"] = "; ".join(reasons)
+            return _json(503 if reasons else 200, body)
+
+        return self.pool.ask_all("status").addCallback(render)
+
+
+class WorkersHealthz(Resource):
+    """The supervisor is alive (its workers are its business: it restarts them)."""
+
+    isLeaf = True
+
+    def __init__(self, pool: WorkerPool) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def render_GET(self, request: Request) -> bytes:
+        code, content_type, body = _json(
+            200, {"alive": True, "workers": self.pool.count, "workers_alive": self.pool.alive()}
+        )
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+
+def supervisor_site(pool: WorkerPool) -> Site:
+    """The admin listener of a supervisor of ``[novnc] workers``."""
+    root = Resource()
+    root.putChild(b"metrics", WorkersMetrics(pool))
+    root.putChild(b"healthz", WorkersHealthz(pool))
+    root.putChild(b"readyz", WorkersReadyz(pool))
     site = Site(root)
     site.noisy = False
     site.displayTracebacks = False

@@ -225,6 +225,27 @@ _ENDPOINTS = Kind(
     " ``systemd:domain=INET:index=0``",
 )
 
+#: The most worker processes ``[novnc] workers`` may ask for: a typo must not fork-bomb.
+MAX_WORKERS = 256
+
+
+def _parse_workers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not re.fullmatch(r"[0-9]+", text) or not text.strip("0"):
+        raise ValueError(f"must be a positive integer or auto, got {text!r}")
+    digits = text.lstrip("0")
+    if len(digits) > len(str(MAX_WORKERS)) or int(digits) > MAX_WORKERS:
+        raise ValueError(f"must be at most {MAX_WORKERS}, got {text}")
+    return int(digits)
+
+
+_WORKERS = Kind(
+    _parse_workers,
+    lambda value: "auto" if value is None else str(value),
+    f"a whole number from 1 to {MAX_WORKERS}, or ``auto`` (one per core)",
+)
+
 _PLACEHOLDER = "{session_id}"
 
 
@@ -321,6 +342,12 @@ class NovncSettings:
         _ENDPOINTS,
         ("tcp:6080:interface=127.0.0.1",),
         "Where to accept browser connections.",
+    )
+    workers: int | None = _setting(
+        _WORKERS,
+        1,
+        "How many processes serve browsers, sharing the listening sockets; auto = one per"
+        " core (None here).  More than one makes this process their supervisor.",
     )
     path: str = _setting(
         _PATH,
@@ -775,6 +802,15 @@ def _check_together(settings: Settings, source: str) -> None:
         raise ConfigError(source, "auth", "secret_file", "required when mode = hmac")
     if auth.one_time and auth.mode != "column":
         raise ConfigError(source, "auth", "one_time", "only applies to mode = column")
+    novnc = settings.novnc
+    if novnc.workers != 1:
+        for description in novnc.listen:
+            if "systemd:" in description:
+                raise ConfigError(
+                    source, "novnc", "listen",
+                    f"{description!r}: an inherited (systemd:) socket cannot be shared with"
+                    " [novnc] workers; use workers = 1, or tcp:, ssl: or unix: endpoints",
+                )
 
 
 def read_config(
@@ -792,12 +828,32 @@ def read_config(
     return parse_config(text, path, overrides)
 
 
-def effective_items(settings: Settings) -> list[tuple[str, str, str]]:
-    """Every (section, key, value as ini text) in effect, secrets masked, for showing to people."""
+def _items(settings: Settings, redact: bool) -> list[tuple[str, str, str]]:
     items = []
     for section in SCHEMA.values():
         record = getattr(settings, section.name)
         for key in section.keys.values():
-            text = key.kind.redact(key.kind.format(getattr(record, key.name)))
-            items.append((section.name, key.name, text))
+            text = key.kind.format(getattr(record, key.name))
+            items.append((section.name, key.name, key.kind.redact(text) if redact else text))
     return items
+
+
+def effective_items(settings: Settings) -> list[tuple[str, str, str]]:
+    """Every (section, key, value as ini text) in effect, secrets masked, for showing to people."""
+    return _items(settings, redact=True)
+
+
+def settings_text(settings: Settings) -> str:
+    """The settings as ini text that :func:`parse_config` reads back to equal settings.
+
+    Secrets are left in: this is how a supervisor hands its exact settings (command-line
+    overrides and all) to its workers, over a pipe; never show it to people.
+    """
+    lines: list[str] = []
+    section = None
+    for name, key, text in _items(settings, redact=False):
+        if name != section:
+            lines.append(f"[{name}]")
+            section = name
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"

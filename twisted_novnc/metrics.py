@@ -7,12 +7,20 @@ the relay's hot path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -91,6 +99,7 @@ class Metrics:
     readiness_wait: Any = attrs.field(init=False)
     upstream_connect: Any = attrs.field(init=False)
     database_reconnects: Any = attrs.field(init=False)
+    descriptor_limit_hits: Any = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -112,8 +121,79 @@ class Metrics:
             "twisted_novnc_database_reconnects", "Database connections re-established.",
             registry=r,
         )
+        self.descriptor_limit_hits = Counter(
+            "twisted_novnc_descriptor_limit_hits",
+            "Times accept() found no free descriptor (EMFILE/ENFILE): the descriptor limit, not"
+            " the proxy, refused connections, and accepting paused.",
+            registry=r,
+        )
         r.register(_LiveCollector(self))
+        # process_open_fds and process_max_fds beside the limit hits; CPU and memory too.
+        ProcessCollector(registry=r)
 
     def relay_closed(self, up_bytes: int, down_bytes: int) -> None:
         self.closed_up_bytes += up_bytes
         self.closed_down_bytes += down_bytes
+
+
+def worker_families(texts: Mapping[int, str]) -> list[Metric]:
+    """Every worker's metrics (Prometheus text) merged by family, each sample labelled with
+    ``worker="<index>"``, so one scrape of the supervisor shows them all."""
+    families: dict[str, Metric] = {}
+    for index, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = Metric(family.name, family.documentation, family.type, family.unit)
+                families[family.name] = merged
+            for sample in family.samples:
+                labels = {**sample.labels, "worker": str(index)}
+                merged.samples.append(sample._replace(labels=labels))
+    return list(families.values())
+
+
+def supervisor_families(
+    configured: int, alive: int, restarts: int, pids: Mapping[int, int | None],
+    answered: Mapping[int, bool],
+) -> list[Metric]:
+    """The supervisor's own metrics: its workers, how many run, how often they were restarted."""
+    workers = GaugeMetricFamily(
+        "twisted_novnc_workers", "Worker processes configured ([novnc] workers).",
+        value=configured,
+    )
+    running = GaugeMetricFamily(
+        "twisted_novnc_workers_alive", "Worker processes running now.", value=alive
+    )
+    restarted = CounterMetricFamily(
+        "twisted_novnc_worker_restarts", "Worker processes restarted after they ended.",
+        value=restarts,
+    )
+    info = GaugeMetricFamily(
+        "twisted_novnc_worker_info",
+        "1 per running worker, with its process id; 0 while it is being restarted.",
+        labels=["worker", "pid"],
+    )
+    scraped = GaugeMetricFamily(
+        "twisted_novnc_worker_scraped",
+        "1 when the worker answered this scrape in time (its metrics are included), else 0.",
+        labels=["worker"],
+    )
+    for index, pid in sorted(pids.items()):
+        info.add_metric([str(index), "" if pid is None else str(pid)], 0 if pid is None else 1)
+        scraped.add_metric([str(index)], 1 if answered.get(index) else 0)
+    return [workers, running, restarted, info, scraped]
+
+
+class _Families(Collector):
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def exposition(families: Iterable[Metric]) -> bytes:
+    """Metric families as the Prometheus text format."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry)

@@ -1,32 +1,43 @@
-"""The service tree twistd runs: the embedded database (if any), the session store, listeners."""
+"""The service tree twistd runs.
+
+With ``[novnc] workers = 1`` (the default): the embedded database (if any), the session store,
+the listeners and the admin listener, in one process.  With more, that process is a supervisor
+(the embedded database, the listening sockets, the admin listener and the workers,
+:mod:`twisted_novnc.workers`), and each worker runs the proxy itself on the shared sockets.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from .admin import admin_site
+from .admin import admin_site, supervisor_site
 from .auth import SecretFileError, read_secret
 from .config import ConfigError, Settings
 from .embedded import EmbeddedPostgresService, apply_sql
 from .errors import Refusal
+from .fdlimit import BASE_RESERVE, check_capacity, guard_accepts, raise_descriptor_limit
 from .front import NoVNCServerFactory
 from .logs import LogService
 from .metrics import LiveState, Metrics
 from .readiness import ReadinessGate
 from .schema import schema_sql
 from .session import Target
+from .sharedports import AdoptingReactor, ListeningReactor, SharedSocket
 from .store import PostgresSessionStore
 from .targets import TargetPolicy
 from .upstream import connect_tcp, connect_websocket, tls_options, tls_trust
+from .workers import Launcher, Supervisor, WorkerHandles, worker_count
 
 _log = Logger()
 
@@ -118,12 +129,26 @@ class DrainService(Service):
 
 
 class ListenerService(StreamServerEndpointService):
-    """A listening endpoint that says where it listens once it does."""
+    """A listening endpoint that says where it listens once it does.
 
-    def __init__(self, description: str, endpoint: Any, factory: Any, role: str = "") -> None:
+    ``on_port`` sees the port once it listens (the descriptor-limit guard hooks in there).
+    """
+
+    def __init__(
+        self,
+        description: str,
+        endpoint: Any,
+        factory: Any,
+        role: str = "",
+        on_port: Callable[[Any], Any] | None = None,
+        verb: str = "listening on",
+    ) -> None:
         super().__init__(endpoint, factory)
         self.description = description
         self.role = role
+        self.on_port = on_port
+        self.verb = verb
+        self._guard: Any = None
         self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
@@ -135,13 +160,40 @@ class ListenerService(StreamServerEndpointService):
             return port
         host = port.getHost()
         _log.info(
-            "{role}listening on {host}:{port} ({description})",
+            "{role}{verb} {host}:{port} ({description})",
             role=f"{self.role} " if self.role else "",
+            verb=self.verb,
             host=getattr(host, "host", host),
             port=getattr(host, "port", ""),
             description=self.description,
         )
+        if self.on_port is not None:
+            self._guard = self.on_port(port)
         return port
+
+    def stopService(self) -> Deferred[None] | None:
+        if self._guard is not None:
+            self._guard.stop()
+        return super().stopService()  # type: ignore[no-any-return]
+
+
+class SequentialMultiService(MultiService):
+    """Stops its children one at a time, last first, each once the one before has stopped.
+
+    The supervisor's tree needs it: the embedded database must outlive the workers' drain.
+    """
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        d: Deferred[Any] = succeed(None)
+        for service in reversed(list(self)):
+            d.addCallback(_stop_next, service)
+            d.addErrback(lambda f: _log.failure("while stopping a service", f))
+        return d
+
+
+def _stop_next(_: object, service: Any) -> Deferred[Any]:
+    return maybeDeferred(service.stopService)
 
 
 class EmbeddedSchemaService(Service):
@@ -175,27 +227,70 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
 
     ``secret`` is the HMAC key read from ``[auth] secret_file`` (see :func:`load_secret`).
     """
+    workers = worker_count(settings.novnc.workers)
+    if settings.novnc.workers is None:
+        _log.info("[novnc] workers = auto: {n} (one per core)", n=workers)
+    if workers > 1:
+        return make_supervisor_service(settings, reactor, secret, workers)
     top = MultiService()
     log_nvx()
+    warn_about(settings)
+    LogService(settings.log, reactor).setServiceParent(top)
+    dsn = _database(settings, top)
+    core = _proxy(settings, reactor, secret, dsn, top)
+    site = admin_site(core.metrics)
+    for description in settings.admin.listen:
+        endpoint = serverFromString(reactor, description)
+        ListenerService(description, endpoint, site, "admin").setServiceParent(top)
+    for description in settings.novnc.listen:
+        endpoint = serverFromString(reactor, description)
+        ListenerService(
+            description, endpoint, core.factory, on_port=core.guard
+        ).setServiceParent(top)
+    return top
+
+
+def warn_about(settings: Settings) -> None:
+    """Start-up warnings about settings that are allowed but rarely what anyone wants."""
     if settings.auth.mode == "none":
         _log.warn("[auth] mode = none: the session id is the only capability; anyone who"
                   " learns one can connect to its VM")
     if not settings.novnc.allowed_origins.patterns:
         _log.warn("[novnc] allowed_origins is empty: pages of any origin may connect")
-    LogService(settings.log, reactor).setServiceParent(top)
+
+
+def _database(settings: Settings, parent: MultiService) -> Callable[[], str]:
+    """The database's DSN, as a callable: the embedded cluster's is known once it runs."""
     db = settings.database
-    if db.dsn == "embedded":
-        embedded = EmbeddedPostgresService(db.embedded_dir)
-        embedded.setServiceParent(top)
-        EmbeddedSchemaService(embedded, settings).setServiceParent(top)
+    if db.dsn != "embedded":
+        return lambda: db.dsn
+    embedded = EmbeddedPostgresService(db.embedded_dir)
+    embedded.setServiceParent(parent)
+    EmbeddedSchemaService(embedded, settings).setServiceParent(parent)
+    return lambda: embedded.dsn
 
-        def dsn() -> str:
-            return embedded.dsn
-    else:
 
-        def dsn() -> str:
-            return db.dsn
+@attrs.define(eq=False)
+class _Proxy:
+    """The browser-serving parts of one process, for the listeners and the control pipe."""
 
+    factory: NoVNCServerFactory
+    metrics: Metrics
+    drain: DrainService
+    reactor: Any
+
+    def guard(self, port: Any) -> Any:
+        return guard_accepts(port, self.reactor, self.metrics.descriptor_limit_hits.inc)
+
+
+def _proxy(
+    settings: Settings, reactor: Any, secret: bytes, dsn: Callable[[], str], parent: MultiService
+) -> _Proxy:
+    """The store, the readiness gate, the upstream connector and the browser-facing factory."""
+    db = settings.database
+    limit = raise_descriptor_limit()
+    reserve = BASE_RESERVE + db.pool_size + 1 + len(settings.novnc.listen)
+    check_capacity(limit, settings.novnc.max_connections, reserve)
     store = PostgresSessionStore(db, dsn, reactor, token_column=settings.auth.token_column)
     gate = ReadinessGate(
         source=store,
@@ -205,7 +300,7 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
         default_port=settings.novnc.target_port,
     )
     store.observer = gate
-    SessionDatabaseService(store, gate).setServiceParent(top)
+    SessionDatabaseService(store, gate).setServiceParent(parent)
 
     upstream = settings.upstream
     trust = tls_trust(upstream.tls, upstream.ca_file)
@@ -236,14 +331,66 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
         database_reachable=lambda: store.database_reachable,
     )
     store.on_reconnect(metrics.database_reconnects.inc)
-    DrainService(factory, settings.novnc.drain_timeout, reactor).setServiceParent(top)
-    site = admin_site(metrics)
+    drain = DrainService(factory, settings.novnc.drain_timeout, reactor)
+    drain.setServiceParent(parent)
+    return _Proxy(factory, metrics, drain, reactor)
+
+
+def make_worker_service(
+    settings: Settings, reactor: Any, secret: bytes, sockets: Sequence[SharedSocket]
+) -> tuple[MultiService, WorkerHandles]:
+    """One worker of ``[novnc] workers``: the proxy on the supervisor's sockets.
+
+    No embedded database (the supervisor runs it; ``settings`` name its DSN), no admin
+    listener and no log files (the supervisor has them).
+    """
+    top = MultiService()
+    log_nvx()
+    core = _proxy(settings, reactor, secret, lambda: settings.database.dsn, top)
+    for shared in sockets:
+        endpoint = serverFromString(AdoptingReactor(reactor, shared), shared.description)
+        ListenerService(
+            shared.description, endpoint, core.factory, on_port=core.guard,
+            verb="accepting (shared with the other workers) on",
+        ).setServiceParent(top)
+    return top, WorkerHandles(core.metrics, core.drain)
+
+
+def make_supervisor_service(
+    settings: Settings, reactor: Any, secret: bytes, workers: int
+) -> MultiService:
+    """The supervisor of ``workers`` processes: the embedded database, the listening sockets
+    (made here, accepted on only by the workers), the admin listener, and the workers.
+
+    It stops in order: its sockets close (the workers' copies stay until each stops
+    accepting), the workers drain, and only then does the embedded database stop.
+    """
+    top = SequentialMultiService()
+    warn_about(settings)
+    LogService(settings.log, reactor).setServiceParent(top)
+    dsn = _database(settings, top)
+    listeners = [(description, ListeningReactor(reactor)) for description in settings.novnc.listen]
+
+    def worker_settings() -> Settings:
+        return attrs.evolve(settings, database=attrs.evolve(settings.database, dsn=dsn()))
+
+    launcher = Launcher(
+        reactor,
+        sockets=lambda: [sharing.shared(description) for description, sharing in listeners],
+        settings=worker_settings,
+        secret=secret,
+    )
+    supervisor = Supervisor(workers, launcher.spawn, reactor, settings.novnc.drain_timeout)
+    supervisor.setServiceParent(top)
+    site = supervisor_site(supervisor)
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(top)
-    for description in settings.novnc.listen:
-        endpoint = serverFromString(reactor, description)
-        ListenerService(description, endpoint, factory).setServiceParent(top)
+    never_accepts = Factory.forProtocol(Protocol)
+    never_accepts.noisy = False
+    for description, sharing in listeners:
+        endpoint = serverFromString(sharing, description)
+        ListenerService(description, endpoint, never_accepts).setServiceParent(top)
     return top
 
 

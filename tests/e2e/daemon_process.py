@@ -110,17 +110,16 @@ def start_daemon(
     proto: DaemonProcess,
     args: tuple[str, ...] = (),
     wait_for_database: bool = True,
+    prefix: tuple[str, ...] = (),
 ):
     """Start the daemon from a directory that is not the checkout, as a user would; fire once
-    it listens (and, unless told otherwise, once it listens for session changes too)."""
+    it listens (and, unless told otherwise, once it listens for session changes too).
+
+    ``prefix`` is a command that runs the daemon (``prefix + [twistd, ...]``), e.g. one that
+    lowers its descriptor limit first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    reactor.spawnProcess(
-        proto,
-        TWISTD,
-        [TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config), *args],
-        env=env,
-        path=str(cwd),
-    )
+    command = [*prefix, TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config), *args]
+    reactor.spawnProcess(proto, command[0], command, env=env, path=str(cwd))
     timer = reactor.callLater(STARTUP_LIMIT, proto.listening.cancel)
     try:
         yield proto.listening
