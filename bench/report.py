@@ -16,6 +16,8 @@ import attrs
 Row = dict[str, Any]
 
 SUBJECT = "twisted_novnc"
+#: The same daemon with [novnc] workers = 2 (run in streams only).
+WORKERS_SUBJECT = "twisted_novnc-2w"
 REFERENCES = ("socat", "websockify")
 
 
@@ -131,8 +133,8 @@ class Target:
 
 
 def _ratio_target(rows: Sequence[Row], name: str, scenario: str, key: str, ref: str,
-                  limit: float, at_least: bool) -> Target:
-    r = ratio(rows, scenario, key, ref)
+                  limit: float, at_least: bool, subject: str = SUBJECT) -> Target:
+    r = ratio(rows, scenario, key, ref, subject)
     if r is None:
         return Target(name, "not measured", None)
     return Target(name, fmt_ratio(r), r >= limit if at_least else r <= limit)
@@ -153,6 +155,8 @@ def targets(rows: Sequence[Row], conc_n: int) -> list[Target]:
         _ratio_target(rows, "up ≥ 0.8 x socat", "up", "mib_s", "socat", 0.8, True),
         _ratio_target(rows, "streams (1 worker) ≥ 1.3 x websockify", "streams", "agg_mib_s",
                       "websockify", 1.3, True),
+        _ratio_target(rows, "streams (2 workers) ≥ 1.0 x socat", "streams", "agg_mib_s",
+                      "socat", 1.0, True, subject=WORKERS_SUBJECT),
         _ratio_target(rows, "echo p50 ≤ websockify p50", "echo", "p50_us", "websockify", 1.0,
                       False),
         _ratio_target(rows, "echo p99 ≤ socat p99", "echo", "p99_us", "socat", 1.0, False),
@@ -201,7 +205,7 @@ def proxy_order(rows: Sequence[Row]) -> list[str]:
     for row in rows:
         if row["proxy"] not in seen:
             seen.append(row["proxy"])
-    preferred = ["ceiling-tcp", "ceiling-ws", "socat", "websockify", SUBJECT]
+    preferred = ["ceiling-tcp", "ceiling-ws", "socat", "websockify", SUBJECT, WORKERS_SUBJECT]
     return [p for p in preferred if p in seen] + [p for p in seen if p not in preferred]
 
 

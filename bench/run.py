@@ -60,7 +60,16 @@ BUILD = HERE / "out"
 MiB = 1 << 20
 
 SCENARIOS = ("down", "up", "echo", "setup", "conc", "streams", "ready")
-PROXIES = ("ceiling-tcp", "ceiling-ws", "socat", "websockify", "twisted_novnc")
+PROXIES = ("ceiling-tcp", "ceiling-ws", "socat", "websockify", "twisted_novnc",
+           "twisted_novnc-2w")
+#: twisted_novnc with [novnc] workers = 2 (issue 6: streams with 2 workers); streams only.
+WORKERS_PROXY = "twisted_novnc-2w"
+
+
+def is_twisted_novnc(proxy: str) -> bool:
+    return proxy in ("twisted_novnc", WORKERS_PROXY)
+
+
 WEBSOCKIFY = "websockify==0.13.*"
 
 #: Full sizes are the issue's; --quick is a smoke test that exercises every code path.
@@ -310,7 +319,7 @@ class Bench:
             self.tools.websockify_venv()
         if self.args.profile:
             self.tools.pyspy_venv()
-        if "twisted_novnc" in proxies:
+        if any(is_twisted_novnc(p) for p in proxies):
             if not os.access(self.twistd, os.X_OK):
                 raise BenchError(f"no twistd at {self.twistd}: install the project (make venv) "
                                  "or pass --twistd")
@@ -362,7 +371,8 @@ class Bench:
         elif proxy == "websockify":
             args = [str(self.tools.websockify), f"127.0.0.1:{port}", f"127.0.0.1:{target_port}"]
         else:
-            return self.start_twisted_novnc(port, target_port, tag)
+            return self.start_twisted_novnc(port, target_port, tag,
+                                            workers=2 if proxy == WORKERS_PROXY else 1)
         proc = self._spawn(args, f"{tag}-proxy.log")
         if not procs.wait_until(lambda: procs.is_listening(port) or proc.poll() is not None, 15):
             raise BenchError(f"{proxy} did not listen on {port}")
@@ -370,8 +380,8 @@ class Bench:
             raise BenchError(f"{proxy} exited ({proc.returncode}); see {tag}-proxy.log")
         return proc
 
-    def start_twisted_novnc(self, port: int, target_port: int,
-                            tag: str) -> subprocess.Popen[Any]:
+    def start_twisted_novnc(self, port: int, target_port: int, tag: str,
+                            workers: int = 1) -> subprocess.Popen[Any]:
         assert self.sessions is not None
         config = self.run_dir / f"{tag}.ini"
         # Defaults everywhere but where the daemon must find the bench's table, and the listen
@@ -382,6 +392,7 @@ class Bench:
             f"listen = tcp:{port}:interface=127.0.0.1:backlog=4096\n"
             "readiness_timeout = 120\n"
             f"target_port = {target_port}\n"
+            f"workers = {workers}\n"
             # The bench's clients all come from 127.0.0.1, so the per-address limits (safe
             # defaults for the open internet) are raised to the bench's own counts.
             "max_connections = 20000\nmax_per_ip = 20000\nmax_waiting = 20000\n"
@@ -405,7 +416,9 @@ class Bench:
                            log.name, cwd=str(self.run_dir), env=env)
 
         def up() -> bool:
-            return proc.poll() is not None or LISTENING_LINE in log.read_text(errors="replace")
+            # Every worker (or the one process) says so once its LISTEN is in place.
+            text = log.read_text(errors="replace")
+            return proc.poll() is not None or text.count(LISTENING_LINE) >= workers
 
         if not procs.wait_until(up, 60, 0.05) or proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:]
@@ -588,7 +601,7 @@ class Bench:
         try:
             target = self.start_backend(scenario, proxy, tport, tag)
             ids_file = burst_file = None
-            if proxy == "twisted_novnc":
+            if is_twisted_novnc(proxy):
                 assert self.sessions is not None
                 n = {"setup": self.sizes["setup"], "conc": self.sizes["conc"],
                      "streams": self.sizes["streams"][0], "ready": self.sizes["ready"]}
@@ -609,6 +622,7 @@ class Bench:
                 "socat": f"tcp://127.0.0.1:{pport}",
                 "websockify": f"ws://127.0.0.1:{pport}/websockify",
                 "twisted_novnc": f"ws://127.0.0.1:{pport}/websockify/{{id}}",
+                WORKERS_PROXY: f"ws://127.0.0.1:{pport}/websockify/{{id}}",
             }[proxy]
             if scenario == "ready":
                 assert ids_file is not None and burst_file is not None
@@ -630,7 +644,7 @@ class Bench:
                 self.stop_profiler(profiler, tag)
             procs.stop(proxy_proc, grace=15)
             procs.stop(target, grace=5)
-            if proxy == "twisted_novnc":
+            if is_twisted_novnc(proxy):
                 self.scan_daemon_log(self.run_dir / f"{tag}-proxy.log", row)
                 if self.args.gc_log:
                     gc_pauses(self.run_dir / f"{tag}-gc.log", row)
@@ -679,7 +693,8 @@ class Bench:
             for rnd in range(1, self.args.rounds + 1):
                 for scenario in scenarios:
                     eligible = [p for p in proxies
-                                if scenario != "ready" or p == "twisted_novnc"]
+                                if (scenario != "ready" or p == "twisted_novnc")
+                                and (p != WORKERS_PROXY or scenario == "streams")]
                     if not eligible:
                         continue
                     k = (rnd - 1) % len(eligible)
@@ -959,7 +974,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             bench.prepare(args.proxies)
             meta["versions"] = versions(bench.tools, args.proxies)
-            if "twisted_novnc" in args.proxies:
+            if any(is_twisted_novnc(p) for p in args.proxies):
                 meta["code"] = code_under_test(bench.twistd)
             bench.run(args.scenarios, args.proxies)
         except BenchError as e:
