@@ -14,7 +14,7 @@ import pytest_twisted
 from daemon_process import LISTENING_FOR_CHANGES, DaemonProcess, start_daemon, write_config
 from e2e_support import new_id, until, within
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 
@@ -127,8 +127,24 @@ def test_readyz_flips_with_the_database(private_cluster, private_daemon):
     assert status == 200
     private_cluster.restart()
     yield within(daemon.when_logged(LISTENING_FOR_CHANGES, times=2))
-    status, body = yield http_get(daemon.admin_port, "/readyz")
+    # LISTEN and the query pool reconnect each on their own backoff: /readyz turns 200 once
+    # both are back, which a load balancer learns the same way, by asking again.
+    status, body = yield _readyz_until(daemon, 200)
     assert (status, json.loads(body)["ready"]) == (200, True)
+
+
+def _readyz_until(daemon, wanted: int) -> defer.Deferred:
+    """Ask /readyz until it answers ``wanted`` (bounded by within's limit)."""
+
+    @pytest_twisted.inlineCallbacks
+    def ask():
+        while True:
+            status, body = yield http_get(daemon.admin_port, "/readyz")
+            if status == wanted:
+                return status, body
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    return within(ask())
 
 
 @pytest_twisted.inlineCallbacks
