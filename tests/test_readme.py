@@ -26,7 +26,8 @@ def test_readme_documents_every_close_code():
     for refusal in Refusal:
         assert str(refusal.close_code) in text, refusal
     for refusal in [Refusal.BAD_PATH, Refusal.NOT_FOUND, Refusal.ENDED, Refusal.VM_UNREACHABLE,
-                    Refusal.DATABASE_UNAVAILABLE, Refusal.NOT_READY, Refusal.VM_LOST]:
+                    Refusal.DATABASE_UNAVAILABLE, Refusal.NOT_READY, Refusal.VM_LOST,
+                    Refusal.AT_CAPACITY]:
         assert f"``{refusal.reason}``" in text, refusal
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+
 from twisted.internet import error
 from twisted.internet.defer import CancelledError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from twisted_novnc.errors import Refused
+from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.session import Target
 from twisted_novnc.upstream import TCPUpstream, connect_tcp
 
@@ -95,4 +97,19 @@ def test_an_attempt_that_hangs_times_out():
     reactor.advance(2.5)
     assert reactor.connectors[0].stoppedConnecting
     assert d.result.check(Refused)
+    d.addErrback(lambda f: None)
+
+
+def test_out_of_descriptors_is_the_proxys_capacity_not_the_vm():
+    """A socket that cannot be made for lack of descriptors is 4503 "proxy at capacity"
+    (never 4502, which would blame the VM), and is not retried."""
+    reactor = MemoryReactorClock()
+    d = connect_tcp(reactor, TARGET, 10, retry=True)
+    _, _, factory, _, _ = reactor.tcpClients[0]
+    failure = Failure(error.getConnectError(OSError(errno.EMFILE, "Too many open files")))
+    factory.clientConnectionFailed(reactor.connectors[0], failure)
+    refused = d.result
+    assert refused.check(Refused) and refused.value.refusal is Refusal.AT_CAPACITY
+    assert refused.value.refusal.close_code == 4503
+    assert len(reactor.tcpClients) == 1
     d.addErrback(lambda f: None)

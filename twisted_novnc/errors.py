@@ -35,6 +35,8 @@ class Refusal(enum.Enum):
     BAD_VM_ADDRESS = (4403, 403, "bad VM address")
     DATABASE_UNAVAILABLE = (4503, 503, "database unavailable")
     SHUTTING_DOWN = (4503, 503, "shutting down")
+    # This process has no descriptor left for the VM's socket: its limit, not the VM's fault.
+    AT_CAPACITY = (4503, 503, "proxy at capacity")
     NOT_READY = (4504, 504, "session not ready in time")
 
     @property

@@ -7,6 +7,7 @@ upstream transport is paused from the moment it connects until the relay starts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from twisted.internet import error, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -29,6 +31,7 @@ from .sending import send_now, tune_relay_transport
 from .session import Target
 
 _DONE = Failure(error.ConnectionDone())
+_log = Logger()
 
 KEEPALIVE = [
     (getattr(socket, name), value)
@@ -130,6 +133,9 @@ class TCPUpstream(Protocol):
         elif self.relay is not None:
             self.relay.vm_gone(clean=reason.check(error.ConnectionDone) is not None)
 
+
+#: Socket creation failed for lack of descriptors (per process, or system-wide).
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 #: One connection attempt never waits longer than this, so a retry can follow.
 ATTEMPT_TIMEOUT = 5.0
@@ -283,6 +289,12 @@ class _Connect:
             result.errback(f)
             return
         where = f"{self.target.host}:{self.target.port}"
+        if f.check(error.ConnectError) and f.value.osError in OUT_OF_DESCRIPTORS:
+            _log.warn("no file descriptor left to connect to {where} ({error}): this process's"
+                      " descriptor limit, not the VM, refused the connection",
+                      where=where, error=f.getErrorMessage())
+            result.errback(Refused(Refusal.AT_CAPACITY, f"{where}: {f.getErrorMessage()}"))
+            return
         result.errback(Refused(Refusal.VM_UNREACHABLE, f"{where}: {f.getErrorMessage()}"))
 
     def _cancel(self, _: Deferred[Any]) -> None:

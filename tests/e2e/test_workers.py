@@ -403,3 +403,36 @@ def test_descriptor_limit_is_named_and_survived(
     finally:
         daemon.transport.signalProcess(signal.SIGTERM)
         yield within(daemon.ended, 20)
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_descriptor_for_the_vm_is_4503_proxy_at_capacity(
+    postgres_dsn, sessions_table, pg, vnc_server, tmp_path
+):
+    """When the descriptor limit leaves none for the VM's socket, the browser waiting for it
+    gets 4503 "proxy at capacity" (not 4502, which would blame the VM), and the log says the
+    limit refused it."""
+    config = write_config(
+        tmp_path / "capacity.ini", postgres_dsn, sessions_table, ADMIN, request_timeout=120,
+        max_waiting_per_ip=1000,
+    )
+    daemon = DaemonProcess()
+    yield start_daemon(config, tmp_path, daemon, prefix=LOW_LIMIT)
+    clients = []
+    try:
+        sids = [new_id() for _ in range(70)]
+        for sid in sids:  # more browsers than descriptors; the accepted ones wait for a row
+            clients.append((yield connect_client(daemon.port, f"/websockify/{sid}")))
+        yield within(daemon.when_logged(r"is refusing new connections, not the proxy"))
+        waiting = [sid for sid in sids if f"request {sid} " in daemon.output]
+        assert waiting, daemon.output[-2000:]
+        sid = waiting[0]
+        insert(pg, sessions_table, sid, vnc_server.port)
+        code, reason = yield within(clients[sids.index(sid)].closed)
+        assert (code, reason) == (4503, "proxy at capacity")
+        assert "descriptor limit, not the VM, refused the connection" in daemon.output
+    finally:
+        for client in clients:
+            client.transport.loseConnection()
+        daemon.transport.signalProcess(signal.SIGTERM)
+        yield within(daemon.ended, 20)
