@@ -89,3 +89,11 @@ def test_same_listener_serves_files_and_websockets(root):
         yield client.closed
     finally:
         yield h.stop()
+
+
+@pytest.mark.parametrize("target", ["//[", "//[::1", "//host/vnc.html", "/a?b#c", "//"])
+def test_targets_that_look_like_hosts_are_paths(root, target):
+    """A request-target is a path: "//x" is not a host (urlsplit would say so, or raise)."""
+    found = resolve(root, target)
+    assert found is None or os.path.commonpath([os.path.realpath(root), found]) == \
+        os.path.realpath(root)

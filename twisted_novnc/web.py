@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mimetypes
 import os
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 #: The largest file served (noVNC's biggest is well under a megabyte).
 MAX_FILE = 32 * 1024 * 1024
@@ -18,7 +18,9 @@ MAX_FILE = 32 * 1024 * 1024
 
 def resolve(root: str, target: str) -> str | None:
     """The file under ``root`` that request-target ``target`` names, or None."""
-    path = urlsplit(target).path
+    # An origin-form target is a path and perhaps a query; urlsplit would take "//x/..." for
+    # a host (and raise on "//[").
+    path = target.split("?", 1)[0].split("#", 1)[0]
     if not path.startswith("/"):
         return None
     segments = []
