@@ -24,6 +24,7 @@ from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted_novnc.sharedports import (
+    FAIR_ACCEPTS,
     AdoptingReactor,
     ListeningReactor,
     NotSharable,
@@ -202,3 +203,27 @@ def test_systemd_sockets_are_not_sharable():
         sharing.adoptStreamPort(3, socket.AF_INET, Factory())
     with pytest.raises(NotSharable):
         sharing.shared("systemd:domain=INET:index=0")
+
+
+@pytest_twisted.inlineCallbacks
+def test_adopted_tcp_port_accepts_one_connection_per_wakeup():
+    """A worker's adopted TCP port accepts FAIR_ACCEPTS connections per wake-up, however
+    Twisted scales its accept loop, so a burst is spread over the workers."""
+    from twisted.internet import reactor as real
+
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(8)
+    listening.setblocking(False)
+    shared = SharedSocket("tcp:0:interface=127.0.0.1", os.dup(listening.fileno()),
+                          socket.AF_INET)
+    adopting = AdoptingReactor(real, shared)
+    port = adopting.listenTCP(0, Factory())
+    try:
+        assert port.numberAccepts == FAIR_ACCEPTS == 1
+        port.numberAccepts += 20  # what Twisted does after a full accept loop
+        assert port.numberAccepts == 1
+        assert port.getHost().port == listening.getsockname()[1]
+    finally:
+        yield port.stopListening()
+        listening.close()

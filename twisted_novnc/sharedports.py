@@ -100,8 +100,33 @@ class ListeningReactor(_ReactorProxy):
         return SharedSocket(description, self.port.fileno(), self.family)
 
 
-class _SharedUNIXPort(unix.Port):
-    """An adopted UNIX socket that leaves the supervisor's socket alone.
+#: Connections a worker accepts per wake-up.  Twisted's ports accept up to 100 (and more
+#: under load) each time the socket is readable: one worker would take a whole burst while the
+#: others, woken for the same connections, find nothing left.
+FAIR_ACCEPTS = 1
+
+
+class _FairAccepts:
+    """Caps Twisted's accept loop (``numberAccepts``, which it raises by 20 whenever the
+    loop ran full) so that a burst of connections is spread over the workers."""
+
+    _accepts = FAIR_ACCEPTS
+
+    @property
+    def numberAccepts(self) -> int:
+        return self._accepts
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        self._accepts = max(1, min(value, FAIR_ACCEPTS))
+
+
+class _SharedTCPPort(_FairAccepts, tcp.Port):
+    """An adopted TCP socket, accepting its fair share."""
+
+
+class _SharedUNIXPort(_FairAccepts, unix.Port):
+    """An adopted UNIX socket that leaves the supervisor's socket alone, and accepts fairly.
 
     Twisted's own adopted UNIX port would, when it stops, shut the socket down (for every
     process sharing it) and unlink its file, and when it starts, chmod that file to 0666.
@@ -138,6 +163,9 @@ class AdoptingReactor(_ReactorProxy):
             port.startListening()
         else:
             port = self._reactor.adoptStreamPort(fd, family, factory)
+            if type(port) is tcp.Port:
+                # The same port with the fair accept loop: the subclass adds only that.
+                port.__class__ = _SharedTCPPort
         # Adopting duplicated the descriptor; the inherited one is not needed any more.
         self._close(fd)
         self.port = port
