@@ -200,7 +200,7 @@ def test_client_leaving_while_waiting_leaves_no_waiter(harness):
     client = yield harness.connect()
     yield _turns(5)
     assert harness.gate.waiting == 1
-    client.transport.loseConnection()
+    client.leave()
     yield client.closed
     yield _turns(5)
     assert harness.gate.waiting == 0
@@ -388,7 +388,7 @@ def test_limits_give_4429():
         assert (yield _refused_with(h, f"/websockify/{other}")) == (
             4429, "too many connections"
         )
-        first.transport.loseConnection()
+        first.leave()
         yield first.closed
         yield _until(lambda: not h.factory.per_ip and not h.factory.waiting_per_ip)
     finally:
@@ -405,7 +405,7 @@ def test_max_connections_closes_at_accept():
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", h.proxy_port)
         second = yield connectProtocol(endpoint, RawExchange(upgrade_request("/x")))
         assert (yield second.done) == b""
-        first.transport.loseConnection()
+        first.leave()
         yield first.closed
     finally:
         yield h.stop()

@@ -120,6 +120,13 @@ class RecordingClient(WebSocketClientProtocol):
         self._waiting.append((count, d))
         return d
 
+    def leave(self) -> None:
+        """Drop the connection from this side, as a browser tab closing; that it then never
+        opens is expected, not an error to report."""
+        if not self.opened.called:
+            self.opened.addErrback(lambda failure: failure.trap(ConnectionError))
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.opened.called:
             self.opened.errback(ConnectionError(f"closed before open: {code} {reason}"))

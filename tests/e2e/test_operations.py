@@ -186,7 +186,7 @@ def test_log_file_reopened_on_sighup(postgres_dsn, sessions_table, tmp_path):
         yield within(_file_exists(log))
         client = yield connect_client(port, new_id())
         yield within(_file_contains(log, "request "))
-        client.transport.loseConnection()
+        client.leave()
         rotated = (tmp_path / "novnc.log.1").read_text()
         assert LISTENING_FOR_CHANGES in rotated and "request " not in rotated
     finally:

@@ -433,6 +433,6 @@ def test_no_descriptor_for_the_vm_is_4503_proxy_at_capacity(
         assert "descriptor limit, not the VM, refused the connection" in daemon.output
     finally:
         for client in clients:
-            client.transport.loseConnection()
+            client.leave()
         daemon.transport.signalProcess(signal.SIGTERM)
         yield within(daemon.ended, 20)
