@@ -412,8 +412,9 @@ class Bench:
                 env["TNOVNC_BENCH_TRACEMALLOC"] = str(self.run_dir / f"{tag}-tracemalloc")
             if self.args.gc_log:
                 env["TNOVNC_BENCH_GCLOG"] = str(self.run_dir / f"{tag}-gc.log")
-        proc = self._spawn([self.twistd, "--pidfile=", "-n", "novnc", "--config", str(config)],
-                           log.name, cwd=str(self.run_dir), env=env)
+        overrides = [arg for item in self.args.daemon_set for arg in ("--set", item)]
+        proc = self._spawn([self.twistd, "--pidfile=", "-n", "novnc", "--config", str(config),
+                            *overrides], log.name, cwd=str(self.run_dir), env=env)
 
         def up() -> bool:
             # Every worker (or the one process) says so once its LISTEN is in place.
@@ -905,6 +906,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "(default 9000; quick 200)")
     ap.add_argument("--dsn", default=None, help="use this PostgreSQL (libpq DSN) instead of "
                     "a private cluster; the bench makes and drops its own table")
+    ap.add_argument("--daemon-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="an ini key for twisted_novnc's config, passed as twistd novnc --set "
+                    "(repeatable), e.g. log.file=/dev/stdout to measure [log] file's writer")
     ap.add_argument("--twistd", default=None, help="the twistd that runs twisted_novnc "
                     "(default: next to this Python)")
     ap.add_argument("--profile", action="store_true", help="record twisted_novnc with py-spy "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from twisted.logger import LogLevel
 from twisted.python import usage
 
@@ -106,3 +108,20 @@ def test_nvx_in_use_and_logged():
     finally:
         globalLogPublisher.removeObserver(observe)
     assert any("NVX native masking: in use" in text for text in seen)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=4e9, allow_nan=False), min_size=1, max_size=30))
+@example([1.9999995231628418, 0.9999995, 1.0000004999, 1700000000.9999996, 1700000000.5])
+def test_text_lines_are_exactly_twisteds(times):
+    """[log] text lines (time stamp formatted once a second) are byte for byte what Twisted's
+    own classic format gives, in any order of times."""
+    from twisted.logger import LogLevel, formatEventAsClassicLogText
+
+    from twisted_novnc.logs import event_as_text
+
+    for when in times:
+        event = {
+            "log_time": when, "log_level": LogLevel.info, "log_namespace": "twisted_novnc.front",
+            "log_format": "closed {session_id}: {outcome}", "session_id": "s1", "outcome": "1000",
+        }
+        assert event_as_text(event) == formatEventAsClassicLogText(event)

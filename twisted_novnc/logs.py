@@ -8,6 +8,7 @@ global publisher and writes every event of level info and above itself.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     formatEvent,
     formatEventAsClassicLogText,
+    formatTime,
     globalLogPublisher,
 )
 
@@ -48,8 +50,36 @@ def event_as_json(event: dict[str, Any]) -> str:
     return json.dumps(record, default=str)
 
 
+class _TimePrefix:
+    """The classic line's time stamp, formatted once per second instead of once per line.
+
+    Twisted's ``formatTime`` works out the time zone for every event (about a third of the
+    cost of a log line); the stamp has whole seconds only, so it is the same for every line
+    of the same second.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._text = ""
+
+    def __call__(self, when: float | None) -> str:
+        if when is None:
+            return formatTime(when)
+        second = math.floor(when)
+        if round((when - second) * 1e6) >= 1_000_000:
+            second += 1  # datetime rounds to the microsecond first, as Twisted's stamp does
+        if second != self._second:
+            self._text = formatTime(second)
+            self._second = second
+        return self._text
+
+
+_time_prefix = _TimePrefix()
+
+
 def event_as_text(event: dict[str, Any]) -> str:
-    return formatEventAsClassicLogText(event) or ""
+    """One event as twistd writes it (time, [namespace#level], message, any traceback)."""
+    return formatEventAsClassicLogText(event, formatTime=_time_prefix) or ""
 
 
 class LogService(Service):
