@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.twisted import MetricsResource
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .metrics import LiveState, Metrics, exposition, supervisor_families, worker_families
@@ -79,15 +79,20 @@ class Readyz(_JSONResource):
         return (200 if body["ready"] else 503), body
 
 
-def admin_site(metrics: Metrics) -> Site:
+def _site(metrics: IResource, healthz: IResource, readyz: IResource) -> Site:
+    """The admin listener's three pages; no tracebacks or per-request log lines."""
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
-    root.putChild(b"healthz", Healthz(metrics))
-    root.putChild(b"readyz", Readyz(metrics))
+    root.putChild(b"metrics", metrics)
+    root.putChild(b"healthz", healthz)
+    root.putChild(b"readyz", readyz)
     site = Site(root)
     site.noisy = False
     site.displayTracebacks = False
     return site
+
+
+def admin_site(metrics: Metrics) -> Site:
+    return _site(MetricsResource(registry=metrics.registry), Healthz(metrics), Readyz(metrics))
 
 
 class WorkerPool(Protocol):
@@ -204,11 +209,4 @@ class WorkersHealthz(Resource):
 
 def supervisor_site(pool: WorkerPool) -> Site:
     """The admin listener of a supervisor of ``[novnc] workers``."""
-    root = Resource()
-    root.putChild(b"metrics", WorkersMetrics(pool))
-    root.putChild(b"healthz", WorkersHealthz(pool))
-    root.putChild(b"readyz", WorkersReadyz(pool))
-    site = Site(root)
-    site.noisy = False
-    site.displayTracebacks = False
-    return site
+    return _site(WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool))

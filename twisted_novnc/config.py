@@ -6,7 +6,7 @@ the README's "Configuration" section (both checked by tests) and ``check-config`
 apart.
 
 To add a key, add one ``_setting(...)`` field to its record.  To add a section, write a record of
-``_setting`` fields and add one field for it to ``Settings``, marked by ``_section(...)``.
+``_setting`` fields and add one field for it to ``Settings``, made by ``_section(...)``.
 """
 
 from __future__ import annotations
@@ -329,9 +329,9 @@ def _setting(kind: Kind[T], default: T, help: str) -> Any:
     return attrs.field(default=default, metadata={_META: (kind, help)})
 
 
-def _section(record: type, help: str) -> dict[str, Any]:
-    """The metadata marking a ``Settings`` field as an ini section read into ``record``."""
-    return {_META: (record, help)}
+def _section(record: type[T], help: str) -> T:
+    """A ``Settings`` field that is an ini section, read into ``record``."""
+    return attrs.field(factory=record, metadata={_META: (record, help)})
 
 
 @attrs.frozen
@@ -621,34 +621,17 @@ class LogSettings:
 class Settings:
     """Everything the daemon is configured with, and the file it came from."""
 
-    novnc: NovncSettings = attrs.field(
-        factory=NovncSettings,
-        metadata=_section(NovncSettings, "The browser-facing listener and how it answers."),
+    novnc: NovncSettings = _section(
+        NovncSettings, "The browser-facing listener and how it answers."
     )
-    database: DatabaseSettings = attrs.field(
-        factory=DatabaseSettings,
-        metadata=_section(DatabaseSettings, "The table that says where each session's VM is."),
+    database: DatabaseSettings = _section(
+        DatabaseSettings, "The table that says where each session's VM is."
     )
-    upstream: UpstreamSettings = attrs.field(
-        factory=UpstreamSettings,
-        metadata=_section(UpstreamSettings, "How the proxy connects to the VM."),
-    )
-    auth: AuthSettings = attrs.field(
-        factory=AuthSettings,
-        metadata=_section(AuthSettings, "What a browser must show besides the session id."),
-    )
-    web: WebSettings = attrs.field(
-        factory=WebSettings,
-        metadata=_section(WebSettings, "The noVNC client's files, on the same listener."),
-    )
-    admin: AdminSettings = attrs.field(
-        factory=AdminSettings,
-        metadata=_section(AdminSettings, "The operators' listener: metrics and health."),
-    )
-    log: LogSettings = attrs.field(
-        factory=LogSettings,
-        metadata=_section(LogSettings, "Where the log goes, and in which format."),
-    )
+    upstream: UpstreamSettings = _section(UpstreamSettings, "How the proxy connects to the VM.")
+    auth: AuthSettings = _section(AuthSettings, "What a browser must show besides the session id.")
+    web: WebSettings = _section(WebSettings, "The noVNC client's files, on the same listener.")
+    admin: AdminSettings = _section(AdminSettings, "The operators' listener: metrics and health.")
+    log: LogSettings = _section(LogSettings, "Where the log goes, and in which format.")
     source: str = "<defaults>"
 
 

@@ -24,7 +24,6 @@ import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -52,7 +51,7 @@ from .frames import (
 from .metrics import Metrics
 from .paths import PathTemplate
 from .readiness import ReadinessGate, Watch
-from .relay import Relay
+from .relay import Relay, TransportPeer
 from .requesthead import MAX_HEAD, BadHead, check_head, head_end
 from .sending import send_now, tune_relay_transport
 from .session import Target
@@ -126,7 +125,9 @@ class _NoSendQueue:
 _NO_SEND_QUEUE = _NoSendQueue()
 
 
-class NoVNCServerProtocol(WebSocketServerProtocol):
+# Autobahn's own bases disagree on two attribute types; mypy compares them once a class
+# has two bases.
+class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: ignore[misc]
     """One browser connection; Autobahn owns ``self.log``, so our logger is ``_log``."""
 
     _log = Logger()
@@ -310,14 +311,7 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             refused = Refused(Refusal.VM_UNREACHABLE, failure.getErrorMessage())
         else:
             refused = failure.value
-        self._log.info(
-            "refused {session_id} from {client}: {code} {reason} ({detail})",
-            session_id=self.session_id,
-            client=self.client,
-            code=refused.refusal.close_code,
-            reason=refused.refusal.reason,
-            detail=refused.detail,
-        )
+        self._log_refusal("refused", refused)
         if self.factory.settings.reject == "http" or refused.refusal is Refusal.BAD_SUBPROTOCOL:
             # A browser that offered subprotocols fails a handshake that selects none of them
             # before it can read any close code, so this one is always an HTTP refusal.
@@ -389,15 +383,20 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
     def _revoked(self, refused: Refused) -> None:
         """The session ended, expired or moved while relayed."""
         self._watch = None
+        self._log_refusal("revoked", refused)
+        self.end_relay(refused.refusal.close_code, refused.refusal.reason, "revoked")
+
+    def _log_refusal(self, event: str, refused: Refused) -> None:
+        """One line for a refused request or a revoked relay: its code, reason and detail."""
         self._log.info(
-            "revoked {session_id} from {client}: {code} {reason} ({detail})",
+            "{event} {session_id} from {client}: {code} {reason} ({detail})",
+            event=event,
             session_id=self.session_id,
             client=self.client,
             code=refused.refusal.close_code,
             reason=refused.refusal.reason,
             detail=refused.detail,
         )
-        self.end_relay(refused.refusal.close_code, refused.refusal.reason, "revoked")
 
     def end_relay(self, code: int, reason: str, by: str) -> None:
         """Close both sides of a live relay with this code (revocation, shutdown)."""
@@ -659,15 +658,7 @@ class NoVNCServerProtocol(WebSocketServerProtocol):
             down_bytes=down,
         )
 
-    # -- Peer, for the relay -----------------------------------------------------------------
-
-    @property
-    def producer(self) -> IPushProducer:
-        return self.transport  # type: ignore[return-value]
-
-    @property
-    def consumer(self) -> IConsumer:
-        return self.transport  # type: ignore[return-value]
+    # -- Peer, for the relay (producer and consumer: TransportPeer) -------------------------
 
     def send(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN:

@@ -10,6 +10,7 @@ kernel pushes back on the VM.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 import attrs
@@ -32,6 +33,20 @@ class Peer(TypingProtocol):
 
     def close(self, code: int, reason: str) -> None:
         """End this side; ``code`` is a WebSocket close code where the side speaks WebSocket."""
+
+
+class TransportPeer:
+    """A peer whose own transport is both what to pause and where the other end registers."""
+
+    transport: Any
+
+    @property
+    def producer(self) -> IPushProducer:
+        return self.transport  # type: ignore[no-any-return]
+
+    @property
+    def consumer(self) -> IConsumer:
+        return self.transport  # type: ignore[no-any-return]
 
 
 class RelayEnd:
