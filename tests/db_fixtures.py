@@ -41,3 +41,18 @@ def pg_factory(postgres_dsn):
     yield connect
     for conn in opened:
         conn.close()
+
+
+def insert_session(pg, db, session_id, vm_ip=None, port=None, status="pending") -> None:
+    """Commit one session row into the test table ``db`` (``pg`` is an autocommit connection)."""
+    with pg.cursor() as cur:
+        cur.execute(
+            f'INSERT INTO "{db.table}" (session_id, vm_ip, "{db.port_column}", status)'
+            " VALUES (%s, %s, %s, %s)",
+            (session_id, vm_ip, port, status),
+        )
+
+
+def insert_ready(pg, db, session_id, port) -> None:
+    """Commit a running session whose VM is on loopback at ``port``."""
+    insert_session(pg, db, session_id, "127.0.0.1", port, "running")

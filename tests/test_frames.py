@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import struct
 
-import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,7 +33,7 @@ from twisted_novnc.front import NoVNCServerFactory
 from twisted_novnc.readiness import ReadinessGate
 from twisted_novnc.session import SessionRow
 from twisted_novnc.targets import TargetPolicy
-from twisted_novnc.testing import MemorySessionSource
+from twisted_novnc.testing import MemoryPeer, MemorySessionSource
 
 SID = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"
 HANDSHAKE = (
@@ -66,40 +65,13 @@ def client_frame(
     return head + mask + body
 
 
-@attrs.define(eq=False)
-class FakeVM:
-    """The VM side: records what the relay sends it."""
-
-    transport: StringTransport = attrs.field(factory=StringTransport)
-    received: bytearray = attrs.field(factory=bytearray)
-    closed: list[tuple[int, str]] = attrs.field(factory=list)
-    relay: object = None
-
-    @property
-    def producer(self):
-        return self.transport
-
-    @property
-    def consumer(self):
-        return self.transport
-
-    def send(self, data) -> None:
-        self.received += data
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed.append((code, reason))
-
-    def attach(self, relay) -> None:
-        self.relay = relay
-
-
 def open_relay(max_message_size: int = 1024 * 1024, handshake: bytes = HANDSHAKE):
     """A browser connection whose handshake is done and whose relay is open."""
     clock = Clock()
     source = MemorySessionSource()
     source.rows[SID] = SessionRow(SID, "127.0.0.1", 5900, "running")
     gate = ReadinessGate(source, clock, 5.0, frozenset({"ended"}), 5900)
-    vm = FakeVM()
+    vm = MemoryPeer()
     factory = NoVNCServerFactory(
         NovncSettings(max_message_size=max_message_size, ping_interval=0), gate,
         lambda *args: succeed(vm), clock, targets=TargetPolicy.from_config("127.0.0.0/8"),
@@ -146,7 +118,7 @@ def test_binary_payloads_reach_the_vm_whatever_the_cuts(chunks, cuts, mask):
         else:
             wire += client_frame(chunk, mask=mask)
     feed(protocol, wire, cuts)
-    assert bytes(vm.received) == b"".join(chunks)
+    assert vm.transport.value() == b"".join(chunks)
     pongs = transport.value()
     for i in range(1, len(chunks), 2):
         assert bytes((0x8A, len(b"p%d" % i))) + b"p%d" % i in pongs
@@ -159,14 +131,14 @@ def test_large_frames_cross_reads():
     payload = os.urandom(1024 * 1024)
     wire = client_frame(payload, mask=b"\x9a\x01\xff\x42")
     feed(protocol, wire, list(range(65536, len(wire), 65536)))
-    assert bytes(vm.received) == payload
+    assert vm.transport.value() == payload
 
 
 def test_text_frame_is_refused_with_1003():
     """A text message goes to Autobahn and ends the relay with 1003, nothing relayed."""
     protocol, transport, vm = open_relay()
     protocol.dataReceived(client_frame(b"hello", opcode=1))
-    assert vm.received == b""
+    assert vm.transport.value() == b""
     close = transport.value()
     assert close[0] == 0x88 and struct.unpack("!H", close[2:4])[0] == 1003
 
@@ -185,7 +157,7 @@ def test_frames_autobahn_refuses_are_still_refused(frame, code):
     """What the fast path does not take is Autobahn's: protocol errors close with 1002."""
     protocol, transport, vm = open_relay()
     protocol.dataReceived(frame)
-    assert vm.received == b""
+    assert vm.transport.value() == b""
     close = transport.value()
     assert close[0] == 0x88 and struct.unpack("!H", close[2:4])[0] == code
 
@@ -200,14 +172,14 @@ def test_compression_offer_is_declined_and_the_relay_opens():
     protocol, transport, vm = open_relay(handshake=offer)
     assert protocol.websocket_extensions_in_use == []
     protocol.dataReceived(client_frame(b"ok"))
-    assert bytes(vm.received) == b"ok"
+    assert vm.transport.value() == b"ok"
 
 
 def test_binary_frame_inside_a_fragmented_message_is_a_protocol_error():
     """A new binary frame before the fragmented one finished is refused (1002)."""
     protocol, transport, vm = open_relay()
     protocol.dataReceived(client_frame(b"ab", fin=False) + client_frame(b"cd"))
-    assert bytes(vm.received) == b"ab"
+    assert vm.transport.value() == b"ab"
     close = transport.value()
     assert struct.unpack("!H", close[2:4])[0] == 1002
 
@@ -216,7 +188,7 @@ def test_message_over_the_limit_is_refused_with_1009_and_not_relayed():
     """A message above max_message_size (across fragments too) closes with 1009."""
     protocol, transport, vm = open_relay(max_message_size=100)
     protocol.dataReceived(client_frame(b"a" * 60, fin=False) + client_frame(b"b" * 60, opcode=0))
-    assert bytes(vm.received) == b"a" * 60
+    assert vm.transport.value() == b"a" * 60
     close = transport.value()
     assert struct.unpack("!H", close[2:4])[0] == 1009
 
@@ -225,7 +197,7 @@ def test_close_frame_is_answered_and_the_vm_let_go():
     """The browser's close frame is Autobahn's to answer; the VM side is closed."""
     protocol, transport, vm = open_relay()
     protocol.dataReceived(client_frame(b"ab") + client_frame(struct.pack("!H", 1000), opcode=8))
-    assert bytes(vm.received) == b"ab"
+    assert vm.transport.value() == b"ab"
     assert transport.value().startswith(b"\x88\x02\x03\xe8")
     assert transport.disconnecting  # the server drops TCP after the close handshake
     protocol.connectionLost(Failure(ConnectionDone()))

@@ -7,7 +7,6 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 
 from twisted_novnc.auth import mint_token, token_digest
 from twisted_novnc.config import AuthSettings, NovncSettings
@@ -19,8 +18,10 @@ from twisted_novnc.targets import TargetPolicy
 from twisted_novnc.testing import (
     RFB_BANNER,
     MemorySessionSource,
+    RawExchange,
     VNCEchoFactory,
     recording_client_factory,
+    upgrade_request,
 )
 from twisted_novnc.upstream import connect_tcp
 
@@ -150,32 +151,6 @@ def test_unreachable_vm_closes_with_4502(harness):
     client = yield harness.connect()
     code, reason = yield client.closed
     assert (code, reason) == (4502, "VM unreachable")
-
-
-class RawExchange(Protocol):
-    """Sends raw bytes and collects the whole answer until the server closes."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.answer = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.answer += data
-
-    def connectionLost(self, reason=None) -> None:
-        self.done.callback(self.answer)
-
-
-def upgrade_request(path: str) -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
 
 
 @pytest_twisted.inlineCallbacks

@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-import attrs
-from twisted.internet.testing import StringTransport
-
 from twisted_novnc.relay import Relay
-
-
-@attrs.define(eq=False)
-class FakePeer:
-    transport: StringTransport = attrs.field(factory=StringTransport)
-    closed: list[tuple[int, str]] = attrs.field(factory=list)
-
-    @property
-    def producer(self):
-        return self.transport
-
-    @property
-    def consumer(self):
-        return self.transport
-
-    def send(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed.append((code, reason))
+from twisted_novnc.testing import MemoryPeer
 
 
 def make_relay():
-    browser, vm = FakePeer(), FakePeer()
+    browser, vm = MemoryPeer(), MemoryPeer()
     relay = Relay("s1", browser=browser, vm=vm)
     relay.start()
     return relay, browser, vm

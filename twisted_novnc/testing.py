@@ -11,8 +11,11 @@ import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
+from .relay import Relay, TransportPeer
 from .session import SessionRow
 
 RFB_BANNER = b"RFB 003.008\n"
@@ -141,3 +144,51 @@ def recording_client_factory(
     factory.protocol = RecordingClient
     factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=5)
     return factory
+
+
+class RawExchange(Protocol):
+    """Sends raw bytes once connected and collects the whole answer until the connection
+    closes: for requests no real client would send, and for plain HTTP."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.answer = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.answer += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done.callback(self.answer)
+
+
+def upgrade_request(path: str) -> bytes:
+    """A minimal, valid WebSocket upgrade request for ``path``, as raw bytes."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+@attrs.define(eq=False)
+class MemoryPeer(TransportPeer):
+    """One end of a relay in memory: what it is sent lands in ``transport`` (a
+    StringTransport, also its producer and consumer), and each close is recorded."""
+
+    transport: StringTransport = attrs.field(factory=StringTransport)
+    closed: list[tuple[int, str]] = attrs.field(factory=list)
+    relay: Relay | None = None
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(bytes(data))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+    def attach(self, relay: Relay) -> None:
+        """As an upstream is attached once the browser's side is open."""
+        self.relay = relay

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 import pytest
 import pytest_twisted
 from browser_harness import SCREEN, XClient, within
+from db_fixtures import insert_session
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.integration]
 
@@ -27,14 +28,6 @@ EVERYWHERE = [(0, 0), (WIDTH - 1, 0), (WIDTH // 2, HEIGHT // 2), (0, HEIGHT - 1)
 def hex_colour(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
-
-def insert(pg, db, session_id, vm_ip=None, port=None, status="pending"):
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{db.table}" (session_id, vm_ip, "{db.port_column}", status)'
-            " VALUES (%s, %s, %s, %s)",
-            (session_id, vm_ip, port, status),
-        )
 
 
 def page_url(web_root: str, daemon_port: int, session_id: str) -> str:
@@ -56,7 +49,7 @@ def test_connect_and_render(browser, web_root, xvnc, daemon_factory, pg, session
     yield paint_root(xvnc, BLUE)
     daemon = yield daemon_factory()
     sid = str(uuid.uuid4())
-    insert(pg, sessions_table, sid, "127.0.0.1", xvnc.rfb_port, "running")
+    insert_session(pg, sessions_table, sid, "127.0.0.1", xvnc.rfb_port, "running")
 
     page = yield browser.open(page_url(web_root, daemon.port, sid))
     try:
@@ -88,7 +81,7 @@ def test_keyboard_and_mouse_reach_the_x_server(
         assert ready["focused"] is True
         daemon = yield daemon_factory()
         sid = str(uuid.uuid4())
-        insert(pg, sessions_table, sid, "127.0.0.1", xvnc.rfb_port, "running")
+        insert_session(pg, sessions_table, sid, "127.0.0.1", xvnc.rfb_port, "running")
 
         page = yield browser.open(page_url(web_root, daemon.port, sid))
         try:
@@ -125,7 +118,7 @@ def test_page_opened_before_commit_connects_after_it(
     yield paint_root(xvnc, BLUE)
     daemon = yield daemon_factory()
     sid = str(uuid.uuid4())
-    insert(pg, db, sid, status="booting")
+    insert_session(pg, db, sid, status="booting")
 
     page = yield browser.open(page_url(web_root, daemon.port, sid))
     try:
@@ -164,8 +157,8 @@ def test_refusals_show_their_close_code_in_the_page(
     daemon = yield daemon_factory(readiness_timeout=1)
     ended, booting, absent = (str(uuid.uuid4()) for _ in range(3))
     # An ended session is refused before any connect, so its port needs no server.
-    insert(pg, db, ended, "127.0.0.1", 5900, "ended")
-    insert(pg, db, booting, status="booting")
+    insert_session(pg, db, ended, "127.0.0.1", 5900, "ended")
+    insert_session(pg, db, booting, status="booting")
     expected = {
         ended: (4410, "session ended"),
         booting: (4504, "session not ready in time"),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from twisted_novnc.testing import recording_client_factory
+from twisted_novnc.testing import RawExchange, recording_client_factory
 
 #: Every wait in these tests is on an event; this bounds each one so a bug fails, not hangs.
 EVENT_LIMIT = 30.0
@@ -20,19 +22,69 @@ def within(d: defer.Deferred, seconds: float = EVENT_LIMIT) -> defer.Deferred:
     return d.addTimeout(seconds, reactor)
 
 
-def until(predicate: Callable[[], bool], interval: float = 0.02) -> defer.Deferred:
-    """Fire once ``predicate()`` holds, checking every ``interval``, bounded by EVENT_LIMIT.
+@pytest_twisted.inlineCallbacks
+def holds_within(
+    predicate: Callable[[], Any], limit: float = EVENT_LIMIT, interval: float = 0.02
+) -> Any:
+    """Whether ``predicate()`` (a bool, or a Deferred of one) comes to hold within ``limit``
+    seconds, asked every ``interval``: for a test that explains a failure itself.
 
     Only for conditions nobody can announce (a process reaped by PID 1, a file another
-    process writes, a counter in another object); everything else waits on its Deferred.
+    process writes, a counter in another object or process); everything else waits on its
+    Deferred.
     """
+    deadline = reactor.seconds() + limit
+    while not (yield defer.maybeDeferred(predicate)):
+        if reactor.seconds() > deadline:
+            return False
+        yield task.deferLater(reactor, interval, lambda: None)
+    return True
 
-    @pytest_twisted.inlineCallbacks
-    def poll():
-        while not predicate():
-            yield task.deferLater(reactor, interval, lambda: None)
 
-    return within(poll())
+def until(predicate: Callable[[], Any], interval: float = 0.02) -> defer.Deferred:
+    """Fire once ``predicate()`` holds (see holds_within); fail after EVENT_LIMIT seconds."""
+
+    def check(held: bool) -> None:
+        if not held:
+            raise TimeoutError(f"the condition did not hold in {EVENT_LIMIT:g}s")
+
+    return holds_within(predicate, EVENT_LIMIT, interval).addCallback(check)
+
+
+@pytest_twisted.inlineCallbacks
+def settled(value: Callable[[], int], checks: int = 10, interval: float = 0.05) -> Any:
+    """Fire with ``value()`` once it has not changed for ``checks`` polls in a row."""
+    last, same = value(), 0
+    while same < checks:
+        yield task.deferLater(reactor, interval, lambda: None)
+        current = value()
+        same = same + 1 if current == last else 0
+        last = current
+    return last
+
+
+def exchange(port: int, request: bytes, seconds: float = EVENT_LIMIT) -> defer.Deferred:
+    """Send raw ``request`` to 127.0.0.1:port; fire with all the answer once it closes."""
+    proto = RawExchange(request)
+    d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+    return within(d.addCallback(lambda _: proto.done), seconds)
+
+
+@pytest_twisted.inlineCallbacks
+def http_get(port: int, path: str) -> Any:
+    """(status, body) of GET http://127.0.0.1:port/path, over HTTP/1.0 (one request, closed)."""
+    raw = yield exchange(port, f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text as {(name, sorted labels): value}."""
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return values
 
 
 def new_id() -> str:
@@ -47,3 +99,10 @@ def connect_client(port: int, path: str, bind: str | None = None) -> defer.Defer
         reactor, "127.0.0.1", port, bindAddress=(bind, 0) if bind else None
     )
     return connectProtocol(endpoint, factory.buildProtocol(None))
+
+
+def connect_session(
+    port: int, session_id: str, suffix: str = "", bind: str | None = None
+) -> defer.Deferred:
+    """A recording client for ``/websockify/<session_id><suffix>`` (the default path)."""
+    return connect_client(port, f"/websockify/{session_id}{suffix}", bind)

@@ -26,7 +26,7 @@ import psycopg2
 import pytest
 import pytest_twisted
 from daemon_process import DaemonProcess, start_daemon, stop_daemon, write_config
-from prometheus_client.parser import text_string_to_metric_families
+from e2e_support import holds_within, http_get, metric_values, settled
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -392,28 +392,6 @@ class Served:
 
 
 @pytest_twisted.inlineCallbacks
-def _until(predicate: Callable[[], bool], limit: float = EVENT_LIMIT, interval: float = 0.05):
-    """Poll what the test cannot be told about (the daemon's fds, its metrics); bounded."""
-    deadline = reactor.seconds() + limit
-    while not (yield defer.maybeDeferred(predicate)):
-        if reactor.seconds() > deadline:
-            return False
-        yield task.deferLater(reactor, interval, lambda: None)
-    return True
-
-
-@pytest_twisted.inlineCallbacks
-def _settled(value: Callable[[], int], checks: int = 10, interval: float = 0.05):
-    last, same = value(), 0
-    while same < checks:
-        yield task.deferLater(reactor, interval, lambda: None)
-        current = value()
-        same = same + 1 if current == last else 0
-        last = current
-    return last
-
-
-@pytest_twisted.inlineCallbacks
 def serve_valid(served: Served):
     """A ready session still gets its banner and its echo."""
     sid = served.ready_session()
@@ -429,36 +407,13 @@ def serve_valid(served: Served):
     assert (yield within(client.closed)) == (1000, None)
 
 
-class _HTTPGet(Protocol):
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.data = b""
-        self.done: defer.Deferred[bytes] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(f"GET {self.path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.done.callback(self.data)
-
-
 @pytest_twisted.inlineCallbacks
 def metrics(served: Served):
     """The daemon's /metrics, as {(name, labels): value}."""
     assert served.proc.admin_port
-    get = _HTTPGet("/metrics")
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", served.proc.admin_port)
-    yield connectProtocol(endpoint, get)
-    raw = yield within(get.done)
-    text = raw.partition(b"\r\n\r\n")[2].decode()
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return values
+    status, body = yield http_get(served.proc.admin_port, "/metrics")
+    assert status == 200
+    return metric_values(body.decode())
 
 
 @pytest_twisted.inlineCallbacks
@@ -477,12 +432,12 @@ def still_healthy(served: Served, since: int):
             and values["twisted_novnc_waiting_clients", ()] == 0
         )
 
-    settled = yield _until(nothing_open)
-    assert settled, (
+    quiet = yield holds_within(nothing_open, EVENT_LIMIT)
+    assert quiet, (
         f"connections_open={values['twisted_novnc_connections_open', ()]:g}"
         f" waiting_clients={values['twisted_novnc_waiting_clients', ()]:g}, expected both 0"
     )
-    back = yield _until(lambda: served.proc.fd_count() == served.baseline_fds)
+    back = yield holds_within(lambda: served.proc.fd_count() == served.baseline_fds, EVENT_LIMIT)
     if not back:
         now = served.fd_targets()
         extra = list(now)
@@ -492,7 +447,7 @@ def still_healthy(served: Served, since: int):
         raise AssertionError(
             f"{len(now)} open fds, {served.baseline_fds} after start-up; extra: {extra[:20]}"
         )
-    vm_closed = yield _until(lambda: not served.vnc.connections)
+    vm_closed = yield holds_within(lambda: not served.vnc.connections, EVENT_LIMIT)
     assert vm_closed, f"{len(served.vnc.connections)} VM connections left open"
     log = served.proc.output[since:]
     for bad in ("Traceback", "Unhandled"):
@@ -525,7 +480,7 @@ def served(postgres_dsn, tmp_path_factory):
     try:
         pytest_twisted.blockon(start_daemon(config, tmp, proc))
         daemon = Served(proc, db, pg, vnc)
-        daemon.baseline_fds = pytest_twisted.blockon(_settled(proc.fd_count))
+        daemon.baseline_fds = pytest_twisted.blockon(settled(proc.fd_count))
         daemon.baseline_fd_targets = daemon.fd_targets()
         yield daemon
     finally:

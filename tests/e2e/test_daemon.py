@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from e2e_support import new_id, within
-from twisted.internet import defer, reactor, task
+from db_fixtures import insert_session
+from e2e_support import connect_session, new_id, settled, within
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 
@@ -15,20 +16,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 
 
-def connect_client(port: int, session_id: str, suffix: str = ""):
-    url = f"ws://127.0.0.1:{port}/websockify/{session_id}{suffix}"
-    factory = recording_client_factory(url)
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    return connectProtocol(endpoint, factory.buildProtocol(None))
-
-
-def insert(pg, db, session_id, vm_ip=None, port=None, status="pending"):
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{db.table}" (session_id, vm_ip, "{db.port_column}", status)'
-            " VALUES (%s, %s, %s, %s)",
-            (session_id, vm_ip, port, status),
-        )
 
 
 @pytest_twisted.inlineCallbacks
@@ -39,8 +26,8 @@ def test_incident_upgrade_waits_for_commit(
     db = sessions_table
     daemon = yield daemon_factory()
     sid, sentinel = new_id(), new_id()
-    insert(pg, db, sid, status="booting")
-    client = yield connect_client(daemon.port, sid)
+    insert_session(pg, db, sid, status="booting")
+    client = yield connect_session(daemon.port, sid)
     yield within(daemon.when_logged(f"request {sid} from"))
 
     backend = pg_factory(autocommit=False)  # the platform's backend, mid-transaction
@@ -54,8 +41,8 @@ def test_incident_upgrade_waits_for_commit(
         with pg.cursor() as other:
             other.execute("SELECT pg_notify(%s, %s)", (db.notify_channel, sid))
         # ... and prove it has by serving a session committed after that read was asked for.
-        insert(pg, db, sentinel, "127.0.0.1", vnc_server.port, "running")
-        witness = yield connect_client(daemon.port, sentinel)
+        insert_session(pg, db, sentinel, "127.0.0.1", vnc_server.port, "running")
+        witness = yield connect_session(daemon.port, sentinel)
         yield within(witness.opened)
         assert not client.opened.called and not client.closed.called
         backend.commit()
@@ -76,10 +63,10 @@ def test_client_before_row_exists(daemon_factory, vnc_server, pg, sessions_table
     """A browser that arrives before the row is inserted connects once it is committed."""
     sid = new_id()
     daemon = yield daemon_factory()
-    client = yield connect_client(daemon.port, sid)
+    client = yield connect_session(daemon.port, sid)
     yield within(daemon.when_logged(f"request {sid} from"))
     assert not client.opened.called
-    insert(pg, sessions_table, sid, "127.0.0.1", vnc_server.port, "running")
+    insert_session(pg, sessions_table, sid, "127.0.0.1", vnc_server.port, "running")
     yield within(client.opened)
     data = yield within(client.when_received(len(RFB_BANNER)))
     assert data == RFB_BANNER
@@ -98,17 +85,17 @@ def test_refusal_codes_for_real(impatient, pg, sessions_table):
     """4404, 4504, 4410 and 4502 each reach the client as a close code and reason."""
     db = sessions_table
     absent, booting, ended, dead = new_id(), new_id(), new_id(), new_id()
-    insert(pg, db, booting, status="booting")
-    insert(pg, db, ended, "127.0.0.1", 1, "ended")
+    insert_session(pg, db, booting, status="booting")
+    insert_session(pg, db, ended, "127.0.0.1", 1, "ended")
     # A port nothing listens on: bind one, note it, close it.
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
     closed_port = port.getHost().port
     yield port.stopListening()
-    insert(pg, db, dead, "127.0.0.1", closed_port, "running")
+    insert_session(pg, db, dead, "127.0.0.1", closed_port, "running")
 
     clients = {}
     for sid in (absent, booting, ended, dead):
-        clients[sid] = yield connect_client(impatient.port, sid)
+        clients[sid] = yield connect_session(impatient.port, sid)
     results = {}
     for sid, client in clients.items():
         results[sid] = yield within(client.closed)
@@ -138,10 +125,10 @@ def test_two_daemons_serve_one_commit(daemon_factory, vnc_server, pg, sessions_t
     clients = []
     for i in range(6):
         daemon = daemons[i % 2]
-        clients.append((yield connect_client(daemon.port, sid)))
+        clients.append((yield connect_session(daemon.port, sid)))
     for daemon in daemons:
         yield within(daemon.when_logged(f"request {sid} from", times=3))
-    insert(pg, sessions_table, sid, "127.0.0.1", vnc_server.port, "running")
+    insert_session(pg, sessions_table, sid, "127.0.0.1", vnc_server.port, "running")
     for client in clients:
         data = yield within(client.when_received(len(RFB_BANNER)))
         assert data == RFB_BANNER
@@ -149,18 +136,6 @@ def test_two_daemons_serve_one_commit(daemon_factory, vnc_server, pg, sessions_t
     for client in clients:
         client.sendClose(1000)
         yield within(client.closed)
-
-
-@pytest_twisted.inlineCallbacks
-def settled(value, checks: int = 10, interval: float = 0.05):
-    """Fire with ``value()`` once it has not changed for ``checks`` polls in a row."""
-    last, same = value(), 0
-    while same < checks:
-        yield task.deferLater(reactor, interval, lambda: None)
-        current = value()
-        same = same + 1 if current == last else 0
-        last = current
-    return last
 
 
 class FloodingVNC(Protocol):
@@ -206,8 +181,8 @@ def test_slow_reader_keeps_memory_bounded(daemon_factory, pg, sessions_table):
         daemon = yield daemon_factory()
         baseline = daemon.rss_kib()
         sid = new_id()
-        insert(pg, sessions_table, sid, "127.0.0.1", port.getHost().port, "running")
-        client = yield connect_client(daemon.port, sid)
+        insert_session(pg, sessions_table, sid, "127.0.0.1", port.getHost().port, "running")
+        client = yield connect_session(daemon.port, sid)
         yield within(client.opened)
         client.transport.pauseProducing()  # the browser stops reading
         yield within(flood.paused)

@@ -13,21 +13,16 @@ import pytest_twisted
 from daemon_process import (
     LISTENING_FOR_CHANGES,
 )
-from e2e_support import new_id, until, within
+from e2e_support import connect_session, new_id, until, within
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
 
-from twisted_novnc.testing import RFB_BANNER, VNCEchoFactory, recording_client_factory
+from twisted_novnc.testing import RFB_BANNER, VNCEchoFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 
-
-def connect_client(port: int, session_id: str):
-    factory = recording_client_factory(f"ws://127.0.0.1:{port}/websockify/{session_id}")
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    return connectProtocol(endpoint, factory.buildProtocol(None))
 
 
 def insert_many(dsn: str, db, rows) -> None:
@@ -85,7 +80,7 @@ def test_postmaster_killed_while_fifty_wait(private_cluster, private_daemon, vnc
     ids = [new_id() for _ in range(50)]
     clients = []
     for sid in ids:
-        clients.append((yield connect_client(daemon.port, sid)))
+        clients.append((yield connect_session(daemon.port, sid)))
     yield within(daemon.when_logged("request .* waiting for readiness", times=50))
 
     yield private_cluster.kill()
@@ -109,7 +104,7 @@ def test_listen_connection_terminated_then_commit(private_cluster, private_daemo
     """pg_terminate_backend on the LISTEN connection, then a commit: the waiter is served."""
     daemon = yield private_daemon()
     sid = new_id()
-    client = yield connect_client(daemon.port, sid)
+    client = yield connect_session(daemon.port, sid)
     yield within(daemon.when_logged(f"request {sid} from"))
     killed = execute(
         private_cluster.dsn,
@@ -138,7 +133,7 @@ def test_database_stops_while_hundred_relays_run(private_cluster, private_daemon
     )
     clients = []
     for sid in ids:
-        clients.append((yield connect_client(daemon.port, sid)))
+        clients.append((yield connect_session(daemon.port, sid)))
     for client in clients:
         yield within(client.when_received(len(RFB_BANNER)))
     private_cluster.stop()
@@ -165,7 +160,7 @@ def test_vnc_server_starts_three_seconds_late(daemon_factory, pg, sessions_table
             " VALUES (%s, '127.0.0.1', %s, 'running')",
             (sid, reserved),
         )
-    client = yield connect_client(daemon.port, sid)
+    client = yield connect_session(daemon.port, sid)
     yield within(daemon.when_logged(f"session {sid} ready"))
     late = VNCEchoFactory()
     listening = []
@@ -198,7 +193,7 @@ def test_vnc_server_dies_mid_relay(daemon_factory, pg, sessions_table, vnc):
             " VALUES (%s, '127.0.0.1', %s, 'running')",
             (sid, vnc.port),
         )
-    client = yield connect_client(daemon.port, sid)
+    client = yield connect_session(daemon.port, sid)
     yield within(client.when_received(len(RFB_BANNER)))
     vnc.connections[0].transport.abortConnection()  # SO_LINGER 0: a reset, as a crash gives
     code, reason = yield within(client.closed, 1.0)
@@ -219,7 +214,7 @@ def test_session_ended_with_three_viewers(daemon_factory, pg, sessions_table, vn
         )
     viewers = []
     for _ in range(3):
-        viewer = yield connect_client(daemon.port, sid)
+        viewer = yield connect_session(daemon.port, sid)
         yield within(viewer.when_received(len(RFB_BANNER)))
         viewers.append(viewer)
     with pg.cursor() as cur:
@@ -241,8 +236,8 @@ def test_session_moved_and_deleted_are_revoked(daemon_factory, pg, sessions_tabl
                 " VALUES (%s, '127.0.0.1', %s, 'running')",
                 (sid, vnc.port),
             )
-    a = yield connect_client(daemon.port, moved)
-    b = yield connect_client(daemon.port, deleted)
+    a = yield connect_session(daemon.port, moved)
+    b = yield connect_session(daemon.port, deleted)
     for client in (a, b):
         yield within(client.when_received(len(RFB_BANNER)))
     with pg.cursor() as cur:
@@ -268,10 +263,10 @@ def test_session_expires_while_relayed(daemon_factory, pg, sessions_table, vnc):
             " (%s, '127.0.0.1', %s, 'running', now() - interval '1 second')",
             (soon, vnc.port, past, vnc.port),
         )
-    client = yield connect_client(daemon.port, soon)
+    client = yield connect_session(daemon.port, soon)
     yield within(client.when_received(len(RFB_BANNER)))
     assert (yield within(client.closed, 10)) == (4410, "session expired")
-    late = yield connect_client(daemon.port, past)
+    late = yield connect_session(daemon.port, past)
     assert (yield within(late.closed, 10)) == (4410, "session expired")
 
 
@@ -289,7 +284,7 @@ def test_connect_retry_off_refuses_at_once(daemon_factory, pg, sessions_table):
             " VALUES (%s, '127.0.0.1', %s, 'running')",
             (sid, closed_port),
         )
-    client = yield connect_client(daemon.port, sid)
+    client = yield connect_session(daemon.port, sid)
     assert (yield within(client.closed, 10)) == (4502, "VM unreachable")
 
 
@@ -309,10 +304,10 @@ def test_sigterm_drains_then_closes_with_1001(daemon_factory, pg, sessions_table
             )
     clients = []
     for sid in ids:
-        client = yield connect_client(daemon.port, sid)
+        client = yield connect_session(daemon.port, sid)
         yield within(client.when_received(len(RFB_BANNER)))
         clients.append(client)
-    waiter = yield connect_client(daemon.port, new_id())
+    waiter = yield connect_session(daemon.port, new_id())
     yield within(daemon.when_logged("waiting for readiness", times=4))
 
     started = time.monotonic()
@@ -326,7 +321,7 @@ def test_sigterm_drains_then_closes_with_1001(daemon_factory, pg, sessions_table
     assert exit_code in (0, None), daemon.output
     assert not Path(f"/proc/{daemon.pid}").exists()
     yield until(lambda: not vnc.connections)
-    refused = connect_client(daemon.port, new_id())
+    refused = connect_session(daemon.port, new_id())
     with pytest.raises(Exception):  # noqa: B017  (ConnectionRefusedError, wrapped by Twisted)
         yield within(refused, 5)
 
@@ -342,7 +337,7 @@ def test_second_sigterm_closes_at_once(daemon_factory, pg, sessions_table, vnc):
             " VALUES (%s, '127.0.0.1', %s, 'running')",
             (sid, vnc.port),
         )
-    client = yield connect_client(daemon.port, sid)
+    client = yield connect_session(daemon.port, sid)
     yield within(client.when_received(len(RFB_BANNER)))
     daemon.transport.signalProcess(signal.SIGTERM)
     yield within(daemon.when_logged("draining"))
@@ -359,7 +354,7 @@ def test_daemon_starts_without_database(private_cluster, private_daemon, vnc):
     daemon = yield private_daemon(wait_for_database=False, readiness_timeout=60)
     yield within(daemon.when_logged("database unreachable"))
     sid = new_id()
-    client = yield connect_client(daemon.port, sid)
+    client = yield connect_session(daemon.port, sid)
     yield within(daemon.when_logged(f"request {sid} from"))
     private_cluster.restart()
     insert_many(private_cluster.dsn, private_cluster.db, [(sid, "127.0.0.1", vnc.port, "up")])
@@ -375,7 +370,7 @@ def test_waiter_deadline_during_outage_is_4503(private_cluster, private_daemon):
     daemon = yield private_daemon(readiness_timeout=2)
     private_cluster.stop()
     yield within(daemon.when_logged("database unreachable"))
-    client = yield connect_client(daemon.port, new_id())
+    client = yield connect_session(daemon.port, new_id())
     assert (yield within(client.closed)) == (4503, "database unavailable")
 
 

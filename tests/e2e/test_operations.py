@@ -12,67 +12,18 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from daemon_process import LISTENING_FOR_CHANGES, DaemonProcess, start_daemon, write_config
-from e2e_support import new_id, until, within
-from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor, task
+from db_fixtures import insert_ready
+from e2e_support import connect_session, http_get, metric_values, new_id, until, within
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 
-from twisted_novnc.testing import RFB_BANNER, recording_client_factory
+from twisted_novnc.testing import RFB_BANNER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 
 
-class _HTTP10Get(Protocol):
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.data = b""
-        self.done: defer.Deferred[bytes] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(f"GET {self.path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason=None) -> None:
-        self.done.callback(self.data)
-
-
-@pytest_twisted.inlineCallbacks
-def http_get(port: int, path: str):
-    """(status, body) of GET http://127.0.0.1:port/path, over HTTP/1.0 (one request, closed)."""
-    proto = _HTTP10Get(path)
-    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-    raw = yield within(proto.done)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body
-
-
-def connect_client(port: int, session_id: str, bind: str | None = None):
-    factory = recording_client_factory(f"ws://127.0.0.1:{port}/websockify/{session_id}")
-    endpoint = TCP4ClientEndpoint(
-        reactor, "127.0.0.1", port, bindAddress=(bind, 0) if bind else None
-    )
-    return connectProtocol(endpoint, factory.buildProtocol(None))
-
-
-def insert(pg, db, sid, port, status="running"):
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{db.table}" (session_id, vm_ip, vnc_port, status)'
-            " VALUES (%s, '127.0.0.1', %s, %s)",
-            (sid, port, status),
-        )
-
-
-def metric_values(text: str) -> dict[tuple[str, tuple], float]:
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return values
 
 
 @pytest_twisted.inlineCallbacks
@@ -83,14 +34,14 @@ def test_metrics_after_real_connections(daemon_factory, pg, sessions_table, vnc_
     )
     assert daemon.admin_port
     sid = new_id()
-    insert(pg, sessions_table, sid, vnc_server.port)
-    client = yield connect_client(daemon.port, sid)
+    insert_ready(pg, sessions_table, sid, vnc_server.port)
+    client = yield connect_session(daemon.port, sid)
     yield within(client.when_received(len(RFB_BANNER)))
     client.sendMessage(b"12345", isBinary=True)
     yield within(client.when_received(len(RFB_BANNER) + 5))
     client.sendClose(1000)
     yield within(client.closed)
-    missing = yield connect_client(daemon.port, new_id())
+    missing = yield connect_session(daemon.port, new_id())
     yield within(missing.closed)
     yield within(daemon.when_logged("closed .*: 4404"))
     status, body = yield http_get(daemon.admin_port, "/metrics")
@@ -129,22 +80,16 @@ def test_readyz_flips_with_the_database(private_cluster, private_daemon):
     yield within(daemon.when_logged(LISTENING_FOR_CHANGES, times=2))
     # LISTEN and the query pool reconnect each on their own backoff: /readyz turns 200 once
     # both are back, which a load balancer learns the same way, by asking again.
-    status, body = yield _readyz_until(daemon, 200)
+    answers: list = []
+
+    def ready():
+        return http_get(daemon.admin_port, "/readyz").addCallback(
+            lambda answer: answers.append(answer) or answer[0] == 200
+        )
+
+    yield until(ready)
+    status, body = answers[-1]
     assert (status, json.loads(body)["ready"]) == (200, True)
-
-
-def _readyz_until(daemon, wanted: int) -> defer.Deferred:
-    """Ask /readyz until it answers ``wanted`` (bounded by within's limit)."""
-
-    @pytest_twisted.inlineCallbacks
-    def ask():
-        while True:
-            status, body = yield http_get(daemon.admin_port, "/readyz")
-            if status == wanted:
-                return status, body
-            yield task.deferLater(reactor, 0.05, lambda: None)
-
-    return within(ask())
 
 
 @pytest_twisted.inlineCallbacks
@@ -152,8 +97,8 @@ def test_json_log_lines(daemon_factory, pg, sessions_table, vnc_server):
     """With [log] format = json each line is a JSON object carrying the lifecycle's keys."""
     daemon = yield daemon_factory({"log": {"format": "json"}})
     sid = new_id()
-    insert(pg, sessions_table, sid, vnc_server.port)
-    client = yield connect_client(daemon.port, sid)
+    insert_ready(pg, sessions_table, sid, vnc_server.port)
+    client = yield connect_session(daemon.port, sid)
     yield within(client.when_received(len(RFB_BANNER)))
     client.sendClose(1000)
     yield within(client.closed)
@@ -184,7 +129,7 @@ def test_log_file_reopened_on_sighup(postgres_dsn, sessions_table, tmp_path):
         os.rename(log, tmp_path / "novnc.log.1")
         daemon.transport.signalProcess(signal.SIGHUP)
         yield within(_file_exists(log))
-        client = yield connect_client(port, new_id())
+        client = yield connect_session(port, new_id())
         yield within(_file_contains(log, "request "))
         client.leave()
         rotated = (tmp_path / "novnc.log.1").read_text()
@@ -249,10 +194,10 @@ def test_pings_keep_idle_sessions_and_find_vanished_browsers(
     """An idle browser is pinged and stays; one that stops answering is closed, with its VM."""
     daemon = yield daemon_factory(ping_interval=1, ping_timeout=2)
     idle, vanished = new_id(), new_id()
-    insert(pg, sessions_table, idle, vnc_server.port)
-    insert(pg, sessions_table, vanished, vnc_server.port)
-    a = yield connect_client(daemon.port, idle)
-    b = yield connect_client(daemon.port, vanished)
+    insert_ready(pg, sessions_table, idle, vnc_server.port)
+    insert_ready(pg, sessions_table, vanished, vnc_server.port)
+    a = yield connect_session(daemon.port, idle)
+    b = yield connect_session(daemon.port, vanished)
     for client in (a, b):
         yield within(client.when_received(len(RFB_BANNER)))
     pings: list[bytes] = []
@@ -279,7 +224,7 @@ def test_command_line_overrides_ini(postgres_dsn, sessions_table, tmp_path):
         args=("--listen", "tcp:0:interface=127.0.0.1", "--set", "novnc.readiness_timeout=1"),
     )
     try:
-        client = yield connect_client(daemon.port, new_id())
+        client = yield connect_session(daemon.port, new_id())
         assert (yield within(client.closed)) == (4404, "no such session")
         assert "waited=1." in daemon.output or "after 1s" in daemon.output
     finally:
@@ -316,7 +261,7 @@ def test_dsn_password_never_logged(postgres_dsn, sessions_table, tmp_path):
         daemon = DaemonProcess()
         yield start_daemon(config, tmp_path, daemon, wait_for_database=(fmt == "text"))
         try:
-            client = yield connect_client(daemon.port, new_id())
+            client = yield connect_session(daemon.port, new_id())
             yield within(client.closed)
             yield within(daemon.when_logged("closed "))
         finally:

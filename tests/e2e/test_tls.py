@@ -17,12 +17,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from db_fixtures import insert_ready
+from e2e_support import exchange
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-from twisted_novnc.testing import RFB_BANNER, recording_client_factory
+from twisted_novnc.testing import RFB_BANNER, recording_client_factory, upgrade_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -86,16 +88,6 @@ def tls_daemon(daemon_factory, tmp_path):
     daemon = pytest_twisted.blockon(daemon_factory(listen=listen))
     return daemon, cert
 
-
-def insert_ready(pg, db, port: int) -> str:
-    sid = str(uuid.uuid4())
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{db.table}" (session_id, vm_ip, vnc_port, status)'
-            " VALUES (%s, '127.0.0.1', %s, 'running')",
-            (sid, port),
-        )
-    return sid
 
 
 @pytest_twisted.inlineCallbacks
@@ -214,7 +206,8 @@ def handshake_with(port: int, context: ssl.SSLContext):
 def test_wss_banner_and_echo(tls_daemon, pg, sessions_table, vnc_server):
     """``listen = ssl:...`` serves wss://: a client that trusts the certificate is relayed."""
     daemon, cert = tls_daemon
-    sid = insert_ready(pg, sessions_table, vnc_server.port)
+    sid = str(uuid.uuid4())
+    insert_ready(pg, sessions_table, sid, vnc_server.port)
     yield wss_banner_and_echo(daemon.port, cert, sid)
 
 
@@ -246,37 +239,15 @@ def test_tls_before_1_2_is_refused(tls_daemon, tmp_path):
     assert "Traceback" not in daemon.output and "Unhandled" not in daemon.output, daemon.output
 
 
-class PlainHTTP(Protocol):
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.data = b""
-        self.lost: defer.Deferred[None] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost.callback(None)
-
-
 @pytest_twisted.inlineCallbacks
 def test_plain_http_on_the_tls_port(tls_daemon, pg, sessions_table, vnc_server):
     """A plain-HTTP upgrade sent to the TLS port is closed at once (at most a TLS alert, never
     an HTTP answer), and the daemon goes on serving wss://."""
     daemon, cert = tls_daemon
-    sid = insert_ready(pg, sessions_table, vnc_server.port)
-    request = (
-        f"GET /websockify/{sid} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-    plain = PlainHTTP(request)
-    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port), plain)
-    yield within(plain.lost, 5)
-    assert not plain.data.startswith(b"HTTP/"), plain.data[:100]
-    assert not plain.data or plain.data[0] == 0x15, f"not a TLS alert: {plain.data[:20]!r}"
+    sid = str(uuid.uuid4())
+    insert_ready(pg, sessions_table, sid, vnc_server.port)
+    answer = yield exchange(daemon.port, upgrade_request(f"/websockify/{sid}"), 5)
+    assert not answer.startswith(b"HTTP/"), answer[:100]
+    assert not answer or answer[0] == 0x15, f"not a TLS alert: {answer[:20]!r}"
     yield wss_banner_and_echo(daemon.port, cert, sid)
     assert "Traceback" not in daemon.output and "Unhandled" not in daemon.output, daemon.output

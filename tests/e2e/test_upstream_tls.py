@@ -12,11 +12,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from e2e_support import within
+from db_fixtures import insert_ready
+from e2e_support import connect_session, within
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.internet.endpoints import serverFromString
 
-from twisted_novnc.testing import RFB_BANNER, VNCEchoFactory, recording_client_factory
+from twisted_novnc.testing import RFB_BANNER, VNCEchoFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -86,20 +87,6 @@ def tls_vnc(tmp_path):
     pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
 
 
-def insert(pg, table: str, sid: str, port: int) -> None:
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status)'
-            " VALUES (%s, '127.0.0.1', %s, 'running')",
-            (sid, port),
-        )
-
-
-def connect(port: int, sid: str):
-    factory = recording_client_factory(f"ws://127.0.0.1:{port}/websockify/{sid}")
-    return connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", port), factory.buildProtocol(None)
-    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -114,8 +101,8 @@ def test_upstream_tls(daemon_factory, pg, sessions_table, tls_vnc, tls, trusted,
     ca = tls_vnc.ca_path if trusted else tls_vnc.other_ca_path
     daemon = yield daemon_factory({"upstream": {"tls": tls, "ca_file": str(ca)}})
     sid = str(uuid.uuid4())
-    insert(pg, sessions_table.table, sid, tls_vnc.port)
-    client = yield connect(daemon.port, sid)
+    insert_ready(pg, sessions_table, sid, tls_vnc.port)
+    client = yield connect_session(daemon.port, sid)
     if served:
         assert (yield within(client.when_received(len(RFB_BANNER)))) == RFB_BANNER
         client.sendMessage(b"over tls", isBinary=True)
@@ -146,8 +133,8 @@ def test_wss_upstream_verified(daemon_factory, pg, sessions_table, tmp_path):
             {"upstream": {"mode": "websocket", "tls": "verify", "ca_file": str(ca_path)}}
         )
         sid = str(uuid.uuid4())
-        insert(pg, sessions_table.table, sid, port.getHost().port)
-        client = yield connect(daemon.port, sid)
+        insert_ready(pg, sessions_table, sid, port.getHost().port)
+        client = yield connect_session(daemon.port, sid)
         assert (yield within(client.when_received(len(RFB_BANNER)))) == RFB_BANNER
         assert factory.requests[0].protocols == ["binary"]
         client.sendClose(1000)

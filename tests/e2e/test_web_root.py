@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from e2e_support import exchange
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 
-class Get(Protocol):
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.answer = b""
-        self.done: defer.Deferred[bytes] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(f"GET {self.target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-
-    def dataReceived(self, data: bytes) -> None:
-        self.answer += data
-
-    def connectionLost(self, reason=None) -> None:
-        self.done.callback(self.answer)
-
-
-@pytest_twisted.inlineCallbacks
 def get(port: int, target: str):
-    proto = Get(target)
-    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-    return (yield proto.done.addTimeout(30, reactor))
+    return exchange(port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
 
 
 @pytest_twisted.inlineCallbacks

@@ -9,6 +9,7 @@ import uuid
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from db_fixtures import insert_ready
 from e2e_support import connect_client as connect
 from e2e_support import until, within
 from twisted.internet import defer, reactor
@@ -19,14 +20,6 @@ from twisted_novnc.testing import RFB_BANNER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-
-def insert(pg, table: str, sid: str, port: int) -> None:
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status)'
-            " VALUES (%s, '127.0.0.1', %s, 'running')",
-            (sid, port),
-        )
 
 
 class FakeWebsockify(WebSocketServerProtocol):
@@ -68,7 +61,7 @@ def test_suffix_query_and_binary_reach_the_upstream(
     relay moves messages both ways; the upstream's normal close ends the browser with 1000."""
     daemon = yield daemon_factory({"upstream": {"mode": "websocket"}})
     sid = str(uuid.uuid4())
-    insert(pg, sessions_table.table, sid, fake_websockify.port)
+    insert_ready(pg, sessions_table, sid, fake_websockify.port)
     client = yield connect(daemon.port, f"/websockify/{sid}/websockify?token=s3cret&x=1")
     yield within(client.when_received(len(RFB_BANNER)))
     (request,) = fake_websockify.requests
@@ -98,7 +91,7 @@ def test_refused_upstream_handshake_is_4502(daemon_factory, pg, sessions_table):
     try:
         daemon = yield daemon_factory({"upstream": {"mode": "websocket"}})
         sid = str(uuid.uuid4())
-        insert(pg, sessions_table.table, sid, port.getHost().port)
+        insert_ready(pg, sessions_table, sid, port.getHost().port)
         client = yield connect(daemon.port, f"/websockify/{sid}")
         assert (yield within(client.closed)) == (4502, "VM unreachable")
     finally:
@@ -137,7 +130,7 @@ def test_real_websockify_in_front_of_a_vnc_server(daemon_factory, pg, sessions_t
                             or _listening(ws_port)))
         daemon = yield daemon_factory({"upstream": {"mode": "websocket", "port": ws_port}})
         sid = str(uuid.uuid4())
-        insert(pg, sessions_table.table, sid, vnc_server.port)
+        insert_ready(pg, sessions_table, sid, vnc_server.port)
         client = yield connect(daemon.port, f"/websockify/{sid}/websockify")
         assert (yield within(client.when_received(len(RFB_BANNER)))) == RFB_BANNER
         client.sendMessage(b"through websockify", isBinary=True)

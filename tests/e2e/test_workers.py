@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from daemon_process import LISTENING_FOR_CHANGES, DaemonProcess, start_daemon, write_config
-from e2e_support import connect_client, new_id, until, within
-from test_operations import RawUpgrade, _free_port, http_get, metric_values
+from db_fixtures import insert_ready
+from e2e_support import connect_session, http_get, metric_values, new_id, until, within
+from test_operations import RawUpgrade, _free_port
 from test_tls import endpoint_arg, self_signed, wss_banner_and_echo
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
@@ -42,20 +43,12 @@ def served_by(daemon: DaemonProcess, index: int) -> int:
     return daemon.count(rf"\[worker {index}: [^\]]*\] request ")
 
 
-def insert(pg, db, sid: str, port: int) -> None:
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{db.table}" (session_id, vm_ip, vnc_port, status)'
-            " VALUES (%s, '127.0.0.1', %s, 'running')",
-            (sid, port),
-        )
-
 
 @pytest_twisted.inlineCallbacks
 def relays(port: int, ids: list[str]):
     """Open one client per session, all at once; fire once each has the VNC banner."""
     clients = yield defer.gatherResults(
-        [connect_client(port, f"/websockify/{sid}") for sid in ids]
+        [connect_session(port, sid) for sid in ids]
     )
     yield within(defer.gatherResults([c.when_received(len(RFB_BANNER)) for c in clients]))
     return clients
@@ -87,7 +80,7 @@ def test_both_workers_serve_and_metrics_say_which(daemon_factory, pg, sessions_t
     for _ in range(10):  # until both have served: the kernel picks who accepts
         ids = [new_id() for _ in range(20)]
         for sid in ids:
-            insert(pg, sessions_table, sid, vnc_server.port)
+            insert_ready(pg, sessions_table, sid, vnc_server.port)
         clients = yield relays(daemon.port, ids)
         yield close_all(clients)
         total += len(ids)
@@ -120,12 +113,12 @@ def test_session_committed_after_the_upgrade(daemon_factory, pg, sessions_table,
     daemon = yield two_workers(daemon_factory)
     ids = [new_id() for _ in range(10)]
     clients = yield defer.gatherResults(
-        [connect_client(daemon.port, f"/websockify/{sid}") for sid in ids]
+        [connect_session(daemon.port, sid) for sid in ids]
     )
     for sid in ids:
         yield within(daemon.when_logged(f"request {sid} from"))
     for sid in ids:
-        insert(pg, sessions_table, sid, vnc_server.port)
+        insert_ready(pg, sessions_table, sid, vnc_server.port)
     yield within(defer.gatherResults([c.when_received(len(RFB_BANNER)) for c in clients]))
     yield close_all(clients)
 
@@ -142,7 +135,7 @@ def test_killed_worker_is_restarted(daemon_factory, pg, sessions_table, vnc_serv
         r" restarting it in"
     ))
     sid = new_id()
-    insert(pg, sessions_table, sid, vnc_server.port)
+    insert_ready(pg, sessions_table, sid, vnc_server.port)
     clients = yield relays(daemon.port, [sid])
     yield close_all(clients)
     yield within(daemon.when_logged(r"worker 1 started \(pid \d+\)", times=2))
@@ -152,7 +145,7 @@ def test_killed_worker_is_restarted(daemon_factory, pg, sessions_table, vnc_serv
     for _ in range(10):  # until the new worker has served too
         ids = [new_id() for _ in range(10)]
         for sid in ids:
-            insert(pg, sessions_table, sid, vnc_server.port)
+            insert_ready(pg, sessions_table, sid, vnc_server.port)
         clients = yield relays(daemon.port, ids)
         yield close_all(clients)
         after_restart = daemon.output.split(f"worker 1 started (pid {worker_pids(daemon)[1]})")[1]
@@ -172,9 +165,9 @@ def test_sigterm_drains_every_worker_and_leaves_no_process(
     pids = [daemon.pid, *worker_pids(daemon).values()]
     ids = [new_id() for _ in range(6)]
     for sid in ids:
-        insert(pg, sessions_table, sid, vnc_server.port)
+        insert_ready(pg, sessions_table, sid, vnc_server.port)
     clients = yield relays(daemon.port, ids)
-    waiter = yield connect_client(daemon.port, f"/websockify/{new_id()}")
+    waiter = yield connect_session(daemon.port, new_id())
     yield within(daemon.when_logged("waiting for readiness", times=7))
     started = time.monotonic()
     daemon.transport.signalProcess(signal.SIGTERM)
@@ -187,7 +180,7 @@ def test_sigterm_drains_every_worker_and_leaves_no_process(
     assert "all workers stopped" in daemon.output
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists(), pid
-    refused = connect_client(daemon.port, f"/websockify/{new_id()}")
+    refused = connect_session(daemon.port, new_id())
     with pytest.raises(Exception):  # noqa: B017  (ConnectionRefusedError, wrapped by Twisted)
         yield within(refused, 5)
 
@@ -200,7 +193,7 @@ def test_second_sigterm_closes_every_worker_at_once(
     daemon = yield two_workers(daemon_factory, drain_timeout=300)
     ids = [new_id() for _ in range(4)]
     for sid in ids:
-        insert(pg, sessions_table, sid, vnc_server.port)
+        insert_ready(pg, sessions_table, sid, vnc_server.port)
     clients = yield relays(daemon.port, ids)
     daemon.transport.signalProcess(signal.SIGTERM)
     yield within(daemon.when_logged("draining: "))
@@ -279,7 +272,7 @@ def test_every_endpoint_form_is_shared(daemon_factory, pg, sessions_table, vnc_s
         return int(m.group(1))
 
     sid = new_id()
-    insert(pg, sessions_table, sid, vnc_server.port)
+    insert_ready(pg, sessions_table, sid, vnc_server.port)
     yield wss_banner_and_echo(port_of("ssl:"), cert, sid)
 
     proxied = new_id()
@@ -331,7 +324,7 @@ def test_worker_logs_follow_the_log_settings(postgres_dsn, sessions_table, tmp_p
         daemon.transport.signalProcess(signal.SIGHUP)
         yield within(until(log.exists))
         sid = new_id()
-        client = yield connect_client(port, f"/websockify/{sid}")
+        client = yield connect_session(port, sid)
         yield within(_file_contains(log, f"request {sid}"))
         client.transport.loseConnection()
         (line,) = [json.loads(x) for x in log.read_text().splitlines() if f"request {sid}" in x]
@@ -392,7 +385,7 @@ def test_descriptor_limit_is_named_and_survived(
             conn.transport.loseConnection()
         yield within(defer.gatherResults([conn.lost for conn in held]))
         sid = new_id()
-        insert(pg, sessions_table, sid, vnc_server.port)
+        insert_ready(pg, sessions_table, sid, vnc_server.port)
         clients = yield relays(daemon.port, [sid])
         yield close_all(clients)
         yield within(daemon.when_logged("descriptors are free again"))
@@ -422,12 +415,12 @@ def test_no_descriptor_for_the_vm_is_4503_proxy_at_capacity(
     try:
         sids = [new_id() for _ in range(70)]
         for sid in sids:  # more browsers than descriptors; the accepted ones wait for a row
-            clients.append((yield connect_client(daemon.port, f"/websockify/{sid}")))
+            clients.append((yield connect_session(daemon.port, sid)))
         yield within(daemon.when_logged(r"is refusing new connections, not the proxy"))
         waiting = [sid for sid in sids if f"request {sid} " in daemon.output]
         assert waiting, daemon.output[-2000:]
         sid = waiting[0]
-        insert(pg, sessions_table, sid, vnc_server.port)
+        insert_ready(pg, sessions_table, sid, vnc_server.port)
         code, reason = yield within(clients[sids.index(sid)].closed)
         assert (code, reason) == (4503, "proxy at capacity")
         assert "descriptor limit, not the VM, refused the connection" in daemon.output
