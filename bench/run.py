@@ -353,12 +353,7 @@ class Bench:
                     *map(str, mode[1:])]
         else:
             args = [str(self.tools.target), str(mode[0]), str(port), *map(str, mode[1:])]
-        proc = self._spawn(args, f"{tag}-target.log")
-        if not procs.wait_until(lambda: procs.is_listening(port) or proc.poll() is not None, 15):
-            raise BenchError(f"the target did not listen on {port}")
-        if proc.poll() is not None:
-            raise BenchError(f"the target exited ({proc.returncode}); see {tag}-target.log")
-        return proc
+        return self._spawn_listening(args, port, "the target", f"{tag}-target.log")
 
     def start_proxy(self, proxy: str, port: int, target_port: int,
                     tag: str) -> subprocess.Popen[Any] | None:
@@ -373,11 +368,16 @@ class Bench:
         else:
             return self.start_twisted_novnc(port, target_port, tag,
                                             workers=2 if proxy == WORKERS_PROXY else 1)
-        proc = self._spawn(args, f"{tag}-proxy.log")
+        return self._spawn_listening(args, port, proxy, f"{tag}-proxy.log")
+
+    def _spawn_listening(self, args: list[str], port: int, what: str,
+                         log: str) -> subprocess.Popen[Any]:
+        """Start ``args`` and return once it listens on ``port`` (15 s at most)."""
+        proc = self._spawn(args, log)
         if not procs.wait_until(lambda: procs.is_listening(port) or proc.poll() is not None, 15):
-            raise BenchError(f"{proxy} did not listen on {port}")
+            raise BenchError(f"{what} did not listen on {port}")
         if proc.poll() is not None:
-            raise BenchError(f"{proxy} exited ({proc.returncode}); see {tag}-proxy.log")
+            raise BenchError(f"{what} exited ({proc.returncode}); see {log}")
         return proc
 
     def start_twisted_novnc(self, port: int, target_port: int, tag: str,

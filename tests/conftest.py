@@ -73,3 +73,18 @@ def pg(postgres_dsn: str) -> Iterator[Any]:
         yield conn
     finally:
         conn.close()
+
+
+@pytest.fixture
+def logged() -> Iterator[list[tuple[str, str]]]:
+    """(level, text) of every log event while the test runs."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[tuple[str, str]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        events.append((getattr(event.get("log_level"), "name", ""), formatEvent(event)))
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)

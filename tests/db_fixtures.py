@@ -13,18 +13,28 @@ from twisted_novnc.embedded import apply_sql
 from twisted_novnc.schema import schema_sql
 
 
-@pytest.fixture
-def sessions_table(postgres_dsn):
-    """DatabaseSettings for a fresh table (with a port column) and channel; dropped after."""
-    name = "sessions_" + uuid.uuid4().hex[:12]
+def create_sessions_table(dsn: str, prefix: str = "sessions_"):
+    """DatabaseSettings for a new table (with a port column) and its own NOTIFY channel."""
+    name = prefix + uuid.uuid4().hex[:12]
     settings = parse_config(
-        f"[database]\ndsn = {postgres_dsn}\ntable = {name}\nport_column = vnc_port\n"
+        f"[database]\ndsn = {dsn}\ntable = {name}\nport_column = vnc_port\n"
         f"notify_channel = {name}\n",
         "<test>",
     ).database
-    apply_sql(postgres_dsn, schema_sql(settings))
+    apply_sql(dsn, schema_sql(settings))
+    return settings
+
+
+def drop_sessions_table(dsn: str, settings) -> None:
+    apply_sql(dsn, f'DROP TABLE IF EXISTS "{settings.table}"')
+
+
+@pytest.fixture
+def sessions_table(postgres_dsn):
+    """DatabaseSettings for a fresh table (with a port column) and channel; dropped after."""
+    settings = create_sessions_table(postgres_dsn)
     yield settings
-    apply_sql(postgres_dsn, f'DROP TABLE IF EXISTS "{name}"')
+    drop_sessions_table(postgres_dsn, settings)
 
 
 @pytest.fixture

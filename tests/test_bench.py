@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from required_tools import require
 
 #: The same variable tests/conftest.py reads for an external PostgreSQL.
 TEST_DSN_ENV = "TWISTED_NOVNC_TEST_DSN"
@@ -30,10 +31,9 @@ MISSING = [tool for tool in TOOLS if shutil.which(tool) is None]
 LIMIT = 180  # seconds; it takes about 15 here, most of it npm ci and starting PostgreSQL
 
 
-@pytest.mark.skipif(bool(MISSING), reason=f"the bench needs {', '.join(MISSING)} "
-                    "(Debian: apt-get install nodejs npm gcc)")
 def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
     """echo and ready against the real daemon: no failed run, and the report parses."""
+    require([f"{tool} (Debian: apt-get install nodejs npm gcc)" for tool in MISSING], "the bench")
     summary, report = tmp_path / "summary.json", tmp_path / "report.md"
     command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
                "twisted_novnc", "--scenarios", "echo,ready", "--out", str(tmp_path),

@@ -13,7 +13,6 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from twisted_novnc.fdlimit import (
     AcceptGuard,
@@ -24,21 +23,6 @@ from twisted_novnc.fdlimit import (
     relay_capacity,
 )
 from twisted_novnc.metrics import Metrics
-
-
-@pytest.fixture
-def logged():
-    """Every log event's formatted text while the test runs."""
-    from twisted.logger import formatEvent
-
-    events: list[tuple[str, str]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        events.append((getattr(event.get("log_level"), "name", ""), formatEvent(event)))
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def test_soft_limit_raised_to_hard(logged):

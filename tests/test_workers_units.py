@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 
 from twisted_novnc.admin import WorkersMetrics, WorkersReadyz
@@ -109,19 +109,6 @@ def killed(signal_number: int = 9) -> Failure:
 
 def exited(status: int = 0) -> Failure:
     return Failure(ProcessDone(0) if status == 0 else ProcessTerminated(exitCode=status))
-
-
-@pytest.fixture
-def logged():
-    """(level, text) of every log event while the test runs."""
-    events: list[tuple[str, str]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        events.append((getattr(event.get("log_level"), "name", ""), formatEvent(event)))
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def supervisor(

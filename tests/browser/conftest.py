@@ -31,6 +31,7 @@ from browser_harness import (
     within,
 )
 from db_fixtures import pg_factory, sessions_table  # noqa: F401  (fixtures)
+from required_tools import require
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web.pages import notFound
@@ -79,13 +80,7 @@ def missing_tools() -> list[str]:
 @pytest.fixture(scope="session")
 def browser_tools() -> None:
     """Fail (under CI) or skip (elsewhere) when a tool the browser tests need is missing."""
-    missing = missing_tools()
-    if not missing:
-        return
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail("CI is set but the browser tests cannot run; missing: " + "; ".join(missing),
-                    pytrace=False)
-    pytest.skip("browser tests need: " + "; ".join(missing))
+    require(missing_tools(), "the browser tests")
 
 
 @pytest.fixture(autouse=True)

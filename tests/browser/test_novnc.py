@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 import pytest
 import pytest_twisted
 from browser_harness import SCREEN, XClient, within
-from db_fixtures import insert_session
+from db_fixtures import insert_ready, insert_session
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.integration]
 
@@ -49,7 +49,7 @@ def test_connect_and_render(browser, web_root, xvnc, daemon_factory, pg, session
     yield paint_root(xvnc, BLUE)
     daemon = yield daemon_factory()
     sid = str(uuid.uuid4())
-    insert_session(pg, sessions_table, sid, "127.0.0.1", xvnc.rfb_port, "running")
+    insert_ready(pg, sessions_table, sid, xvnc.rfb_port)
 
     page = yield browser.open(page_url(web_root, daemon.port, sid))
     try:
@@ -81,7 +81,7 @@ def test_keyboard_and_mouse_reach_the_x_server(
         assert ready["focused"] is True
         daemon = yield daemon_factory()
         sid = str(uuid.uuid4())
-        insert_session(pg, sessions_table, sid, "127.0.0.1", xvnc.rfb_port, "running")
+        insert_ready(pg, sessions_table, sid, xvnc.rfb_port)
 
         page = yield browser.open(page_url(web_root, daemon.port, sid))
         try:

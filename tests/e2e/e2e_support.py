@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from twisted_novnc.testing import RawExchange, recording_client_factory
+from twisted_novnc.testing import RFB_BANNER, RawExchange, recording_client_factory
 
 #: Every wait in these tests is on an event; this bounds each one so a bug fails, not hangs.
 EVENT_LIMIT = 30.0
@@ -106,3 +106,16 @@ def connect_session(
 ) -> defer.Deferred:
     """A recording client for ``/websockify/<session_id><suffix>`` (the default path)."""
     return connect_client(port, f"/websockify/{session_id}{suffix}", bind)
+
+
+@pytest_twisted.inlineCallbacks
+def banner_echo_close(client: Any, payload: bytes, seconds: float = EVENT_LIMIT) -> Any:
+    """The relay works end to end: the VNC banner arrives, ``payload`` comes back from the
+    echoing VNC server after it, and a clean close is answered with 1000."""
+    data = yield within(client.when_received(len(RFB_BANNER)), seconds)
+    assert data == RFB_BANNER
+    client.sendMessage(payload, isBinary=True)
+    data = yield within(client.when_received(len(RFB_BANNER) + len(payload)), seconds)
+    assert data == RFB_BANNER + payload
+    client.sendClose(1000)
+    assert (yield within(client.closed, seconds)) == (1000, None)

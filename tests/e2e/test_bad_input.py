@@ -26,15 +26,20 @@ import psycopg2
 import pytest
 import pytest_twisted
 from daemon_process import DaemonProcess, start_daemon, stop_daemon, write_config
-from e2e_support import holds_within, http_get, metric_values, settled
+from db_fixtures import create_sessions_table, drop_sessions_table, insert_ready
+from e2e_support import (
+    banner_echo_close,
+    connect_session,
+    holds_within,
+    http_get,
+    metric_values,
+    settled,
+)
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from twisted_novnc.config import parse_config
-from twisted_novnc.embedded import apply_sql
-from twisted_novnc.schema import schema_sql
-from twisted_novnc.testing import RFB_BANNER, VNCEchoFactory, recording_client_factory
+from twisted_novnc.testing import RFB_BANNER, VNCEchoFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -374,12 +379,7 @@ class Served:
 
     def ready_session(self) -> str:
         sid = str(uuid.uuid4())
-        with self.pg.cursor() as cur:
-            cur.execute(
-                f'INSERT INTO "{self.db.table}" (session_id, vm_ip, vnc_port, status)'
-                " VALUES (%s, '127.0.0.1', %s, 'running')",
-                (sid, self.vnc.port),
-            )
+        insert_ready(self.pg, self.db, sid, self.vnc.port)
         return sid
 
     def fd_targets(self) -> list[str]:
@@ -395,16 +395,8 @@ class Served:
 def serve_valid(served: Served):
     """A ready session still gets its banner and its echo."""
     sid = served.ready_session()
-    factory = recording_client_factory(f"ws://127.0.0.1:{served.port}/websockify/{sid}")
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", served.port)
-    client = yield connectProtocol(endpoint, factory.buildProtocol(None))
-    data = yield within(client.when_received(len(RFB_BANNER)))
-    assert data == RFB_BANNER
-    client.sendMessage(b"still here", isBinary=True)
-    data = yield within(client.when_received(len(RFB_BANNER) + 10))
-    assert data == RFB_BANNER + b"still here"
-    client.sendClose(1000)
-    assert (yield within(client.closed)) == (1000, None)
+    client = yield within(connect_session(served.port, sid))
+    yield banner_echo_close(client, b"still here", EVENT_LIMIT)
 
 
 @pytest_twisted.inlineCallbacks
@@ -459,13 +451,7 @@ def still_healthy(served: Served, since: int):
 def served(postgres_dsn, tmp_path_factory):
     """One daemon for the whole module, with its admin listener, its own table and VNC server."""
     tmp = tmp_path_factory.mktemp("bad_input")
-    name = "bad_input_" + uuid.uuid4().hex[:12]
-    db = parse_config(
-        f"[database]\ndsn = {postgres_dsn}\ntable = {name}\nport_column = vnc_port\n"
-        f"notify_channel = {name}\n",
-        "<test>",
-    ).database
-    apply_sql(postgres_dsn, schema_sql(db))
+    db = create_sessions_table(postgres_dsn, "bad_input_")
     vnc = VNCEchoFactory()
     vnc_port = pytest_twisted.blockon(
         TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(vnc)
@@ -490,7 +476,7 @@ def served(postgres_dsn, tmp_path_factory):
             conn.transport.abortConnection()
         pytest_twisted.blockon(defer.maybeDeferred(vnc_port.stopListening))
         pg.close()
-        apply_sql(postgres_dsn, f'DROP TABLE IF EXISTS "{name}"')
+        drop_sessions_table(postgres_dsn, db)
 
 
 # -- the cases --------------------------------------------------------------------------------

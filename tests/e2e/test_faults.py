@@ -13,6 +13,7 @@ import pytest_twisted
 from daemon_process import (
     LISTENING_FOR_CHANGES,
 )
+from db_fixtures import insert_ready
 from e2e_support import connect_session, new_id, until, within
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -50,20 +51,6 @@ def execute(dsn: str, sql: str, args=()) -> list:
         conn.close()
 
 
-@pytest.fixture
-def vnc():
-    factory = VNCEchoFactory()
-    port = pytest_twisted.blockon(
-        TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    )
-    factory.port = port.getHost().port
-    factory.listening_port = port
-    yield factory
-    for conn in list(factory.connections):
-        conn.transport.abortConnection()
-    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
-
-
 @pytest_twisted.inlineCallbacks
 def echo_round_trip(client, payload: bytes) -> defer.Deferred:
     before = len(client.received)
@@ -73,7 +60,7 @@ def echo_round_trip(client, payload: bytes) -> defer.Deferred:
 
 
 @pytest_twisted.inlineCallbacks
-def test_postmaster_killed_while_fifty_wait(private_cluster, private_daemon, vnc):
+def test_postmaster_killed_while_fifty_wait(private_cluster, private_daemon, vnc_server):
     """kill -9 of the postmaster with 50 clients waiting; after a restart and the commits,
     every client connects before its deadline."""
     daemon = yield private_daemon(readiness_timeout=60)
@@ -88,7 +75,7 @@ def test_postmaster_killed_while_fifty_wait(private_cluster, private_daemon, vnc
     private_cluster.restart()
     insert_many(
         private_cluster.dsn, private_cluster.db,
-        [(sid, "127.0.0.1", vnc.port, "running") for sid in ids],
+        [(sid, "127.0.0.1", vnc_server.port, "running") for sid in ids],
     )
     for client in clients:
         data = yield within(client.when_received(len(RFB_BANNER)))
@@ -100,7 +87,7 @@ def test_postmaster_killed_while_fifty_wait(private_cluster, private_daemon, vnc
 
 
 @pytest_twisted.inlineCallbacks
-def test_listen_connection_terminated_then_commit(private_cluster, private_daemon, vnc):
+def test_listen_connection_terminated_then_commit(private_cluster, private_daemon, vnc_server):
     """pg_terminate_backend on the LISTEN connection, then a commit: the waiter is served."""
     daemon = yield private_daemon()
     sid = new_id()
@@ -113,7 +100,8 @@ def test_listen_connection_terminated_then_commit(private_cluster, private_daemo
     )
     assert killed == [(True,)]
     yield within(daemon.when_logged("database unreachable"))
-    insert_many(private_cluster.dsn, private_cluster.db, [(sid, "127.0.0.1", vnc.port, "up")])
+    row = (sid, "127.0.0.1", vnc_server.port, "up")
+    insert_many(private_cluster.dsn, private_cluster.db, [row])
     data = yield within(client.when_received(len(RFB_BANNER)))
     assert data == RFB_BANNER
     yield within(daemon.when_logged(LISTENING_FOR_CHANGES, times=2))
@@ -122,14 +110,14 @@ def test_listen_connection_terminated_then_commit(private_cluster, private_daemo
 
 
 @pytest_twisted.inlineCallbacks
-def test_database_stops_while_hundred_relays_run(private_cluster, private_daemon, vnc):
+def test_database_stops_while_hundred_relays_run(private_cluster, private_daemon, vnc_server):
     """The database stops while 100 relays run: every relay keeps moving bytes."""
     # All 100 come from 127.0.0.1 at once: above the default max_waiting_per_ip (64).
     daemon = yield private_daemon(max_waiting_per_ip=200)
     ids = [new_id() for _ in range(100)]
     insert_many(
         private_cluster.dsn, private_cluster.db,
-        [(sid, "127.0.0.1", vnc.port, "running") for sid in ids],
+        [(sid, "127.0.0.1", vnc_server.port, "running") for sid in ids],
     )
     clients = []
     for sid in ids:
@@ -154,12 +142,7 @@ def test_vnc_server_starts_three_seconds_late(daemon_factory, pg, sessions_table
     yield port.stopListening()
     daemon = yield daemon_factory()
     sid = new_id()
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{sessions_table.table}" (session_id, vm_ip, vnc_port, status)'
-            " VALUES (%s, '127.0.0.1', %s, 'running')",
-            (sid, reserved),
-        )
+    insert_ready(pg, sessions_table, sid, reserved)
     client = yield connect_session(daemon.port, sid)
     yield within(daemon.when_logged(f"session {sid} ready"))
     late = VNCEchoFactory()
@@ -183,35 +166,25 @@ def test_vnc_server_starts_three_seconds_late(daemon_factory, pg, sessions_table
 
 
 @pytest_twisted.inlineCallbacks
-def test_vnc_server_dies_mid_relay(daemon_factory, pg, sessions_table, vnc):
+def test_vnc_server_dies_mid_relay(daemon_factory, pg, sessions_table, vnc_server):
     """The VNC server dies (its socket is reset) mid-relay: the client sees 4502 within 1 s."""
     daemon = yield daemon_factory()
     sid = new_id()
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{sessions_table.table}" (session_id, vm_ip, vnc_port, status)'
-            " VALUES (%s, '127.0.0.1', %s, 'running')",
-            (sid, vnc.port),
-        )
+    insert_ready(pg, sessions_table, sid, vnc_server.port)
     client = yield connect_session(daemon.port, sid)
     yield within(client.when_received(len(RFB_BANNER)))
-    vnc.connections[0].transport.abortConnection()  # SO_LINGER 0: a reset, as a crash gives
+    vnc_server.connections[0].transport.abortConnection()  # SO_LINGER 0: a reset, as a crash gives
     code, reason = yield within(client.closed, 1.0)
     assert (code, reason) == (4502, "VM connection lost")
 
 
 @pytest_twisted.inlineCallbacks
-def test_session_ended_with_three_viewers(daemon_factory, pg, sessions_table, vnc):
+def test_session_ended_with_three_viewers(daemon_factory, pg, sessions_table, vnc_server):
     """The session is ended while 3 viewers watch: all three see 4410 within one second."""
     daemon = yield daemon_factory()
     sid = new_id()
     table = sessions_table.table
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status)'
-            " VALUES (%s, '127.0.0.1', %s, 'running')",
-            (sid, vnc.port),
-        )
+    insert_ready(pg, sessions_table, sid, vnc_server.port)
     viewers = []
     for _ in range(3):
         viewer = yield connect_session(daemon.port, sid)
@@ -224,18 +197,13 @@ def test_session_ended_with_three_viewers(daemon_factory, pg, sessions_table, vn
 
 
 @pytest_twisted.inlineCallbacks
-def test_session_moved_and_deleted_are_revoked(daemon_factory, pg, sessions_table, vnc):
+def test_session_moved_and_deleted_are_revoked(daemon_factory, pg, sessions_table, vnc_server):
     """A new vm_ip closes the relay with 4410 "session moved"; a deleted row with "ended"."""
     daemon = yield daemon_factory()
     table = sessions_table.table
     moved, deleted = new_id(), new_id()
-    with pg.cursor() as cur:
-        for sid in (moved, deleted):
-            cur.execute(
-                f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status)'
-                " VALUES (%s, '127.0.0.1', %s, 'running')",
-                (sid, vnc.port),
-            )
+    for sid in (moved, deleted):
+        insert_ready(pg, sessions_table, sid, vnc_server.port)
     a = yield connect_session(daemon.port, moved)
     b = yield connect_session(daemon.port, deleted)
     for client in (a, b):
@@ -248,7 +216,7 @@ def test_session_moved_and_deleted_are_revoked(daemon_factory, pg, sessions_tabl
 
 
 @pytest_twisted.inlineCallbacks
-def test_session_expires_while_relayed(daemon_factory, pg, sessions_table, vnc):
+def test_session_expires_while_relayed(daemon_factory, pg, sessions_table, vnc_server):
     """With expires_column set, a live relay is closed with 4410 "session expired" on time,
     and an already expired session is refused."""
     table = sessions_table.table
@@ -261,7 +229,7 @@ def test_session_expires_while_relayed(daemon_factory, pg, sessions_table, vnc):
             f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status, expires_at)'
             " VALUES (%s, '127.0.0.1', %s, 'running', now() + interval '2 seconds'),"
             " (%s, '127.0.0.1', %s, 'running', now() - interval '1 second')",
-            (soon, vnc.port, past, vnc.port),
+            (soon, vnc_server.port, past, vnc_server.port),
         )
     client = yield connect_session(daemon.port, soon)
     yield within(client.when_received(len(RFB_BANNER)))
@@ -278,30 +246,19 @@ def test_connect_retry_off_refuses_at_once(daemon_factory, pg, sessions_table):
     yield port.stopListening()
     daemon = yield daemon_factory({"upstream": {"connect_retry": "off"}}, readiness_timeout=60)
     sid = new_id()
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{sessions_table.table}" (session_id, vm_ip, vnc_port, status)'
-            " VALUES (%s, '127.0.0.1', %s, 'running')",
-            (sid, closed_port),
-        )
+    insert_ready(pg, sessions_table, sid, closed_port)
     client = yield connect_session(daemon.port, sid)
     assert (yield within(client.closed, 10)) == (4502, "VM unreachable")
 
 
 @pytest_twisted.inlineCallbacks
-def test_sigterm_drains_then_closes_with_1001(daemon_factory, pg, sessions_table, vnc):
+def test_sigterm_drains_then_closes_with_1001(daemon_factory, pg, sessions_table, vnc_server):
     """SIGTERM with live clients: waiters get 4503, each relay 1001 after the drain, the daemon
     exits cleanly, and no socket is left behind."""
     daemon = yield daemon_factory(drain_timeout=1)
-    table = sessions_table.table
     ids = [new_id() for _ in range(3)]
-    with pg.cursor() as cur:
-        for sid in ids:
-            cur.execute(
-                f'INSERT INTO "{table}" (session_id, vm_ip, vnc_port, status)'
-                " VALUES (%s, '127.0.0.1', %s, 'running')",
-                (sid, vnc.port),
-            )
+    for sid in ids:
+        insert_ready(pg, sessions_table, sid, vnc_server.port)
     clients = []
     for sid in ids:
         client = yield connect_session(daemon.port, sid)
@@ -320,23 +277,18 @@ def test_sigterm_drains_then_closes_with_1001(daemon_factory, pg, sessions_table
     exit_code = yield within(daemon.ended, 10)
     assert exit_code in (0, None), daemon.output
     assert not Path(f"/proc/{daemon.pid}").exists()
-    yield until(lambda: not vnc.connections)
+    yield until(lambda: not vnc_server.connections)
     refused = connect_session(daemon.port, new_id())
     with pytest.raises(Exception):  # noqa: B017  (ConnectionRefusedError, wrapped by Twisted)
         yield within(refused, 5)
 
 
 @pytest_twisted.inlineCallbacks
-def test_second_sigterm_closes_at_once(daemon_factory, pg, sessions_table, vnc):
+def test_second_sigterm_closes_at_once(daemon_factory, pg, sessions_table, vnc_server):
     """A second SIGTERM during the drain closes every relay at once."""
     daemon = yield daemon_factory(drain_timeout=300)
     sid = new_id()
-    with pg.cursor() as cur:
-        cur.execute(
-            f'INSERT INTO "{sessions_table.table}" (session_id, vm_ip, vnc_port, status)'
-            " VALUES (%s, '127.0.0.1', %s, 'running')",
-            (sid, vnc.port),
-        )
+    insert_ready(pg, sessions_table, sid, vnc_server.port)
     client = yield connect_session(daemon.port, sid)
     yield within(client.when_received(len(RFB_BANNER)))
     daemon.transport.signalProcess(signal.SIGTERM)
@@ -348,7 +300,7 @@ def test_second_sigterm_closes_at_once(daemon_factory, pg, sessions_table, vnc):
 
 
 @pytest_twisted.inlineCallbacks
-def test_daemon_starts_without_database(private_cluster, private_daemon, vnc):
+def test_daemon_starts_without_database(private_cluster, private_daemon, vnc_server):
     """The daemon starts while PostgreSQL is down and serves once it comes up."""
     private_cluster.stop()
     daemon = yield private_daemon(wait_for_database=False, readiness_timeout=60)
@@ -357,7 +309,8 @@ def test_daemon_starts_without_database(private_cluster, private_daemon, vnc):
     client = yield connect_session(daemon.port, sid)
     yield within(daemon.when_logged(f"request {sid} from"))
     private_cluster.restart()
-    insert_many(private_cluster.dsn, private_cluster.db, [(sid, "127.0.0.1", vnc.port, "up")])
+    row = (sid, "127.0.0.1", vnc_server.port, "up")
+    insert_many(private_cluster.dsn, private_cluster.db, [row])
     data = yield within(client.when_received(len(RFB_BANNER)))
     assert data == RFB_BANNER
     client.sendClose(1000)

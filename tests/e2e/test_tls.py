@@ -18,13 +18,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from db_fixtures import insert_ready
-from e2e_support import exchange
+from e2e_support import banner_echo_close, exchange
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-from twisted_novnc.testing import RFB_BANNER, recording_client_factory, upgrade_request
+from twisted_novnc.testing import recording_client_factory, upgrade_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -100,13 +100,7 @@ def wss_banner_and_echo(port: int, cert: Path, sid: str):
     client = yield connectProtocol(endpoint, factory.buildProtocol(None))
     yield within(client.opened)
     assert client.subprotocol == "binary"
-    data = yield within(client.when_received(len(RFB_BANNER)))
-    assert data == RFB_BANNER
-    client.sendMessage(b"over tls", isBinary=True)
-    data = yield within(client.when_received(len(RFB_BANNER) + 8))
-    assert data == RFB_BANNER + b"over tls"
-    client.sendClose(1000)
-    assert (yield within(client.closed)) == (1000, None)
+    yield banner_echo_close(client, b"over tls", EVENT_LIMIT)
 
 
 class Handshake(Protocol):
