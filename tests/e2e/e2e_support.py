@@ -10,6 +10,7 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 
 from twisted_novnc.testing import RFB_BANNER, RawExchange, recording_client_factory
 
@@ -119,3 +120,33 @@ def banner_echo_close(client: Any, payload: bytes, seconds: float = EVENT_LIMIT)
     assert data == RFB_BANNER + payload
     client.sendClose(1000)
     assert (yield within(client.closed, seconds)) == (1000, None)
+
+
+class Flood(Protocol):
+    """Pushes ``total`` bytes of ``chunk`` as fast as the peer takes them: a streaming
+    producer on its own transport, so the peer's back-pressure pauses it."""
+
+    chunk = b"\xab" * 65536
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.sent = 0
+        self._paused = False
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        while not self._paused and self.sent < self.total:
+            self.transport.write(self.chunk)  # type: ignore[union-attr]
+            self.sent += len(self.chunk)
+        if self.sent >= self.total:
+            self.transport.unregisterProducer()  # type: ignore[union-attr]

@@ -28,6 +28,7 @@ import pytest_twisted
 from daemon_process import DaemonProcess, start_daemon, stop_daemon, write_config
 from db_fixtures import create_sessions_table, drop_sessions_table, insert_ready
 from e2e_support import (
+    Flood,
     banner_echo_close,
     connect_session,
     holds_within,
@@ -570,36 +571,19 @@ def test_invalid_duplicate_and_oversized_headers(served):
     yield verdict(served, since, wrong, len(cases))
 
 
-class HeaderFlood(Protocol):
+class HeaderFlood(Flood):
     """A request whose one header never ends, sent as fast as the daemon takes it."""
 
     chunk = b"a" * 65536
 
     def __init__(self, total: int) -> None:
-        self.total = total
-        self.sent = 0
+        super().__init__(total)
         self.data = b""
         self.lost: defer.Deferred[None] = defer.Deferred()
-        self._paused = False
 
     def connectionMade(self) -> None:
         self.transport.write(head(b"GET /websockify/x HTTP/1.1")[:-2] + b"X-Flood: ")
-        self.transport.registerProducer(self, True)
-        self.resumeProducing()
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def stopProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        while not self._paused and self.sent < self.total:
-            self.transport.write(self.chunk)
-            self.sent += len(self.chunk)
-        if self.sent >= self.total:
-            self.transport.unregisterProducer()
+        super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data

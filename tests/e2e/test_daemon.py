@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from db_fixtures import insert_session
-from e2e_support import connect_session, new_id, settled, within
+from e2e_support import Flood, connect_session, new_id, settled, within
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 
 from twisted_novnc.testing import RFB_BANNER, recording_client_factory
 
@@ -138,36 +138,18 @@ def test_two_daemons_serve_one_commit(daemon_factory, vnc_server, pg, sessions_t
         yield within(client.closed)
 
 
-class FloodingVNC(Protocol):
-    """A VM that pushes ``total`` bytes as fast as the proxy will take them."""
-
-    chunk = b"\xab" * 65536
+class FloodingVNC(Flood):
+    """A VM that pushes ``total`` bytes as fast as the proxy will take them; ``paused`` fires
+    (with the bytes sent so far) the first time the proxy pushes back."""
 
     def __init__(self, total: int) -> None:
-        self.total = total
-        self.sent = 0
+        super().__init__(total)
         self.paused: defer.Deferred[int] = defer.Deferred()
-        self._paused = False
-
-    def connectionMade(self) -> None:
-        self.transport.registerProducer(self, True)
-        self.resumeProducing()
 
     def pauseProducing(self) -> None:
-        self._paused = True
+        super().pauseProducing()
         if not self.paused.called:
             self.paused.callback(self.sent)
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        while not self._paused and self.sent < self.total:
-            self.transport.write(self.chunk)
-            self.sent += len(self.chunk)
-        if self.sent >= self.total:
-            self.transport.unregisterProducer()
-
-    def stopProducing(self) -> None:
-        self._paused = True
 
 
 @pytest_twisted.inlineCallbacks
