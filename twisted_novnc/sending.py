@@ -22,6 +22,9 @@ from twisted.internet import tcp
 #: Twisted's default of 64 KiB costs a read, a frame and a write per 64 KiB.
 RELAY_BUFFER_SIZE = 256 * 1024
 
+#: Transports whose buffer and socket we know: Twisted's TCP server and client connections.
+_PLAIN_TCP = frozenset({tcp.Server, tcp.Client})
+
 
 def tune_relay_transport(transport: Any) -> None:
     """Bigger reads and writes for a transport that relays bulk data."""
@@ -66,6 +69,3 @@ def _queue(transport: Any, header: bytes, payload: Any) -> None:
         transport.write(header)
     transport.write(payload if type(payload) is bytes else bytes(payload))
 
-
-#: Transports whose buffer and socket we know: Twisted's TCP server and client connections.
-_PLAIN_TCP = frozenset({tcp.Server, tcp.Client})
