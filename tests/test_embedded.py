@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import pwd
 import select
+import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -286,3 +288,32 @@ def test_service_from_a_path_builds_a_durable_cluster() -> None:
     assert service.embedded.durable
     with pytest.raises(EmbeddedPostgresError, match="not started"):
         service.dsn  # noqa: B018
+
+
+@pytest.mark.integration
+def test_cluster_in_a_private_directory_still_starts(scratch_dir: str) -> None:
+    """A checkout in a private directory (mode 0700, as mktemp -d makes): run as root, the
+    cluster (the postgres user) could not enter it, so it lives in a reachable directory that
+    the configured path links to, and the next start finds it and its data there again."""
+    private = tempfile.mkdtemp(prefix="tnovnc-private-")
+    os.chmod(private, 0o700)
+    configured = os.path.join(private, "var", "postgres")
+    relocated = os.path.join(scratch_dir, "relocated")
+    with ExitStack() as stops:
+        stops.callback(shutil.rmtree, private, True)
+        first = EmbeddedPostgres(configured, durable=False, relocated_parent=relocated)
+        stops.callback(first.stop)
+        dsn = first.start()
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cursor:
+            cursor.execute("CREATE TABLE kept (x int)")
+        conn.close()
+        if os.geteuid() == 0:
+            assert first.data_dir.startswith(relocated + os.sep)
+            assert os.path.realpath(configured) == first.data_dir
+        else:
+            assert first.data_dir == os.path.realpath(configured)  # our own directory
+        first.stop()
+        again = EmbeddedPostgres(configured, durable=False, relocated_parent=relocated)
+        stops.callback(again.stop)
+        assert query_one(again.start(), "SELECT count(*) FROM kept") == 0
+        assert again.data_dir == first.data_dir

@@ -10,6 +10,7 @@ Everything here blocks: it runs before the reactor (twistd start-up) or in a tes
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shlex
@@ -32,6 +33,9 @@ VERSIONED_BINDIRS = "/usr/lib/postgresql"
 PORT = 5432
 SUPERUSER = "postgres"
 SOCKET_PARENT = "/tmp"
+#: Where a root-run cluster lives when its configured directory is inside one the cluster's
+#: user cannot enter (a checkout in a private home or mktemp -d directory).
+RELOCATED_PARENT = "/var/lib/twisted-novnc"
 _NEEDED = ("initdb", "pg_ctl")
 _INSTALL_HINT = (
     "install the PostgreSQL server package (Debian/Ubuntu: apt-get install postgresql) "
@@ -175,6 +179,8 @@ class EmbeddedPostgres:
     #: Use this socket directory (kept on stop) instead of a fresh one, so that the DSN stays
     #: the same across restarts; fault-injection tests restart a cluster under a live daemon.
     socket_dir_fixed: str | None = None
+    #: Where the cluster lives instead when ``data_dir`` is out of the cluster user's reach.
+    relocated_parent: str = RELOCATED_PARENT
     _dsn: str | None = attrs.field(default=None, init=False)
     _socket_dir: str | None = attrs.field(default=None, init=False)
     _owned: bool = attrs.field(default=False, init=False)
@@ -208,6 +214,7 @@ class EmbeddedPostgres:
         if self._dsn is not None:
             return self._dsn
         self._bindir()  # fail before creating anything
+        self.data_dir = self._reachable_data_dir()
         running = self._running_postmaster()
         if running is not None:
             if not running.socket_dir:
@@ -343,6 +350,38 @@ class EmbeddedPostgres:
                 "user (initdb refuses to run as root); it comes with the postgresql package"
             ) from None
 
+    def _reachable_data_dir(self) -> str:
+        """``data_dir``, or where it points: a directory the cluster's user can reach.
+
+        As root the cluster runs as ``system_user``, which cannot enter a private directory
+        (mode 0700, as a home directory or ``mktemp -d`` often is) above ``data_dir``.  Then the
+        cluster lives in ``relocated_parent`` instead, one directory per configured path, and
+        ``data_dir`` becomes a symbolic link to it, so the next start finds it again.
+        """
+        real = os.path.realpath(self.data_dir)
+        if self._cluster_user() is None or self._can_enter(os.path.dirname(real)):
+            return real
+        digest = hashlib.sha256(self.data_dir.encode()).hexdigest()[:16]
+        target = os.path.join(self.relocated_parent, digest, "postgres")
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if not os.path.lexists(self.data_dir):
+            os.makedirs(os.path.dirname(self.data_dir), exist_ok=True)
+            os.symlink(target, self.data_dir)
+        _log.warn(
+            "the {user!r} user cannot enter a directory above {configured} (a private"
+            " directory); the embedded cluster lives in {target} instead ({configured} links"
+            " to it)",
+            user=self.system_user, configured=self.data_dir, target=target,
+        )
+        return target
+
+    def _can_enter(self, directory: str) -> bool:
+        """Whether the cluster's user can reach ``directory`` (its nearest existing part)."""
+        while not os.path.isdir(directory):
+            directory = os.path.dirname(directory)
+        return self._run_as_cluster_user(["/bin/sh", "-c", 'cd "$1"', "sh", directory],
+                                         timeout=10).returncode == 0
+
     def _give_to_cluster_user(self, path: str) -> None:
         """As root, hand a directory we made to the cluster's user (it is already 0700)."""
         user = self._cluster_user()
@@ -355,7 +394,12 @@ class EmbeddedPostgres:
         The Python-level ``user``/``group`` switch needs neither runuser nor sudo, and
         ``cwd="/"`` spares the postgres user a working directory it may not enter.
         """
-        command = [os.path.join(self._bindir(), args[0]), *args[1:]]
+        return self._run_as_cluster_user([os.path.join(self._bindir(), args[0]), *args[1:]],
+                                         timeout)
+
+    def _run_as_cluster_user(
+        self, command: Sequence[str], timeout: float
+    ) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
         user = self._cluster_user()
         if user is not None:
