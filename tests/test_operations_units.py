@@ -125,3 +125,89 @@ def test_text_lines_are_exactly_twisteds(times):
             "log_format": "closed {session_id}: {outcome}", "session_id": "s1", "outcome": "1000",
         }
         assert event_as_text(event) == formatEventAsClassicLogText(event)
+
+
+_names = st.sampled_from(["session_id", "client", "n", "wait_seconds", "missing", "log_level"])
+_fields = st.one_of(
+    st.builds(lambda n: "{" + n + "}", _names),
+    st.builds(lambda n, spec: "{" + n + ":" + spec + "}", _names,
+              st.sampled_from([".3f", ">8", "g", "d", "x", "!", "{w}"])),
+    st.sampled_from(["{0}", "{}", "{n!r}", "{client.upper()}", "{a[0]}", "{", "}", "{{", "}}"]),
+)
+_formats = st.lists(st.one_of(st.text(max_size=8), _fields), max_size=6).map("".join)
+_values = st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=10),
+                    st.sampled_from(["line\nbreak", "\u00e9t\u00e9", ""]))
+
+
+@given(
+    log_format=st.one_of(_formats, st.just(None), st.just(b"bytes {n}")),
+    values=st.dictionaries(st.sampled_from(["session_id", "client", "n", "wait_seconds", "w"]),
+                           _values),
+    when=st.one_of(st.none(), st.floats(min_value=0, max_value=4e9, allow_nan=False)),
+    level=st.sampled_from([None, LogLevel.info, LogLevel.warn]),
+    namespace=st.sampled_from([None, "twisted_novnc.front", "-"]),
+    system=st.sampled_from([None, None, "ws,42,127.0.0.1"]),
+)
+@example(log_format="closed {session_id}: {wait_seconds:.3f}s\nmore", values={
+    "session_id": "s", "wait_seconds": 0.25}, when=1700000000.5, level=LogLevel.info,
+    namespace="twisted_novnc.front", system=None)
+def test_text_lines_of_any_event_are_exactly_twisteds(log_format, values, when, level,
+                                                      namespace, system):
+    """event_as_text's fast path (plain fields, no failure) and its fallback give, for any
+    format, field values and event keys, exactly Twisted's classic line, or nothing."""
+    from twisted.logger import formatEventAsClassicLogText
+
+    from twisted_novnc.logs import event_as_text
+
+    event = dict(values)
+    for key, value in (("log_format", log_format), ("log_time", when), ("log_level", level),
+                       ("log_namespace", namespace), ("log_system", system)):
+        if value is not None:
+            event[key] = value
+    assert event_as_text(event) == (formatEventAsClassicLogText(event) or "")
+
+
+def test_text_line_with_a_failure_keeps_its_traceback():
+    """An event carrying a failure takes Twisted's path: the traceback follows the line."""
+    from twisted.logger import formatEventAsClassicLogText
+    from twisted.python.failure import Failure
+
+    from twisted_novnc.logs import event_as_text
+
+    try:
+        raise ValueError("why it broke")
+    except ValueError:
+        failure = Failure()
+    event = {"log_format": "while {what}", "what": "relaying", "log_failure": failure,
+             "log_time": 1700000000.0, "log_level": LogLevel.critical, "log_namespace": "x"}
+    assert event_as_text(event) == formatEventAsClassicLogText(event)
+    assert "ValueError: why it broke" in event_as_text(event)
+
+
+def test_twistd_text_observer_formats_faster_and_the_same():
+    """With [log] at its defaults, twistd's own text observer keeps its file and gets the
+    byte-identical formatter; observers of other kinds and time formats are left alone."""
+    import io
+
+    from twisted.logger import globalLogPublisher, textFileLogObserver
+
+    from twisted_novnc.logs import event_as_text, speed_up_twistd_text_observer
+
+    twistds, other_format = io.StringIO(), io.StringIO()
+    observer = textFileLogObserver(twistds)
+    custom = textFileLogObserver(other_format, timeFormat="%H:%M")
+    original = observer.formatEvent
+    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(custom)
+    try:
+        assert speed_up_twistd_text_observer() == 1
+        assert observer.formatEvent is event_as_text
+        assert custom.formatEvent is not event_as_text
+        event = {"log_format": "request {session_id}", "session_id": "s1",
+                 "log_time": 1700000000.25, "log_level": LogLevel.info,
+                 "log_namespace": "twisted_novnc.front"}
+        observer(event)
+        assert twistds.getvalue() == original(event)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.removeObserver(custom)

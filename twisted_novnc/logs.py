@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import signal
+import string
 import sys
 import threading
 from typing import IO, Any
 
 from twisted.application.service import Service
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
@@ -23,6 +25,7 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
     globalLogPublisher,
+    timeFormatRFC3339,
 )
 
 from .config import LogSettings
@@ -76,10 +79,104 @@ class _TimePrefix:
 
 _time_prefix = _TimePrefix()
 
+#: A log format's parts, ``(literal, field name, format spec)``, when every field is a plain
+#: name (``{session_id}``, ``{wait_seconds:.3f}``); None when it needs Twisted's formatter.
+_Template = list[tuple[str, str | None, str]]
+_templates: dict[str, _Template | None] = {}
+_parse_format = string.Formatter().parse
+
+
+def _template(log_format: str) -> _Template | None:
+    try:
+        return _templates[log_format]
+    except KeyError:
+        pass
+    parts: _Template | None = []
+    try:
+        for literal, field, spec, conversion in _parse_format(log_format):
+            if field is not None and (
+                conversion or not field.isidentifier() or "{" in (spec or "")
+            ):
+                parts = None  # attribute, index, call or nested spec: Twisted's way
+                break
+            parts.append((literal, field, spec or ""))  # type: ignore[union-attr]
+    except ValueError:
+        parts = None  # malformed: Twisted's way says so in the line
+    if len(_templates) < 4096:  # formats are the program's constants; never unbounded
+        _templates[log_format] = parts
+    return parts
+
+
+def _fast_text(event: dict[str, Any]) -> str | None:
+    """The classic line, for the common event (a str format of plain names, no failure, no
+    ``log_system``), without ``string.Formatter`` per line; None for any other event."""
+    log_format = event.get("log_format")
+    if type(log_format) is not str or "log_failure" in event or "log_flattened" in event:
+        return None
+    if event.get("log_system") is not None:
+        return None
+    parts = _template(log_format)
+    if parts is None:
+        return None
+    pieces = []
+    for literal, field, spec in parts:
+        pieces.append(literal)
+        if field is not None:
+            if field not in event:
+                return None  # Twisted's "Unable to format event" line
+            pieces.append(format(event[field], spec))
+    text = "".join(pieces)
+    if not text:
+        return ""
+    level = event.get("log_level")
+    return (
+        f"{_time_prefix(event.get('log_time'))} [{event.get('log_namespace', '-')}#"
+        f"{'-' if level is None else level.name}] {text}".replace("\n", "\n\t")
+        + "\n"
+    )
+
 
 def event_as_text(event: dict[str, Any]) -> str:
-    """One event as twistd writes it (time, [namespace#level], message, any traceback)."""
+    """One event as twistd writes it (time, [namespace#level], message, any traceback).
+
+    Byte for byte Twisted's ``formatEventAsClassicLogText``, at a fraction of its cost for
+    the common event: a connection logs four lines, and Twisted's formatter (a time zone
+    and a ``string.Formatter`` pass per line) was a fifth of its CPU.
+    """
+    try:
+        fast = _fast_text(event)
+    except Exception:
+        fast = None  # whatever went wrong, Twisted's formatter says it its own way
+    if fast is not None:
+        return fast
     return formatEventAsClassicLogText(event, formatTime=_time_prefix) or ""
+
+
+def speed_up_twistd_text_observer() -> int:
+    """Have twistd's own text observer format with :func:`event_as_text`; how many it found.
+
+    With ``[log]`` at its defaults the log is twistd's (stdout under ``-n``, ``twistd.log``,
+    ``--logfile``): its observer, a ``FileLogObserver`` made by ``textFileLogObserver`` with
+    the default time format, is kept, and only its public ``formatEvent`` is swapped for the
+    byte-identical faster one.  Any other observer (``--logger``, syslog) is left as it is.
+    """
+    found = 0
+    for observer in list(getattr(globalLogPublisher, "_observers", [])):
+        if not isinstance(observer, FileLogObserver):
+            continue
+        format_event = observer.formatEvent
+        if getattr(format_event, "__qualname__", "") != _TWISTD_FORMAT_EVENT:
+            continue
+        cells = [cell.cell_contents for cell in format_event.__closure__ or ()]
+        if cells != [timeFormatRFC3339]:
+            continue  # a text observer with another time format
+        observer.formatEvent = event_as_text
+        found += 1
+    return found
+
+
+#: The closure ``textFileLogObserver`` (which twistd uses) formats each event with.
+_TWISTD_FORMAT_EVENT = "textFileLogObserver.<locals>.formatEvent"
 
 
 class LogService(Service):
@@ -107,7 +204,10 @@ class LogService(Service):
         self._take_over()
 
     def _take_over(self) -> None:
-        if not self.takes_over or self._observer is not None:
+        if not self.takes_over:
+            speed_up_twistd_text_observer()
+            return
+        if self._observer is not None:
             return
         self._open()
         predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)

@@ -106,7 +106,10 @@ def test_json_log_lines(daemon_factory, pg, sessions_table, vnc_server):
     events = [json.loads(line) for line in daemon.output.splitlines() if line.startswith("{")]
     assert events, daemon.output
     by_message = {e["message"].split(" ")[0]: e for e in events if e.get("session_id") == sid}
-    assert {"request", "session", "upstream", "relay", "closed"} <= set(by_message)
+    assert {"request", "session", "upstream", "closed"} <= set(by_message)
+    opened = by_message["upstream"]
+    assert "relay open" in opened["message"] and opened["port"] == vnc_server.port
+    assert opened["connect_seconds"] <= opened["wait_seconds"]
     closed = by_message["closed"]
     assert closed["client"] == "127.0.0.1" and closed["outcome"] == "1000"
     assert closed["down_bytes"] == len(RFB_BANNER) and closed["up_bytes"] == 0
