@@ -11,7 +11,9 @@ from twisted.python.failure import Failure
 
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.session import Target
-from twisted_novnc.upstream import TCPUpstream, connect_tcp
+from twisted_novnc.relay import Relay
+from twisted_novnc.testing import MemoryPeer
+from twisted_novnc.upstream import HOLD_LIMIT, TCPUpstream, connect_tcp
 
 TARGET = Target("s1", "10.0.0.5", 5900)
 
@@ -22,8 +24,9 @@ def _refuse(reactor: MemoryReactorClock, index: int) -> None:
     factory.clientConnectionFailed(connector, Failure(error.ConnectionRefusedError()))
 
 
-def test_connected_peer_is_paused_and_delivered():
-    """A made connection yields the TCPUpstream, its transport paused until the relay starts."""
+def test_connected_peer_holds_early_bytes_until_the_relay_starts():
+    """A made connection yields the TCPUpstream at once; what the VM sends before the relay is
+    attached is held (reading pauses past HOLD_LIMIT) and delivered first, in order."""
     reactor = MemoryReactorClock()
     d = connect_tcp(reactor, TARGET, 10)
     host, port, factory, timeout, _ = reactor.tcpClients[0]
@@ -34,7 +37,16 @@ def test_connected_peer_is_paused_and_delivered():
     protocol.makeConnection(transport)
     assert isinstance(protocol, TCPUpstream)
     assert d.result is protocol
+    assert transport.producerState == "producing"  # the attach follows in the same call
+    protocol.dataReceived(b"RFB 003.008\n")
+    protocol.dataReceived(b"x" * HOLD_LIMIT)
     assert transport.producerState == "paused"
+    browser = MemoryPeer()
+    relay = Relay("s1", browser=browser, vm=protocol)
+    protocol.attach(relay)
+    assert transport.producerState == "producing"
+    protocol.dataReceived(b"after")
+    assert browser.transport.value() == b"RFB 003.008\n" + b"x" * HOLD_LIMIT + b"after"
 
 
 def test_refused_is_retried_until_the_deadline_then_4502():

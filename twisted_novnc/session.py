@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 import attrs
@@ -32,8 +33,13 @@ class Target:
     token_digest: str | None = None
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_vm_ip(text: str) -> str | None:
-    """An IP literal from a text or inet column (``10.0.0.5`` or ``10.0.0.5/32``); never a name."""
+    """An IP literal from a text or inet column (``10.0.0.5`` or ``10.0.0.5/32``); never a name.
+
+    Cached: ``ipaddress`` takes microseconds a parse, and a burst of ready sessions is
+    a thousand parses of a few hosts' addresses.
+    """
     try:
         if "/" in text:
             return str(ipaddress.ip_interface(text.strip()).ip)

@@ -15,6 +15,7 @@ setups; list the real ones (e.g. ``5900-5999``) to keep the proxy off the VMs' o
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -31,6 +32,10 @@ DEFAULT_NETWORKS: tuple[Network, ...] = tuple(
 )
 #: Every TCP port (see the module's docstring for why this is the default).
 ALL_PORTS: tuple[PortRange, ...] = ((1, 65535),)
+
+#: ``ipaddress.ip_address``, cached: every connection asks about its VM's address, and a
+#: parse takes microseconds (the objects are immutable; a bad text is never cached).
+_ip_address = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _PORT = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
@@ -122,7 +127,7 @@ class TargetPolicy:
         if not isinstance(ip, str):
             return False
         try:
-            address = ipaddress.ip_address(ip)
+            address = _ip_address(ip)
         except ValueError:
             return False
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

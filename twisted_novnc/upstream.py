@@ -1,7 +1,7 @@
-"""Connecting to the VM: a target in, a connected, paused peer out.
+"""Connecting to the VM: a target in, a connected peer out.
 
-The VNC server speaks first; its banner must wait until the browser's WebSocket is open, so the
-upstream transport is paused from the moment it connects until the relay starts.
+The VNC server speaks first; its banner must wait until the browser's WebSocket is open, so what
+the VM sends before the relay starts is held (and reading paused past HOLD_LIMIT).
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ class TCPUpstream(TransportPeer, Protocol):
         tune_tcp(self.transport)
         tune_relay_transport(self.transport)
         if not self.tls:
-            # The VNC server speaks first; its banner waits in the kernel until attach.  (Under
-            # TLS reading must go on for the handshake, so early bytes are held instead.)
-            self._pause()
+            # The VNC server speaks first, and the browser's 101 and the attach follow in this
+            # same call: nothing can be read before it, so reading is not paused (that was two
+            # epoll_ctl calls a connection).  Should the attach ever come later, early bytes
+            # are held (up to HOLD_LIMIT, then reading pauses), as under TLS.
             self.handshake.callback(self)
 
     def handshakeCompleted(self) -> None:
