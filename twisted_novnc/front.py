@@ -13,14 +13,12 @@ end ``outcome``, ``wait_seconds``, ``relay_seconds``, ``up_bytes``, ``down_bytes
 from __future__ import annotations
 
 import collections
-import contextlib
 import gc
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import autobahn.websocket.protocol as _autobahn_protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred
@@ -48,6 +46,8 @@ from .frames import (
     parse_client_header,
     server_frame_header,
 )
+from .lazydebug import install as _install_lazy_debug
+from .lazydebug import lazy_pformat
 from .metrics import Metrics
 from .paths import PathTemplate
 from .readiness import ReadinessGate, Watch
@@ -64,6 +64,7 @@ SUBPROTOCOL = "binary"
 ABORT_GRACE = 2.0
 
 _log = Logger()
+_install_lazy_debug()
 
 #: (target, seconds left, path suffix, query without token) -> the connected upstream peer.
 Connector = Callable[[Target, float, str, str], Deferred[Any]]
@@ -82,33 +83,6 @@ def _is_upgrade(head: bytes) -> bool:
         if name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
             return True
     return False
-
-
-class _LazyPformat:
-    """Autobahn pretty-prints its ~40 options for a debug line on every connection, even when
-    debug is off (about a tenth of the CPU per connection): this defers it to formatting."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def __str__(self) -> str:
-        return _pformat(self.value)
-
-    __repr__ = __str__
-
-
-_pformat = _autobahn_protocol.pformat
-
-
-@contextlib.contextmanager
-def _lazy_pformat() -> Iterator[None]:
-    _autobahn_protocol.pformat = _LazyPformat  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        _autobahn_protocol.pformat = _pformat
 
 
 class _NoSendQueue:
@@ -574,7 +548,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _connectionMade(self) -> None:
-        with _lazy_pformat():
+        with lazy_pformat():
             super()._connectionMade()
         # Neither is ever used here (no text is accepted, nothing is sent chopped or synced);
         # together they are about 1 KB a connection.
