@@ -50,6 +50,7 @@ METRICS: dict[str, list[Metric]] = {
         Metric("ready_p99_ms", "COMMIT→101 p99 ms", False),
         Metric("ready_max_ms", "COMMIT→101 max ms", False),
         Metric("ready_errors", "errors", False),
+        Metric("burst_first_ms", "burst COMMIT→first 101 ms", False),
         Metric("burst_p50_ms", "burst COMMIT→101 p50 ms", False),
         Metric("burst_last_ms", "burst COMMIT→last 101 ms", False),
         Metric("burst_errors", "burst errors", False),
@@ -205,7 +206,8 @@ def proxy_order(rows: Sequence[Row]) -> list[str]:
     for row in rows:
         if row["proxy"] not in seen:
             seen.append(row["proxy"])
-    preferred = ["ceiling-tcp", "ceiling-ws", "socat", "websockify", SUBJECT, WORKERS_SUBJECT]
+    preferred = ["ceiling-tcp", "ceiling-ws", "socat", "twisted-tcp", "websockify", SUBJECT,
+                 WORKERS_SUBJECT]
     return [p for p in preferred if p in seen] + [p for p in seen if p not in preferred]
 
 
@@ -235,7 +237,8 @@ def markdown(rows: Sequence[Row], conc_n: int, rounds: int) -> str:
         "back, the order rotating. Ratios (tn = twisted_novnc) are medians of per-round "
         "ratios. ↑ higher is better, ↓ lower is better. `ceiling-tcp` (raw TCP) and "
         "`ceiling-ws` (a trivial Node WebSocket server) are the load client's ceilings: no "
-        "proxy in between.",
+        "proxy in between. `twisted-tcp` is Twisted's own TCP relay (portforward: no "
+        "WebSocket, no lookup), the floor of the stack.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -2,7 +2,8 @@
 """twisted_novnc's benchmark: one command, every proxy in one run, interleaved; see README.md.
 
     .venv/bin/python bench/run.py [--quick] [--rounds 3] [--scenarios down,up,...]
-                                  [--proxies ceiling-tcp,ceiling-ws,socat,websockify,twisted_novnc]
+                                  [--proxies ceiling-tcp,ceiling-ws,socat,twisted-tcp,websockify,
+                                             twisted_novnc,twisted_novnc-2w]
 
 It builds what it needs (the C target with gcc, the Node client with ``npm ci``, websockify in
 its own virtualenv, socat from apt), starts a private PostgreSQL cluster with the sessions
@@ -60,7 +61,7 @@ BUILD = HERE / "out"
 MiB = 1 << 20
 
 SCENARIOS = ("down", "up", "echo", "setup", "conc", "streams", "ready")
-PROXIES = ("ceiling-tcp", "ceiling-ws", "socat", "websockify", "twisted_novnc",
+PROXIES = ("ceiling-tcp", "ceiling-ws", "socat", "twisted-tcp", "websockify", "twisted_novnc",
            "twisted_novnc-2w")
 #: twisted_novnc with [novnc] workers = 2 (issue 6: streams with 2 workers); streams only.
 WORKERS_PROXY = "twisted_novnc-2w"
@@ -365,6 +366,8 @@ class Bench:
                     f"TCP:127.0.0.1:{target_port}"]
         elif proxy == "websockify":
             args = [str(self.tools.websockify), f"127.0.0.1:{port}", f"127.0.0.1:{target_port}"]
+        elif proxy == "twisted-tcp":
+            args = [sys.executable, str(HERE / "twisted_relay.py"), str(port), str(target_port)]
         else:
             return self.start_twisted_novnc(port, target_port, tag,
                                             workers=2 if proxy == WORKERS_PROXY else 1)
@@ -577,6 +580,8 @@ class Bench:
             f"{name}_all_held_before_commit": all_held,
             f"{name}_p50_ms": r3(percentile(lat, 50)), f"{name}_p99_ms": r3(percentile(lat, 99)),
             f"{name}_max_ms": r3(lat[-1] if lat else None),
+            # The fixed part (NOTIFY, the read, the first connect): how the rest spreads out.
+            f"{name}_first_ms": r3(lat[0] if lat else None),
         }
         # CLOCK_MONOTONIC, to line the phase up with the daemon's own logs (e.g. GC pauses).
         out[f"{name}_commits_ns"] = [min(committed.values()), max(committed.values())]
@@ -621,6 +626,7 @@ class Bench:
                 "ceiling-tcp": f"tcp://127.0.0.1:{tport}",
                 "ceiling-ws": f"ws://127.0.0.1:{tport}/websockify",
                 "socat": f"tcp://127.0.0.1:{pport}",
+                "twisted-tcp": f"tcp://127.0.0.1:{pport}",
                 "websockify": f"ws://127.0.0.1:{pport}/websockify",
                 "twisted_novnc": f"ws://127.0.0.1:{pport}/websockify/{{id}}",
                 WORKERS_PROXY: f"ws://127.0.0.1:{pport}/websockify/{{id}}",
