@@ -93,3 +93,50 @@ def test_other_transports_get_plain_writes():
     send_now(transport, b"hd", bytearray(b"payload"))
     send_now(transport, b"", b"more")
     assert transport.value() == b"hdpayloadmore"
+
+
+@pytest_twisted.inlineCallbacks
+def test_close_now_sends_the_fin_before_the_next_turn():
+    """close_now half-closes at once when nothing is queued, so the peer reads its end of file
+    without waiting for the reactor's next turn; with bytes queued it leaves them to
+    loseConnection, which sends them first."""
+    import socket
+
+    from twisted_novnc.sending import close_now
+
+    class Server(Protocol):
+        def connectionMade(self) -> None:
+            self.lost: Deferred[None] = Deferred()
+            made.callback(self)
+
+        def connectionLost(self, reason) -> None:
+            self.lost.callback(None)
+
+    made: Deferred[Server] = Deferred()
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Server)
+    )
+    try:
+        for queued in (b"", b"x" * 100):
+            made = Deferred()
+            peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+            peer.settimeout(5)
+            server = yield made
+            if queued:
+                server.transport.write(queued)  # queued: Twisted writes on its next turn
+            close_now(server.transport)
+            if not queued:
+                assert peer.recv(10) == b""  # the FIN came now: no reactor turn has run
+            else:
+                peer.setblocking(False)
+                try:
+                    got = peer.recv(10)
+                except BlockingIOError:
+                    got = None
+                assert got is None, "nothing may arrive, FIN included, before the queued bytes"
+                yield server.lost  # Twisted flushed the queue, then closed
+                peer.settimeout(5)
+                assert peer.recv(200) == queued and peer.recv(10) == b""
+            peer.close()
+    finally:
+        yield port.stopListening()

@@ -53,7 +53,7 @@ from .paths import PathTemplate
 from .readiness import ReadinessGate, Watch
 from .relay import Relay, TransportPeer
 from .requesthead import MAX_HEAD, BadHead, check_head, head_end
-from .sending import send_now, tune_relay_transport
+from .sending import close_now, send_now, tune_relay_transport
 from .session import Target
 from .targets import TargetPolicy
 from .upstream import TCPUpstream
@@ -491,7 +491,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         """Autobahn aborts the socket after a protocol error, which throws away what is still
         in the write buffer: the 101 and the close frame that says why.  Flush first; abort
         only a peer that will not take them."""
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        close_now(self.transport)
         if abort and self._abort_timer is None:
             self._abort_timer = self.factory.clock.callLater(ABORT_GRACE, self._abort)
 

@@ -14,6 +14,8 @@ simply get ``write``.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from typing import Any
 
 from twisted.internet import tcp
@@ -33,16 +35,21 @@ def tune_relay_transport(transport: Any) -> None:
         transport.SEND_LIMIT = RELAY_BUFFER_SIZE
 
 
+def _writes_through(transport: Any) -> bool:
+    """A plain TCP transport, open, with nothing queued: its socket may be written directly."""
+    return (
+        type(transport) in _PLAIN_TCP
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+    )
+
+
 def send_now(transport: Any, header: bytes, payload: Any) -> None:
     """Write ``header`` then ``payload`` (bytes or a bytearray); ``header`` may be empty."""
-    if (
-        type(transport) not in _PLAIN_TCP
-        or transport._tempDataLen
-        or transport.offset != len(transport.dataBuffer)
-        or not transport.connected
-        or transport.disconnecting
-        or transport._writeDisconnected
-    ):
+    if not _writes_through(transport):
         _queue(transport, header, payload)
         return
     try:
@@ -62,6 +69,20 @@ def send_now(transport: Any, header: bytes, payload: Any) -> None:
         sent -= len(header)
         if sent < len(payload):
             transport.write(bytes(memoryview(payload)[sent:]))
+
+
+def close_now(transport: Any) -> None:
+    """``loseConnection``, with the FIN sent at once when nothing is left to write.
+
+    Twisted closes on its next turn (``doWrite`` finds the buffer empty), so a browser that
+    waits for the server's FIN after the closing handshake, as RFC 6455 has it, waits for
+    whatever else that turn does.  Under TLS, or with bytes still queued, it is just
+    ``loseConnection``: those must go first.
+    """
+    if _writes_through(transport):
+        with contextlib.suppress(OSError):  # the peer is gone already: Twisted will see it
+            transport.socket.shutdown(socket.SHUT_WR)
+    transport.loseConnection()
 
 
 def _queue(transport: Any, header: bytes, payload: Any) -> None:
