@@ -9,6 +9,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
@@ -110,6 +111,7 @@ def test_close_now_sends_the_fin_before_the_next_turn():
             made.callback(self)
 
         def connectionLost(self, reason) -> None:
+            self.reason = reason
             self.lost.callback(None)
 
     made: Deferred[Server] = Deferred()
@@ -127,6 +129,8 @@ def test_close_now_sends_the_fin_before_the_next_turn():
             close_now(server.transport)
             if not queued:
                 assert peer.recv(10) == b""  # the FIN came now: no reactor turn has run
+                yield server.lost
+                assert server.reason.check(ConnectionDone), server.reason  # a clean close
             else:
                 peer.setblocking(False)
                 try:

@@ -10,8 +10,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from twisted_novnc.errors import Refusal, Refused
-from twisted_novnc.session import Target
 from twisted_novnc.relay import Relay
+from twisted_novnc.session import Target
 from twisted_novnc.testing import MemoryPeer
 from twisted_novnc.upstream import HOLD_LIMIT, TCPUpstream, connect_tcp
 

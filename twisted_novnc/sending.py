@@ -14,7 +14,6 @@ simply get ``write``.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from typing import Any
 
@@ -76,13 +75,23 @@ def close_now(transport: Any) -> None:
 
     Twisted closes on its next turn (``doWrite`` finds the buffer empty), so a browser that
     waits for the server's FIN after the closing handshake, as RFC 6455 has it, waits for
-    whatever else that turn does.  Under TLS, or with bytes still queued, it is just
-    ``loseConnection``: those must go first.
+    whatever else that turn does.  Here the write side is shut now and marked so, as Twisted's
+    own ``loseWriteConnection`` leaves it (later writes are dropped, no empty send fails with
+    EPIPE), and the rest of the close (``connectionLost``, a clean ConnectionDone) follows on
+    the next turn, out of the caller's stack.  Under TLS, or with bytes still queued, it is
+    just ``loseConnection``: those must go first.
     """
-    if _writes_through(transport):
-        with contextlib.suppress(OSError):  # the peer is gone already: Twisted will see it
-            transport.socket.shutdown(socket.SHUT_WR)
-    transport.loseConnection()
+    if not _writes_through(transport):
+        transport.loseConnection()
+        return
+    try:
+        transport.socket.shutdown(socket.SHUT_WR)
+    except OSError:
+        transport.loseConnection()  # the peer is gone already: Twisted finds out as usual
+        return
+    transport._writeDisconnected = True
+    transport.stopReading()
+    transport.reactor.callLater(0, transport.loseConnection)
 
 
 def _queue(transport: Any, header: bytes, payload: Any) -> None:
