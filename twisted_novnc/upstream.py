@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -15,9 +17,10 @@ from typing import Any
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from OpenSSL import SSL
-from twisted.internet import error, ssl
+from twisted.internet import address, error, ssl, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -182,10 +185,13 @@ class _AttemptFactory(ClientFactory):
         self.protocol_instance = protocol
         self.ready = ready
         self.connector: Any = None
+        #: The connect has an outcome: a protocol was built, or the attempt failed.
+        self.decided = False
         self.result: Deferred[Any] | None = Deferred(self._cancel)
 
     def buildProtocol(self, addr: Any) -> Any:
         self.connector = None
+        self.decided = True
         # Until ready (connected, TLS or WebSocket handshake done) the Deferred waits.
         d = self.ready(self.protocol_instance)
         if isinstance(d, Deferred):
@@ -196,6 +202,7 @@ class _AttemptFactory(ClientFactory):
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.connector = None
+        self.decided = True
         self._decide(reason)
 
     def _decide(self, outcome: Any) -> None:
@@ -216,6 +223,149 @@ class _AttemptFactory(ClientFactory):
         transport = getattr(self.protocol_instance, "transport", None)
         if transport is not None:
             transport.abortConnection()
+
+
+_CONNECTING = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY})
+
+
+class SocketConnector:
+    """One TCP connection attempt made on a socket directly, not through Twisted's Connector.
+
+    ``reactor.connectTCP`` builds a Connector and a Client, defers ``connect()`` to the next
+    reactor turn, calls ``connect()`` and ``getsockopt`` twice and moves the descriptor in and
+    out of epoll four times; in a burst of ready sessions that is a good part of each one's
+    CPU.  This is a socket, one ``connect()``, a wait for writability and ``SO_ERROR``; the
+    connected socket becomes a transport the way ``reactor.adoptStreamConnection`` makes one
+    (``tcp.Server``, without the dup).  Toward the factory it behaves as a Connector does:
+    ``buildProtocol``, or ``clientConnectionFailed`` with the same errors (refused, timed out,
+    ``UserError`` after ``stopConnecting``, a ``ConnectError`` carrying ``EMFILE``).
+    """
+
+    _sessions = itertools.count()
+
+    def __init__(self, reactor: Any, host: str, port: int, factory: Any, timeout: float) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.factory = factory
+        self.timeout = timeout
+        self._socket: socket.socket | None = None
+        self._timer: Any = None
+        self._done = False
+
+    def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+        except OSError as e:
+            self._fail(error.getConnectError((e.errno, e.strerror)))
+            return
+        result = sock.connect_ex((self.host, self.port))
+        if result in (0, errno.EISCONN):
+            self._socket = sock
+            self._connected()
+            return
+        if result not in _CONNECTING:
+            sock.close()
+            self._fail(error.getConnectError((result, os.strerror(result))))
+            return
+        self._socket = sock
+        self.reactor.addWriter(self)
+        self._timer = self.reactor.callLater(self.timeout, self._timed_out)
+
+    # IConnector, as far as a ClientFactory and _AttemptFactory use it
+    def stopConnecting(self) -> None:
+        self._close()
+        self._fail(error.UserError())
+
+    def getDestination(self) -> address.IPv4Address | address.IPv6Address:
+        kind = address.IPv6Address if ":" in self.host else address.IPv4Address
+        return kind("TCP", self.host, self.port)
+
+    # IWriteDescriptor, while connecting
+    def fileno(self) -> int:
+        return self._socket.fileno() if self._socket is not None else -1
+
+    def doWrite(self) -> None:
+        self.reactor.removeWriter(self)
+        assert self._socket is not None
+        code = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._close()
+            self._fail(error.getConnectError((code, os.strerror(code))))
+            return
+        self._connected()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor dropped the descriptor: epoll said error or hang-up (a refused or
+        failed connect, whose cause is in SO_ERROR), or the reactor is shutting down."""
+        code = self._socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if self._socket else 0
+        self._close()
+        if code:
+            self._fail(error.getConnectError((code, os.strerror(code))))
+        else:
+            self._fail(error.ConnectError(string=reason.getErrorMessage()))
+
+    def logPrefix(self) -> str:
+        return "connecting to the VM"
+
+    # the outcomes
+    def _connected(self) -> None:
+        self._cancel_timer()
+        sock, self._socket = self._socket, None
+        assert sock is not None
+        self._done = True
+        destination = self.getDestination()
+        protocol = self.factory.buildProtocol(destination)
+        if protocol is None:
+            sock.close()
+            return
+        # The peer as tcp.Server keeps it (a 4-tuple makes its addresses IPv6).
+        peer = (self.host, self.port, 0, 0) if ":" in self.host else (self.host, self.port)
+        # No listening port: None, as Twisted's own adoptStreamConnection passes.
+        transport = tcp.Server(
+            sock, protocol, peer, None, next(self._sessions), self.reactor  # type: ignore[arg-type]
+        )
+        transport.repstr = f"<{type(protocol).__name__} to {self.host}:{self.port}>"
+        protocol.makeConnection(transport)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._close()
+        self._fail(error.TimeoutError())
+
+    def _fail(self, reason: Exception) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._cancel_timer()
+        self.factory.clientConnectionFailed(self, Failure(reason))
+
+    def _close(self) -> None:
+        if self._socket is None:
+            return
+        self.reactor.removeWriter(self)  # while fileno() still names the socket
+        sock, self._socket = self._socket, None
+        sock.close()
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+def dial(reactor: Any, host: str, port: int, factory: Any, timeout: float) -> Any:
+    """Start a TCP connection attempt; the IConnector-like object it returns can stop it.
+
+    On a real reactor that is a :class:`SocketConnector`; a fake one (``MemoryReactor``, in
+    the unit tests of the retry logic) gets ``connectTCP``, which it records.
+    """
+    if isinstance(reactor, PosixReactorBase):
+        connector = SocketConnector(reactor, host, port, factory, timeout)
+        connector.start()
+        return connector
+    return reactor.connectTCP(host, port, factory, timeout)
 
 
 @attrs.define(eq=False)
@@ -247,14 +397,15 @@ class _Connect:
         wrapped = factory if self.tls is None else TLSMemoryBIOFactory(self.tls, True, factory)
         d = factory.result
         assert d is not None
-        # connectTCP's timeout is the TCP connect; the Deferred's also bounds the TLS or
-        # WebSocket handshake that follows.
-        factory.connector = self.reactor.connectTCP(
-            self.target.host, self.target.port, wrapped, per_try
-        )
+        # dial's timeout is the TCP connect; the Deferred's also bounds the TLS or WebSocket
+        # handshake that follows.  Everything is wired before dialling: a connect can fail or
+        # succeed before dial returns.
         d.addTimeout(per_try, self.reactor)
         self._current = d
         d.addCallbacks(self._connected, self._failed)
+        connector = dial(self.reactor, self.target.host, self.target.port, wrapped, per_try)
+        if not factory.decided:
+            factory.connector = connector
 
     def _finish(self) -> Deferred[Any] | None:
         self._current = None

@@ -1,0 +1,171 @@
+"""SocketConnector: a TCP connect on a socket, with real sockets on 127.0.0.1 (and a fake
+reactor where an outcome must be held back: a timeout, a cancel)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import error, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+
+from twisted_novnc import upstream
+from twisted_novnc.errors import Refusal, Refused
+from twisted_novnc.sending import send_now
+from twisted_novnc.session import Target
+from twisted_novnc.upstream import SocketConnector, connect_tcp, dial
+
+
+class Recorder(ClientFactory):
+    """What a Connector tells its factory: the protocol it built, or why it failed."""
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.built: list[object] = []
+        self.reason = None
+        self.failed: Deferred[None] = Deferred()
+        self.connected: Deferred[Protocol] = Deferred()
+
+    def buildProtocol(self, addr):
+        self.built.append(addr)
+        protocol = Protocol()
+        protocol.connectionMade = lambda: self.connected.callback(protocol)  # type: ignore
+        return protocol
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        self.reason = reason
+        self.failed.callback(None)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, noted, closed)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class HeldReactor:
+    """A reactor that never reports the socket writable: the connect stays in progress."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.writers: set[object] = set()
+
+    def addWriter(self, writer) -> None:
+        self.writers.add(writer)
+
+    def removeWriter(self, writer) -> None:
+        self.writers.discard(writer)
+
+    def callLater(self, *args, **kwargs):
+        return self.clock.callLater(*args, **kwargs)
+
+
+@pytest_twisted.inlineCallbacks
+def test_connects_and_the_transport_writes_through():
+    """The factory gets the destination and a protocol on a plain TCP transport whose peer is
+    the target; send_now writes through it."""
+    received: Deferred[bytes] = Deferred()
+
+    class Reader(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            received.callback(data)
+
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Reader)
+    )
+    try:
+        factory = Recorder()
+        connector = dial(reactor, "127.0.0.1", port.getHost().port, factory, 5)
+        assert isinstance(connector, SocketConnector)
+        protocol = yield factory.connected
+        assert factory.built[0].port == port.getHost().port
+        peer = protocol.transport.getPeer()
+        assert (peer.host, peer.port) == ("127.0.0.1", port.getHost().port)
+        send_now(protocol.transport, b"head", b"-body")
+        assert (yield received) == b"head-body"
+        assert not factory.failed.called
+        protocol.transport.loseConnection()
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_refused_is_connection_refused():
+    """Nothing listening: the factory hears ConnectionRefusedError, as from connectTCP."""
+    factory = Recorder()
+    dial(reactor, "127.0.0.1", closed_port(), factory, 5)
+    yield factory.failed
+    assert factory.reason.check(error.ConnectionRefusedError)
+    assert not factory.built
+
+
+def test_timeout_closes_the_socket():
+    """A connect that never completes fails with TimeoutError at its timeout, and lets go of
+    its socket and its place among the reactor's writers."""
+    held = HeldReactor()
+    factory = Recorder()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        connector = SocketConnector(held, "127.0.0.1", listener.getsockname()[1], factory, 2.0)
+        connector.start()
+        assert held.writers == {connector} and connector.fileno() != -1
+        held.clock.advance(1.9)
+        assert not factory.failed.called
+        held.clock.advance(0.2)
+        assert factory.reason.check(error.TimeoutError)
+        assert held.writers == set() and connector.fileno() == -1
+    finally:
+        listener.close()
+
+
+def test_stop_connecting_is_a_user_error_and_cancels_the_timer():
+    """stopConnecting (a cancelled attempt) reports UserError once; its timer never fires."""
+    held = HeldReactor()
+    factory = Recorder()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        connector = SocketConnector(held, "127.0.0.1", listener.getsockname()[1], factory, 2.0)
+        connector.start()
+        connector.stopConnecting()
+        assert factory.reason.check(error.UserError)
+        assert held.writers == set() and connector.fileno() == -1
+        assert held.clock.getDelayedCalls() == []
+        connector.stopConnecting()  # a second time: nothing more
+    finally:
+        listener.close()
+
+
+def test_out_of_descriptors_is_4503(monkeypatch: pytest.MonkeyPatch):
+    """A socket that cannot be made for lack of descriptors: ConnectError carrying EMFILE,
+    which connect_tcp turns into 4503 "proxy at capacity", not 4502."""
+
+    def no_descriptors(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(upstream.socket, "socket", no_descriptors)
+    d = connect_tcp(reactor, Target("s1", "127.0.0.1", 5900), 5, retry=True)
+    refused = d.result
+    assert refused.check(Refused) and refused.value.refusal is Refusal.AT_CAPACITY
+    d.addErrback(lambda f: None)
+
+
+def test_fake_reactors_get_connect_tcp():
+    """On a MemoryReactor (the retry logic's unit tests) dial records a connectTCP instead."""
+    fake = MemoryReactorClock()
+    factory = Recorder()
+    dial(fake, "10.0.0.5", 5900, factory, 5)
+    assert fake.tcpClients[0][:2] == ("10.0.0.5", 5900)
