@@ -397,15 +397,15 @@ class _Connect:
         wrapped = factory if self.tls is None else TLSMemoryBIOFactory(self.tls, True, factory)
         d = factory.result
         assert d is not None
-        # dial's timeout is the TCP connect; the Deferred's also bounds the TLS or WebSocket
-        # handshake that follows.  Everything is wired before dialling: a connect can fail or
-        # succeed before dial returns.
-        d.addTimeout(per_try, self.reactor)
-        self._current = d
-        d.addCallbacks(self._connected, self._failed)
+        # dial's timeout is the TCP connect (error.TimeoutError, retried); the Deferred's also
+        # bounds the TLS or WebSocket handshake that follows.  A connect can fail or succeed
+        # before dial returns: d then already holds its result for the callbacks below.
         connector = dial(self.reactor, self.target.host, self.target.port, wrapped, per_try)
         if not factory.decided:
             factory.connector = connector
+        d.addTimeout(per_try, self.reactor)
+        self._current = d
+        d.addCallbacks(self._connected, self._failed)
 
     def _finish(self) -> Deferred[Any] | None:
         self._current = None
