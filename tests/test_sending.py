@@ -144,3 +144,62 @@ def test_close_now_sends_the_fin_before_the_next_turn():
             peer.close()
     finally:
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_relay_transport_has_the_sizes_without_growing_each_instance():
+    """A RelayTransport relays with the big buffers as class attributes (tuning adds nothing
+    to the instance) and writes through like any TCP connection; a plain one is tuned."""
+    from twisted_novnc.sending import RelayTransport
+
+    collector = Collector()
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(lambda: collector)
+    )
+    port.transport = RelayTransport  # as a relay listener accepts
+    try:
+        client = yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+        )
+        yield collector.connected_d
+        accepted = collector.transport
+        assert type(accepted) is RelayTransport
+        assert accepted.bufferSize == RELAY_BUFFER_SIZE
+        tune_relay_transport(accepted)
+        assert "bufferSize" not in vars(accepted) and "SEND_LIMIT" not in vars(accepted)
+        assert repr(accepted).startswith("<Collector #")  # Twisted's own repstr
+        tune_relay_transport(client.transport)  # a plain tcp.Client: tuned per instance
+        assert vars(client.transport)["bufferSize"] == RELAY_BUFFER_SIZE
+        collector.transport.resumeProducing()
+        send_now(accepted, b"", b"ping")  # written through: a plain TCP transport
+        assert accepted.dataBuffer == b"" and not accepted._tempDataBuffer
+        client.transport.loseConnection()
+        yield collector.done
+    finally:
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_relay_listeners_accept_into_relay_transports():
+    """The browser-facing listeners accept into RelayTransport; others (admin) do not."""
+    from twisted.internet import tcp
+    from twisted.internet.endpoints import serverFromString
+
+    from twisted_novnc.sending import RelayTransport
+    from twisted_novnc.service import ListenerService
+
+    ports = []
+    for relay in (True, False):
+        description = "tcp:0:interface=127.0.0.1"
+        service = ListenerService(description, serverFromString(reactor, description),
+                                  Factory.forProtocol(Protocol), relay=relay)
+        service.privilegedStartService()
+        service.startService()
+        port = yield service._waitingForPort
+        ports.append((service, port))
+    try:
+        assert ports[0][1].transport is RelayTransport
+        assert ports[1][1].transport is tcp.Server
+    finally:
+        for service, _ in ports:
+            yield service.stopService()

@@ -91,6 +91,8 @@ def test_connects_and_the_transport_writes_through():
         assert factory.built[0].port == port.getHost().port
         peer = protocol.transport.getPeer()
         assert (peer.host, peer.port) == ("127.0.0.1", port.getHost().port)
+        assert repr(protocol.transport) == f"<Protocol to 127.0.0.1:{port.getHost().port}>"
+        assert "bufferSize" not in vars(protocol.transport)  # the relay's sizes, by class
         send_now(protocol.transport, b"head", b"-body")
         assert (yield received) == b"head-body"
         assert not factory.failed.called

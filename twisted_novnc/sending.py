@@ -23,13 +23,31 @@ from twisted.internet import tcp
 #: Twisted's default of 64 KiB costs a read, a frame and a write per 64 KiB.
 RELAY_BUFFER_SIZE = 256 * 1024
 
+class RelayTransport(tcp.Server):
+    """Twisted's TCP connection with the relay's buffer sizes as class attributes.
+
+    Set per instance (``tune_relay_transport``), the two sizes grow each transport's
+    ``__dict__`` past a resize: about 400 bytes a socket, 0.8 KB a relay.  The listeners
+    accept into this class and the VM side is connected as it (``SocketConnector``).
+    """
+
+    bufferSize = RELAY_BUFFER_SIZE
+    SEND_LIMIT = RELAY_BUFFER_SIZE
+
+    def __repr__(self) -> str:
+        repstr = self.__dict__.get("repstr")
+        if repstr is not None:
+            return repstr  # type: ignore[no-any-return]
+        return f"<{type(self.protocol).__name__} to {self.client[0]}:{self.client[1]}>"
+
+
 #: Transports whose buffer and socket we know: Twisted's TCP server and client connections.
-_PLAIN_TCP = frozenset({tcp.Server, tcp.Client})
+_PLAIN_TCP = frozenset({tcp.Server, tcp.Client, RelayTransport})
 
 
 def tune_relay_transport(transport: Any) -> None:
     """Bigger reads and writes for a transport that relays bulk data."""
-    if isinstance(transport, tcp.Connection):
+    if isinstance(transport, tcp.Connection) and transport.bufferSize != RELAY_BUFFER_SIZE:
         transport.bufferSize = RELAY_BUFFER_SIZE
         transport.SEND_LIMIT = RELAY_BUFFER_SIZE
 

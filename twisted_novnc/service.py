@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
@@ -32,6 +33,7 @@ from .logs import LogService
 from .metrics import LiveState, Metrics
 from .readiness import ReadinessGate
 from .schema import schema_sql
+from .sending import RelayTransport
 from .session import Target
 from .sharedports import AdoptingReactor, ListeningReactor, SharedSocket
 from .store import PostgresSessionStore
@@ -132,6 +134,7 @@ class ListenerService(StreamServerEndpointService):
     """A listening endpoint that says where it listens once it does.
 
     ``on_port`` sees the port once it listens (the descriptor-limit guard hooks in there).
+    A ``relay`` listener accepts into :class:`RelayTransport` (the relay's buffer sizes).
     """
 
     def __init__(
@@ -142,12 +145,14 @@ class ListenerService(StreamServerEndpointService):
         role: str = "",
         on_port: Callable[[Any], Any] | None = None,
         verb: str = "listening on",
+        relay: bool = False,
     ) -> None:
         super().__init__(endpoint, factory)
         self.description = description
         self.role = role
         self.on_port = on_port
         self.verb = verb
+        self.relay = relay
         self._guard: Any = None
         self._raiseSynchronously = True
 
@@ -167,6 +172,8 @@ class ListenerService(StreamServerEndpointService):
             port=getattr(host, "port", ""),
             description=self.description,
         )
+        if self.relay and isinstance(port, tcp.Port):
+            port.transport = RelayTransport  # accepted connections: the relay's buffer sizes
         if self.on_port is not None:
             self._guard = self.on_port(port)
         return port
@@ -245,7 +252,7 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
     for description in settings.novnc.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(
-            description, endpoint, core.factory, on_port=core.guard
+            description, endpoint, core.factory, on_port=core.guard, relay=True
         ).setServiceParent(top)
     return top
 
@@ -351,7 +358,7 @@ def make_worker_service(
         endpoint = serverFromString(AdoptingReactor(reactor, shared), shared.description)
         ListenerService(
             shared.description, endpoint, core.factory, on_port=core.guard,
-            verb="accepting (shared with the other workers) on",
+            verb="accepting (shared with the other workers) on", relay=True,
         ).setServiceParent(top)
     return top, WorkerHandles(core.metrics, core.drain)
 

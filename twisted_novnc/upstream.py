@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from OpenSSL import SSL
-from twisted.internet import address, error, ssl, tcp
+from twisted.internet import address, error, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.posixbase import PosixReactorBase
@@ -30,7 +30,7 @@ from zope.interface import implementer
 from .backoff import jittered_backoff
 from .errors import Refusal, Refused
 from .relay import Relay, TransportPeer
-from .sending import send_now, tune_relay_transport
+from .sending import RelayTransport, send_now, tune_relay_transport
 from .session import Target
 
 _DONE = Failure(error.ConnectionDone())
@@ -236,9 +236,10 @@ class SocketConnector:
     out of epoll four times; in a burst of ready sessions that is a good part of each one's
     CPU.  This is a socket, one ``connect()``, a wait for writability and ``SO_ERROR``; the
     connected socket becomes a transport the way ``reactor.adoptStreamConnection`` makes one
-    (``tcp.Server``, without the dup).  Toward the factory it behaves as a Connector does:
-    ``buildProtocol``, or ``clientConnectionFailed`` with the same errors (refused, timed out,
-    ``UserError`` after ``stopConnecting``, a ``ConnectError`` carrying ``EMFILE``).
+    (a ``tcp.Server``: a :class:`RelayTransport`, without the dup).  Toward the factory it
+    behaves as a Connector does: ``buildProtocol``, or ``clientConnectionFailed`` with the same
+    errors (refused, timed out, ``UserError`` after ``stopConnecting``, a ``ConnectError``
+    carrying ``EMFILE``).
     """
 
     _sessions = itertools.count()
@@ -324,10 +325,9 @@ class SocketConnector:
         # The peer as tcp.Server keeps it (a 4-tuple makes its addresses IPv6).
         peer = (self.host, self.port, 0, 0) if ":" in self.host else (self.host, self.port)
         # No listening port: None, as Twisted's own adoptStreamConnection passes.
-        transport = tcp.Server(
+        transport = RelayTransport(
             sock, protocol, peer, None, next(self._sessions), self.reactor  # type: ignore[arg-type]
         )
-        transport.repstr = f"<{type(protocol).__name__} to {self.host}:{self.port}>"
         protocol.makeConnection(transport)
 
     def _timed_out(self) -> None:
