@@ -180,17 +180,19 @@ def test_relay_transport_has_the_sizes_without_growing_each_instance():
 
 
 @pytest_twisted.inlineCallbacks
-def test_relay_listeners_accept_into_relay_transports():
+def test_relay_listeners_accept_into_relay_transports(tmp_path):
     """The browser-facing listeners accept into RelayTransport; others (admin) do not."""
-    from twisted.internet import tcp
+    from twisted.internet import tcp, unix
     from twisted.internet.endpoints import serverFromString
 
     from twisted_novnc.sending import RelayTransport
     from twisted_novnc.service import ListenerService
 
     ports = []
-    for relay in (True, False):
-        description = "tcp:0:interface=127.0.0.1"
+    unix_socket = tmp_path / "relay.sock"
+    for relay, description in ((True, "tcp:0:interface=127.0.0.1"),
+                               (False, "tcp:0:interface=127.0.0.1"),
+                               (True, f"unix:{unix_socket}")):
         service = ListenerService(description, serverFromString(reactor, description),
                                   Factory.forProtocol(Protocol), relay=relay)
         service.privilegedStartService()
@@ -200,6 +202,7 @@ def test_relay_listeners_accept_into_relay_transports():
     try:
         assert ports[0][1].transport is RelayTransport
         assert ports[1][1].transport is tcp.Server
+        assert ports[2][1].transport is unix.Server  # a unix.Port is a tcp.Port too: untouched
     finally:
         for service, _ in ports:
             yield service.stopService()

@@ -172,7 +172,8 @@ class ListenerService(StreamServerEndpointService):
             port=getattr(host, "port", ""),
             description=self.description,
         )
-        if self.relay and isinstance(port, tcp.Port):
+        # Only a port that accepts into tcp.Server (unix.Port is a tcp.Port subclass too).
+        if self.relay and getattr(port, "transport", None) is tcp.Server:
             port.transport = RelayTransport  # accepted connections: the relay's buffer sizes
         if self.on_port is not None:
             self._guard = self.on_port(port)
