@@ -171,3 +171,23 @@ def test_fake_reactors_get_connect_tcp():
     factory = Recorder()
     dial(fake, "10.0.0.5", 5900, factory, 5)
     assert fake.tcpClients[0][:2] == ("10.0.0.5", 5900)
+
+
+@pytest_twisted.inlineCallbacks
+def test_upstream_sockets_have_no_nagle_and_keepalives():
+    """A connected upstream socket sends at once and probes a silent VM: TCP_NODELAY, and
+    keepalives after 10 s idle, every 3 s, 3 probes (a vanished VM is noticed in ~20 s)."""
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Protocol)
+    )
+    try:
+        peer = yield connect_tcp(reactor, Target("s1", "127.0.0.1", port.getHost().port), 5)
+        sock = peer.transport.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 3
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        peer.transport.loseConnection()
+    finally:
+        yield port.stopListening()

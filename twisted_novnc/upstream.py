@@ -43,16 +43,24 @@ KEEPALIVE = [
 ]
 
 
+#: (level, option, value) for every upstream socket, set straight on the socket.
+SOCKET_OPTIONS = [
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    *((socket.IPPROTO_TCP, option, value) for option, value in KEEPALIVE),
+]
+
+
 def tune_tcp(transport: Any) -> None:
     """No Nagle delay, and keepalives: a VM that vanishes without a FIN or RST is noticed in
     about 20 s, as a dead VM (4502).  Under TLS the TCP transport is the wrapper's own."""
     tcp = getattr(transport, "transport", None) or transport  # TLSMemoryBIOProtocol wraps it
-    with contextlib.suppress(AttributeError, OSError):
-        tcp.setTcpNoDelay(True)
-        tcp.setTcpKeepAlive(True)
-        sock = tcp.getHandle()
-        for option, value in KEEPALIVE:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    sock = getattr(tcp, "socket", None)
+    if sock is None:
+        return  # not a socket (a test's StringTransport)
+    with contextlib.suppress(OSError):
+        for level, option, value in SOCKET_OPTIONS:
+            sock.setsockopt(level, option, value)
 
 
 #: Bytes a VM may send (under TLS) before the relay starts; then reading pauses.
@@ -381,12 +389,12 @@ class _Connect:
     tls: Any
     result: Deferred[Any] | None = None
     _current: Any = None
-    _delays: Any = attrs.field(factory=lambda: jittered_backoff(0.1, 1.0))
+    #: The retry delays, made at the first retry (most connects never need one).
+    _delays: Any = None
 
     def start(self) -> Deferred[Any]:
         result: Deferred[Any] = Deferred(self._cancel)
         self.result = result
-        next(self._delays)  # the first attempt is immediate
         self._attempt()
         return result
 
@@ -403,7 +411,11 @@ class _Connect:
         connector = dial(self.reactor, self.target.host, self.target.port, wrapped, per_try)
         if not factory.decided:
             factory.connector = connector
-        d.addTimeout(per_try, self.reactor)
+        if not (self.ready is _handshake and self.tls is None
+                and isinstance(connector, SocketConnector)):
+            # Plain TCP on a SocketConnector is ready at connect, which the connector's own
+            # timer bounds already: no second timer for the same thing.
+            d.addTimeout(per_try, self.reactor)
         self._current = d
         d.addCallbacks(self._connected, self._failed)
 
@@ -422,6 +434,9 @@ class _Connect:
         if self.result is None:
             return  # cancelled
         remaining = self.deadline - self.reactor.seconds()
+        if self._delays is None:
+            self._delays = jittered_backoff(0.1, 1.0)
+            next(self._delays)  # the first attempt was immediate
         delay = next(self._delays)
         retryable = f.check(error.ConnectionRefusedError, error.TimeoutError, TimeoutError)
         if self.retry and retryable and remaining > delay:
