@@ -111,44 +111,44 @@ def test_refused_is_connection_refused():
     assert not factory.built
 
 
-def test_timeout_closes_the_socket():
+@pytest.fixture
+def held_attempt():
+    """A connect to a listener on 127.0.0.1, started on a HeldReactor (so it stays in
+    progress): the reactor, the factory and the connector, with a 2 s timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    held, factory = HeldReactor(), Recorder()
+    connector = SocketConnector(held, "127.0.0.1", listener.getsockname()[1], factory, 2.0)
+    connector.start()
+    try:
+        yield held, factory, connector
+    finally:
+        connector.stopConnecting()
+        listener.close()
+
+
+def test_timeout_closes_the_socket(held_attempt):
     """A connect that never completes fails with TimeoutError at its timeout, and lets go of
     its socket and its place among the reactor's writers."""
-    held = HeldReactor()
-    factory = Recorder()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    try:
-        connector = SocketConnector(held, "127.0.0.1", listener.getsockname()[1], factory, 2.0)
-        connector.start()
-        assert held.writers == {connector} and connector.fileno() != -1
-        held.clock.advance(1.9)
-        assert not factory.failed.called
-        held.clock.advance(0.2)
-        assert factory.reason.check(error.TimeoutError)
-        assert held.writers == set() and connector.fileno() == -1
-    finally:
-        listener.close()
+    held, factory, connector = held_attempt
+    assert held.writers == {connector} and connector.fileno() != -1
+    held.clock.advance(1.9)
+    assert not factory.failed.called
+    held.clock.advance(0.2)
+    assert factory.reason.check(error.TimeoutError)
+    assert held.writers == set() and connector.fileno() == -1
 
 
-def test_stop_connecting_is_a_user_error_and_cancels_the_timer():
+def test_stop_connecting_is_a_user_error_and_cancels_the_timer(held_attempt):
     """stopConnecting (a cancelled attempt) reports UserError once; its timer never fires."""
-    held = HeldReactor()
-    factory = Recorder()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    try:
-        connector = SocketConnector(held, "127.0.0.1", listener.getsockname()[1], factory, 2.0)
-        connector.start()
-        connector.stopConnecting()
-        assert factory.reason.check(error.UserError)
-        assert held.writers == set() and connector.fileno() == -1
-        assert held.clock.getDelayedCalls() == []
-        connector.stopConnecting()  # a second time: nothing more
-    finally:
-        listener.close()
+    held, factory, connector = held_attempt
+    connector.stopConnecting()
+    assert factory.reason.check(error.UserError)
+    assert held.writers == set() and connector.fileno() == -1
+    assert held.clock.getDelayedCalls() == []
+    connector.stopConnecting()  # a second time: nothing more
+    assert factory.reason.check(error.UserError)
 
 
 def test_out_of_descriptors_is_4503(monkeypatch: pytest.MonkeyPatch):
