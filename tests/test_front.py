@@ -433,3 +433,39 @@ def test_max_per_ip_and_max_waiting_give_4429():
             yield client.closed
     finally:
         yield h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_closed_relay_is_freed_by_reference_counting(harness):
+    """A closed relay leaves no reference cycle: its relay and upstream are freed by reference
+    counting as soon as the connection is gone, and nothing of it is garbage that only the
+    collector could free.  (The protocol itself stays referenced here by the test process's
+    buffer of log events; twistd keeps no such buffer.)"""
+    import gc
+    import weakref
+
+    harness.ready()
+    client = yield harness.connect()
+    yield client.when_received(len(RFB_BANNER))
+    (server,) = harness.factory.connections
+    assert server.relay is not None and server._upstream is not None
+    refs = [weakref.ref(o) for o in (server, server.relay, server._upstream)]
+    del server
+    gc.disable()  # only reference counting may free them
+    try:
+        client.sendClose(1000)
+        yield client.closed
+        for _ in range(50):  # bounded: the server side closes within a few turns
+            if not harness.factory.connections and refs[1]() is None and refs[2]() is None:
+                break
+            yield _turns(1)
+        assert not harness.factory.connections
+        assert refs[1]() is None and refs[2]() is None
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        garbage = {id(o) for o in gc.garbage}
+        assert not any(r() is not None and id(r()) in garbage for r in refs)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()

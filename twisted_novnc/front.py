@@ -629,6 +629,13 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             up_bytes=up,
             down_bytes=down,
         )
+        # The connection's objects point back at this protocol: the relay (through its
+        # browser side), the upstream (through the relay), and Autobahn's is_closed future
+        # (fired with this protocol).  Let go of them, so that reference counting frees the
+        # whole connection now rather than the garbage collector later.
+        self.relay = None
+        self._upstream = None
+        self.is_closed = None  # type: ignore[assignment]
 
     # -- Peer, for the relay (producer and consumer: TransportPeer) -------------------------
 

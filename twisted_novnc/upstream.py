@@ -79,6 +79,7 @@ class TCPUpstream(TransportPeer, Protocol):
     def __init__(self, tls: bool = False) -> None:
         self.tls = tls
         #: Fires once connected (under TLS: once the VM's certificate has been accepted).
+        #: (None once the connection is gone: it would hold the protocol in a cycle.)
         self.handshake: Deferred[TCPUpstream] = Deferred()
         self._held: list[bytes] = []
         self._held_bytes = 0
@@ -95,7 +96,7 @@ class TCPUpstream(TransportPeer, Protocol):
             self.handshake.callback(self)
 
     def handshakeCompleted(self) -> None:
-        if not self.handshake.called:
+        if self.handshake is not None and not self.handshake.called:
             self.handshake.callback(self)
 
     def _pause(self) -> None:
@@ -130,12 +131,16 @@ class TCPUpstream(TransportPeer, Protocol):
             self._pause()
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
-        if self.tls and not self.handshake.called:
+        if self.tls and self.handshake is not None and not self.handshake.called:
             self.handshake.errback(
                 Refused(Refusal.VM_UNREACHABLE, f"TLS to the VM failed: {reason.getErrorMessage()}")
             )
         elif self.relay is not None:
             self.relay.vm_gone(clean=reason.check(error.ConnectionDone) is not None)
+        # Both point back here (the relay's VM side; the handshake fired with this protocol):
+        # without them reference counting frees the connection at once.
+        self.relay = None
+        self.handshake = None  # type: ignore[assignment]
 
 
 #: Socket creation failed for lack of descriptors (per process, or system-wide).
