@@ -103,12 +103,27 @@ def test_cancel_after_connect_aborts_the_connection():
 
 
 def test_an_attempt_that_hangs_times_out():
-    """A connect that neither succeeds nor fails is given up after the deadline (4502)."""
+    """An attempt with a handshake after the connect (TLS here) whose connect neither succeeds
+    nor fails is given up after the deadline (4502)."""
     reactor = MemoryReactorClock()
-    d = connect_tcp(reactor, TARGET, 2)
+    d = connect_tcp(reactor, TARGET, 2, ready=lambda p: p.handshake,
+                    make_protocol=lambda: TCPUpstream(tls=True))
     reactor.advance(2.5)
     assert reactor.connectors[0].stoppedConnecting
     assert d.result.check(Refused)
+    d.addErrback(lambda f: None)
+
+
+def test_a_plain_connect_is_bounded_by_its_connector():
+    """Plain TCP is ready at connect, so its attempt has no timer of its own: the connector's
+    timeout (the deadline, at most ATTEMPT_TIMEOUT) ends it, with 4502."""
+    reactor = MemoryReactorClock()
+    d = connect_tcp(reactor, TARGET, 2)
+    host, port, factory, timeout, _ = reactor.tcpClients[0]
+    assert timeout == 2.0
+    assert reactor.getDelayedCalls() == []
+    factory.clientConnectionFailed(reactor.connectors[0], Failure(error.TimeoutError()))
+    assert d.result.check(Refused) and d.result.value.refusal.close_code == 4502
     d.addErrback(lambda f: None)
 
 

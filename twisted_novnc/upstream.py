@@ -263,12 +263,13 @@ class SocketConnector:
         self.port = port
         self.factory = factory
         self.timeout = timeout
+        self._ipv6 = ":" in host
         self._socket: socket.socket | None = None
         self._timer: Any = None
         self._done = False
 
     def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        family = socket.AF_INET6 if self._ipv6 else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
@@ -294,7 +295,7 @@ class SocketConnector:
         self._fail(error.UserError())
 
     def getDestination(self) -> address.IPv4Address | address.IPv6Address:
-        kind = address.IPv6Address if ":" in self.host else address.IPv4Address
+        kind = address.IPv6Address if self._ipv6 else address.IPv4Address
         return kind("TCP", self.host, self.port)
 
     # IWriteDescriptor, while connecting
@@ -336,7 +337,7 @@ class SocketConnector:
             sock.close()
             return
         # The peer as tcp.Server keeps it (a 4-tuple makes its addresses IPv6).
-        peer = (self.host, self.port, 0, 0) if ":" in self.host else (self.host, self.port)
+        peer = (self.host, self.port, 0, 0) if self._ipv6 else (self.host, self.port)
         # No listening port: None, as Twisted's own adoptStreamConnection passes.
         transport = RelayTransport(
             sock, protocol, peer, None, next(self._sessions), self.reactor  # type: ignore[arg-type]
@@ -416,10 +417,9 @@ class _Connect:
         connector = dial(self.reactor, self.target.host, self.target.port, wrapped, per_try)
         if not factory.decided:
             factory.connector = connector
-        if not (self.ready is _handshake and self.tls is None
-                and isinstance(connector, SocketConnector)):
-            # Plain TCP on a SocketConnector is ready at connect, which the connector's own
-            # timer bounds already: no second timer for the same thing.
+        if self.tls is not None or self.ready is not _handshake:
+            # A TLS or WebSocket handshake follows the connect: bound the whole attempt.  Plain
+            # TCP is ready at connect, which dial's own timeout already bounds.
             d.addTimeout(per_try, self.reactor)
         self._current = d
         d.addCallbacks(self._connected, self._failed)
