@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 # A regular (not editable) install: it is the one that puts
 # twisted/plugins/twisted_novnc_plugin.py where twistd finds it.
-SOURCES := setup.cfg pyproject.toml $(wildcard twisted_novnc/*.py) twisted/plugins/twisted_novnc_plugin.py
+SOURCES := setup.cfg pyproject.toml $(wildcard twisted_novnc/*.py twisted_novnc/*/*.py) twisted/plugins/twisted_novnc_plugin.py
 
 .PHONY: run test test-fast lint venv browser-deps clean
 

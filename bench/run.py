@@ -48,8 +48,8 @@ try:
 
     import twisted_novnc
     from twisted_novnc.config import parse_config
-    from twisted_novnc.embedded import EmbeddedPostgres, apply_sql
-    from twisted_novnc.schema import quote_ident, schema_sql
+    from twisted_novnc.database.embedded import EmbeddedPostgres, apply_sql
+    from twisted_novnc.database.schema import quote_ident, schema_sql
 except ImportError as e:  # pragma: no cover - a message instead of a traceback
     sys.exit(f"bench/run.py runs in the project's virtualenv ({e}): use `make bench` or "
              "`.venv/bin/python bench/run.py`")

@@ -17,7 +17,7 @@ import psycopg2
 import pytest
 from hypothesis import HealthCheck, settings
 
-from twisted_novnc.embedded import EmbeddedPostgres
+from twisted_novnc.database.embedded import EmbeddedPostgres
 
 # The suite runs on a small machine next to real daemons and databases: time is not what the
 # property tests measure, so neither deadlines nor the too-slow check may fail them.

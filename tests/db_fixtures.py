@@ -9,8 +9,8 @@ import psycopg2
 import pytest
 
 from twisted_novnc.config import parse_config
-from twisted_novnc.embedded import apply_sql
-from twisted_novnc.schema import schema_sql
+from twisted_novnc.database.embedded import apply_sql
+from twisted_novnc.database.schema import schema_sql
 
 
 def create_sessions_table(dsn: str, prefix: str = "sessions_"):

@@ -1,4 +1,4 @@
-"""Tests for twisted_novnc.auth: hmac tokens, column digests, token extraction, the secret file."""
+"""Tests for twisted_novnc.front.auth: hmac tokens, column digests, token extraction, the secret file."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twisted_novnc.__main__ import main
-from twisted_novnc.auth import (
+from twisted_novnc.errors import Refusal, Refused
+from twisted_novnc.front.auth import (
     MAX_EXPIRES_AT,
     MAX_TOKEN_LENGTH,
     SecretFileError,
@@ -32,7 +33,6 @@ from twisted_novnc.auth import (
     verify_digest,
     verify_token,
 )
-from twisted_novnc.errors import Refusal, Refused
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 SESSION = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"

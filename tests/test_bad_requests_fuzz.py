@@ -25,8 +25,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from twisted_novnc.config import NovncSettings
-from twisted_novnc.front import NoVNCServerFactory
-from twisted_novnc.readiness import ReadinessGate
+from twisted_novnc.database.readiness import ReadinessGate
+from twisted_novnc.front.protocol import NoVNCServerFactory
 from twisted_novnc.testing import MemorySessionSource
 
 UUID = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"

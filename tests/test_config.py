@@ -26,8 +26,8 @@ from twisted_novnc.config import (
     read_config,
     settings_text,
 )
-from twisted_novnc.origins import OriginPolicy
-from twisted_novnc.targets import parse_networks, parse_ports
+from twisted_novnc.front.origins import OriginPolicy
+from twisted_novnc.relay.targets import parse_networks, parse_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "etc" / "twisted-novnc.ini"

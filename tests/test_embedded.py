@@ -19,8 +19,8 @@ import pytest
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import ILogObserver, globalLogPublisher
 
-from twisted_novnc import embedded
-from twisted_novnc.embedded import (
+from twisted_novnc.database import embedded
+from twisted_novnc.database.embedded import (
     BINDIR_ENV,
     EmbeddedPostgres,
     EmbeddedPostgresError,

@@ -14,7 +14,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 
-from twisted_novnc.fdlimit import (
+from twisted_novnc.operations.fdlimit import (
     AcceptGuard,
     DescriptorLimit,
     check_capacity,
@@ -22,7 +22,7 @@ from twisted_novnc.fdlimit import (
     raise_descriptor_limit,
     relay_capacity,
 )
-from twisted_novnc.metrics import Metrics
+from twisted_novnc.operations.metrics import Metrics
 
 
 def test_soft_limit_raised_to_hard(logged):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from twisted_novnc.forwarded import client_address, parse_networks
+from twisted_novnc.front.forwarded import client_address, parse_networks
 
 TRUSTED = parse_networks(["127.0.0.1/32", "10.0.0.0/8"])
 

@@ -21,7 +21,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from twisted_novnc.config import NovncSettings
-from twisted_novnc.frames import (
+from twisted_novnc.database.readiness import ReadinessGate
+from twisted_novnc.front.frames import (
     Unmasker,
     minimal_length,
     nvx_available,
@@ -29,10 +30,9 @@ from twisted_novnc.frames import (
     server_frame_header,
     xor_python,
 )
-from twisted_novnc.front import NoVNCServerFactory
-from twisted_novnc.readiness import ReadinessGate
+from twisted_novnc.front.protocol import NoVNCServerFactory
+from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.session import SessionRow
-from twisted_novnc.targets import TargetPolicy
 from twisted_novnc.testing import MemoryPeer, MemorySessionSource
 
 SID = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"

@@ -8,13 +8,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from twisted_novnc.auth import mint_token, token_digest
 from twisted_novnc.config import AuthSettings, NovncSettings
-from twisted_novnc.front import NoVNCServerFactory
-from twisted_novnc.origins import OriginPolicy
-from twisted_novnc.readiness import ReadinessGate
+from twisted_novnc.database.readiness import ReadinessGate
+from twisted_novnc.front.auth import mint_token, token_digest
+from twisted_novnc.front.origins import OriginPolicy
+from twisted_novnc.front.protocol import NoVNCServerFactory
+from twisted_novnc.relay.targets import TargetPolicy
+from twisted_novnc.relay.upstream import connect_tcp
 from twisted_novnc.session import SessionRow
-from twisted_novnc.targets import TargetPolicy
 from twisted_novnc.testing import (
     RFB_BANNER,
     MemorySessionSource,
@@ -23,7 +24,6 @@ from twisted_novnc.testing import (
     recording_client_factory,
     upgrade_request,
 )
-from twisted_novnc.upstream import connect_tcp
 
 SID = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"
 

@@ -10,7 +10,8 @@ import autobahn.util
 import autobahn.websocket.protocol as autobahn_protocol
 from twisted.logger import formatEvent
 
-from twisted_novnc import front, lazydebug
+from twisted_novnc._compat import lazydebug
+from twisted_novnc.front import protocol as front
 
 
 def test_installed_in_both_modules():

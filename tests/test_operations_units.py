@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from twisted.logger import LogLevel
 from twisted.python import usage
 
-from twisted_novnc.admin import Readyz
 from twisted_novnc.config import LogSettings
-from twisted_novnc.logs import LogService, event_as_json
-from twisted_novnc.metrics import LiveState, Metrics
+from twisted_novnc.operations.admin import Readyz
+from twisted_novnc.operations.logs import LogService, event_as_json
+from twisted_novnc.operations.metrics import LiveState, Metrics
 from twisted_novnc.tap import Options
 
 
@@ -39,7 +39,7 @@ def test_json_event_keeps_plain_fields_only():
     event = {
         "log_format": "closed {session_id}: {outcome}",
         "log_level": LogLevel.info,
-        "log_namespace": "twisted_novnc.front",
+        "log_namespace": "twisted_novnc.front.protocol",
         "log_time": 1.5,
         "log_logger": object(),
         "session_id": "s1",
@@ -49,7 +49,7 @@ def test_json_event_keeps_plain_fields_only():
     }
     record = json.loads(event_as_json(event))
     assert record == {
-        "time": 1.5, "level": "info", "namespace": "twisted_novnc.front",
+        "time": 1.5, "level": "info", "namespace": "twisted_novnc.front.protocol",
         "message": "closed s1: 1000", "session_id": "s1", "outcome": "1000", "up_bytes": 3,
     }
 
@@ -95,7 +95,7 @@ def test_nvx_in_use_and_logged():
     """Autobahn's native masking is in use here, and start-up says so in the log."""
     from twisted.logger import globalLogPublisher
 
-    from twisted_novnc.service import log_nvx
+    from twisted_novnc.processes.service import log_nvx
 
     seen: list[str] = []
 
@@ -117,11 +117,11 @@ def test_text_lines_are_exactly_twisteds(times):
     own classic format gives, in any order of times."""
     from twisted.logger import LogLevel, formatEventAsClassicLogText
 
-    from twisted_novnc.logs import event_as_text
+    from twisted_novnc.operations.logs import event_as_text
 
     for when in times:
         event = {
-            "log_time": when, "log_level": LogLevel.info, "log_namespace": "twisted_novnc.front",
+            "log_time": when, "log_level": LogLevel.info, "log_namespace": "twisted_novnc.front.protocol",
             "log_format": "closed {session_id}: {outcome}", "session_id": "s1", "outcome": "1000",
         }
         assert event_as_text(event) == formatEventAsClassicLogText(event)
@@ -145,19 +145,19 @@ _values = st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.tex
                            _values),
     when=st.one_of(st.none(), st.floats(min_value=0, max_value=4e9, allow_nan=False)),
     level=st.sampled_from([None, LogLevel.info, LogLevel.warn]),
-    namespace=st.sampled_from([None, "twisted_novnc.front", "-"]),
+    namespace=st.sampled_from([None, "twisted_novnc.front.protocol", "-"]),
     system=st.sampled_from([None, None, "ws,42,127.0.0.1"]),
 )
 @example(log_format="closed {session_id}: {wait_seconds:.3f}s\nmore", values={
     "session_id": "s", "wait_seconds": 0.25}, when=1700000000.5, level=LogLevel.info,
-    namespace="twisted_novnc.front", system=None)
+    namespace="twisted_novnc.front.protocol", system=None)
 def test_text_lines_of_any_event_are_exactly_twisteds(log_format, values, when, level,
                                                       namespace, system):
     """event_as_text's fast path (plain fields, no failure) and its fallback give, for any
     format, field values and event keys, exactly Twisted's classic line, or nothing."""
     from twisted.logger import formatEventAsClassicLogText
 
-    from twisted_novnc.logs import event_as_text
+    from twisted_novnc.operations.logs import event_as_text
 
     event = dict(values)
     for key, value in (("log_format", log_format), ("log_time", when), ("log_level", level),
@@ -172,7 +172,7 @@ def test_text_line_with_a_failure_keeps_its_traceback():
     from twisted.logger import formatEventAsClassicLogText
     from twisted.python.failure import Failure
 
-    from twisted_novnc.logs import event_as_text
+    from twisted_novnc.operations.logs import event_as_text
 
     try:
         raise ValueError("why it broke")
@@ -191,7 +191,7 @@ def test_twistd_text_observer_formats_faster_and_the_same():
 
     from twisted.logger import globalLogPublisher, textFileLogObserver
 
-    from twisted_novnc.logs import event_as_text, speed_up_twistd_text_observer
+    from twisted_novnc.operations.logs import event_as_text, speed_up_twistd_text_observer
 
     twistds, other_format = io.StringIO(), io.StringIO()
     observer = textFileLogObserver(twistds)
@@ -205,7 +205,7 @@ def test_twistd_text_observer_formats_faster_and_the_same():
         assert custom.formatEvent is not event_as_text
         event = {"log_format": "request {session_id}", "session_id": "s1",
                  "log_time": 1700000000.25, "log_level": LogLevel.info,
-                 "log_namespace": "twisted_novnc.front"}
+                 "log_namespace": "twisted_novnc.front.protocol"}
         observer(event)
         assert twistds.getvalue() == original(event)
     finally:

@@ -1,4 +1,4 @@
-"""Tests for twisted_novnc.origins: allowed_origins patterns and the Origin check."""
+"""Tests for twisted_novnc.front.origins: allowed_origins patterns and the Origin check."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twisted_novnc.errors import Refusal, Refused
-from twisted_novnc.origins import OriginPolicy
+from twisted_novnc.front.origins import OriginPolicy
 
 MODEST = settings(max_examples=60)
 

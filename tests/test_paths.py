@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from twisted_novnc.paths import PathMatch, PathTemplate
+from twisted_novnc.front.paths import PathMatch, PathTemplate
 
 UUID = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"
 DEFAULT = PathTemplate("/websockify/{session_id}")

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
+from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.errors import Refusal, Refused
-from twisted_novnc.readiness import ReadinessGate
 from twisted_novnc.session import SessionRow, Target
 from twisted_novnc.testing import MemorySessionSource
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twisted_novnc.relay import Relay
+from twisted_novnc.relay.relay import Relay
 from twisted_novnc.testing import MemoryPeer
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from twisted_novnc.requesthead import MAX_HEAD, BadHead, check_head, head_end
+from twisted_novnc.front.requesthead import MAX_HEAD, BadHead, check_head, head_end
 
 GOOD = b"GET /websockify/x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\r\n"
 

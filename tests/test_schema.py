@@ -9,7 +9,7 @@ import pytest_twisted  # noqa: F401
 
 from twisted_novnc.__main__ import main
 from twisted_novnc.config import parse_config
-from twisted_novnc.schema import quote_ident, schema_sql
+from twisted_novnc.database.schema import quote_ident, schema_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
-from twisted_novnc.sending import RELAY_BUFFER_SIZE, send_now, tune_relay_transport
+from twisted_novnc.relay.sending import RELAY_BUFFER_SIZE, send_now, tune_relay_transport
 
 
 class Collector(Protocol):
@@ -103,7 +103,7 @@ def test_close_now_sends_the_fin_before_the_next_turn():
     loseConnection, which sends them first."""
     import socket
 
-    from twisted_novnc.sending import close_now
+    from twisted_novnc.relay.sending import close_now
 
     class Server(Protocol):
         def connectionMade(self) -> None:
@@ -150,7 +150,7 @@ def test_close_now_sends_the_fin_before_the_next_turn():
 def test_relay_transport_has_the_sizes_without_growing_each_instance():
     """A RelayTransport relays with the big buffers as class attributes (tuning adds nothing
     to the instance) and writes through like any TCP connection; a plain one is tuned."""
-    from twisted_novnc.sending import RelayTransport
+    from twisted_novnc.relay.sending import RelayTransport
 
     collector = Collector()
     port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
@@ -185,8 +185,8 @@ def test_relay_listeners_accept_into_relay_transports(tmp_path):
     from twisted.internet import tcp, unix
     from twisted.internet.endpoints import serverFromString
 
-    from twisted_novnc.sending import RelayTransport
-    from twisted_novnc.service import ListenerService
+    from twisted_novnc.processes.service import ListenerService
+    from twisted_novnc.relay.sending import RelayTransport
 
     ports = []
     unix_socket = tmp_path / "relay.sock"

@@ -23,7 +23,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from twisted_novnc.sharedports import (
+from twisted_novnc.processes.sharedports import (
     FAIR_ACCEPTS,
     AdoptingReactor,
     ListeningReactor,

@@ -15,11 +15,11 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from twisted_novnc import upstream
 from twisted_novnc.errors import Refusal, Refused
-from twisted_novnc.sending import send_now
+from twisted_novnc.relay import upstream
+from twisted_novnc.relay.sending import send_now
+from twisted_novnc.relay.upstream import SocketConnector, connect_tcp, dial
 from twisted_novnc.session import Target
-from twisted_novnc.upstream import SocketConnector, connect_tcp, dial
 
 
 class Recorder(ClientFactory):

@@ -1,4 +1,4 @@
-"""Tests for twisted_novnc.targets: allowed_networks / allowed_ports and the target check."""
+"""Tests for twisted_novnc.relay.targets: allowed_networks / allowed_ports and the target check."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twisted_novnc.errors import Refusal, Refused
-from twisted_novnc.targets import (
+from twisted_novnc.relay.targets import (
     ALL_PORTS,
     DEFAULT_NETWORKS,
     TargetPolicy,

@@ -10,10 +10,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from twisted_novnc.errors import Refusal, Refused
-from twisted_novnc.relay import Relay
+from twisted_novnc.relay.relay import Relay
+from twisted_novnc.relay.upstream import HOLD_LIMIT, TCPUpstream, connect_tcp
 from twisted_novnc.session import Target
 from twisted_novnc.testing import MemoryPeer
-from twisted_novnc.upstream import HOLD_LIMIT, TCPUpstream, connect_tcp
 
 TARGET = Target("s1", "10.0.0.5", 5900)
 

@@ -13,7 +13,7 @@ from test_front import RFB_BANNER, Harness, RawExchange
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from twisted_novnc.web import resolve, response
+from twisted_novnc.front.web import resolve, response
 
 
 @pytest.fixture

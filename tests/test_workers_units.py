@@ -19,13 +19,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 
-from twisted_novnc.admin import WorkersMetrics, WorkersReadyz
 from twisted_novnc.config import parse_config, settings_text
-from twisted_novnc.logs import event_as_json, event_as_text
-from twisted_novnc.metrics import Metrics
-from twisted_novnc.service import ListenerService, make_service, make_worker_service
-from twisted_novnc.sharedports import ListeningReactor, SharedSocket
-from twisted_novnc.workers import (
+from twisted_novnc.operations.admin import WorkersMetrics, WorkersReadyz
+from twisted_novnc.operations.logs import event_as_json, event_as_text
+from twisted_novnc.operations.metrics import Metrics
+from twisted_novnc.processes.service import ListenerService, make_service, make_worker_service
+from twisted_novnc.processes.sharedports import ListeningReactor, SharedSocket
+from twisted_novnc.processes.workers import (
     ANSWER,
     ANSWER_TIMEOUT,
     ASK,
@@ -217,7 +217,7 @@ def test_dead_worker_is_restarted_and_logged(logged):
 
 def test_exit_status_is_logged():
     """A worker that exits with a status is described by it."""
-    from twisted_novnc.workers import describe_end
+    from twisted_novnc.processes.workers import describe_end
 
     assert describe_end(exited(3)) == "exited with status 3"
     assert describe_end(exited(0)) == "exited with status 0"
@@ -427,7 +427,7 @@ def relay_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_worker_events_reach_the_supervisor_log_marked():
     """A worker's event keeps its message, level, time and fields, and gains worker = index
     (a JSON field) and a "worker 1" system (twistd's text lines)."""
-    log = Logger(namespace="twisted_novnc.front")
+    log = Logger(namespace="twisted_novnc.front.protocol")
     events = []
     log.observer = events.append
     log.info("closed {session_id} from {client}: {outcome}", session_id="s1", client="10.0.0.9",
@@ -437,14 +437,14 @@ def test_worker_events_reach_the_supervisor_log_marked():
     assert event["worker"] == 1 and event["log_level"] == LogLevel.info
     assert event["log_time"] == events[0]["log_time"]
     text = event_as_text(event)
-    assert "[worker 1: twisted_novnc.front#info] closed s1 from 10.0.0.9: 1000" in text
+    assert "[worker 1: twisted_novnc.front.protocol#info] closed s1 from 10.0.0.9: 1000" in text
     record = json.loads(event_as_json(event))
     assert record["worker"] == 1 and record["session_id"] == "s1" and record["up_bytes"] == 3
 
 
 def test_worker_failures_keep_their_traceback_and_message():
     """A failure logged in a worker arrives with its whole traceback, message included."""
-    log = Logger(namespace="twisted_novnc.front")
+    log = Logger(namespace="twisted_novnc.front.protocol")
     events = []
     log.observer = events.append
     try:
@@ -676,7 +676,7 @@ def test_supervisor_tree_stops_in_order():
     outlives the workers' drain."""
     from twisted.application.service import Service
 
-    from twisted_novnc.service import SequentialMultiService
+    from twisted_novnc.processes.service import SequentialMultiService
 
     order: list[str] = []
     draining: Deferred[None] = Deferred()

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .auth import add_mint_token_arguments, run_mint_token
-from .config import ConfigError, Settings, effective_items, parse_config, read_config
-from .schema import schema_sql
+from twisted_novnc.config import ConfigError, Settings, effective_items, parse_config, read_config
+from twisted_novnc.database.schema import schema_sql
+from twisted_novnc.front.auth import add_mint_token_arguments, run_mint_token
 
 
 def _settings(path: str | None) -> Settings:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mint-token":
         return run_mint_token(args)
     if args.command == "worker":
-        from .workers import run_worker
+        from twisted_novnc.processes.workers import run_worker
 
         return run_worker(args.index)
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(schema_sql(settings.database, create_table=not args.no_table))
         return 0
 
-    from .embedded import apply_sql
+    from twisted_novnc.database.embedded import apply_sql
 
     dsn = args.dsn or settings.database.dsn
     if dsn == "embedded":

@@ -23,9 +23,9 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
-from .auth import parse_cookie_name
-from .origins import OriginPolicy
-from .targets import (
+from twisted_novnc.front.auth import parse_cookie_name
+from twisted_novnc.front.origins import OriginPolicy
+from twisted_novnc.relay.targets import (
     ALL_PORTS,
     DEFAULT_NETWORKS,
     format_networks,

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .config import ConfigError, read_config
+from twisted_novnc.config import ConfigError, read_config
 
 #: Named options and the ini key each one overrides.
 OVERRIDES = {
@@ -66,7 +66,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    from .service import load_secret, make_service
+    from twisted_novnc.processes.service import load_secret, make_service
 
     try:
         settings = read_config(options["config"], options.overrides)

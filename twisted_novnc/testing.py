@@ -15,8 +15,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from .relay import Relay, TransportPeer
-from .session import SessionRow
+from twisted_novnc.relay.relay import Relay, TransportPeer
+from twisted_novnc.session import SessionRow
 
 RFB_BANNER = b"RFB 003.008\n"
 

@@ -14,8 +14,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
 from twisted_novnc.config import parse_config
-from twisted_novnc.embedded import EmbeddedPostgres, apply_sql, read_postmaster_pid
-from twisted_novnc.schema import schema_sql
+from twisted_novnc.database.embedded import EmbeddedPostgres, apply_sql, read_postmaster_pid
+from twisted_novnc.database.schema import schema_sql
 from twisted_novnc.testing import VNCEchoFactory
 
 

@@ -12,7 +12,7 @@ from e2e_support import connect_client as connect
 from e2e_support import within
 from twisted.internet import reactor
 
-from twisted_novnc.auth import mint_token, token_digest
+from twisted_novnc.front.auth import mint_token, token_digest
 from twisted_novnc.testing import RFB_BANNER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]

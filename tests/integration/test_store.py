@@ -11,10 +11,10 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from twisted_novnc.config import parse_config
-from twisted_novnc.readiness import ReadinessGate
-from twisted_novnc.service import make_service
+from twisted_novnc.database.readiness import ReadinessGate
+from twisted_novnc.database.store import PostgresSessionStore
+from twisted_novnc.processes.service import make_service
 from twisted_novnc.session import SessionRow
-from twisted_novnc.store import PostgresSessionStore
 from twisted_novnc.testing import recording_client_factory
 
 pytestmark = pytest.mark.integration

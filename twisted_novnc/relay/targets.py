@@ -21,7 +21,7 @@ import re
 
 import attrs
 
-from .errors import Refusal, Refused
+from twisted_novnc.errors import Refusal, Refused
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PortRange = tuple[int, int]

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from . import __version__
+from twisted_novnc import __version__
 
 # The *_created series only double every counter; nothing here reads them.
 disable_created_metrics()

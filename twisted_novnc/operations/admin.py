@@ -23,7 +23,13 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from .metrics import LiveState, Metrics, exposition, supervisor_families, worker_families
+from twisted_novnc.operations.metrics import (
+    LiveState,
+    Metrics,
+    exposition,
+    supervisor_families,
+    worker_families,
+)
 
 _log = Logger()
 

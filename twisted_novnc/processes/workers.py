@@ -1,7 +1,7 @@
 """``[novnc] workers``: a supervisor process and the worker processes it keeps running.
 
 The supervisor (the ``twistd`` process) creates the listening sockets, starts N workers with
-those sockets inherited (:mod:`twisted_novnc.sharedports`), and restarts any worker that ends,
+those sockets inherited (:mod:`twisted_novnc.processes.sharedports`), and restarts any worker that ends,
 with capped backoff.  Each worker is a whole proxy of its own (its own store, LISTEN connection
 and readiness gate: the database is the only shared state), so any worker serves any session.
 
@@ -52,9 +52,9 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
-from .backoff import jittered_backoff
-from .config import Settings, parse_config, settings_text
-from .sharedports import SharedSocket
+from twisted_novnc.backoff import jittered_backoff
+from twisted_novnc.config import Settings, parse_config, settings_text
+from twisted_novnc.processes.sharedports import SharedSocket
 
 _log = Logger()
 
@@ -649,7 +649,7 @@ class ControlInput:
     def answer(self, payload: bytes) -> None:
         from prometheus_client import generate_latest
 
-        from .admin import readiness
+        from twisted_novnc.operations.admin import readiness
 
         try:
             question = json.loads(payload)
@@ -693,7 +693,7 @@ def run_worker(index: int) -> int:
         settings = parse_config(init.settings, init.source)
         from twisted.internet import process, reactor
 
-        from .service import make_worker_service
+        from twisted_novnc.processes.service import make_worker_service
 
         service, handles = make_worker_service(settings, reactor, init.secret, init.sockets)
         control = ControlInput(reactor, channel, handles)

@@ -27,11 +27,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .backoff import jittered_backoff
-from .errors import Refusal, Refused
-from .relay import Relay, TransportPeer
-from .sending import RelayTransport, send_now, tune_relay_transport
-from .session import Target
+from twisted_novnc.backoff import jittered_backoff
+from twisted_novnc.errors import Refusal, Refused
+from twisted_novnc.relay.relay import Relay, TransportPeer
+from twisted_novnc.relay.sending import RelayTransport, send_now, tune_relay_transport
+from twisted_novnc.session import Target
 
 _DONE = Failure(error.ConnectionDone())
 _log = Logger()

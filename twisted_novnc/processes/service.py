@@ -3,7 +3,7 @@
 With ``[novnc] workers = 1`` (the default): the embedded database (if any), the session store,
 the listeners and the admin listener, in one process.  With more, that process is a supervisor
 (the embedded database, the listening sockets, the admin listener and the workers,
-:mod:`twisted_novnc.workers`), and each worker runs the proxy itself on the shared sockets.
+:mod:`twisted_novnc.processes.workers`), and each worker runs the proxy itself on the shared sockets.
 """
 
 from __future__ import annotations
@@ -22,24 +22,29 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from .admin import admin_site, supervisor_site
-from .auth import SecretFileError, read_secret
-from .config import ConfigError, Settings
-from .embedded import EmbeddedPostgresService, apply_sql
-from .errors import Refusal
-from .fdlimit import BASE_RESERVE, check_capacity, guard_accepts, raise_descriptor_limit
-from .front import NoVNCServerFactory
-from .logs import LogService
-from .metrics import LiveState, Metrics
-from .readiness import ReadinessGate
-from .schema import schema_sql
-from .sending import RelayTransport
-from .session import Target
-from .sharedports import AdoptingReactor, ListeningReactor, SharedSocket
-from .store import PostgresSessionStore
-from .targets import TargetPolicy
-from .upstream import connect_tcp, connect_websocket, tls_options, tls_trust
-from .workers import Launcher, Supervisor, WorkerHandles, worker_count
+from twisted_novnc.config import ConfigError, Settings
+from twisted_novnc.database.embedded import EmbeddedPostgresService, apply_sql
+from twisted_novnc.database.readiness import ReadinessGate
+from twisted_novnc.database.schema import schema_sql
+from twisted_novnc.database.store import PostgresSessionStore
+from twisted_novnc.errors import Refusal
+from twisted_novnc.front.auth import SecretFileError, read_secret
+from twisted_novnc.front.protocol import NoVNCServerFactory
+from twisted_novnc.operations.admin import admin_site, supervisor_site
+from twisted_novnc.operations.fdlimit import (
+    BASE_RESERVE,
+    check_capacity,
+    guard_accepts,
+    raise_descriptor_limit,
+)
+from twisted_novnc.operations.logs import LogService
+from twisted_novnc.operations.metrics import LiveState, Metrics
+from twisted_novnc.processes.sharedports import AdoptingReactor, ListeningReactor, SharedSocket
+from twisted_novnc.processes.workers import Launcher, Supervisor, WorkerHandles, worker_count
+from twisted_novnc.relay.sending import RelayTransport
+from twisted_novnc.relay.targets import TargetPolicy
+from twisted_novnc.relay.upstream import connect_tcp, connect_websocket, tls_options, tls_trust
+from twisted_novnc.session import Target
 
 _log = Logger()
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from .errors import Refusal, Refused
+from twisted_novnc.errors import Refusal, Refused
 
 #: The ports an origin has when it names none.
 DEFAULT_PORTS = {"http": 80, "https": 443}

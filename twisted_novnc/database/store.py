@@ -19,10 +19,10 @@ from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorTim
 from twisted.logger import Logger
 from txpostgres import reconnection, retrying, txpostgres
 
-from .backoff import jittered_backoff
-from .config import DatabaseSettings
-from .schema import quote_ident
-from .session import SessionRow
+from twisted_novnc.backoff import jittered_backoff
+from twisted_novnc.config import DatabaseSettings
+from twisted_novnc.database.schema import quote_ident
+from twisted_novnc.session import SessionRow
 
 _log = Logger()
 

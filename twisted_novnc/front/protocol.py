@@ -25,8 +25,13 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import web
-from .auth import (
+from twisted_novnc._compat.lazydebug import install as _install_lazy_debug
+from twisted_novnc._compat.lazydebug import lazy_pformat
+from twisted_novnc.config import AuthSettings, NovncSettings
+from twisted_novnc.database.readiness import ReadinessGate, Watch
+from twisted_novnc.errors import Refusal, Refused
+from twisted_novnc.front import web
+from twisted_novnc.front.auth import (
     TokenRequired,
     extract_token,
     strip_token,
@@ -34,10 +39,8 @@ from .auth import (
     verify_digest,
     verify_token,
 )
-from .config import AuthSettings, NovncSettings
-from .errors import Refusal, Refused
-from .forwarded import client_address, parse_networks
-from .frames import (
+from twisted_novnc.front.forwarded import client_address, parse_networks
+from twisted_novnc.front.frames import (
     OPCODE_BINARY,
     OPCODE_CONTINUATION,
     ClientFrameHeader,
@@ -46,17 +49,14 @@ from .frames import (
     parse_client_header,
     server_frame_header,
 )
-from .lazydebug import install as _install_lazy_debug
-from .lazydebug import lazy_pformat
-from .metrics import Metrics
-from .paths import PathTemplate
-from .readiness import ReadinessGate, Watch
-from .relay import Relay, TransportPeer
-from .requesthead import MAX_HEAD, BadHead, check_head, head_end
-from .sending import close_now, send_now, tune_relay_transport
-from .session import Target
-from .targets import TargetPolicy
-from .upstream import TCPUpstream
+from twisted_novnc.front.paths import PathTemplate
+from twisted_novnc.front.requesthead import MAX_HEAD, BadHead, check_head, head_end
+from twisted_novnc.operations.metrics import Metrics
+from twisted_novnc.relay.relay import Relay, TransportPeer
+from twisted_novnc.relay.sending import close_now, send_now, tune_relay_transport
+from twisted_novnc.relay.targets import TargetPolicy
+from twisted_novnc.relay.upstream import TCPUpstream
+from twisted_novnc.session import Target
 
 SUBPROTOCOL = "binary"
 

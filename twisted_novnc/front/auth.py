@@ -44,8 +44,8 @@ from http.cookies import CookieError, Morsel, SimpleCookie
 from typing import ClassVar
 from urllib.parse import unquote_plus
 
-from .errors import Refusal, Refused
-from .paths import SESSION_ID_PATTERN
+from twisted_novnc.errors import Refusal, Refused
+from twisted_novnc.front.paths import SESSION_ID_PATTERN
 
 #: The query parameter that carries a token.
 TOKEN_PARAMETER = "token"

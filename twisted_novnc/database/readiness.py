@@ -19,9 +19,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .backoff import jittered_backoff
-from .errors import Refusal, Refused
-from .session import SessionRow, Target, parse_vm_ip
+from twisted_novnc.backoff import jittered_backoff
+from twisted_novnc.errors import Refusal, Refused
+from twisted_novnc.session import SessionRow, Target, parse_vm_ip
 
 _log = Logger()
 

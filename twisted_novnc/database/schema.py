@@ -6,7 +6,7 @@ and ``python -m twisted_novnc install-schema`` applies it for any configured tab
 
 from __future__ import annotations
 
-from .config import DatabaseSettings
+from twisted_novnc.config import DatabaseSettings
 
 TRIGGER_NAME = "twisted_novnc_notify"
 

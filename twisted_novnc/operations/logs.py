@@ -28,7 +28,7 @@ from twisted.logger import (
     timeFormatRFC3339,
 )
 
-from .config import LogSettings
+from twisted_novnc.config import LogSettings
 
 #: Event keys that describe the event itself, not the connection it is about.
 _INTERNAL = {"log_logger", "log_source", "log_io", "log_legacy", "log_trace", "log_failure"}

@@ -1,0 +1,1 @@
+"""The sessions' database: the PostgreSQL store, the readiness gate, the schema, the embedded cluster."""

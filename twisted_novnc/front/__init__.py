@@ -1,0 +1,1 @@
+"""The browser side: the WebSocket protocol, the request checks, tokens, origins and paths."""

@@ -1,0 +1,1 @@
+"""Running it: metrics, health and admin pages, logs, descriptor limits."""

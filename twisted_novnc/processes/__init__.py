@@ -1,0 +1,1 @@
+"""The process tree: the service twistd runs, workers, shared listening sockets."""
