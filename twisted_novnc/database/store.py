@@ -17,10 +17,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorTime
 from twisted.logger import Logger
 from txpostgres import reconnection, retrying, txpostgres
+from zope.interface import implementer
 
 from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.config import DatabaseSettings
 from twisted_novnc.database.ids import INTEGER_TYPES, normalise_id
+from twisted_novnc.database.interfaces import ISessionSource, ITokenStore
 from twisted_novnc.database.schema import quote_ident
 from twisted_novnc.session import SessionRow
 
@@ -120,6 +122,7 @@ class _Detector(reconnection.DeadConnectionDetector):
             retrying.cancel()
 
 
+@implementer(ISessionSource, ITokenStore)
 @attrs.define(eq=False)
 class PostgresSessionStore:
     """Reads sessions through a txpostgres pool and relays NOTIFYs to one observer."""
