@@ -9,6 +9,7 @@ import attrs
 import psycopg2
 import pytest
 import pytest_twisted
+from psycopg2.extensions import connection
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
@@ -102,7 +103,7 @@ def candidate_ids(count: int = 400) -> list[str]:
     return ids
 
 
-def as_postgres_prints(pg, raw: str, column_type: str) -> str | None:
+def as_postgres_prints(pg: connection, raw: str, column_type: str) -> str | None:
     """``raw`` read as a value of ``column_type`` and printed back, or None if refused."""
     try:
         with pg.cursor() as cur:
@@ -113,7 +114,7 @@ def as_postgres_prints(pg, raw: str, column_type: str) -> str | None:
 
 
 @pytest.mark.parametrize("column_type", ["uuid", "smallint", "integer", "bigint", "text"])
-def test_normalise_id_agrees_with_postgresql(pg, column_type: str) -> None:
+def test_normalise_id_agrees_with_postgresql(pg: connection, column_type: str) -> None:
     """normalise_id never disagrees with PostgreSQL on which row an id names.
 
     What it accepts, PostgreSQL reads as the same row and prints unchanged; what PostgreSQL
