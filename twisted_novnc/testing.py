@@ -14,29 +14,44 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from twisted_novnc.database.ids import normalise_id
+from twisted_novnc.database.interfaces import ISessionSource, ITokenStore
 from twisted_novnc.relay.relay import Relay, TransportPeer
 from twisted_novnc.session import SessionRow
 
 RFB_BANNER = b"RFB 003.008\n"
 
 
+@implementer(ISessionSource, ITokenStore)
 @attrs.define(eq=False)
 class MemorySessionSource:
-    """Sessions in a dict; ``fetch`` answers from it, or holds answers until ``release``."""
+    """Sessions in a dict, keyed by canonical id; ``fetch`` answers from it, or holds answers
+    until ``release``.
+
+    Ids are normalised exactly as :class:`~twisted_novnc.database.store.PostgresSessionStore`
+    normalises them for an id column of type ``id_type`` (``uuid``, an integer type, or
+    ``text``: ids as given), and the contract suite in ``tests/contract/`` holds the two to it.
+    """
 
     rows: dict[str, SessionRow] = attrs.field(factory=dict)
     fail_with: Exception | None = None
     hold: bool = False
     fetches: list[frozenset[str]] = attrs.field(factory=list)
+    #: The id column's type, as PostgreSQL names it (the store reads it from the table).
+    id_type: str = "text"
     _held: list[tuple[Deferred[dict[str, SessionRow]], frozenset[str]]] = attrs.field(
         factory=list
     )
 
     def normalise_id(self, raw: str) -> str | None:
-        return raw
+        """The id as PostgreSQL would print it from a column of ``id_type``."""
+        return normalise_id(raw, self.id_type)
 
     def fetch(self, session_ids: Iterable[str]) -> Deferred[dict[str, SessionRow]]:
+        """The rows of these sessions (any spelling), keyed by canonical id; the ids asked
+        for are recorded in ``fetches`` as given."""
         ids = frozenset(session_ids)
         self.fetches.append(ids)
         if self.hold:
@@ -48,15 +63,17 @@ class MemorySessionSource:
     def _answer(self, ids: frozenset[str]) -> Deferred[dict[str, SessionRow]]:
         if self.fail_with is not None:
             return defer.fail(self.fail_with)
-        return defer.succeed({i: self.rows[i] for i in ids if i in self.rows})
+        keys = {self.normalise_id(i) for i in ids}
+        return defer.succeed({k: self.rows[k] for k in keys if k is not None and k in self.rows})
 
     def consume_token(self, session_id: str, digest: str) -> Deferred[SessionRow | None]:
-        """Clear the row's token if it matches, like the store's one UPDATE."""
+        """Clear the row's token if it matches and answer the row as it now is, like the
+        store's one ``UPDATE ... RETURNING``."""
         row = self.rows.get(session_id)
         if row is None or row.token_digest is None or row.token_digest != digest:
             return defer.succeed(None)
-        self.rows[session_id] = attrs.evolve(row, token_digest=None)
-        return defer.succeed(row)
+        spent = self.rows[session_id] = attrs.evolve(row, token_digest=None)
+        return defer.succeed(spent)
 
     def release(self) -> None:
         """Answer every held fetch from the rows as they are now."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Callable, Collection, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -20,20 +20,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_novnc.backoff import jittered_backoff
+from twisted_novnc.database.interfaces import ISessionSource
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.session import SessionRow, Target, parse_vm_ip
 
 _log = Logger()
-
-
-class SessionSource(Protocol):
-    """The part of a session store the gate needs (PostgreSQL, or in memory for tests)."""
-
-    def fetch(self, session_ids: Iterable[str]) -> Deferred[dict[str, SessionRow]]: ...
-
-    def normalise_id(self, raw: str) -> str | None: ...
-
-    def consume_token(self, session_id: str, digest: str) -> Deferred[SessionRow | None]: ...
 
 
 class _Seen(enum.Enum):
@@ -77,7 +68,7 @@ class ReadinessGate:
     revokes the session's relays (4410).
     """
 
-    source: SessionSource
+    source: ISessionSource
     clock: IReactorTime
     timeout: float
     ended_statuses: Collection[str]
@@ -365,4 +356,4 @@ def _failed(error: Exception) -> Deferred[Any]:
     return d
 
 
-__all__ = ["CancelledError", "ReadinessGate", "SessionSource"]
+__all__ = ["CancelledError", "ReadinessGate"]

@@ -7,7 +7,6 @@ can never delay a NOTIFY.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -18,9 +17,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorTime
 from twisted.logger import Logger
 from txpostgres import reconnection, retrying, txpostgres
+from zope.interface import implementer
 
 from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.config import DatabaseSettings
+from twisted_novnc.database.ids import INTEGER_TYPES, normalise_id
+from twisted_novnc.database.interfaces import ISessionSource, ITokenStore
 from twisted_novnc.database.schema import quote_ident
 from twisted_novnc.session import SessionRow
 
@@ -43,8 +45,6 @@ CONNECTION_OPTIONS = {
     "keepalives_count": 3,
 }
 
-INTEGER_TYPES = {"smallint": 2**15, "integer": 2**31, "bigint": 2**63}
-
 
 class StoreObserver(Protocol):
     """What the store tells the readiness gate."""
@@ -57,22 +57,6 @@ class StoreObserver(Protocol):
 
     def not_listening(self) -> None:
         """The LISTEN connection is lost; notifications may be missed until ``listening``."""
-
-
-def normalise_id(raw: str, column_type: str | None) -> str | None:
-    """The id as PostgreSQL prints it, or None when no row of this column type can have it."""
-    if column_type == "uuid":
-        try:
-            return str(uuid.UUID(raw))
-        except ValueError:
-            return None
-    if column_type in INTEGER_TYPES:
-        if not raw.lstrip("-").isdigit():
-            return None
-        value = int(raw)
-        limit = INTEGER_TYPES[column_type]
-        return str(value) if -limit <= value < limit else None
-    return raw
 
 
 @attrs.define
@@ -138,6 +122,7 @@ class _Detector(reconnection.DeadConnectionDetector):
             retrying.cancel()
 
 
+@implementer(ISessionSource, ITokenStore)
 @attrs.define(eq=False)
 class PostgresSessionStore:
     """Reads sessions through a txpostgres pool and relays NOTIFYs to one observer."""

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted_novnc._compat.lazydebug import install as _install_lazy_debug
 from twisted_novnc._compat.lazydebug import lazy_pformat
 from twisted_novnc.config import AuthSettings, NovncSettings
+from twisted_novnc.database.interfaces import ITokenStore
 from twisted_novnc.database.readiness import ReadinessGate, Watch
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.front import web
@@ -231,7 +232,8 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
                 raise Refused(Refusal.TOKEN_USED, "the session has no unused token")
             verify_digest(target.token_digest, self._token)  # a wrong token: 4403 forbidden
             digest = token_digest(self._token or "")
-            d = self.factory.gate.source.consume_token(target.session_id, digest)
+            # The gate's source is also the token store (both the store and the fake are).
+            d = ITokenStore(self.factory.gate.source).consume_token(target.session_id, digest)
             d.addCallback(self._token_consumed, target, deadline)
             return d
         if auth.mode == "column":
