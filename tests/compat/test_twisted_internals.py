@@ -70,7 +70,7 @@ def close(server: Accepted, peer: socket.socket, port: Any) -> Generator[Any, An
 
 def queued(transport: Any) -> int:
     """What Twisted still holds to write, as send_now reads it."""
-    return transport._tempDataLen + len(transport.dataBuffer) - transport.offset  # type: ignore[no-any-return]
+    return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
 
 
 @pytest_twisted.inlineCallbacks

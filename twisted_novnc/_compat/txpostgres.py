@@ -96,7 +96,7 @@ def make_pool(
     reactor: Any, dsn: str, size: int, make_connection: Callable[[], txpostgres.Connection]
 ) -> txpostgres.ConnectionPool:
     """A ``ConnectionPool`` of ``size`` connections, each made by ``make_connection`` and not
-    connected yet (see :func:`pool_connections`).
+    connected yet (:func:`pool_connections` lists them).
 
     Its documented ``connectionFactory`` and ``reactor`` class attributes, set on a subclass:
     the pool calls the factory ``min`` times in its constructor and keeps what it returns.
@@ -113,10 +113,8 @@ def make_pool(
 
 
 def pool_connections(pool: txpostgres.ConnectionPool) -> list[txpostgres.Connection]:
-    """Every connection of a pool (its ``connections``), each handed out and back by it.
-
-    The pool never opens or closes one after its constructor, so this list stays true.
-    """
+    """The connections a pool holds now (its ``connections``): all it made, but for those
+    running a query (it takes each out while it runs one)."""
     return list(pool.connections)
 
 

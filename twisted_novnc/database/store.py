@@ -314,7 +314,7 @@ class PostgresSessionStore:
         if self._listen_retry is not None:
             self._listen_retry.cancel()
             self._listen_retry = None
-        connections = [self._listener, *self._all_pool_connections]
+        connections = [self._listener, *(pool_connections(self._pool) if self._pool else ())]
         for connection in connections:
             if connection is None:
                 continue
