@@ -23,8 +23,8 @@ from twisted.internet.testing import MemoryReactor
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from twisted_novnc._compat.twisted import FAIR_ACCEPTS
 from twisted_novnc.processes.sharedports import (
-    FAIR_ACCEPTS,
     AdoptingReactor,
     ListeningReactor,
     NotSharable,

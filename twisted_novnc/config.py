@@ -23,6 +23,7 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
+from twisted_novnc._compat.twisted import endpoint_port
 from twisted_novnc.front.auth import parse_cookie_name
 from twisted_novnc.front.origins import OriginPolicy
 from twisted_novnc.relay.targets import (
@@ -190,8 +191,8 @@ def _check_endpoint(description: str) -> None:
     except Exception as e:
         raise ValueError(f"bad endpoint {description!r}: {e}") from None
     # Twisted parses "tcp:70000" happily and fails only at listen time; say so now.
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port <= 65535:
+    port = endpoint_port(endpoint)
+    if port is not None and not 0 <= port <= 65535:
         raise ValueError(f"bad endpoint {description!r}: port {port} is not in 0..65535")
 
 

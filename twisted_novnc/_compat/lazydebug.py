@@ -1,4 +1,5 @@
-"""Autobahn's debug-line arguments, worked out only when a debug line is written.
+"""Autobahn's module globals ``hltype``, ``hlval`` and ``pformat``, made lazy: Autobahn's
+debug-line arguments are worked out only when a debug line is written.
 
 Autobahn logs its connection steps at debug level as ``self.log.debug("{func} ...",
 func=hltype(self.connectionMade), peer=hlval(self.peer))``: the arguments are built on
@@ -6,7 +7,8 @@ every call, debug or not, and ``hltype`` goes through ``inspect`` and colour cod
 six calls and a few per cent of a connection's CPU.  :func:`install` puts lazy stand-ins in
 the two Autobahn modules that call them; each renders exactly Autobahn's text when (if ever)
 it is formatted.  Every such call in those modules is a keyword argument of a log call, which
-is all a stand-in has to serve (``tests/test_lazydebug.py`` checks both).
+is all a stand-in has to serve (``tests/compat/test_autobahn_debug.py`` checks both, and
+names the Autobahn release that changes either).
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ class LazyText:
 
 
 def lazy_hltype(obj: Any) -> LazyText:
+    """Autobahn's ``hltype(obj)``, rendered when formatted."""
     return LazyText(_hltype, obj)
 
 
 def lazy_hlval(val: Any, color: str = "white", bold: bool = True) -> LazyText:
+    """Autobahn's ``hlval(val, color, bold)``, rendered when formatted."""
     return LazyText(_hlval, val, color=color, bold=bold)
 
 

@@ -16,9 +16,16 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorTime
 from twisted.logger import Logger
-from txpostgres import reconnection, retrying, txpostgres
+from txpostgres import txpostgres
 from zope.interface import implementer
 
+from twisted_novnc._compat.txpostgres import (
+    StoppableDetector,
+    has_connection,
+    is_open,
+    make_pool,
+    pool_connections,
+)
 from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.config import DatabaseSettings
 from twisted_novnc.database.ids import INTEGER_TYPES, normalise_id
@@ -79,49 +86,6 @@ class _Health:
             self.down_reason = None
 
 
-class _Detector(reconnection.DeadConnectionDetector):
-    """txpostgres' detector, plus a hook when the connection dies and a way to stop retrying."""
-
-    health: _Health
-    on_death: Callable[[], None] | None = None
-    _retrying: Deferred[Any] | None = None
-    stopped: bool = False
-
-    def startReconnecting(self, f: Any) -> None:
-        if self.stopped:
-            return
-        self.health.down(f.getErrorMessage())
-        if self.on_death is not None:
-            self.on_death()
-        call = retrying.RetryingCall(self.reconnect)
-        call.reactor = self.reactor
-        self._retrying = call.start(self.reconnectionIterator())
-        self._retrying.addCallback(lambda _: self.connectionRecovered())
-        self._retrying.addErrback(lambda f: f.trap(defer.CancelledError))
-
-    def reconnect(self) -> Deferred[Any]:
-        d = super().reconnect()
-        d.addErrback(self._log_attempt)
-        return d
-
-    def _log_attempt(self, f: Any) -> Any:
-        self.health.down(f.getErrorMessage())
-        return f
-
-    def connectionRecovered(self) -> Any:
-        self._retrying = None
-        self.health.up()
-        if self.health.on_recovered is not None:
-            self.health.on_recovered()
-        return super().connectionRecovered()
-
-    def stop(self) -> None:
-        self.stopped = True
-        retrying, self._retrying = self._retrying, None
-        if retrying is not None:
-            retrying.cancel()
-
-
 @implementer(ISessionSource, ITokenStore)
 @attrs.define(eq=False)
 class PostgresSessionStore:
@@ -154,8 +118,7 @@ class PostgresSessionStore:
         """At least one query connection is up, and none has just reported the database gone."""
         alive = [
             c for c in self._all_pool_connections
-            if c._connection is not None and not c._connection.closed
-            and not c.detector.connectionIsDead
+            if is_open(c) and not c.detector.connectionIsDead
         ]
         return bool(alive) and self._health.down_reason is None
 
@@ -163,28 +126,19 @@ class PostgresSessionStore:
         self._health.on_recovered = callback
 
     def _make_connection(self) -> txpostgres.Connection:
-        detector = _Detector(
-            reconnectionIterator=jittered_backoff, reactor=self.reactor
+        detector = StoppableDetector(
+            self._health, reconnectionIterator=jittered_backoff, reactor=self.reactor
         )
-        detector.health = self._health
         return txpostgres.Connection(reactor=self.reactor, detector=detector)
 
     def start(self) -> None:
         """Connect the pool and the LISTEN connection; each retries on its own until it is up."""
         self._stopped = False
         dsn = self.dsn()
-        store = self
-
-        class Pool(txpostgres.ConnectionPool):
-            reactor = store.reactor
-
-            def connectionFactory(self, *args: Any) -> txpostgres.Connection:
-                return store._make_connection()
-
-        self._pool = Pool(None, dsn, min=self.settings.pool_size)
+        self._pool = make_pool(self.reactor, dsn, self.settings.pool_size, self._make_connection)
         # The pool hands connections out and back; keep our own list to judge health by.
-        self._all_pool_connections = list(self._pool.connections)
-        for connection in self._pool.connections:
+        self._all_pool_connections = pool_connections(self._pool)
+        for connection in self._all_pool_connections:
             self._connect(connection, dsn, "twisted_novnc-pool")
         self._listener = self._make_connection()
         self._listener.detector.on_death = self._listen_lost
@@ -345,12 +299,12 @@ class PostgresSessionStore:
         if self._listen_retry is not None:
             self._listen_retry.cancel()
             self._listen_retry = None
-        connections = [self._listener, *(self._pool.connections if self._pool else ())]
+        connections = [self._listener, *(pool_connections(self._pool) if self._pool else ())]
         for connection in connections:
             if connection is None:
                 continue
             connection.detector.stop()
-            if connection._connection is not None:
+            if has_connection(connection):
                 connection.close()
 
 

@@ -17,7 +17,6 @@ from typing import IO, Any
 
 from twisted.application.service import Service
 from twisted.logger import (
-    FileLogObserver,
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
@@ -25,9 +24,9 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
     globalLogPublisher,
-    timeFormatRFC3339,
 )
 
+from twisted_novnc._compat.twisted import is_twistd_text_observer, log_observers
 from twisted_novnc.config import LogSettings
 
 #: Event keys that describe the event itself, not the connection it is about.
@@ -161,22 +160,11 @@ def speed_up_twistd_text_observer() -> int:
     byte-identical faster one.  Any other observer (``--logger``, syslog) is left as it is.
     """
     found = 0
-    for observer in list(getattr(globalLogPublisher, "_observers", [])):
-        if not isinstance(observer, FileLogObserver):
-            continue
-        format_event = observer.formatEvent
-        if getattr(format_event, "__qualname__", "") != _TWISTD_FORMAT_EVENT:
-            continue
-        cells = [cell.cell_contents for cell in format_event.__closure__ or ()]
-        if cells != [timeFormatRFC3339]:
-            continue  # a text observer with another time format
-        observer.formatEvent = event_as_text
-        found += 1
+    for observer in log_observers(globalLogPublisher):
+        if is_twistd_text_observer(observer):
+            observer.formatEvent = event_as_text
+            found += 1
     return found
-
-
-#: The closure ``textFileLogObserver`` (which twistd uses) formats each event with.
-_TWISTD_FORMAT_EVENT = "textFileLogObserver.<locals>.formatEvent"
 
 
 class LogService(Service):
@@ -212,9 +200,9 @@ class LogService(Service):
         self._open()
         predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
         self._observer = FilteringLogObserver(self._write, [predicate])  # type: ignore[arg-type]
-        # Private, but the only handle there is on twistd's observers; without this every
-        # line would be written twice, once in twistd's format.
-        for observer in list(getattr(globalLogPublisher, "_observers", [])):
+        # The only handle there is on twistd's observers; without this every line would be
+        # written twice, once in twistd's format.
+        for observer in log_observers(globalLogPublisher):
             globalLogPublisher.removeObserver(observer)
         globalLogPublisher.addObserver(self._observer)
         if self.settings.file and threading.current_thread() is threading.main_thread():

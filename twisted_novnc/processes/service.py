@@ -16,12 +16,12 @@ from typing import Any
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from twisted_novnc._compat.twisted import accept_into, raise_listen_errors, when_listening
 from twisted_novnc.config import ConfigError, Settings
 from twisted_novnc.database.embedded import EmbeddedPostgresService, apply_sql
 from twisted_novnc.database.readiness import ReadinessGate
@@ -159,11 +159,11 @@ class ListenerService(StreamServerEndpointService):
         self.verb = verb
         self.relay = relay
         self._guard: Any = None
-        self._raiseSynchronously = True
+        raise_listen_errors(self)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._waitingForPort.addCallback(self._listening)
+        when_listening(self).addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
         if port is None:
@@ -177,9 +177,8 @@ class ListenerService(StreamServerEndpointService):
             port=getattr(host, "port", ""),
             description=self.description,
         )
-        # Only a port that accepts into tcp.Server (unix.Port is a tcp.Port subclass too).
-        if self.relay and getattr(port, "transport", None) is tcp.Server:
-            port.transport = RelayTransport  # accepted connections: the relay's buffer sizes
+        if self.relay:
+            accept_into(port, RelayTransport)  # accepted connections: the relay's buffer sizes
         if self.on_port is not None:
             self._guard = self.on_port(port)
         return port

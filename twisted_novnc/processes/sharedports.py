@@ -17,16 +17,15 @@ connection, and a worker that dies leaves the socket (and its backlog) to the ot
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import stat
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet import tcp, unix
 from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from twisted_novnc._compat.twisted import adopt_shared_port, keep_socket_open_on_close
 
 
 class NotSharable(Exception):
@@ -63,9 +62,8 @@ class ListeningReactor(_ReactorProxy):
     def _keep(self, port: Any, family: int) -> Any:
         port.stopReading()
         # Closing this copy at shutdown must not shut the socket down: that would end every
-        # worker's accepts at once (accept() fails with EINVAL on every copy), mid-drain.
-        # Adopted ports are marked this way by Twisted itself.
-        port._shouldShutdown = False
+        # worker's accepts at once, mid-drain.
+        keep_socket_open_on_close(port)
         self.port, self.family = port, family
         return port
 
@@ -100,49 +98,6 @@ class ListeningReactor(_ReactorProxy):
         return SharedSocket(description, self.port.fileno(), self.family)
 
 
-#: Connections a worker accepts per wake-up.  Twisted's ports accept up to 100 (and more
-#: under load) each time the socket is readable: one worker would take a whole burst while the
-#: others, woken for the same connections, find nothing left.
-FAIR_ACCEPTS = 1
-
-
-class _FairAccepts:
-    """Caps Twisted's accept loop (``numberAccepts``, which it raises by 20 whenever the
-    loop ran full) so that a burst of connections is spread over the workers."""
-
-    _accepts = FAIR_ACCEPTS
-
-    @property
-    def numberAccepts(self) -> int:
-        return self._accepts
-
-    @numberAccepts.setter
-    def numberAccepts(self, value: int) -> None:
-        self._accepts = max(1, min(value, FAIR_ACCEPTS))
-
-
-class _SharedTCPPort(_FairAccepts, tcp.Port):
-    """An adopted TCP socket, accepting its fair share."""
-
-
-class _SharedUNIXPort(_FairAccepts, unix.Port):
-    """An adopted UNIX socket that leaves the supervisor's socket alone, and accepts fairly.
-
-    Twisted's own adopted UNIX port would, when it stops, shut the socket down (for every
-    process sharing it) and unlink its file, and when it starts, chmod that file to 0666.
-    """
-
-    _shouldShutdown = False
-
-    def startListening(self) -> None:
-        with contextlib.suppress(OSError, TypeError, ValueError):
-            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
-        super().startListening()
-
-    def connectionLost(self, reason: Any) -> None:
-        tcp.Port.connectionLost(self, reason)
-
-
 class AdoptingReactor(_ReactorProxy):
     """A worker's reactor for one listen string: adopts the supervisor's socket for it."""
 
@@ -158,14 +113,8 @@ class AdoptingReactor(_ReactorProxy):
         if self.port is not None:
             raise RuntimeError(f"{self.shared.description!r} listened twice")
         fd, family = self.shared.fd, self.shared.family
-        if family == socket.AF_UNIX:
-            port = _SharedUNIXPort._fromListeningDescriptor(self._reactor, fd, factory)
-            port.startListening()
-        else:
-            port = self._reactor.adoptStreamPort(fd, family, factory)
-            if type(port) is tcp.Port:
-                # The same port with the fair accept loop: the subclass adds only that.
-                port.__class__ = _SharedTCPPort
+        # Each worker accepts its fair share; no worker's stop disturbs the shared socket.
+        port = adopt_shared_port(self._reactor, fd, family, factory)
         # Adopting duplicated the descriptor; the inherited one is not needed any more.
         self._close(fd)
         self.port = port

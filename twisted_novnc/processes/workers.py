@@ -691,13 +691,14 @@ def run_worker(index: int) -> int:
             raise FrameError(f"expected the settings first, got {kind!r}")
         init = WorkerInit.decode(payload)
         settings = parse_config(init.settings, init.source)
-        from twisted.internet import process, reactor
+        from twisted.internet import reactor
 
+        from twisted_novnc._compat.twisted import read_pipe
         from twisted_novnc.processes.service import make_worker_service
 
         service, handles = make_worker_service(settings, reactor, init.secret, init.sockets)
         control = ControlInput(reactor, channel, handles)
-        process.ProcessReader(reactor, control, "control", CONTROL_FD)
+        read_pipe(reactor, control, "control", CONTROL_FD)
         service.privilegedStartService()
         service.startService()
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import os
 import socket
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_novnc._compat.twisted import adopt_connected_socket
 from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.relay.relay import Relay, TransportPeer
@@ -255,8 +255,6 @@ class SocketConnector:
     carrying ``EMFILE``).
     """
 
-    _sessions = itertools.count()
-
     def __init__(self, reactor: Any, host: str, port: int, factory: Any, timeout: float) -> None:
         self.reactor = reactor
         self.host = host
@@ -336,11 +334,8 @@ class SocketConnector:
         if protocol is None:
             sock.close()
             return
-        # The peer as tcp.Server keeps it (a 4-tuple makes its addresses IPv6).
-        peer = (self.host, self.port, 0, 0) if self._ipv6 else (self.host, self.port)
-        # No listening port: None, as Twisted's own adoptStreamConnection passes.
-        transport = RelayTransport(
-            sock, protocol, peer, None, next(self._sessions), self.reactor  # type: ignore[arg-type]
+        transport = adopt_connected_socket(
+            RelayTransport, sock, protocol, self.host, self.port, self.reactor
         )
         protocol.makeConnection(transport)
 

@@ -1,0 +1,258 @@
+"""Canaries for the txpostgres internals fenced in twisted_novnc/_compat/txpostgres.py: the
+detector's reconnection steps the store re-implements, the pool's connection factory, and the
+psycopg2 connection under a txpostgres Connection."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import attrs
+import psycopg2
+import psycopg2.extensions
+import pytest
+import pytest_twisted
+from canary import broken
+from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from txpostgres import reconnection, retrying, txpostgres
+
+from twisted_novnc._compat.txpostgres import (
+    StoppableDetector,
+    has_connection,
+    is_open,
+    make_pool,
+    pool_connections,
+)
+
+STORE = "the session store (twisted_novnc._compat.txpostgres, database/store.py)"
+#: The store's reconnection has no switch: a broken one is fixed in _compat, or pinned away.
+PIN = "pin txpostgres below this release until _compat/txpostgres.py is adapted"
+
+
+def death() -> Failure:
+    return Failure(psycopg2.OperationalError("server closed the connection unexpectedly"))
+
+
+@attrs.define
+class Reconnectable:
+    """What a detector reconnects: records close() and connect(), and fails as told."""
+
+    failures: list[Exception] = attrs.field(factory=list)
+    closed: int = 0
+    connected: list[tuple[tuple[Any, ...], dict[str, Any]]] = attrs.field(factory=list)
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def connect(self, *args: Any, **kwargs: Any) -> Deferred[None]:
+        self.connected.append((args, kwargs))
+        if self.failures:
+            return defer.fail(self.failures.pop(0))
+        return defer.succeed(None)
+
+
+@attrs.define
+class Health:
+    """The store's view of the database, as StoppableDetector reports to it."""
+
+    downs: list[str] = attrs.field(factory=list)
+    ups: int = 0
+    recovered: int = 0
+    on_recovered: Callable[[], None] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.on_recovered = self._recovered
+
+    def down(self, error: str) -> None:
+        self.downs.append(error)
+
+    def up(self) -> None:
+        self.ups += 1
+
+    def _recovered(self) -> None:
+        self.recovered += 1
+
+
+def delays() -> Iterator[float]:
+    yield 0.0
+    while True:
+        yield 1.0
+
+
+def test_detector_has_the_steps_the_store_overrides() -> None:
+    """DeadConnectionDetector still has the methods and attributes StoppableDetector
+    overrides or calls, with the constructor keywords it passes."""
+    cls = reconnection.DeadConnectionDetector
+    for name in ("startReconnecting", "reconnect", "connectionRecovered",
+                 "checkForDeadConnection", "addRecoveryHandler", "setReconnectable"):
+        assert callable(getattr(cls, name, None)), broken(
+            "txpostgres", f"DeadConnectionDetector has no {name}", STORE, PIN
+        )
+    parameters = inspect.signature(cls.__init__).parameters
+    assert {"reconnectionIterator", "reactor"} <= set(parameters), broken(
+        "txpostgres", f"DeadConnectionDetector() now takes {list(parameters)}", STORE, PIN
+    )
+    detector = cls(reconnectionIterator=delays, reactor=Clock())
+    assert detector.connectionIsDead is False, broken(
+        "txpostgres", "a new detector's connectionIsDead is not False", STORE, PIN
+    )
+
+
+def test_a_death_starts_reconnecting_once() -> None:
+    """checkForDeadConnection marks the connection dead and calls startReconnecting once,
+    however many failures report the death (StoppableDetector hooks in there)."""
+    started: list[Failure] = []
+
+    class Recording(reconnection.DeadConnectionDetector):
+        def startReconnecting(self, f: Failure) -> None:
+            started.append(f)
+
+    detector = Recording(reconnectionIterator=delays, reactor=Clock())
+    first = death()
+    assert detector.checkForDeadConnection(first) is first
+    detector.checkForDeadConnection(death())
+    assert started == [first] and detector.connectionIsDead, broken(
+        "txpostgres", "checkForDeadConnection no longer calls startReconnecting once", STORE, PIN
+    )
+
+
+def test_reconnect_closes_then_connects_with_the_same_arguments() -> None:
+    """reconnect() closes the reconnectable and returns its connect(), with the arguments
+    setReconnectable was given (StoppableDetector reports each failed attempt)."""
+    detector = reconnection.DeadConnectionDetector(reconnectionIterator=delays, reactor=Clock())
+    target = Reconnectable(failures=[psycopg2.OperationalError("still down")])
+    detector.setReconnectable(target, "dbname=x", application_name="novnc")
+    d = detector.reconnect()
+    assert isinstance(d, Deferred), broken(
+        "txpostgres", "reconnect() no longer returns the connect() Deferred", STORE, PIN
+    )
+    failed: list[Failure] = []
+    d.addErrback(failed.append)
+    expected = [(("dbname=x",), {"application_name": "novnc"})]
+    assert target.closed == 1 and target.connected == expected, broken(
+        "txpostgres", "reconnect() no longer closes and connects again", STORE, PIN
+    )
+    assert failed and failed[0].getErrorMessage() == "still down"
+
+
+def test_connection_recovered_clears_the_death_and_runs_handlers() -> None:
+    """connectionRecovered() marks the connection alive and calls the recovery handlers
+    (the store re-issues LISTEN from one)."""
+    detector = reconnection.DeadConnectionDetector(reconnectionIterator=delays, reactor=Clock())
+    ran: list[str] = []
+    detector.addRecoveryHandler(lambda: ran.append("listen"))
+    detector.connectionIsDead = True
+    detector.connectionRecovered()
+    assert ran == ["listen"] and detector.connectionIsDead is False, broken(
+        "txpostgres", "connectionRecovered() no longer clears the death and runs handlers",
+        STORE, PIN,
+    )
+
+
+def test_retrying_call_waits_on_its_reactor_and_cancels() -> None:
+    """RetryingCall(f) retries on its `reactor` with the given delays until f succeeds, and
+    cancelling its Deferred stops it (StoppableDetector.stop)."""
+    clock = Clock()
+    target = Reconnectable(failures=[psycopg2.OperationalError("down")] * 5)
+    call = retrying.RetryingCall(target.connect)
+    call.reactor = clock
+    d = call.start(delays())
+    assert len(target.connected) == 1  # a zero delay calls at once
+    clock.advance(1.0)
+    assert len(target.connected) == 2, broken(
+        "txpostgres", "RetryingCall no longer waits on its `reactor`", STORE, PIN
+    )
+    d.addErrback(lambda f: f.trap(defer.CancelledError))
+    d.cancel()
+    clock.advance(10.0)
+    assert len(target.connected) == 2, broken(
+        "txpostgres", "cancelling RetryingCall.start's Deferred no longer stops it", STORE, PIN
+    )
+
+
+def test_stoppable_detector_reports_retries_recovers_and_stops() -> None:
+    """StoppableDetector on txpostgres' machinery: the death and each failed attempt are
+    reported, recovery runs the hooks, and once stopped no attempt follows."""
+    clock = Clock()
+    health = Health()
+    detector = StoppableDetector(health, reconnectionIterator=delays, reactor=clock)
+    deaths: list[None] = []
+    detector.on_death = lambda: deaths.append(None)
+    target = Reconnectable(failures=[psycopg2.OperationalError("refused")])
+    detector.setReconnectable(target, "dbname=x")
+    detector.checkForDeadConnection(death())
+    assert deaths == [None] and health.downs[0].startswith("server closed")
+    assert health.downs[1:] == ["refused"] and len(target.connected) == 1
+    clock.advance(1.0)
+    assert len(target.connected) == 2
+    assert (health.ups, health.recovered, detector.connectionIsDead) == (1, 1, False)
+
+    target.failures = [psycopg2.OperationalError("refused")] * 10
+    detector.checkForDeadConnection(death())
+    detector.stop()
+    clock.advance(60.0)
+    assert len(target.connected) == 3 and detector.connectionIsDead
+    detector.checkForDeadConnection(death())  # still dead: nothing starts again
+    clock.advance(60.0)
+    assert len(target.connected) == 3
+
+
+def test_pool_builds_its_connections_with_our_factory() -> None:
+    """ConnectionPool calls its connectionFactory `min` times in its constructor, keeps them
+    in `connections`, and runs each query on one of them (make_pool, pool_connections)."""
+    clock = Clock()
+    made: list[Any] = []
+
+    class Connection:
+        def __init__(self) -> None:
+            self.queries: list[str] = []
+
+        def runQuery(self, sql: str) -> Deferred[list[tuple[int]]]:
+            self.queries.append(sql)
+            return defer.succeed([(1,)])
+
+    def make() -> Any:
+        made.append(Connection())
+        return made[-1]
+
+    pool = make_pool(clock, "dbname=x", 3, make)
+    assert len(made) == 3 and sorted(map(id, pool_connections(pool))) == sorted(map(id, made)), (
+        broken("txpostgres", "ConnectionPool no longer builds `min` connections with its"
+               " connectionFactory into `connections`", STORE, PIN)
+    )
+    assert pool.reactor is clock
+    result: list[Any] = []
+    pool.runQuery("SELECT 1").addCallback(result.append)
+    assert result == [[(1,)]] and sum(len(c.queries) for c in made) == 1
+
+
+def test_a_new_connection_has_no_psycopg2_connection() -> None:
+    """Before connect(), a txpostgres Connection's pollable() is None: not open, nothing to
+    close (the store's health and stop())."""
+    connection = txpostgres.Connection(reactor=Clock())
+    assert connection.pollable() is None, broken(
+        "txpostgres", "Connection.pollable() is not None before connect()", STORE, PIN
+    )
+    assert not is_open(connection) and not has_connection(connection)
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_pollable_is_the_psycopg2_connection(postgres_dsn: str) -> Generator[Any, Any, None]:
+    """Connected, pollable() is the psycopg2 connection (the private _connection), open;
+    closed, it stays, closed (is_open, has_connection)."""
+    connection = txpostgres.Connection(reactor=reactor)
+    yield connection.connect(postgres_dsn)
+    raw = connection.pollable()
+    message = broken(
+        "txpostgres", "Connection.pollable() is no longer the psycopg2 connection", STORE, PIN
+    )
+    assert isinstance(raw, psycopg2.extensions.connection), message
+    assert raw is connection._connection, message
+    assert is_open(connection) and has_connection(connection)
+    connection.close()
+    assert raw.closed and not is_open(connection) and has_connection(connection), message

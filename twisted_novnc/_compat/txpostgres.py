@@ -1,0 +1,129 @@
+"""txpostgres' internals the session store relies on, each behind one named function or class.
+
+txpostgres reconnects a dead connection on its own, but cannot be told to stop, says nothing
+of each failed attempt, and its pool has no hook to give each connection a detector.  What
+closes those gaps leans on how txpostgres works inside; each such reliance has a canary in
+``tests/compat/test_txpostgres_internals.py`` naming it and the installed txpostgres.
+
+- :class:`StoppableDetector`: a ``DeadConnectionDetector`` whose ``startReconnecting`` is
+  re-implemented (txpostgres' own cannot be stopped or watched) on its ``RetryingCall``,
+  ``reconnect`` and ``connectionRecovered``;
+- :func:`make_pool`: a ``ConnectionPool`` whose ``connectionFactory`` makes our connections,
+  which it builds (all of them, with its ``reactor``) in its constructor, into ``connections``;
+- :func:`is_open`: the psycopg2 connection a ``Connection`` wraps (``pollable()``, the same
+  object as its private ``_connection``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from txpostgres import reconnection, retrying, txpostgres
+
+
+class Health(Protocol):
+    """What a :class:`StoppableDetector` reports to (the store's view of the database)."""
+
+    #: Called each time a dead connection is re-established.
+    on_recovered: Callable[[], None] | None
+
+    def down(self, error: str) -> None:
+        """A connection died, or an attempt to re-establish it failed, with ``error``."""
+
+    def up(self) -> None:
+        """A dead connection is re-established."""
+
+
+class StoppableDetector(reconnection.DeadConnectionDetector):
+    """txpostgres' detector, plus a hook when the connection dies, a report of each failed
+    attempt, and a way to stop retrying (:meth:`stop`, when the store stops).
+
+    ``startReconnecting`` is txpostgres' own, re-implemented: it starts a ``RetryingCall`` of
+    ``reconnect`` over the reconnection delays and calls ``connectionRecovered`` once one
+    succeeds.  Here the call is kept, so that it can be cancelled.
+    """
+
+    on_death: Callable[[], None] | None = None
+    _retrying: Deferred[Any] | None = None
+    stopped: bool = False
+
+    def __init__(
+        self, health: Health, reconnectionIterator: Callable[[], Iterator[float]], reactor: Any
+    ) -> None:
+        super().__init__(reconnectionIterator=reconnectionIterator, reactor=reactor)
+        self.health = health
+
+    def startReconnecting(self, f: Any) -> None:
+        if self.stopped:
+            return
+        self.health.down(f.getErrorMessage())
+        if self.on_death is not None:
+            self.on_death()
+        call = retrying.RetryingCall(self.reconnect)
+        call.reactor = self.reactor
+        self._retrying = call.start(self.reconnectionIterator())
+        self._retrying.addCallback(lambda _: self.connectionRecovered())
+        self._retrying.addErrback(lambda f: f.trap(defer.CancelledError))
+
+    def reconnect(self) -> Deferred[Any]:
+        d: Deferred[Any] = super().reconnect()
+        d.addErrback(self._log_attempt)
+        return d
+
+    def _log_attempt(self, f: Any) -> Any:
+        self.health.down(f.getErrorMessage())
+        return f
+
+    def connectionRecovered(self) -> Any:
+        self._retrying = None
+        self.health.up()
+        if self.health.on_recovered is not None:
+            self.health.on_recovered()
+        return super().connectionRecovered()
+
+    def stop(self) -> None:
+        """Stop any reconnection under way, and never start another."""
+        self.stopped = True
+        pending, self._retrying = self._retrying, None
+        if pending is not None:
+            pending.cancel()
+
+
+def make_pool(
+    reactor: Any, dsn: str, size: int, make_connection: Callable[[], txpostgres.Connection]
+) -> txpostgres.ConnectionPool:
+    """A ``ConnectionPool`` of ``size`` connections, each made by ``make_connection`` and not
+    connected yet (:func:`pool_connections` lists them).
+
+    Its documented ``connectionFactory`` and ``reactor`` class attributes, set on a subclass:
+    the pool calls the factory ``min`` times in its constructor and keeps what it returns.
+    """
+    pool_reactor = reactor
+
+    class Pool(txpostgres.ConnectionPool):
+        reactor = pool_reactor
+
+        def connectionFactory(self, *args: Any) -> txpostgres.Connection:
+            return make_connection()
+
+    return Pool(None, dsn, min=size)
+
+
+def pool_connections(pool: txpostgres.ConnectionPool) -> list[txpostgres.Connection]:
+    """The connections a pool holds now (its ``connections``): all it made, but for those
+    running a query (it takes each out while it runs one)."""
+    return list(pool.connections)
+
+
+def is_open(connection: txpostgres.Connection) -> bool:
+    """The connection has a psycopg2 connection, not closed (it may still be connecting)."""
+    raw = connection.pollable()
+    return raw is not None and not raw.closed
+
+
+def has_connection(connection: txpostgres.Connection) -> bool:
+    """``connect`` has made a psycopg2 connection (open or not): ``close`` may be called."""
+    return connection.pollable() is not None
