@@ -3,7 +3,8 @@
 With ``[novnc] workers = 1`` (the default): the embedded database (if any), the session store,
 the listeners and the admin listener, in one process.  With more, that process is a supervisor
 (the embedded database, the listening sockets, the admin listener and the workers,
-:mod:`twisted_novnc.processes.workers`), and each worker runs the proxy itself on the shared sockets.
+:mod:`twisted_novnc.processes.supervisor`), and each worker runs the proxy itself on the shared
+sockets (:mod:`twisted_novnc.processes.worker`, which builds its tree here).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from twisted_novnc.operations.fdlimit import (
 )
 from twisted_novnc.operations.logs import LogService
 from twisted_novnc.operations.metrics import LiveState, Metrics
+from twisted_novnc.processes.launcher import Launcher, worker_count
 from twisted_novnc.processes.sharedports import AdoptingReactor, ListeningReactor, SharedSocket
-from twisted_novnc.processes.workers import Launcher, Supervisor, WorkerHandles, worker_count
+from twisted_novnc.processes.supervisor import Supervisor
 from twisted_novnc.relay.sending import RelayTransport
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import connect_tcp, connect_websocket, tls_options, tls_trust
@@ -281,6 +283,14 @@ def _database(settings: Settings, parent: MultiService) -> Callable[[], str]:
     embedded.setServiceParent(parent)
     EmbeddedSchemaService(embedded, settings).setServiceParent(parent)
     return lambda: embedded.dsn
+
+
+@attrs.define(eq=False)
+class WorkerHandles:
+    """What the worker's control pipe acts on: its metrics, readiness and drain."""
+
+    metrics: Metrics
+    drain: DrainService
 
 
 @attrs.define(eq=False)
