@@ -9,15 +9,11 @@ sockets (:mod:`twisted_novnc.processes.worker`, which builds its tree here).
 
 from __future__ import annotations
 
-import signal
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
@@ -40,10 +36,11 @@ from twisted_novnc.operations.fdlimit import (
 )
 from twisted_novnc.operations.logs import LogService
 from twisted_novnc.operations.metrics import LiveState, Metrics
+from twisted_novnc.processes.drain import DrainService
 from twisted_novnc.processes.launcher import Launcher, worker_count
+from twisted_novnc.processes.listeners import ListenerService
 from twisted_novnc.processes.sharedports import AdoptingReactor, ListeningReactor, SharedSocket
 from twisted_novnc.processes.supervisor import Supervisor
-from twisted_novnc.relay.sending import RelayTransport
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import connect_tcp, connect_websocket, tls_options, tls_trust
 from twisted_novnc.session import Target
@@ -66,130 +63,6 @@ class SessionDatabaseService(Service):
         self.gate.fail_all(Refusal.SHUTTING_DOWN)
         self.store.stop()
         return Service.stopService(self)
-
-
-@attrs.define(eq=False)
-class DrainService(Service):
-    """On shutdown: let live relays go on for ``timeout`` seconds, then close them with 1001.
-
-    Listeners stop accepting and waiters are refused (4503) by their own services at the same
-    moment; this one holds the reactor's shutdown until every browser connection is gone.  A
-    second SIGTERM closes everything at once.
-    """
-
-    factory: NoVNCServerFactory
-    timeout: float
-    clock: Any
-    grace: float = 3.0
-    _timers: list[Any] = attrs.field(factory=list)
-    _previous_handler: Any = None
-
-    def stopService(self) -> Deferred[None] | None:
-        Service.stopService(self)
-        if not self.factory.connections:
-            return None
-        _log.info(
-            "draining: {live} live relays may go on for {timeout:g}s ({total} connections open)",
-            live=len(self.factory.live),
-            timeout=self.timeout,
-            total=len(self.factory.connections),
-        )
-        drained: Deferred[None] = Deferred()
-        self.factory.drained = drained
-        self._timers.append(self.clock.callLater(self.timeout, self.close_all))
-        self._install_second_sigterm()
-        drained.addBoth(self._done)
-        return drained
-
-    def close_all(self) -> None:
-        """Close every live relay with 1001 now; abort whatever is left after a grace period."""
-        live = list(self.factory.live)
-        if live:
-            _log.info("closing {n} live relays: shutting down", n=len(live))
-        for protocol in live:
-            protocol.end_relay(1001, "server shutting down", "shutdown")
-        self._timers.append(self.clock.callLater(self.grace, self._abort_all))
-
-    def _abort_all(self) -> None:
-        for protocol in list(self.factory.connections):
-            protocol.transport.abortConnection()  # type: ignore[union-attr]
-
-    def _install_second_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        reactor = self.clock
-
-        def again(signum: int, frame: Any) -> None:
-            _log.info("second SIGTERM: closing everything now")
-            reactor.callFromThread(self.close_all)
-
-        self._previous_handler = signal.signal(signal.SIGTERM, again)
-
-    def _done(self, result: object) -> object:
-        for timer in self._timers:
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
-        _log.info("drained")
-        return result
-
-
-class ListenerService(StreamServerEndpointService):
-    """A listening endpoint that says where it listens once it does.
-
-    ``on_port`` sees the port once it listens (the descriptor-limit guard hooks in there).
-    A ``relay`` listener accepts into :class:`RelayTransport` (the relay's buffer sizes).
-    """
-
-    def __init__(
-        self,
-        description: str,
-        endpoint: Any,
-        factory: Any,
-        role: str = "",
-        on_port: Callable[[Any], Any] | None = None,
-        verb: str = "listening on",
-        relay: bool = False,
-    ) -> None:
-        super().__init__(endpoint, factory)
-        self.description = description
-        self.role = role
-        self.on_port = on_port
-        self.verb = verb
-        self.relay = relay
-        self._guard: Any = None
-        self._raiseSynchronously = True
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._waitingForPort.addCallback(self._listening)
-
-    def _listening(self, port: Any) -> Any:
-        if port is None:
-            return port
-        host = port.getHost()
-        _log.info(
-            "{role}{verb} {host}:{port} ({description})",
-            role=f"{self.role} " if self.role else "",
-            verb=self.verb,
-            host=getattr(host, "host", host),
-            port=getattr(host, "port", ""),
-            description=self.description,
-        )
-        # Only a port that accepts into tcp.Server (unix.Port is a tcp.Port subclass too).
-        if self.relay and getattr(port, "transport", None) is tcp.Server:
-            port.transport = RelayTransport  # accepted connections: the relay's buffer sizes
-        if self.on_port is not None:
-            self._guard = self.on_port(port)
-        return port
-
-    def stopService(self) -> Deferred[None] | None:
-        if self._guard is not None:
-            self._guard.stop()
-        return super().stopService()  # type: ignore[no-any-return]
 
 
 class SequentialMultiService(MultiService):

@@ -1,0 +1,70 @@
+"""A listening endpoint as a service, that says where it listens once it does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import tcp
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from twisted_novnc.relay.sending import RelayTransport
+
+_log = Logger()
+
+
+class ListenerService(StreamServerEndpointService):
+    """A listening endpoint that says where it listens once it does.
+
+    ``on_port`` sees the port once it listens (the descriptor-limit guard hooks in there).
+    A ``relay`` listener accepts into :class:`RelayTransport` (the relay's buffer sizes).
+    """
+
+    def __init__(
+        self,
+        description: str,
+        endpoint: Any,
+        factory: Any,
+        role: str = "",
+        on_port: Callable[[Any], Any] | None = None,
+        verb: str = "listening on",
+        relay: bool = False,
+    ) -> None:
+        super().__init__(endpoint, factory)
+        self.description = description
+        self.role = role
+        self.on_port = on_port
+        self.verb = verb
+        self.relay = relay
+        self._guard: Any = None
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        if port is None:
+            return port
+        host = port.getHost()
+        _log.info(
+            "{role}{verb} {host}:{port} ({description})",
+            role=f"{self.role} " if self.role else "",
+            verb=self.verb,
+            host=getattr(host, "host", host),
+            port=getattr(host, "port", ""),
+            description=self.description,
+        )
+        # Only a port that accepts into tcp.Server (unix.Port is a tcp.Port subclass too).
+        if self.relay and getattr(port, "transport", None) is tcp.Server:
+            port.transport = RelayTransport  # accepted connections: the relay's buffer sizes
+        if self.on_port is not None:
+            self._guard = self.on_port(port)
+        return port
+
+    def stopService(self) -> Deferred[None] | None:
+        if self._guard is not None:
+            self._guard.stop()
+        return super().stopService()  # type: ignore[no-any-return]
