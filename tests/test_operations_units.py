@@ -95,7 +95,7 @@ def test_nvx_in_use_and_logged():
     """Autobahn's native masking is in use here, and start-up says so in the log."""
     from twisted.logger import globalLogPublisher
 
-    from twisted_novnc.processes.service import log_nvx
+    from twisted_novnc.processes.startup import log_nvx
 
     seen: list[str] = []
 

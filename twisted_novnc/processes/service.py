@@ -28,18 +28,14 @@ from twisted_novnc.errors import Refusal
 from twisted_novnc.front.auth import SecretFileError, read_secret
 from twisted_novnc.front.protocol import NoVNCServerFactory
 from twisted_novnc.operations.admin import admin_site, supervisor_site
-from twisted_novnc.operations.fdlimit import (
-    BASE_RESERVE,
-    check_capacity,
-    guard_accepts,
-    raise_descriptor_limit,
-)
+from twisted_novnc.operations.fdlimit import guard_accepts
 from twisted_novnc.operations.logs import LogService
 from twisted_novnc.operations.metrics import LiveState, Metrics
 from twisted_novnc.processes.drain import DrainService
 from twisted_novnc.processes.launcher import Launcher, worker_count
 from twisted_novnc.processes.listeners import ListenerService
 from twisted_novnc.processes.sharedports import AdoptingReactor, ListeningReactor, SharedSocket
+from twisted_novnc.processes.startup import ProcessSetupService, StartupDoneService
 from twisted_novnc.processes.supervisor import Supervisor
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import connect_tcp, connect_websocket, tls_options, tls_trust
@@ -111,7 +107,8 @@ class EmbeddedSchemaService(Service):
 
 
 def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> MultiService:
-    """Build the whole daemon; nothing runs until the service starts.
+    """Build the whole daemon; nothing runs, and nothing in the process changes, until the
+    service starts (:mod:`twisted_novnc.processes.startup`).
 
     ``secret`` is the HMAC key read from ``[auth] secret_file`` (see :func:`load_secret`).
     """
@@ -121,9 +118,8 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
     if workers > 1:
         return make_supervisor_service(settings, reactor, secret, workers)
     top = MultiService()
-    log_nvx()
-    warn_about(settings)
     LogService(settings.log, reactor).setServiceParent(top)
+    ProcessSetupService(settings).setServiceParent(top)
     dsn = _database(settings, top)
     core = _proxy(settings, reactor, secret, dsn, top)
     site = admin_site(core.metrics)
@@ -135,16 +131,8 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
         ListenerService(
             description, endpoint, core.factory, on_port=core.guard, relay=True
         ).setServiceParent(top)
+    StartupDoneService().setServiceParent(top)
     return top
-
-
-def warn_about(settings: Settings) -> None:
-    """Start-up warnings about settings that are allowed but rarely what anyone wants."""
-    if settings.auth.mode == "none":
-        _log.warn("[auth] mode = none: the session id is the only capability; anyone who"
-                  " learns one can connect to its VM")
-    if not settings.novnc.allowed_origins.patterns:
-        _log.warn("[novnc] allowed_origins is empty: pages of any origin may connect")
 
 
 def _database(settings: Settings, parent: MultiService) -> Callable[[], str]:
@@ -184,9 +172,6 @@ def _proxy(
 ) -> _Proxy:
     """The store, the readiness gate, the upstream connector and the browser-facing factory."""
     db = settings.database
-    limit = raise_descriptor_limit()
-    reserve = BASE_RESERVE + db.pool_size + 1 + len(settings.novnc.listen)
-    check_capacity(limit, settings.novnc.max_connections, reserve)
     store = PostgresSessionStore(db, dsn, reactor, token_column=settings.auth.token_column)
     gate = ReadinessGate(
         source=store,
@@ -241,7 +226,7 @@ def make_worker_service(
     listener and no log files (the supervisor has them).
     """
     top = MultiService()
-    log_nvx()
+    ProcessSetupService(settings, warn=False).setServiceParent(top)
     core = _proxy(settings, reactor, secret, lambda: settings.database.dsn, top)
     for shared in sockets:
         endpoint = serverFromString(AdoptingReactor(reactor, shared), shared.description)
@@ -249,6 +234,7 @@ def make_worker_service(
             shared.description, endpoint, core.factory, on_port=core.guard,
             verb="accepting (shared with the other workers) on", relay=True,
         ).setServiceParent(top)
+    StartupDoneService().setServiceParent(top)
     return top, WorkerHandles(core.metrics, core.drain)
 
 
@@ -262,8 +248,8 @@ def make_supervisor_service(
     accepting), the workers drain, and only then does the embedded database stop.
     """
     top = SequentialMultiService()
-    warn_about(settings)
     LogService(settings.log, reactor).setServiceParent(top)
+    ProcessSetupService(settings, relays=False).setServiceParent(top)
     dsn = _database(settings, top)
     listeners = [(description, ListeningReactor(reactor)) for description in settings.novnc.listen]
 
@@ -287,6 +273,7 @@ def make_supervisor_service(
     for description, sharing in listeners:
         endpoint = serverFromString(sharing, description)
         ListenerService(description, endpoint, never_accepts).setServiceParent(top)
+    StartupDoneService().setServiceParent(top)
     return top
 
 
@@ -305,16 +292,3 @@ def load_secret(settings: Settings) -> bytes:
         return read_secret(settings.auth.secret_file)
     except SecretFileError as e:
         raise ConfigError(settings.source, "auth", "secret_file", str(e)) from None
-
-
-def log_nvx() -> bool:
-    """Say whether Autobahn's native masking (NVX) is in use: without it, unmasking what
-    browsers send runs in pure Python, about 70 times slower."""
-    from autobahn.websocket import USES_NVX
-
-    if USES_NVX:
-        _log.info("Autobahn NVX native masking: in use")
-    else:
-        _log.warn("Autobahn NVX native masking: NOT in use (pure-Python unmasking is about 70x"
-                  " slower); install autobahn with its native extension, unset AUTOBAHN_USE_NVX=0")
-    return bool(USES_NVX)
