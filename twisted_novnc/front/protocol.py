@@ -677,7 +677,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
         web_root: str = "",
     ) -> None:
         # Autobahn's own Server header would name its version to every scanner.
-        super().__init__(server="twisted_novnc")
+        super().__init__(server="twisted_novnc", reactor=clock)
         self.settings = settings
         self.auth = auth if auth is not None else AuthSettings()
         self.secret = secret
