@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, gzip_accepted
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -86,13 +87,15 @@ class Readyz(_JSONResource):
         return (200 if body["ready"] else 503), body
 
 
-def _site(metrics: IResource, healthz: IResource, readyz: IResource) -> Site:
+def _site(
+    metrics: IResource, healthz: IResource, readyz: IResource, reactor: IReactorTime
+) -> Site:
     """The admin listener's three pages; no tracebacks or per-request log lines."""
     root = Resource()
     root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", healthz)
     root.putChild(b"readyz", readyz)
-    site = Site(root)
+    site = Site(root, reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
     return site
@@ -130,8 +133,8 @@ def _header(request: Request, name: bytes) -> str:
     return value.decode("latin-1") if value else ""
 
 
-def admin_site(metrics: Metrics) -> Site:
-    return _site(MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics))
+def admin_site(metrics: Metrics, reactor: IReactorTime) -> Site:
+    return _site(MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics), reactor)
 
 
 class WorkerPool(Protocol):
@@ -246,6 +249,6 @@ class WorkersHealthz(Resource):
         return body
 
 
-def supervisor_site(pool: WorkerPool) -> Site:
+def supervisor_site(pool: WorkerPool, reactor: IReactorTime) -> Site:
     """The admin listener of a supervisor of ``[novnc] workers``."""
-    return _site(WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool))
+    return _site(WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool), reactor)

@@ -122,7 +122,7 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
     ProcessSetupService(settings).setServiceParent(top)
     dsn = _database(settings, top)
     core = _proxy(settings, reactor, secret, dsn, top)
-    site = admin_site(core.metrics)
+    site = admin_site(core.metrics, reactor)
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(top)
@@ -264,7 +264,7 @@ def make_supervisor_service(
     )
     supervisor = Supervisor(workers, launcher.spawn, reactor, settings.novnc.drain_timeout)
     supervisor.setServiceParent(top)
-    site = supervisor_site(supervisor)
+    site = supervisor_site(supervisor, reactor)
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(top)
