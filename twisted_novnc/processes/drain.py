@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any
+from types import FrameType
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from twisted_novnc.front.protocol import NoVNCServerFactory
+from twisted_novnc.processes.reactors import IClockFromThreads, SignalHandler
 
 _log = Logger()
 
@@ -27,10 +29,10 @@ class DrainService(Service):
 
     factory: NoVNCServerFactory
     timeout: float
-    clock: Any
+    clock: IClockFromThreads
     grace: float = 3.0
-    _timers: list[Any] = attrs.field(factory=list)
-    _previous_handler: Any = None
+    _timers: list[IDelayedCall] = attrs.field(factory=list)
+    _previous_handler: SignalHandler = None
 
     def stopService(self) -> Deferred[None] | None:
         Service.stopService(self)
@@ -60,14 +62,14 @@ class DrainService(Service):
 
     def _abort_all(self) -> None:
         for protocol in list(self.factory.connections):
-            protocol.transport.abortConnection()  # type: ignore[union-attr]
+            protocol.transport.abortConnection()
 
     def _install_second_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         reactor = self.clock
 
-        def again(signum: int, frame: Any) -> None:
+        def again(signum: int, frame: FrameType | None) -> None:
             _log.info("second SIGTERM: closing everything now")
             reactor.callFromThread(self.close_all)
 

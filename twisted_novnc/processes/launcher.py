@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IProcessTransport, IReactorProcess
 
 from twisted_novnc.config import Settings, settings_text
 from twisted_novnc.processes.ipc import CONTROL_FD, FIRST_SOCKET_FD, MESSAGES_FD, WorkerInit
@@ -35,16 +35,16 @@ def worker_command(index: int) -> list[str]:
 class Launcher:
     """How a worker is started: its command, its inherited descriptors, its first message."""
 
-    reactor: Any
+    reactor: IReactorProcess
     #: The supervisor's listening sockets (its descriptors), once it listens.
     sockets: Callable[[], Sequence[SharedSocket]]
     #: The settings the workers run with (the embedded database's DSN filled in).
     settings: Callable[[], Settings]
     secret: bytes = b""
 
-    def descriptors(self) -> tuple[dict[int, Any], tuple[SharedSocket, ...]]:
+    def descriptors(self) -> tuple[dict[int, int | str], tuple[SharedSocket, ...]]:
         """``childFDs`` for spawnProcess, and the sockets as numbered in the worker."""
-        child_fds: dict[int, Any] = {CONTROL_FD: "w", 1: 1, 2: 2, MESSAGES_FD: "r"}
+        child_fds: dict[int, int | str] = {CONTROL_FD: "w", 1: 1, 2: 2, MESSAGES_FD: "r"}
         inherited = []
         for i, shared in enumerate(self.sockets()):
             child_fd = FIRST_SOCKET_FD + i
@@ -52,7 +52,7 @@ class Launcher:
             inherited.append(attrs.evolve(shared, fd=child_fd))
         return child_fds, tuple(inherited)
 
-    def spawn(self, process: WorkerProcess) -> Any:
+    def spawn(self, process: WorkerProcess) -> IProcessTransport:
         child_fds, inherited = self.descriptors()
         settings = self.settings()
         process.init = WorkerInit(

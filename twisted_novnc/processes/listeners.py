@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 
 from twisted_novnc.relay.sending import RelayTransport
 
 _log = Logger()
+
+
+class Stoppable(Protocol):
+    """What ``on_port`` may hand back: something to stop when the listener stops."""
+
+    def stop(self) -> None: ...
 
 
 class ListenerService(StreamServerEndpointService):
@@ -25,10 +32,10 @@ class ListenerService(StreamServerEndpointService):
     def __init__(
         self,
         description: str,
-        endpoint: Any,
-        factory: Any,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
         role: str = "",
-        on_port: Callable[[Any], Any] | None = None,
+        on_port: Callable[[IListeningPort], Stoppable | None] | None = None,
         verb: str = "listening on",
         relay: bool = False,
     ) -> None:
@@ -38,7 +45,7 @@ class ListenerService(StreamServerEndpointService):
         self.on_port = on_port
         self.verb = verb
         self.relay = relay
-        self._guard: Any = None
+        self._guard: Stoppable | None = None
         self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
@@ -67,4 +74,4 @@ class ListenerService(StreamServerEndpointService):
     def stopService(self) -> Deferred[None] | None:
         if self._guard is not None:
             self._guard.stop()
-        return super().stopService()  # type: ignore[no-any-return]
+        return super().stopService()

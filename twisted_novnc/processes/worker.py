@@ -14,10 +14,13 @@ import os
 import signal
 import sys
 import threading
+from types import FrameType
 from typing import Any
 
+from prometheus_client import generate_latest
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
@@ -25,8 +28,10 @@ from twisted.logger import (
     globalLogBeginner,
 )
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_novnc.config import parse_config
+from twisted_novnc.operations.admin import readiness
 from twisted_novnc.processes.ipc import (
     ANSWER,
     ASK,
@@ -43,11 +48,13 @@ from twisted_novnc.processes.ipc import (
     frame,
     read_frame,
 )
+from twisted_novnc.processes.reactors import IRunningReactor, installed_reactor
 from twisted_novnc.processes.service import WorkerHandles, make_worker_service
 
 _log = Logger()
 
 
+@implementer(ILogObserver)
 class ParentChannel:
     """The worker's pipe to the supervisor: log events and answers, written synchronously.
 
@@ -80,15 +87,22 @@ class ParentChannel:
 
     def observe(self, event: dict[str, Any]) -> None:
         """A log observer: the event up the pipe, or to stderr once the pipe is broken."""
-        if not self.send(LOG, encode_event(event)):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                sys.__stderr__.write(formatEventAsClassicLogText(event) or "")  # type: ignore[union-attr]
+        if self.send(LOG, encode_event(event)):
+            return
+        stderr = sys.__stderr__
+        if stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stderr.write(formatEventAsClassicLogText(event) or "")
+
+    __call__ = observe
 
 
 class ControlInput:
     """Reads the supervisor's frames from the worker's stdin and acts on them."""
 
-    def __init__(self, reactor: Any, channel: ParentChannel, handles: WorkerHandles) -> None:
+    def __init__(
+        self, reactor: IRunningReactor, channel: ParentChannel, handles: WorkerHandles
+    ) -> None:
         self.reactor = reactor
         self.channel = channel
         self.handles = handles
@@ -105,7 +119,7 @@ class ControlInput:
             self.stopping = True
             self.reactor.stop()
 
-    def signalled(self, signum: int, frame: Any) -> None:
+    def signalled(self, signum: int, frame: FrameType | None) -> None:
         _log.info("received {signal}: stopping", signal=signal.Signals(signum).name)
         self.reactor.callFromThread(self.stop)
 
@@ -127,10 +141,6 @@ class ControlInput:
                 self.answer(payload)
 
     def answer(self, payload: bytes) -> None:
-        from prometheus_client import generate_latest
-
-        from twisted_novnc.operations.admin import readiness
-
         try:
             question = json.loads(payload)
             question.get("what")
@@ -157,10 +167,7 @@ def run_worker(index: int) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     channel = ParentChannel()
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(
-            channel.observe,  # type: ignore[arg-type]
-            [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
-        )],
+        [FilteringLogObserver(channel, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])],
         redirectStandardIO=False,
     )
     try:
@@ -169,8 +176,9 @@ def run_worker(index: int) -> int:
             raise FrameError(f"expected the settings first, got {kind!r}")
         init = WorkerInit.decode(payload)
         settings = parse_config(init.settings, init.source)
-        from twisted.internet import process, reactor
+        from twisted.internet import process
 
+        reactor = installed_reactor()
         service, handles = make_worker_service(settings, reactor, init.secret, init.sockets)
         control = ControlInput(reactor, channel, handles)
         process.ProcessReader(reactor, control, "control", CONTROL_FD)
@@ -187,5 +195,6 @@ def run_worker(index: int) -> int:
     except BaseException:
         _log.failure("worker {worker} could not start", worker=index)
         return 1
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined, call-arg]
+    # Every Twisted reactor's run() takes it; IReactorCore does not declare it.
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
     return 0
