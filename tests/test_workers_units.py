@@ -679,7 +679,7 @@ def test_supervisor_tree_stops_in_order():
     outlives the workers' drain."""
     from twisted.application.service import Service
 
-    from twisted_novnc.processes.service import SequentialMultiService
+    from twisted_novnc.processes.supervisor import SequentialMultiService
 
     order: list[str] = []
     draining: Deferred[None] = Deferred()

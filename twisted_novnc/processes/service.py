@@ -13,97 +13,34 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from twisted_novnc.config import ConfigError, Settings
-from twisted_novnc.database.embedded import EmbeddedPostgresService, apply_sql
+from twisted_novnc.database.embedded import EmbeddedPostgresService
 from twisted_novnc.database.readiness import ReadinessGate
-from twisted_novnc.database.schema import schema_sql
 from twisted_novnc.database.store import PostgresSessionStore
-from twisted_novnc.errors import Refusal
 from twisted_novnc.front.auth import SecretFileError, read_secret
 from twisted_novnc.front.protocol import NoVNCServerFactory
 from twisted_novnc.operations.admin import admin_site, supervisor_site
 from twisted_novnc.operations.fdlimit import guard_accepts
 from twisted_novnc.operations.logs import LogService
 from twisted_novnc.operations.metrics import LiveState, Metrics
+from twisted_novnc.processes.databases import EmbeddedSchemaService, SessionDatabaseService
 from twisted_novnc.processes.drain import DrainService
 from twisted_novnc.processes.launcher import Launcher, worker_count
 from twisted_novnc.processes.listeners import ListenerService
 from twisted_novnc.processes.sharedports import AdoptingReactor, ListeningReactor, SharedSocket
 from twisted_novnc.processes.startup import ProcessSetupService, StartupDoneService
-from twisted_novnc.processes.supervisor import Supervisor
+from twisted_novnc.processes.supervisor import SequentialMultiService, Supervisor
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import connect_tcp, connect_websocket, tls_options, tls_trust
 from twisted_novnc.session import Target
 
 _log = Logger()
-
-
-@attrs.define(eq=False)
-class SessionDatabaseService(Service):
-    """Owns the store's connections for the life of the process."""
-
-    store: PostgresSessionStore
-    gate: ReadinessGate
-
-    def startService(self) -> None:
-        Service.startService(self)
-        self.store.start()
-
-    def stopService(self) -> None:
-        self.gate.fail_all(Refusal.SHUTTING_DOWN)
-        self.store.stop()
-        return Service.stopService(self)
-
-
-class SequentialMultiService(MultiService):
-    """Stops its children one at a time, last first, each once the one before has stopped.
-
-    The supervisor's tree needs it: the embedded database must outlive the workers' drain.
-    """
-
-    def stopService(self) -> Deferred[None]:
-        Service.stopService(self)
-        d: Deferred[Any] = succeed(None)
-        for service in reversed(list(self)):
-            d.addCallback(_stop_next, service)
-            d.addErrback(lambda f: _log.failure("while stopping a service", f))
-        return d
-
-
-def _stop_next(_: object, service: Any) -> Deferred[Any]:
-    return maybeDeferred(service.stopService)
-
-
-class EmbeddedSchemaService(Service):
-    """Applies the schema to the embedded cluster right after it starts."""
-
-    def __init__(self, embedded: EmbeddedPostgresService, settings: Settings) -> None:
-        self.embedded = embedded
-        self.settings = settings
-
-    def startService(self) -> None:
-        Service.startService(self)
-        apply_sql(self.embedded.dsn, schema_sql(self.settings.database))
-        table = self.settings.database.table
-        db = self.settings.database
-        _log.info(
-            "embedded database ready; add a session (its VM at 10.0.0.5:{port}) with:\n"
-            "  {command}\nthen open ws://<listen address>{path}.  A VNC server on this host"
-            " is on loopback, outside the default [upstream] allowed_networks: start with"
-            " --set upstream.allowed_networks=127.0.0.1/32 (make run ARGS=...) to reach it.",
-            port=self.settings.novnc.target_port,
-            path=self.settings.novnc.path.replace("{session_id}", "<session_id>"),
-            command=self.embedded.embedded.psql_command(
-                f"INSERT INTO {table} ({db.id_column}, {db.ip_column}) "
-                "VALUES (gen_random_uuid(), '10.0.0.5') RETURNING session_id"
-            ),
-        )
 
 
 def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> MultiService:

@@ -19,12 +19,14 @@ import json
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
@@ -44,6 +46,7 @@ from twisted_novnc.processes.ipc import (
     decode_event,
     frame,
 )
+from twisted_novnc.processes.reactors import SignalHandler
 
 _log = Logger()
 
@@ -90,9 +93,15 @@ class WorkerProcess(ProcessProtocol):
         self._pending: dict[int, Deferred[Any]] = {}
         self._next_id = 0
 
+    def _transport(self) -> IProcessTransport:
+        if self.transport is None:
+            raise RuntimeError(f"worker {self.index} has no process")
+        return self.transport
+
     def connectionMade(self) -> None:
-        self.pid = getattr(self.transport, "pid", None)
-        self.transport.writeToChild(CONTROL_FD, frame(INIT, self.init))  # type: ignore[union-attr]
+        transport = self._transport()
+        self.pid = transport.pid
+        transport.writeToChild(CONTROL_FD, frame(INIT, self.init))
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != MESSAGES_FD:
@@ -112,21 +121,23 @@ class WorkerProcess(ProcessProtocol):
 
     def _send(self, kind: bytes, payload: bytes = b"") -> bool:
         try:
-            self.transport.writeToChild(CONTROL_FD, frame(kind, payload))  # type: ignore[union-attr]
-        except (KeyError, OSError, AttributeError):  # the pipe is gone: the process is going
+            self._transport().writeToChild(CONTROL_FD, frame(kind, payload))
+        except (KeyError, OSError, RuntimeError):  # the pipe or the process is gone
             return False
         return True
 
     def signal(self, name: str) -> None:
         with contextlib.suppress(Exception):  # it has just ended
-            self.transport.signalProcess(name)  # type: ignore[union-attr]
+            self._transport().signalProcess(name)
 
     def stop(self, now: bool = False) -> None:
         """Ask the worker to drain (``now``: to close every relay at once)."""
         if not self._send(STOP_NOW if now else STOP):
             self.signal("TERM")
 
-    def ask(self, what: str, clock: Any, timeout: float = ANSWER_TIMEOUT) -> Deferred[Any]:
+    def ask(
+        self, what: str, clock: IReactorTime, timeout: float = ANSWER_TIMEOUT
+    ) -> Deferred[Any]:
         """The worker's answer to ``what`` ("metrics" or "status"); None if it gives none in
         ``timeout`` seconds or ends first."""
         if self.ended:
@@ -140,7 +151,7 @@ class WorkerProcess(ProcessProtocol):
             return succeed(None)
         timer = clock.callLater(timeout, self._give_up, ident)
 
-        def cancel_timer(result: Any) -> Any:
+        def cancel_timer(result: object) -> object:
             if timer.active():
                 timer.cancel()
             return result
@@ -177,7 +188,7 @@ class _Slot:
     index: int
     backoff: Iterator[float]
     process: WorkerProcess | None = None
-    timer: Any = None
+    timer: IDelayedCall | None = None
     restarts: int = 0
 
 
@@ -191,8 +202,8 @@ class Supervisor(Service):
     def __init__(
         self,
         count: int,
-        spawn: Callable[[WorkerProcess], Any],
-        clock: Any,
+        spawn: Callable[[WorkerProcess], IProcessTransport],
+        clock: IReactorTime,
         drain_timeout: float,
         backoff: Callable[[], Iterator[float]] = restart_backoff,
         publisher: Callable[[dict[str, Any]], None] = globalLogPublisher,
@@ -207,8 +218,8 @@ class Supervisor(Service):
         self.restarts = 0
         self.stopping = False
         self._stopped: Deferred[None] | None = None
-        self._kill_timer: Any = None
-        self._previous_sigterm: Any = None
+        self._kill_timer: IDelayedCall | None = None
+        self._previous_sigterm: SignalHandler = None
 
     # -- running -------------------------------------------------------------------------
 
@@ -356,7 +367,30 @@ class Supervisor(Service):
         if call is None:  # a test clock
             return
 
-        def again(signum: int, frame: Any) -> None:
+        def again(signum: int, frame: FrameType | None) -> None:
             call(self.stop_now)
 
         self._previous_sigterm = signal.signal(signal.SIGTERM, again)
+
+
+class SequentialMultiService(MultiService):
+    """Stops its children one at a time, last first, each once the one before has stopped.
+
+    The supervisor's tree needs it: the embedded database must outlive the workers' drain.
+    """
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        d: Deferred[None] = succeed(None)
+        for service in reversed(list(self)):
+            d.addCallback(_stop_next, service)
+            d.addErrback(_stop_failed)
+        return d
+
+
+def _stop_next(_: None, service: IService) -> Deferred[None]:
+    return maybeDeferred(service.stopService)
+
+
+def _stop_failed(failure: Failure) -> None:
+    _log.failure("while stopping a service", failure)
