@@ -16,6 +16,7 @@ import attrs
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -26,13 +27,14 @@ from twisted_novnc.database.store import PostgresSessionStore
 from twisted_novnc.front.auth import SecretFileError, read_secret
 from twisted_novnc.front.protocol import NoVNCServerFactory
 from twisted_novnc.operations.admin import admin_site, supervisor_site
-from twisted_novnc.operations.fdlimit import guard_accepts
+from twisted_novnc.operations.fdlimit import AcceptGuard, guard_accepts
 from twisted_novnc.operations.logs import LogService
 from twisted_novnc.operations.metrics import LiveState, Metrics
 from twisted_novnc.processes.databases import EmbeddedSchemaService, SessionDatabaseService
 from twisted_novnc.processes.drain import DrainService
 from twisted_novnc.processes.launcher import Launcher, worker_count
 from twisted_novnc.processes.listeners import ListenerService
+from twisted_novnc.processes.reactors import IDaemonReactor
 from twisted_novnc.processes.sharedports import AdoptingReactor, ListeningReactor, SharedSocket
 from twisted_novnc.processes.startup import ProcessSetupService, StartupDoneService
 from twisted_novnc.processes.supervisor import SequentialMultiService, Supervisor
@@ -43,7 +45,7 @@ from twisted_novnc.session import Target
 _log = Logger()
 
 
-def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> MultiService:
+def make_service(settings: Settings, reactor: IDaemonReactor, secret: bytes = b"") -> MultiService:
     """Build the whole daemon; nothing runs, and nothing in the process changes, until the
     service starts (:mod:`twisted_novnc.processes.startup`).
 
@@ -98,14 +100,18 @@ class _Proxy:
     factory: NoVNCServerFactory
     metrics: Metrics
     drain: DrainService
-    reactor: Any
+    reactor: IReactorTime
 
-    def guard(self, port: Any) -> Any:
+    def guard(self, port: IListeningPort) -> AcceptGuard | None:
         return guard_accepts(port, self.reactor, self.metrics.descriptor_limit_hits.inc)
 
 
 def _proxy(
-    settings: Settings, reactor: Any, secret: bytes, dsn: Callable[[], str], parent: MultiService
+    settings: Settings,
+    reactor: IDaemonReactor,
+    secret: bytes,
+    dsn: Callable[[], str],
+    parent: MultiService,
 ) -> _Proxy:
     """The store, the readiness gate, the upstream connector and the browser-facing factory."""
     db = settings.database
@@ -155,7 +161,7 @@ def _proxy(
 
 
 def make_worker_service(
-    settings: Settings, reactor: Any, secret: bytes, sockets: Sequence[SharedSocket]
+    settings: Settings, reactor: IDaemonReactor, secret: bytes, sockets: Sequence[SharedSocket]
 ) -> tuple[MultiService, WorkerHandles]:
     """One worker of ``[novnc] workers``: the proxy on the supervisor's sockets.
 
@@ -176,7 +182,7 @@ def make_worker_service(
 
 
 def make_supervisor_service(
-    settings: Settings, reactor: Any, secret: bytes, workers: int
+    settings: Settings, reactor: IDaemonReactor, secret: bytes, workers: int
 ) -> MultiService:
     """The supervisor of ``workers`` processes: the embedded database, the listening sockets
     (made here, accepted on only by the workers), the admin listener, and the workers.
