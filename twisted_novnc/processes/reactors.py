@@ -45,10 +45,15 @@ class IDaemonReactor(
 
 
 def installed_reactor() -> IDaemonReactor:
-    """The global reactor (the default one is installed if none is yet), once it is checked
-    to provide every interface the trees use."""
+    """The global reactor (the default one is installed if none is yet), as the trees use it."""
     from twisted.internet import reactor
 
+    return daemon_reactor(reactor)
+
+
+def daemon_reactor(reactor: object) -> IDaemonReactor:
+    """``reactor`` as an IDaemonReactor, once it is checked to provide every interface that
+    one extends; TypeError naming those it does not."""
     missing = [
         interface.getName() for interface in IDaemonReactor.__iro__
         if interface.__module__ != __name__ and not interface.providedBy(reactor)
