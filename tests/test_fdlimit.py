@@ -252,3 +252,10 @@ def test_real_port_keeps_the_client_waiting_then_serves_it():
     yield server_lost
     guard.stop()
     yield port.stopListening()
+
+
+def test_guard_skips_a_port_not_listening_yet():
+    """A port-like object whose socket is not there (not listening) is left unguarded."""
+    port = FakePort(FakeSocket([]))
+    port.socket = None
+    assert guard_accepts(port, Clock(), lambda: None) is None

@@ -95,7 +95,7 @@ def test_nvx_in_use_and_logged():
     """Autobahn's native masking is in use here, and start-up says so in the log."""
     from twisted.logger import globalLogPublisher
 
-    from twisted_novnc.processes.service import log_nvx
+    from twisted_novnc.processes.startup import log_nvx
 
     seen: list[str] = []
 
@@ -211,3 +211,36 @@ def test_twistd_text_observer_formats_faster_and_the_same():
     finally:
         globalLogPublisher.removeObserver(observer)
         globalLogPublisher.removeObserver(custom)
+
+
+def test_metrics_page_negotiates_like_prometheus_client():
+    """/metrics gives the text format, OpenMetrics when the scraper asks for it, gzip when
+    accepted and only the ``name[]`` families asked for, rendered at once (no thread pool)."""
+    import gzip
+
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from twisted_novnc.operations.admin import MetricsPage
+
+    metrics = Metrics()
+    metrics.connections.labels("1000").inc(2)
+
+    def get(headers: dict[bytes, bytes], args: dict[bytes, list[bytes]] | None = None):
+        request = DummyRequest([b""])
+        for name, value in headers.items():
+            request.requestHeaders.setRawHeaders(name, [value])
+        request.args = args or {}
+        body = MetricsPage(metrics.registry).render_GET(request)
+        return request.responseHeaders, body
+
+    headers, body = get({})
+    assert headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    assert b'twisted_novnc_connections_total{outcome="1000"} 2.0' in body
+    headers, body = get({b"accept": b"application/openmetrics-text; version=1.0.0"})
+    assert headers.getRawHeaders(b"content-type")[0].startswith(b"application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    headers, body = get({b"accept-encoding": b"gzip"})
+    assert headers.getRawHeaders(b"content-encoding") == [b"gzip"]
+    assert b"twisted_novnc_connections_total" in gzip.decompress(body)
+    headers, body = get({}, {b"name[]": [b"twisted_novnc_connections_total"]})
+    assert b"twisted_novnc_connections_total" in body and b"process_open_fds" not in body

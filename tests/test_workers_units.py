@@ -23,33 +23,38 @@ from twisted_novnc.config import parse_config, settings_text
 from twisted_novnc.operations.admin import WorkersMetrics, WorkersReadyz
 from twisted_novnc.operations.logs import event_as_json, event_as_text
 from twisted_novnc.operations.metrics import Metrics
-from twisted_novnc.processes.service import ListenerService, make_service, make_worker_service
-from twisted_novnc.processes.sharedports import ListeningReactor, SharedSocket
-from twisted_novnc.processes.workers import (
+from twisted_novnc.processes.ipc import (
     ANSWER,
-    ANSWER_TIMEOUT,
     ASK,
     INIT,
-    KILL_GRACE,
     LOG,
     MESSAGES_FD,
-    STABLE_AFTER,
     STOP,
     STOP_NOW,
-    ControlInput,
     FrameError,
     Frames,
-    Launcher,
-    ParentChannel,
-    Supervisor,
-    WorkerHandles,
     WorkerInit,
-    WorkerProcess,
     frame,
     read_frame,
-    restart_backoff,
-    worker_count,
 )
+from twisted_novnc.processes.launcher import Launcher, worker_count
+from twisted_novnc.processes.service import (
+    ListenerService,
+    WorkerHandles,
+    make_service,
+    make_worker_service,
+)
+from twisted_novnc.processes.sharedports import ListeningReactor, SharedSocket
+from twisted_novnc.processes.supervisor import (
+    ANSWER_TIMEOUT,
+    KILL_GRACE,
+    STABLE_AFTER,
+    Supervisor,
+    WorkerProcess,
+    describe_end,
+    restart_backoff,
+)
+from twisted_novnc.processes.worker import ControlInput, ParentChannel
 
 # -- fakes -----------------------------------------------------------------------------------------
 
@@ -217,8 +222,6 @@ def test_dead_worker_is_restarted_and_logged(logged):
 
 def test_exit_status_is_logged():
     """A worker that exits with a status is described by it."""
-    from twisted_novnc.processes.workers import describe_end
-
     assert describe_end(exited(3)) == "exited with status 3"
     assert describe_end(exited(0)) == "exited with status 0"
     assert describe_end(killed(15)) == "was killed by signal 15 (SIGTERM)"
@@ -676,7 +679,7 @@ def test_supervisor_tree_stops_in_order():
     outlives the workers' drain."""
     from twisted.application.service import Service
 
-    from twisted_novnc.processes.service import SequentialMultiService
+    from twisted_novnc.processes.supervisor import SequentialMultiService
 
     order: list[str] = []
     draining: Deferred[None] = Deferred()

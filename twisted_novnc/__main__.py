@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mint-token":
         return run_mint_token(args)
     if args.command == "worker":
-        from twisted_novnc.processes.workers import run_worker
+        from twisted_novnc.processes.worker import run_worker
 
         return run_worker(args.index)
 

@@ -6,12 +6,12 @@ Every option but ``--config`` overrides one ini key; ``--set SECTION.KEY=VALUE``
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 from twisted_novnc.config import ConfigError, read_config
+from twisted_novnc.processes.reactors import IDaemonReactor, installed_reactor
 
 #: Named options and the ini key each one overrides.
 OVERRIDES = {
@@ -61,13 +61,13 @@ class Options(usage.Options):
                 self.overrides[key] = self[option]
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
+def makeService(options: Options, reactor: IDaemonReactor | None = None) -> IService:
+    """The daemon's service tree, built and not started (twistd starts it), on the global
+    reactor unless one is given."""
     from twisted_novnc.processes.service import load_secret, make_service
 
+    if reactor is None:
+        reactor = installed_reactor()
     try:
         settings = read_config(options["config"], options.overrides)
         secret = load_secret(settings)

@@ -25,7 +25,6 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_novnc._compat.lazydebug import install as _install_lazy_debug
 from twisted_novnc._compat.lazydebug import lazy_pformat
 from twisted_novnc.config import AuthSettings, NovncSettings
 from twisted_novnc.database.interfaces import ITokenStore
@@ -65,7 +64,6 @@ SUBPROTOCOL = "binary"
 ABORT_GRACE = 2.0
 
 _log = Logger()
-_install_lazy_debug()
 
 #: (target, seconds left, path suffix, query without token) -> the connected upstream peer.
 Connector = Callable[[Target, float, str, str], Deferred[Any]]
@@ -681,7 +679,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
         web_root: str = "",
     ) -> None:
         # Autobahn's own Server header would name its version to every scanner.
-        super().__init__(server="twisted_novnc")
+        super().__init__(server="twisted_novnc", reactor=clock)
         self.settings = settings
         self.auth = auth if auth is not None else AuthSettings()
         self.secret = secret

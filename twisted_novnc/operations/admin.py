@@ -12,13 +12,15 @@ time is left out (``twisted_novnc_worker_scraped`` says so), never waited for.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.twisted import MetricsResource
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, gzip_accepted
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -85,20 +87,54 @@ class Readyz(_JSONResource):
         return (200 if body["ready"] else 503), body
 
 
-def _site(metrics: IResource, healthz: IResource, readyz: IResource) -> Site:
+def _site(
+    metrics: IResource, healthz: IResource, readyz: IResource, reactor: IReactorTime
+) -> Site:
     """The admin listener's three pages; no tracebacks or per-request log lines."""
     root = Resource()
     root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", healthz)
     root.putChild(b"readyz", readyz)
-    site = Site(root)
+    site = Site(root, reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
     return site
 
 
-def admin_site(metrics: Metrics) -> Site:
-    return _site(MetricsResource(registry=metrics.registry), Healthz(metrics), Readyz(metrics))
+class MetricsPage(Resource):
+    """``/metrics`` as prometheus_client's WSGI app serves it (the format the scraper accepts,
+    gzip, ``name[]``), rendered in the reactor's thread as a worker's answer is.
+
+    prometheus_client's own ``MetricsResource`` imports the global reactor when it is imported
+    (installing it, whatever reactor twistd was asked for) and serves from its thread pool,
+    reading the live collectors from another thread.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        encoder, content_type = choose_encoder(_header(request, b"accept"))
+        asked: list[bytes] = request.args.get(b"name[]", []) if request.args else []
+        names = [name.decode() for name in asked]
+        output = encoder(self.registry.restricted_registry(names) if names else self.registry)
+        request.setHeader(b"content-type", content_type.encode())
+        if gzip_accepted(_header(request, b"accept-encoding")):
+            output = gzip.compress(output)
+            request.setHeader(b"content-encoding", b"gzip")
+        return output
+
+
+def _header(request: Request, name: bytes) -> str:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value else ""
+
+
+def admin_site(metrics: Metrics, reactor: IReactorTime) -> Site:
+    return _site(MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics), reactor)
 
 
 class WorkerPool(Protocol):
@@ -213,6 +249,6 @@ class WorkersHealthz(Resource):
         return body
 
 
-def supervisor_site(pool: WorkerPool) -> Site:
+def supervisor_site(pool: WorkerPool, reactor: IReactorTime) -> Site:
     """The admin listener of a supervisor of ``[novnc] workers``."""
-    return _site(WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool))
+    return _site(WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool), reactor)

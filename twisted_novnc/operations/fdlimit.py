@@ -15,9 +15,10 @@ from __future__ import annotations
 import errno
 import resource
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 _log = Logger()
@@ -107,14 +108,30 @@ def current_soft_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+class _Accepting(Protocol):
+    def accept(self) -> tuple[Any, Any]: ...
+
+
+@runtime_checkable
+class AcceptingPort(Protocol):
+    """What the guard needs of a listening port (Twisted's ``tcp.Port``, ``unix.Port``): the
+    socket it accepts from, and reading that can be stopped and started again."""
+
+    socket: _Accepting | None
+
+    def stopReading(self) -> None: ...
+
+    def startReading(self) -> None: ...
+
+
 class _WatchedSocket:
     """Stands in for a listening port's socket; only ``accept`` is different."""
 
-    def __init__(self, sock: Any, guard: AcceptGuard) -> None:
+    def __init__(self, sock: _Accepting, guard: AcceptGuard) -> None:
         self._socket = sock
         self._guard = guard
 
-    def accept(self) -> Any:
+    def accept(self) -> tuple[Any, Any]:
         try:
             accepted = self._socket.accept()
         except OSError as e:
@@ -135,8 +152,8 @@ class _WatchedSocket:
 class AcceptGuard:
     """Pauses one listening port while the process has no descriptor left, and says why."""
 
-    port: Any
-    clock: Any
+    port: AcceptingPort
+    clock: IReactorTime
     on_exhausted: Callable[[], None] = lambda: None
     soft_limit: Callable[[], int] = current_soft_limit
     pause: float = PAUSE_SECONDS
@@ -144,11 +161,12 @@ class AcceptGuard:
     hits: int = 0
     _unlogged: int = 0
     _logged_at: float | None = None
-    _resume: Any = None
+    _resume: IDelayedCall | None = None
     _paused_since: float | None = None
 
     def install(self) -> None:
-        self.port.socket = _WatchedSocket(self.port.socket, self)
+        if self.port.socket is not None:
+            self.port.socket = _WatchedSocket(self.port.socket, self)
 
     def exhausted(self, code: int) -> None:
         """accept() found no free descriptor: count it, say so (now and then), stop a moment."""
@@ -199,9 +217,11 @@ class AcceptGuard:
         self._resume = None
 
 
-def guard_accepts(port: Any, clock: Any, on_exhausted: Callable[[], None]) -> AcceptGuard | None:
+def guard_accepts(
+    port: object, clock: IReactorTime, on_exhausted: Callable[[], None]
+) -> AcceptGuard | None:
     """Watch a listening port's accepts for descriptor exhaustion (any port with a socket)."""
-    if getattr(port, "socket", None) is None or not hasattr(port, "stopReading"):
+    if not isinstance(port, AcceptingPort) or port.socket is None:
         return None
     guard = AcceptGuard(port, clock, on_exhausted)
     guard.install()

@@ -1,0 +1,87 @@
+"""On shutdown, live relays get ``[novnc] drain_timeout`` seconds before they are closed."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from twisted_novnc.front.protocol import NoVNCServerFactory
+from twisted_novnc.processes.reactors import IClockFromThreads, SignalHandler
+
+_log = Logger()
+
+
+@attrs.define(eq=False)
+class DrainService(Service):
+    """On shutdown: let live relays go on for ``timeout`` seconds, then close them with 1001.
+
+    Listeners stop accepting and waiters are refused (4503) by their own services at the same
+    moment; this one holds the reactor's shutdown until every browser connection is gone.  A
+    second SIGTERM closes everything at once.
+    """
+
+    factory: NoVNCServerFactory
+    timeout: float
+    clock: IClockFromThreads
+    grace: float = 3.0
+    _timers: list[IDelayedCall] = attrs.field(factory=list)
+    _previous_handler: SignalHandler = None
+
+    def stopService(self) -> Deferred[None] | None:
+        Service.stopService(self)
+        if not self.factory.connections:
+            return None
+        _log.info(
+            "draining: {live} live relays may go on for {timeout:g}s ({total} connections open)",
+            live=len(self.factory.live),
+            timeout=self.timeout,
+            total=len(self.factory.connections),
+        )
+        drained: Deferred[None] = Deferred()
+        self.factory.drained = drained
+        self._timers.append(self.clock.callLater(self.timeout, self.close_all))
+        self._install_second_sigterm()
+        drained.addBoth(self._done)
+        return drained
+
+    def close_all(self) -> None:
+        """Close every live relay with 1001 now; abort whatever is left after a grace period."""
+        live = list(self.factory.live)
+        if live:
+            _log.info("closing {n} live relays: shutting down", n=len(live))
+        for protocol in live:
+            protocol.end_relay(1001, "server shutting down", "shutdown")
+        self._timers.append(self.clock.callLater(self.grace, self._abort_all))
+
+    def _abort_all(self) -> None:
+        for protocol in list(self.factory.connections):
+            protocol.transport.abortConnection()
+
+    def _install_second_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        reactor = self.clock
+
+        def again(signum: int, frame: FrameType | None) -> None:
+            _log.info("second SIGTERM: closing everything now")
+            reactor.callFromThread(self.close_all)
+
+        self._previous_handler = signal.signal(signal.SIGTERM, again)
+
+    def _done(self, result: object) -> object:
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+        _log.info("drained")
+        return result
