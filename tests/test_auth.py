@@ -1,4 +1,5 @@
-"""Tests for twisted_novnc.front.auth: hmac tokens, column digests, token extraction, the secret file."""
+"""Tests for twisted_novnc.front.auth: hmac tokens, column digests, token extraction, the secret
+file."""
 
 from __future__ import annotations
 

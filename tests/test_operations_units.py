@@ -121,7 +121,8 @@ def test_text_lines_are_exactly_twisteds(times):
 
     for when in times:
         event = {
-            "log_time": when, "log_level": LogLevel.info, "log_namespace": "twisted_novnc.front.protocol",
+            "log_time": when, "log_level": LogLevel.info,
+            "log_namespace": "twisted_novnc.front.protocol",
             "log_format": "closed {session_id}: {outcome}", "session_id": "s1", "outcome": "1000",
         }
         assert event_as_text(event) == formatEventAsClassicLogText(event)

@@ -1,1 +1,2 @@
-"""The sessions' database: the PostgreSQL store, the readiness gate, the schema, the embedded cluster."""
+"""The sessions' database: the PostgreSQL store, the readiness gate, the schema, the embedded
+cluster."""
