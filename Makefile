@@ -1,25 +1,68 @@
 # The two commands: `make run` and `make test`. Everything else is what they need.
 PYTHON ?= python3
-VENV ?= .venv
 CONFIG ?= etc/twisted-novnc.ini
-PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-# A regular (not editable) install: it is the one that puts
-# twisted/plugins/twisted_novnc_plugin.py where twistd finds it.
+# One virtualenv per use, each holding exactly one lock of requirements/ (every file
+# hash-checked) plus the project itself:
+#   .venv         the test set (requirements/test.txt): make test, lint, bench, the e2e tests
+#   .venv-run     the runtime set (requirements/runtime.txt): the daemon of make run, and nothing
+#                 it does not need (no pytest, mypy or websockify)
+#   .venv-lowest  the floors of setup.cfg's ranges (requirements/lowest.txt): make test-lowest
+#   .venv-tools   pip-tools (requirements/tools.txt), which writes the locks: make lock
+VENV ?= .venv
+RUN_VENV ?= .venv-run
+LOWEST_VENV ?= .venv-lowest
+TOOLS_VENV ?= .venv-tools
+PY := $(VENV)/bin/python
+
+# The project goes in as a regular (not editable) install: it is the one that puts
+# twisted/plugins/twisted_novnc_plugin.py where twistd finds it.  --no-deps: its dependencies
+# are the lock's, already there.
 SOURCES := setup.cfg pyproject.toml $(wildcard twisted_novnc/*.py twisted_novnc/*/*.py) twisted/plugins/twisted_novnc_plugin.py
 
-.PHONY: run test test-fast lint venv browser-deps clean
+.PHONY: run test test-fast test-lowest lint venv run-venv lowest-venv browser-deps lock lock-tools clean
 
-$(VENV)/bin/activate:
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+# $(call fresh-venv,DIR,LOCK): DIR made anew, holding exactly what LOCK pins.  A changed lock
+# rebuilds the venv, so nothing an older lock brought stays behind.  --require-hashes: pip
+# refuses any file whose hash the lock does not list, and any package the lock does not pin.
+define fresh-venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --require-hashes -r $(2)
+endef
 
-$(VENV)/.installed: $(VENV)/bin/activate $(SOURCES)
-	$(PY) -m pip install --quiet '.[test]'
+$(VENV)/.locked: requirements/test.txt
+	$(call fresh-venv,$(VENV),$<)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.locked $(SOURCES)
+	$(VENV)/bin/python -m pip install --quiet --no-deps .
+	touch $@
+
+$(RUN_VENV)/.locked: requirements/runtime.txt
+	$(call fresh-venv,$(RUN_VENV),$<)
+	touch $@
+
+$(RUN_VENV)/.installed: $(RUN_VENV)/.locked $(SOURCES)
+	$(RUN_VENV)/bin/python -m pip install --quiet --no-deps .
+	touch $@
+
+$(LOWEST_VENV)/.locked: requirements/lowest.txt
+	$(call fresh-venv,$(LOWEST_VENV),$<)
+	touch $@
+
+$(LOWEST_VENV)/.installed: $(LOWEST_VENV)/.locked $(SOURCES)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet --no-deps .
+	touch $@
+
+$(TOOLS_VENV)/.locked: requirements/tools.txt
+	$(call fresh-venv,$(TOOLS_VENV),$<)
 	touch $@
 
 venv: $(VENV)/.installed
+run-venv: $(RUN_VENV)/.installed
+lowest-venv: $(LOWEST_VENV)/.installed
 
 # tests/browser: the real noVNC client and playwright-core, exactly as locked.  Without npm
 # (a developer's machine) the browser tests skip and say why; under CI that is an error.
@@ -36,8 +79,8 @@ $(BROWSER_DIR)/node_modules/.installed: $(BROWSER_DIR)/package.json $(BROWSER_DI
 browser-deps: $(BROWSER_DIR)/node_modules/.installed
 
 # ARGS: extra options, e.g. ARGS='--set upstream.allowed_networks=127.0.0.1/32'
-run: venv
-	$(VENV)/bin/twistd --pidfile= -n novnc --config $(CONFIG) $(ARGS)
+run: run-venv
+	$(RUN_VENV)/bin/twistd --pidfile= -n novnc --config $(CONFIG) $(ARGS)
 
 test: venv browser-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -45,8 +88,12 @@ test: venv browser-deps
 test-fast: venv
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
+# The whole suite against the oldest releases setup.cfg admits (README, "Dependencies").
+test-lowest: lowest-venv browser-deps
+	$(LOWEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
 lint: venv
-	$(VENV)/bin/ruff check twisted_novnc tests twisted
+	$(VENV)/bin/ruff check twisted_novnc tests twisted requirements
 	$(VENV)/bin/mypy twisted_novnc
 
 # The benchmark (bench/README.md): BENCH_ARGS=--quick for a smoke run.
@@ -55,5 +102,28 @@ BENCH_ARGS ?=
 bench: venv
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+# make lock: every lock of requirements/ re-resolved from setup.cfg's ranges, each package at
+# the newest release they admit.  LOCK_UPGRADE='--upgrade-package twisted' moves only that
+# package (and what it needs) and keeps every other pin; LOCK_UPGRADE= moves nothing that still
+# fits.  The locks come from the package index alone: the machine's pip configuration (mirrors,
+# find-links, constraints) is left out, so every hash is that of the file the index serves.
+LOCK_UPGRADE ?= --upgrade
+PIP_COMPILE = env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT \
+	PIP_CONFIG_FILE=/dev/null CUSTOM_COMPILE_COMMAND="make $@" \
+	$(TOOLS_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	--no-emit-index-url --no-emit-find-links
+
+lock: $(TOOLS_VENV)/.locked
+	$(PIP_COMPILE) $(LOCK_UPGRADE) -o requirements/runtime.txt setup.cfg
+	$(PIP_COMPILE) $(LOCK_UPGRADE) --extra test -c requirements/runtime.txt \
+	    -o requirements/test.txt setup.cfg
+	$(TOOLS_VENV)/bin/python requirements/floors.py setup.cfg requirements/test.txt \
+	    > requirements/lowest.in
+	$(PIP_COMPILE) $(LOCK_UPGRADE) -o requirements/lowest.txt requirements/lowest.in
+
+# The lock tool's own lock: after changing the pin in requirements/tools.in.
+lock-tools: $(TOOLS_VENV)/.locked
+	$(PIP_COMPILE) -o requirements/tools.txt requirements/tools.in
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(RUN_VENV) $(LOWEST_VENV) $(TOOLS_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
