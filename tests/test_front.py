@@ -365,7 +365,7 @@ def test_limits_give_4429():
         )
         first.leave()
         yield first.closed
-        yield _until(lambda: not h.factory.per_ip and not h.factory.waiting_per_ip)
+        yield _until(lambda: not h.factory.limits.per_ip and not h.factory.limits.waiting_per_ip)
     finally:
         yield h.stop()
 
@@ -422,7 +422,7 @@ def test_max_per_ip_and_max_waiting_give_4429():
         yield _until(lambda: h.gate.waiting == 1)
         other = "0c7a4b0e-7d1c-4f64-9d2a-7e1f0a6e2b11"
         assert (yield _refused_with(h, f"/websockify/{other}")) == (4429, "too many connections")
-        yield _until(lambda: h.factory.per_ip["127.0.0.1"] == 1)
+        yield _until(lambda: h.factory.limits.per_ip["127.0.0.1"] == 1)
         h.ready()
         yield first.when_received(len(RFB_BANNER))
         second = yield h.connect()  # a relay and this one: two open from 127.0.0.1
@@ -448,8 +448,8 @@ def test_closed_relay_is_freed_by_reference_counting(harness):
     client = yield harness.connect()
     yield client.when_received(len(RFB_BANNER))
     (server,) = harness.factory.connections
-    assert server.relay is not None and server._upstream is not None
-    refs = [weakref.ref(o) for o in (server, server.relay, server._upstream)]
+    assert server.relay is not None and server._connected.upstream is not None
+    refs = [weakref.ref(o) for o in (server, server.relay, server._connected.upstream)]
     del server
     gc.disable()  # only reference counting may free them
     try:

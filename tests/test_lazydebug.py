@@ -10,13 +10,15 @@ import autobahn.util
 import autobahn.websocket.protocol as autobahn_protocol
 from twisted.logger import formatEvent
 
-from twisted_novnc._compat import lazydebug
+from twisted_novnc._compat import install_patches, lazydebug
 from twisted_novnc.front import protocol as front
 
 
 def test_installed_in_both_modules():
-    """Importing the front installs the stand-ins where Autobahn's WebSocket code calls them."""
+    """install_patches (a service's start, not an import of the front) puts the stand-ins
+    where Autobahn's WebSocket code calls them."""
     assert front is not None
+    install_patches()
     for module in lazydebug.MODULES:
         assert module.hltype is lazydebug.lazy_hltype
         assert module.hlval is lazydebug.lazy_hlval

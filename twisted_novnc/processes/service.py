@@ -258,7 +258,8 @@ def make_service(settings: Settings, reactor: Any, secret: bytes = b"") -> Multi
     for description in settings.novnc.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(
-            description, endpoint, core.factory, on_port=core.guard, relay=True
+            description, endpoint, core.factory, on_port=core.guard,
+            relay=settings.novnc.fast_path,
         ).setServiceParent(top)
     return top
 
@@ -317,6 +318,7 @@ def _proxy(
 
     upstream = settings.upstream
     trust = tls_trust(upstream.tls, upstream.ca_file)
+    fast = settings.novnc.fast_path
 
     def connect(target: Target, timeout: float, suffix: str, query: str) -> Deferred[Any]:
         if upstream.port:
@@ -325,15 +327,17 @@ def _proxy(
         if upstream.mode == "websocket":
             return connect_websocket(
                 reactor, target, timeout, suffix, query, retry=upstream.connect_retry,
-                max_message_size=settings.novnc.max_message_size, tls=tls,
+                max_message_size=settings.novnc.max_message_size, tls=tls, fast=fast,
             )
-        return connect_tcp(reactor, target, timeout, retry=upstream.connect_retry, tls=tls)
+        return connect_tcp(
+            reactor, target, timeout, retry=upstream.connect_retry, tls=tls, fast=fast
+        )
 
     metrics = Metrics()
     targets = TargetPolicy(settings.upstream.allowed_networks, settings.upstream.allowed_ports)
     factory = NoVNCServerFactory(
         settings.novnc, gate, connect, reactor, metrics, settings.auth, secret, targets,
-        web_root=settings.web.root,
+        web_root=settings.web.root, fast_path=fast,
     )
     metrics.live = LiveState(
         connections_open=lambda: len(factory.connections),
@@ -364,7 +368,8 @@ def make_worker_service(
         endpoint = serverFromString(AdoptingReactor(reactor, shared), shared.description)
         ListenerService(
             shared.description, endpoint, core.factory, on_port=core.guard,
-            verb="accepting (shared with the other workers) on", relay=True,
+            verb="accepting (shared with the other workers) on",
+            relay=settings.novnc.fast_path,
         ).setServiceParent(top)
     return top, WorkerHandles(core.metrics, core.drain)
 

@@ -67,6 +67,11 @@ def tune_tcp(transport: Any) -> None:
 HOLD_LIMIT = 256 * 1024
 
 
+def _write(transport: Any, header: bytes, data: bytes) -> None:
+    """The stock path's write: the transport's own (``[novnc] fast_path = off``)."""
+    transport.write(data)
+
+
 @implementer(IHandshakeListener)
 class TCPUpstream(TransportPeer, Protocol):
     """The VM side of a relay over raw TCP (or TLS)."""
@@ -76,8 +81,14 @@ class TCPUpstream(TransportPeer, Protocol):
     relay: Relay | None = None
     _closing: bool = False
 
-    def __init__(self, tls: bool = False) -> None:
+    #: How the browser's bytes are written: at once (``send_now``), or by ``transport.write``.
+    _write: Callable[[Any, bytes, bytes], None] = staticmethod(send_now)
+
+    def __init__(self, tls: bool = False, fast: bool = True) -> None:
         self.tls = tls
+        self.fast = fast
+        if not fast:
+            self._write = _write
         #: Fires once connected (under TLS: once the VM's certificate has been accepted).
         #: (None once the connection is gone: it would hold the protocol in a cycle.)
         self.handshake: Deferred[TCPUpstream] = Deferred()
@@ -87,7 +98,8 @@ class TCPUpstream(TransportPeer, Protocol):
 
     def connectionMade(self) -> None:
         tune_tcp(self.transport)
-        tune_relay_transport(self.transport)
+        if self.fast:
+            tune_relay_transport(self.transport)
         if not self.tls:
             # The VNC server speaks first, and the browser's 101 and the attach follow in this
             # same call: nothing can be read before it, so reading is not paused (that was two
@@ -105,7 +117,7 @@ class TCPUpstream(TransportPeer, Protocol):
 
     # Peer (producer and consumer: TransportPeer)
     def send(self, data: bytes) -> None:
-        send_now(self.transport, b"", data)
+        self._write(self.transport, b"", data)
 
     def close(self, code: int, reason: str) -> None:
         self._closing = True
@@ -369,13 +381,15 @@ class SocketConnector:
             timer.cancel()
 
 
-def dial(reactor: Any, host: str, port: int, factory: Any, timeout: float) -> Any:
+def dial(
+    reactor: Any, host: str, port: int, factory: Any, timeout: float, fast: bool = True
+) -> Any:
     """Start a TCP connection attempt; the IConnector-like object it returns can stop it.
 
     On a real reactor that is a :class:`SocketConnector`; a fake one (``MemoryReactor``, in
-    the unit tests of the retry logic) gets ``connectTCP``, which it records.
+    the unit tests of the retry logic), or ``fast = False``, gets ``connectTCP``.
     """
-    if isinstance(reactor, PosixReactorBase):
+    if fast and isinstance(reactor, PosixReactorBase):
         connector = SocketConnector(reactor, host, port, factory, timeout)
         connector.start()
         return connector
@@ -393,6 +407,7 @@ class _Connect:
     make_protocol: Callable[[], Any]
     ready: Callable[[Any], Any]
     tls: Any
+    fast: bool = True
     result: Deferred[Any] | None = None
     _current: Any = None
     #: The retry delays, made at the first retry (most connects never need one).
@@ -414,7 +429,9 @@ class _Connect:
         # dial's timeout is the TCP connect (error.TimeoutError, retried); the Deferred's also
         # bounds the TLS or WebSocket handshake that follows.  A connect can fail or succeed
         # before dial returns: d then already holds its result for the callbacks below.
-        connector = dial(self.reactor, self.target.host, self.target.port, wrapped, per_try)
+        connector = dial(
+            self.reactor, self.target.host, self.target.port, wrapped, per_try, self.fast
+        )
         if not factory.decided:
             factory.connector = connector
         if self.tls is not None or self.ready is not _handshake:
@@ -476,6 +493,7 @@ def connect_tcp(
     make_protocol: Callable[[], Any] | None = None,
     ready: Callable[[Any], Any] | None = None,
     tls: Any = None,
+    fast: bool = True,
 ) -> Deferred[Any]:
     """Open a TCP connection to the target within ``timeout`` seconds.
 
@@ -484,15 +502,18 @@ def connect_tcp(
 
     With ``retry``, a VM that refuses (still booting) is tried again with capped backoff until
     the time is up.  Failures become :class:`Refused` (4502).  Cancelling stops everything.
+    ``fast = False`` (``[novnc] fast_path = off``) connects with ``reactor.connectTCP`` and
+    writes with ``transport.write``.
     """
     return _Connect(
         reactor,
         target,
         reactor.seconds() + timeout,
         retry,
-        make_protocol or (lambda: TCPUpstream(tls=tls is not None)),
+        make_protocol or (lambda: TCPUpstream(tls=tls is not None, fast=fast)),
         ready or _handshake,
         tls,
+        fast,
     ).start()
 
 
@@ -560,6 +581,7 @@ def connect_websocket(
     retry: bool = False,
     max_message_size: int = 1024 * 1024,
     tls: Any = None,
+    fast: bool = True,
 ) -> Deferred[WebSocketUpstream]:
     """Open ``ws(s)://host:port/<suffix>?<query>`` offering ``binary``; 4502 on failure."""
     host = f"[{target.host}]" if ":" in target.host else target.host
@@ -580,4 +602,5 @@ def connect_websocket(
         make_protocol=lambda: factory.buildProtocol(None),
         ready=lambda protocol: protocol.opened,
         tls=tls,
+        fast=fast,
     )
