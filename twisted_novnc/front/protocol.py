@@ -116,6 +116,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     _head_refused: bool = False
     _early_bytes: int = 0
     _gone: bool = False
+    _abort_timer: IDelayedCall | None = None
 
     @property
     def session_id(self) -> str | None:
@@ -319,13 +320,27 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     # -- the end ---------------------------------------------------------------------------------
 
+    def dropConnection(self, abort: bool = False) -> None:
+        """Autobahn aborts the socket after a protocol error and once a close handshake it
+        began is answered, which throws away what is still in the write buffer: the 101 and
+        the close frame that says why.  Close after a flush instead; abort only a peer that
+        will not take them within ABORT_GRACE."""
+        if abort and self._abort_timer is None and self.state != self.STATE_CLOSED:
+            self._abort_timer = self.factory.clock.callLater(ABORT_GRACE, self._abort)
+        super().dropConnection(abort=False)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        self.transport.abortConnection()
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._browser_left()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_request_timer()
-        _cancel(self._idle_timer)
-        self._idle_timer = None
+        for timer in (self._idle_timer, self._abort_timer):
+            _cancel(timer)
+        self._idle_timer = self._abort_timer = None
         self._browser_left()
         super().connectionLost(reason)
         self._closed()
@@ -412,8 +427,6 @@ class FastNoVNCServerProtocol(AutobahnFastPath, NoVNCServerProtocol):  # type: i
     into the public methods below; everything else is the stock protocol's.
     """
 
-    _abort_timer: IDelayedCall | None = None
-
     def relay_started(self, relay: Relay) -> None:
         """Bigger reads and writes, and browser frames parsed as they arrive (fastpath.py)."""
         tune_relay_transport(self.transport)
@@ -434,21 +447,12 @@ class FastNoVNCServerProtocol(AutobahnFastPath, NoVNCServerProtocol):  # type: i
         send_now(self.transport, b"", data)
 
     def close_transport(self, abort: bool) -> None:
-        """Autobahn aborts the socket after a protocol error, which throws away what is still
-        in the write buffer: the 101 and the close frame that says why.  Flush first; abort
-        only a peer that will not take them."""
-        close_now(self.transport)
-        if abort and self._abort_timer is None:
-            self._abort_timer = self.factory.clock.callLater(ABORT_GRACE, self._abort)
-
-    def _abort(self) -> None:
-        self._abort_timer = None
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        _cancel(self._abort_timer)
-        self._abort_timer = None
-        super().connectionLost(reason)
+        """Close with the FIN sent at once when nothing is left to write (``close_now``);
+        ``dropConnection`` above never asks for an abort."""
+        if abort:
+            self.transport.abortConnection()
+        else:
+            close_now(self.transport)
 
     def connection_ended(self) -> None:
         super().connection_ended()
