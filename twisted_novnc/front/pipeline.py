@@ -293,10 +293,8 @@ class Attempt:
         return pipeline.connect(target, self._deadline - now, self._suffix, self._query)
 
     def _connected(self, upstream: Any) -> Connected:
+        # (A browser that left cancelled the connect: the connector closes what it opened.)
         self._pending = None
-        if self.gone:
-            upstream.close(1000, "browser left")
-            raise CancelledError()
         assert self.ready_at is not None
         pipeline = self.pipeline
         pipeline.metrics.upstream_connect.observe(pipeline.clock.seconds() - self.ready_at)
