@@ -698,3 +698,38 @@ def test_drain_fires_when_the_last_connection_goes(fast_path):
         assert not drained.called
         w.leave()
         assert drained.called and w.factory.drained is None
+
+
+def test_the_stock_path_uses_no_private_autobahn_hook():
+    """With fast_path = off the protocol overrides no private method of Autobahn's and has
+    no part of the fast path's mixin; the VM is connected with connectTCP."""
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+
+    from twisted_novnc._compat.autobahn import AutobahnFastPath
+    from twisted_novnc.front.protocol import NoVNCServerProtocol
+
+    for name in vars(NoVNCServerProtocol):
+        if name.startswith("_") and not name.endswith("__"):
+            assert not hasattr(WebSocketServerProtocol, name), name
+    with Wired(False, READY) as w:
+        assert not isinstance(w.protocol, AutobahnFastPath)
+        assert isinstance(Wired(True).protocol, AutobahnFastPath)
+
+
+def test_the_stock_connector_is_connect_tcp():
+    """connect_tcp(fast=False) dials with reactor.connectTCP and a StockTCPUpstream, which
+    writes with transport.write."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_novnc.relay.upstream import StockTCPUpstream
+    from twisted_novnc.session import Target
+
+    memory = MemoryReactorClock()
+    connect_tcp(memory, Target(SID, "10.0.0.5", 5900), 5, fast=False)
+    (host, port, factory, timeout, _), = memory.tcpClients
+    protocol = factory.buildProtocol(None)
+    assert (host, port) == ("10.0.0.5", 5900) and isinstance(protocol, StockTCPUpstream)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.send(b"bytes")
+    assert transport.value() == b"bytes"

@@ -5,25 +5,25 @@
 Autobahn's internal state, and turns each into a call of a public method of the class it is
 mixed into, so that only this module knows how Autobahn works inside:
 
-========================================  ======================================================
-Autobahn (private)                        becomes
-========================================  ======================================================
-``processData`` (its frame parser)        :meth:`BrowserFrames.feed` of ``self.frames``, with
-                                          Autobahn's parser for the frames it does not take
-``_dataReceived`` (no per-read debug      ``websocket_data(data)`` (the stock class calls
-line), via a shortcut in ``dataReceived``  Autobahn's public ``dataReceived``)
-``sendData`` (Autobahn's own writes)      ``write_now(data)``
-``_closeConnection``                      ``close_transport(abort)``
-``_connectionMade``                       the same, with the options' ``pformat`` lazy and no
-                                          send queue or UTF-8 validator kept per connection
-``_max_message_size_exceeded``,           :class:`~twisted_novnc.front.fastpath.FrameEvents`
-``inside_message``, ``message_*``,        (``message_begun``, ``frame_ended``,
-``_cancelAutoPingTimeoutCall``            ``message_too_big``)
-``_wskey`` and the parsed request          ``forget_handshake()``
-========================================  ======================================================
+- ``processData`` (Autobahn's frame parser), and ``dataReceived`` while relaying: the bytes go
+  to the fast path's frame parser (``self.frames.feed``); a frame it does not take, and what
+  follows, goes back to Autobahn's parser (``consumeData``);
+- ``_dataReceived`` (Autobahn's entry point without a debug line per read):
+  ``websocket_data(data)``, which the stock class implements with Autobahn's public
+  ``dataReceived``;
+- ``sendData`` (Autobahn's own writes: the 101, close frames, pings): ``write_now(data)``;
+- ``_closeConnection``: ``close_transport(abort)``;
+- ``_connectionMade``: the same, with the options' ``pformat`` lazy, and no send queue or
+  UTF-8 validator kept per connection;
+- ``inside_message``, ``message_*``, ``_isMessageCompressed``, ``_max_message_size_exceeded``
+  and ``_cancelAutoPingTimeoutCall``: what the frame parser reports
+  (:class:`~twisted_novnc.front.fastpath.FrameEvents`: ``message_begun``, ``frame_ended``,
+  ``message_too_big``);
+- ``_wskey`` and the parsed request: ``forget_handshake()``.
 
 The class mixed into is :class:`twisted_novnc.front.protocol.FastNoVNCServerProtocol`; with
-``[novnc] fast_path = off`` none of this is used.
+``[novnc] fast_path = off`` none of this is used.  tests/test_compat_autobahn.py has a canary
+for each internal.
 """
 
 from __future__ import annotations

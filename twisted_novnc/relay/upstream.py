@@ -67,11 +67,6 @@ def tune_tcp(transport: Any) -> None:
 HOLD_LIMIT = 256 * 1024
 
 
-def _write(transport: Any, header: bytes, data: bytes) -> None:
-    """The stock path's write: the transport's own (``[novnc] fast_path = off``)."""
-    transport.write(data)
-
-
 @implementer(IHandshakeListener)
 class TCPUpstream(TransportPeer, Protocol):
     """The VM side of a relay over raw TCP (or TLS)."""
@@ -81,14 +76,11 @@ class TCPUpstream(TransportPeer, Protocol):
     relay: Relay | None = None
     _closing: bool = False
 
-    #: How the browser's bytes are written: at once (``send_now``), or by ``transport.write``.
-    _write: Callable[[Any, bytes, bytes], None] = staticmethod(send_now)
+    #: The fast path: relay buffer sizes, and writes sent at once (StockTCPUpstream: neither).
+    fast = True
 
-    def __init__(self, tls: bool = False, fast: bool = True) -> None:
+    def __init__(self, tls: bool = False) -> None:
         self.tls = tls
-        self.fast = fast
-        if not fast:
-            self._write = _write
         #: Fires once connected (under TLS: once the VM's certificate has been accepted).
         #: (None once the connection is gone: it would hold the protocol in a cycle.)
         self.handshake: Deferred[TCPUpstream] = Deferred()
@@ -117,7 +109,7 @@ class TCPUpstream(TransportPeer, Protocol):
 
     # Peer (producer and consumer: TransportPeer)
     def send(self, data: bytes) -> None:
-        self._write(self.transport, b"", data)
+        send_now(self.transport, b"", data)
 
     def close(self, code: int, reason: str) -> None:
         self._closing = True
@@ -153,6 +145,16 @@ class TCPUpstream(TransportPeer, Protocol):
         # without them reference counting frees the connection at once.
         self.relay = None
         self.handshake = None  # type: ignore[assignment]
+
+
+class StockTCPUpstream(TCPUpstream):
+    """The VM side on the stock path (``[novnc] fast_path = off``): Twisted's own buffer
+    sizes, and the browser's bytes written with ``transport.write``."""
+
+    fast = False
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
 
 
 #: Socket creation failed for lack of descriptors (per process, or system-wide).
@@ -510,7 +512,7 @@ def connect_tcp(
         target,
         reactor.seconds() + timeout,
         retry,
-        make_protocol or (lambda: TCPUpstream(tls=tls is not None, fast=fast)),
+        make_protocol or (lambda: (TCPUpstream if fast else StockTCPUpstream)(tls is not None)),
         ready or _handshake,
         tls,
         fast,
