@@ -56,6 +56,16 @@ def daemon_factory(postgres_dsn, sessions_table, tmp_path):  # noqa: F811
     for proto in started:
         if proto.transport is not None:
             pytest_twisted.blockon(stop_daemon(proto))
+    relayed_as_told(started)
+
+
+def relayed_as_told(started: list[DaemonProcess]) -> None:
+    """Each daemon that listened said it relayed on the path the test id names."""
+    for proto in started:
+        if proto.listening.called and proto.port:
+            assert f"[novnc] fast_path = {daemon_process.FAST_PATH})" in proto.output, (
+                f"the daemon did not relay with fast_path = {daemon_process.FAST_PATH}"
+            )
 
 
 @pytest.fixture
@@ -142,5 +152,6 @@ def private_daemon(private_cluster, tmp_path):
     for proto in started:
         if proto.transport is not None:
             pytest_twisted.blockon(stop_daemon(proto))
+    relayed_as_told(started)
 
 

@@ -552,6 +552,14 @@ class NoVNCServerFactory(WebSocketServerFactory):
         }
         self.protocol = type(base.__name__, (base,), values)  # type: ignore[assignment]
 
+    def startFactory(self) -> None:
+        """Say which path relays, once, when the first listener starts."""
+        super().startFactory()
+        if self.fast_path:
+            _log.info("relaying on the fast path ([novnc] fast_path = on)")
+        else:
+            _log.info("relaying on the stock path, public APIs only ([novnc] fast_path = off)")
+
     def buildProtocol(self, addr: Any) -> Any:
         if len(self.connections) >= self.settings.max_connections:
             now = self.clock.seconds()
