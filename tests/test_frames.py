@@ -1,9 +1,11 @@
-"""Browser frames relayed chunk by chunk, and the server's frames built without copies.
+"""Browser frames relayed, and the server's frames built, by the protocol in both modes.
 
 The protocol runs over a StringTransport with its session ready in memory and a fake VM, so
 the bytes the browser sends can be cut anywhere: what reaches the VM must be exactly the
 binary payloads, in order, whatever the cuts; control frames interleaved with fragments must
 still be answered; and everything the fast path does not take must behave as Autobahn does.
+Each test runs on the fast path (frames relayed chunk by chunk) and on the stock path
+(Autobahn's ``onMessage`` and ``sendMessage``): the browser and the VM cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -65,7 +67,15 @@ def client_frame(
     return head + mask + body
 
 
-def open_relay(max_message_size: int = 1024 * 1024, handshake: bytes = HANDSHAKE):
+#: Run a test on the fast path and on the stock path.
+BOTH_MODES = pytest.mark.parametrize(
+    "fast_path", [True, False], ids=["fast_path=on", "fast_path=off"]
+)
+
+
+def open_relay(
+    fast_path: bool, max_message_size: int = 1024 * 1024, handshake: bytes = HANDSHAKE
+):
     """A browser connection whose handshake is done and whose relay is open."""
     clock = Clock()
     source = MemorySessionSource()
@@ -75,6 +85,7 @@ def open_relay(max_message_size: int = 1024 * 1024, handshake: bytes = HANDSHAKE
     factory = NoVNCServerFactory(
         NovncSettings(max_message_size=max_message_size, ping_interval=0), gate,
         lambda *args: succeed(vm), clock, targets=TargetPolicy.from_config("127.0.0.0/8"),
+        fast_path=fast_path,
     )
     protocol = factory.buildProtocol(None)
     transport = StringTransport()
@@ -105,8 +116,8 @@ masks = st.binary(min_size=4, max_size=4)
 @given(payloads, cut_lists, masks)
 def test_binary_payloads_reach_the_vm_whatever_the_cuts(chunks, cuts, mask):
     """Binary messages (whole or fragmented, with pings between fragments) reach the VM in
-    order and exactly, however the reads cut them; each ping is answered with its pong."""
-    protocol, transport, vm = open_relay()
+    order and exactly, however the reads cut them; each ping is answered with its pong.  Both
+    paths, on every example (pytest-twisted cannot run a parametrized hypothesis test)."""
     wire = b""
     for i, chunk in enumerate(chunks):
         if i % 2:
@@ -117,32 +128,37 @@ def test_binary_payloads_reach_the_vm_whatever_the_cuts(chunks, cuts, mask):
             wire += client_frame(chunk[half:], opcode=0, fin=True, mask=mask)
         else:
             wire += client_frame(chunk, mask=mask)
-    feed(protocol, wire, cuts)
-    assert vm.transport.value() == b"".join(chunks)
-    pongs = transport.value()
-    for i in range(1, len(chunks), 2):
-        assert bytes((0x8A, len(b"p%d" % i))) + b"p%d" % i in pongs
-    assert protocol.state == protocol.STATE_OPEN
+    for fast_path in (True, False):
+        protocol, transport, vm = open_relay(fast_path)
+        feed(protocol, wire, cuts)
+        assert vm.transport.value() == b"".join(chunks), fast_path
+        pongs = transport.value()
+        for i in range(1, len(chunks), 2):
+            assert bytes((0x8A, len(b"p%d" % i))) + b"p%d" % i in pongs, fast_path
+        assert protocol.state == protocol.STATE_OPEN
 
 
-def test_large_frames_cross_reads():
+@BOTH_MODES
+def test_large_frames_cross_reads(fast_path):
     """A 1 MiB frame cut into 64 KiB reads arrives whole and unmasked."""
-    protocol, transport, vm = open_relay(max_message_size=2 * 1024 * 1024)
+    protocol, transport, vm = open_relay(fast_path, max_message_size=2 * 1024 * 1024)
     payload = os.urandom(1024 * 1024)
     wire = client_frame(payload, mask=b"\x9a\x01\xff\x42")
     feed(protocol, wire, list(range(65536, len(wire), 65536)))
     assert vm.transport.value() == payload
 
 
-def test_text_frame_is_refused_with_1003():
+@BOTH_MODES
+def test_text_frame_is_refused_with_1003(fast_path):
     """A text message goes to Autobahn and ends the relay with 1003, nothing relayed."""
-    protocol, transport, vm = open_relay()
+    protocol, transport, vm = open_relay(fast_path)
     protocol.dataReceived(client_frame(b"hello", opcode=1))
     assert vm.transport.value() == b""
     close = transport.value()
     assert close[0] == 0x88 and struct.unpack("!H", close[2:4])[0] == 1003
 
 
+@BOTH_MODES
 @pytest.mark.parametrize(
     "frame, code",
     [
@@ -153,49 +169,55 @@ def test_text_frame_is_refused_with_1003():
         (client_frame(b"x" * 10, long_form=True), 1002),  # non-minimal length
     ],
 )
-def test_frames_autobahn_refuses_are_still_refused(frame, code):
+def test_frames_autobahn_refuses_are_still_refused(fast_path, frame, code):
     """What the fast path does not take is Autobahn's: protocol errors close with 1002."""
-    protocol, transport, vm = open_relay()
+    protocol, transport, vm = open_relay(fast_path)
     protocol.dataReceived(frame)
     assert vm.transport.value() == b""
     close = transport.value()
     assert close[0] == 0x88 and struct.unpack("!H", close[2:4])[0] == code
 
 
-def test_compression_offer_is_declined_and_the_relay_opens():
+@BOTH_MODES
+def test_compression_offer_is_declined_and_the_relay_opens(fast_path):
     """Browsers offer permessage-deflate; the 101 declines it (no extension) and the relay
     opens — the options the factory sets, functions included, reach every connection."""
     offer = HANDSHAKE.replace(
         b"\r\n\r\n",
         b"\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
     )
-    protocol, transport, vm = open_relay(handshake=offer)
+    protocol, transport, vm = open_relay(fast_path, handshake=offer)
     assert protocol.websocket_extensions_in_use == []
     protocol.dataReceived(client_frame(b"ok"))
     assert vm.transport.value() == b"ok"
 
 
-def test_binary_frame_inside_a_fragmented_message_is_a_protocol_error():
-    """A new binary frame before the fragmented one finished is refused (1002)."""
-    protocol, transport, vm = open_relay()
+@BOTH_MODES
+def test_binary_frame_inside_a_fragmented_message_is_a_protocol_error(fast_path):
+    """A new binary frame before the fragmented one finished is refused (1002); the fast
+    path has relayed the first fragment, the stock path nothing of the unfinished message."""
+    protocol, transport, vm = open_relay(fast_path)
     protocol.dataReceived(client_frame(b"ab", fin=False) + client_frame(b"cd"))
-    assert vm.transport.value() == b"ab"
+    assert vm.transport.value() == (b"ab" if fast_path else b"")
     close = transport.value()
     assert struct.unpack("!H", close[2:4])[0] == 1002
 
 
-def test_message_over_the_limit_is_refused_with_1009_and_not_relayed():
-    """A message above max_message_size (across fragments too) closes with 1009."""
-    protocol, transport, vm = open_relay(max_message_size=100)
+@BOTH_MODES
+def test_message_over_the_limit_is_refused_with_1009_and_not_relayed(fast_path):
+    """A message above max_message_size (across fragments too) closes with 1009; nothing of
+    the fragment that breaks it is relayed (the stock path relays only whole messages)."""
+    protocol, transport, vm = open_relay(fast_path, max_message_size=100)
     protocol.dataReceived(client_frame(b"a" * 60, fin=False) + client_frame(b"b" * 60, opcode=0))
-    assert vm.transport.value() == b"a" * 60
+    assert vm.transport.value() == (b"a" * 60 if fast_path else b"")
     close = transport.value()
     assert struct.unpack("!H", close[2:4])[0] == 1009
 
 
-def test_close_frame_is_answered_and_the_vm_let_go():
+@BOTH_MODES
+def test_close_frame_is_answered_and_the_vm_let_go(fast_path):
     """The browser's close frame is Autobahn's to answer; the VM side is closed."""
-    protocol, transport, vm = open_relay()
+    protocol, transport, vm = open_relay(fast_path)
     protocol.dataReceived(client_frame(b"ab") + client_frame(struct.pack("!H", 1000), opcode=8))
     assert vm.transport.value() == b"ab"
     assert transport.value().startswith(b"\x88\x02\x03\xe8")
@@ -204,9 +226,10 @@ def test_close_frame_is_answered_and_the_vm_let_go():
     assert vm.closed == [(1000, "browser closed")]
 
 
-def test_vm_bytes_go_out_as_one_binary_frame_each():
+@BOTH_MODES
+def test_vm_bytes_go_out_as_one_binary_frame_each(fast_path):
     """What the VM sends reaches the browser as unmasked binary frames, in order."""
-    protocol, transport, vm = open_relay()
+    protocol, transport, vm = open_relay(fast_path)
     for size in (1, 125, 126, 65535, 65536, 200000):
         protocol.relay.from_vm(b"v" * size)
         out = transport.value()

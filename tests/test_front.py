@@ -1,23 +1,36 @@
-"""The browser-facing pipeline over real loopback sockets, with sessions held in memory."""
+"""The browser-facing protocol in both modes: over real loopback sockets with sessions held in
+memory, and over a StringTransport on a Clock for its timers and close codes.
+
+Every test runs on the fast path and on the stock path (``[novnc] fast_path = on | off``).
+"""
 
 from __future__ import annotations
 
 import pytest
 import pytest_twisted
+import txaio
+from test_frames import client_frame
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from twisted_novnc.config import AuthSettings, NovncSettings
 from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.front.auth import mint_token, token_digest
 from twisted_novnc.front.origins import OriginPolicy
-from twisted_novnc.front.protocol import NoVNCServerFactory
+from twisted_novnc.front.protocol import ABORT_GRACE, NoVNCServerFactory
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import connect_tcp
 from twisted_novnc.session import SessionRow
 from twisted_novnc.testing import (
     RFB_BANNER,
+    MemoryPeer,
     MemorySessionSource,
     RawExchange,
     VNCEchoFactory,
@@ -39,6 +52,7 @@ class Harness:
         auth: AuthSettings | None = None,
         secret: bytes = b"",
         networks: str = "127.0.0.0/8",
+        fast_path: bool = True,
         **novnc: object,
     ) -> None:
         self.source = MemorySessionSource()
@@ -48,8 +62,10 @@ class Harness:
             **novnc,
         )
         self.factory = NoVNCServerFactory(
-            settings, self.gate, lambda t, s, *forward: connect_tcp(reactor, t, s), reactor,
+            settings, self.gate,
+            lambda t, s, *forward: connect_tcp(reactor, t, s, fast=fast_path), reactor,
             auth=auth, secret=secret, targets=TargetPolicy.from_config(networks),
+            fast_path=fast_path,
         )
         self.vnc = VNCEchoFactory()
         self.ports: list = []
@@ -88,9 +104,15 @@ class Harness:
             yield port.stopListening()
 
 
+@pytest.fixture(params=[True, False], ids=["fast_path=on", "fast_path=off"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Each test on the fast path, then on the stock path."""
+    return bool(request.param)
+
+
 @pytest.fixture
-def harness():
-    h = pytest_twisted.blockon(Harness().start())
+def harness(fast_path):
+    h = pytest_twisted.blockon(Harness(fast_path=fast_path).start())
     yield h
     pytest_twisted.blockon(h.stop())
 
@@ -154,9 +176,9 @@ def test_unreachable_vm_closes_with_4502(harness):
 
 
 @pytest_twisted.inlineCallbacks
-def test_reject_http_refuses_with_status():
+def test_reject_http_refuses_with_status(fast_path):
     """With reject = http a refusal is the HTTP status of the failed upgrade."""
-    h = yield Harness(reject="http").start()
+    h = yield Harness(reject="http", fast_path=fast_path).start()
     try:
         h.source.rows[SID] = SessionRow(SID, "127.0.0.1", h.vnc_port, "ended")
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", h.proxy_port)
@@ -235,9 +257,9 @@ def _until(predicate, limit: int = 10000):
 
 
 @pytest_twisted.inlineCallbacks
-def test_oversized_message_is_refused_with_1009():
+def test_oversized_message_is_refused_with_1009(fast_path):
     """A browser message larger than max_message_size ends the connection with 1009."""
-    h = yield Harness(max_message_size=1024).start()
+    h = yield Harness(max_message_size=1024, fast_path=fast_path).start()
     try:
         h.ready()
         client = yield h.connect()
@@ -265,9 +287,11 @@ def _refused_with(h: Harness, path: str = f"/websockify/{SID}", **kwargs):
 
 
 @pytest_twisted.inlineCallbacks
-def test_origin_outside_the_allowlist_is_4403():
+def test_origin_outside_the_allowlist_is_4403(fast_path):
     """An Origin not in allowed_origins gets 4403 at once, holding no waiter."""
-    h = yield Harness(allowed_origins=OriginPolicy.from_text("https://*.example.com")).start()
+    h = yield Harness(
+        allowed_origins=OriginPolicy.from_text("https://*.example.com"), fast_path=fast_path
+    ).start()
     try:
         assert (yield _refused_with(h, origin="https://evil.test")) == (
             4403, "origin not allowed"
@@ -283,9 +307,11 @@ def test_origin_outside_the_allowlist_is_4403():
 
 
 @pytest_twisted.inlineCallbacks
-def test_hmac_tokens():
+def test_hmac_tokens(fast_path):
     """mode = hmac: a valid token relays; missing 4401, expired 4401, forged 4403, no waiting."""
-    h = yield Harness(auth=AuthSettings(mode="hmac", secret_file="x"), secret=SECRET).start()
+    h = yield Harness(
+        auth=AuthSettings(mode="hmac", secret_file="x"), secret=SECRET, fast_path=fast_path
+    ).start()
     try:
         now = int(reactor.seconds())
         good = mint_token(SECRET, SID, now + 60)
@@ -306,10 +332,10 @@ def test_hmac_tokens():
 
 
 @pytest_twisted.inlineCallbacks
-def test_column_token_and_cookie():
+def test_column_token_and_cookie(fast_path):
     """mode = column: the token's SHA-256 must match the row's; a cookie may carry it."""
     auth = AuthSettings(mode="column", token_column="token_sha256", cookie="novnc")
-    h = yield Harness(auth=auth).start()
+    h = yield Harness(auth=auth, fast_path=fast_path).start()
     try:
         h.ready(token_digest=token_digest("s3cret-token"))
         assert (yield _refused_with(h, f"/websockify/{SID}?token=wrong")) == (4403, "forbidden")
@@ -322,10 +348,10 @@ def test_column_token_and_cookie():
 
 
 @pytest_twisted.inlineCallbacks
-def test_one_time_token_replay_is_4403():
+def test_one_time_token_replay_is_4403(fast_path):
     """one_time = on: the token works once; a replay gets 4403."""
     auth = AuthSettings(mode="column", token_column="token_sha256", one_time=True)
-    h = yield Harness(auth=auth).start()
+    h = yield Harness(auth=auth, fast_path=fast_path).start()
     try:
         h.ready(token_digest=token_digest("once"))
         client = yield h.connect(f"/websockify/{SID}?token=once")
@@ -340,9 +366,9 @@ def test_one_time_token_replay_is_4403():
 
 
 @pytest_twisted.inlineCallbacks
-def test_target_outside_allowlist_is_never_connected():
+def test_target_outside_allowlist_is_never_connected(fast_path):
     """A vm_ip outside allowed_networks is refused with 4403 and never connected to."""
-    h = yield Harness(networks="10.0.0.0/8").start()
+    h = yield Harness(networks="10.0.0.0/8", fast_path=fast_path).start()
     try:
         h.ready()
         assert (yield _refused_with(h)) == (4403, "VM address not allowed")
@@ -352,9 +378,9 @@ def test_target_outside_allowlist_is_never_connected():
 
 
 @pytest_twisted.inlineCallbacks
-def test_limits_give_4429():
+def test_limits_give_4429(fast_path):
     """Over max_per_session or max_waiting_per_ip a connection gets 4429."""
-    h = yield Harness(max_per_session=1, max_waiting_per_ip=1).start()
+    h = yield Harness(max_per_session=1, max_waiting_per_ip=1, fast_path=fast_path).start()
     try:
         first = yield h.connect()
         yield _until(lambda: h.gate.waiting == 1)
@@ -365,15 +391,15 @@ def test_limits_give_4429():
         )
         first.leave()
         yield first.closed
-        yield _until(lambda: not h.factory.per_ip and not h.factory.waiting_per_ip)
+        yield _until(lambda: not h.factory.limits.per_ip and not h.factory.limits.waiting_per_ip)
     finally:
         yield h.stop()
 
 
 @pytest_twisted.inlineCallbacks
-def test_max_connections_closes_at_accept():
+def test_max_connections_closes_at_accept(fast_path):
     """Beyond max_connections new sockets are closed at accept, before any HTTP."""
-    h = yield Harness(max_connections=1).start()
+    h = yield Harness(max_connections=1, fast_path=fast_path).start()
     try:
         first = yield h.connect()
         yield _until(lambda: h.gate.waiting == 1)
@@ -387,42 +413,15 @@ def test_max_connections_closes_at_accept():
 
 
 @pytest_twisted.inlineCallbacks
-def test_slow_request_is_dropped():
-    """A client that never finishes its HTTP request is dropped after request_timeout."""
-    h = yield Harness(request_timeout=0.3).start()
-    try:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", h.proxy_port)
-        slow = yield connectProtocol(endpoint, RawExchange(b"GET /websockify/x HTTP/1.1\r\n"))
-        assert (yield slow.done) == b""
-        assert not h.factory.connections
-    finally:
-        yield h.stop()
-
-
-@pytest_twisted.inlineCallbacks
-def test_idle_relay_is_closed_with_4408():
-    """A relay that moves nothing for idle_timeout is closed with 4408."""
-    h = yield Harness(idle_timeout=1).start()
-    try:
-        h.ready()
-        client = yield h.connect()
-        yield client.when_received(len(RFB_BANNER))
-        code, reason = yield client.closed
-        assert (code, reason) == (4408, "idle timeout")
-    finally:
-        yield h.stop()
-
-
-@pytest_twisted.inlineCallbacks
-def test_max_per_ip_and_max_waiting_give_4429():
+def test_max_per_ip_and_max_waiting_give_4429(fast_path):
     """Over max_per_ip (open from one address) or max_waiting (held in total): 4429."""
-    h = yield Harness(max_per_ip=2, max_waiting=1).start()
+    h = yield Harness(max_per_ip=2, max_waiting=1, fast_path=fast_path).start()
     try:
         first = yield h.connect()
         yield _until(lambda: h.gate.waiting == 1)
         other = "0c7a4b0e-7d1c-4f64-9d2a-7e1f0a6e2b11"
         assert (yield _refused_with(h, f"/websockify/{other}")) == (4429, "too many connections")
-        yield _until(lambda: h.factory.per_ip["127.0.0.1"] == 1)
+        yield _until(lambda: h.factory.limits.per_ip["127.0.0.1"] == 1)
         h.ready()
         yield first.when_received(len(RFB_BANNER))
         second = yield h.connect()  # a relay and this one: two open from 127.0.0.1
@@ -436,11 +435,13 @@ def test_max_per_ip_and_max_waiting_give_4429():
 
 
 @pytest_twisted.inlineCallbacks
-def test_closed_relay_is_freed_by_reference_counting(harness):
-    """A closed relay leaves no reference cycle: its relay and upstream are freed by reference
-    counting as soon as the connection is gone, and nothing of it is garbage that only the
-    collector could free.  (The protocol itself stays referenced here by the test process's
-    buffer of log events; twistd keeps no such buffer.)"""
+def test_closed_relay_is_freed_by_reference_counting(harness, fast_path):
+    """A closed relay leaves no reference cycle on the fast path: its relay and upstream are
+    freed by reference counting as soon as the connection is gone, and nothing of it is
+    garbage that only the collector could free.  On the stock path Twisted's own Connector
+    and Client point at each other, so the collector frees them, and nothing is left after
+    it.  (The protocol itself stays referenced here by the test process's buffer of log
+    events; twistd keeps no such buffer.)"""
     import gc
     import weakref
 
@@ -448,8 +449,8 @@ def test_closed_relay_is_freed_by_reference_counting(harness):
     client = yield harness.connect()
     yield client.when_received(len(RFB_BANNER))
     (server,) = harness.factory.connections
-    assert server.relay is not None and server._upstream is not None
-    refs = [weakref.ref(o) for o in (server, server.relay, server._upstream)]
+    assert server.relay is not None and server._connected.upstream is not None
+    refs = [weakref.ref(o) for o in (server, server.relay, server._connected.upstream)]
     del server
     gc.disable()  # only reference counting may free them
     try:
@@ -460,6 +461,8 @@ def test_closed_relay_is_freed_by_reference_counting(harness):
                 break
             yield _turns(1)
         assert not harness.factory.connections
+        if not fast_path:
+            gc.collect()
         assert refs[1]() is None and refs[2]() is None
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
@@ -469,3 +472,264 @@ def test_closed_relay_is_freed_by_reference_counting(harness):
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+# -- the protocol over a StringTransport, its timers on a Clock ----------------------------------
+
+HANDSHAKE = (
+    f"GET /websockify/{SID} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
+).encode()
+
+
+class Wired:
+    """One browser connection over a StringTransport; the gate, the factory's timers and
+    Autobahn's (through txaio) on one Clock; the VM a MemoryPeer."""
+
+    def __init__(self, fast_path: bool, row: SessionRow | None = None, **novnc: object) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.source = MemorySessionSource()
+        if row is not None:
+            self.source.rows[row.session_id] = row
+        self.gate = ReadinessGate(self.source, self.clock, 30, frozenset({"ended"}), 5900)
+        self.vm = MemoryPeer()
+        settings = NovncSettings(**{"ping_interval": 0, **novnc})  # type: ignore[arg-type]
+        self.factory = NoVNCServerFactory(
+            settings, self.gate,
+            lambda *args: succeed(self.vm), self.clock,
+            targets=TargetPolicy.from_config("10.0.0.0/8"), fast_path=fast_path,
+        )
+        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6080))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+
+    def __enter__(self) -> Wired:
+        self._loop = txaio.config.loop
+        txaio.config.loop = self.clock
+        self.protocol.makeConnection(self.transport)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        txaio.config.loop = self._loop
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+        self.clock.advance(0)
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        """The server's frames after the 101, as (opcode, payload)."""
+        head, _, rest = self.transport.value().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        found = []
+        while len(rest) >= 2:
+            n, i = rest[1] & 0x7F, 2
+            if n == 126:
+                n, i = int.from_bytes(rest[2:4], "big"), 4
+            elif n == 127:
+                n, i = int.from_bytes(rest[2:10], "big"), 10
+            found.append((rest[0] & 0x0F, rest[i : i + n]))
+            rest = rest[i + n :]
+        return found
+
+    def close_code(self) -> tuple[int, str]:
+        closes = [payload for opcode, payload in self.frames() if opcode == 8]
+        assert len(closes) == 1, self.frames()
+        return int.from_bytes(closes[0][:2], "big"), closes[0][2:].decode()
+
+    def leave(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+READY = SessionRow(SID, "10.0.0.5", 5900, "running")
+
+
+@pytest.fixture
+def logged():
+    observer = EventLoggingObserver()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_a_relay_is_opened_and_logged_step_by_step(fast_path, logged):
+    """The 101, the VM's bytes as binary frames, the browser's to the VM; one line per step
+    with the same keys, and the outcome counted when the connection ends."""
+    with Wired(fast_path, READY) as w:
+        w.send(HANDSHAKE)
+        w.protocol.relay.from_vm(RFB_BANNER)
+        assert w.frames() == [(2, RFB_BANNER)]
+        w.send(client_frame(b"hello"))
+        assert w.vm.transport.value() == b"hello"
+        w.clock.advance(2)
+        w.send(client_frame(b"\x03\xe8", opcode=8))
+        w.leave()
+    lines = {e["log_format"].split(" ")[0]: e for e in logged if "log_format" in e}
+    assert {"request", "session", "upstream", "closed"} <= set(lines)
+    closed = lines["closed"]
+    assert (closed["session_id"], closed["client"], closed["outcome"]) == (SID, "192.0.2.7", "1000")
+    assert (closed["up_bytes"], closed["down_bytes"]) == (5, len(RFB_BANNER))
+    assert closed["relay_seconds"] == 2 and closed["wait_seconds"] == 0
+    metrics = w.factory.metrics.registry
+    assert metrics.get_sample_value("twisted_novnc_connections_total", {"outcome": "1000"}) == 1
+    assert w.vm.closed == [(1000, "browser closed")]
+    assert not w.factory.connections and not w.factory.live
+    assert w.factory.limits.per_ip == {} and w.factory.limits.per_session == {}
+
+
+def test_not_ready_at_the_deadline_is_4504_after_the_handshake(fast_path):
+    """A session never ready: the 101 comes at readiness_timeout, then close 4504."""
+    with Wired(fast_path, SessionRow(SID, None)) as w:
+        w.send(HANDSHAKE)
+        assert w.transport.value() == b""
+        w.clock.advance(30)
+        assert w.close_code() == (4504, "session not ready in time")
+        w.leave()
+        assert w.gate.waiting == 0 and w.factory.limits.per_ip == {}
+
+
+def test_reject_http_answers_with_the_status(fast_path):
+    """reject = http: the refusal is the HTTP status, and the outcome says so."""
+    with Wired(fast_path, reject="http") as w:
+        w.send(HANDSHAKE.replace(b"/websockify/", b"/nope/"))
+        assert w.transport.value().startswith(b"HTTP/1.1 400 bad path\r\n")
+        w.leave()
+        assert w.protocol.outcome() == "http_400"
+
+
+def test_idle_relay_is_closed_with_4408(fast_path):
+    """A relay that moves nothing for a whole idle_timeout is closed with 4408; one that
+    moves something in each look stays."""
+    with Wired(fast_path, READY, idle_timeout=60) as w:
+        w.send(HANDSHAKE)
+        w.clock.advance(59)
+        w.send(client_frame(b"x"))
+        w.clock.advance(60)  # the first look saw traffic
+        assert [op for op, _ in w.frames()] == []
+        w.clock.advance(60)
+        assert w.close_code() == (4408, "idle timeout")
+        assert w.vm.closed == [(4408, "idle timeout")]
+
+
+def test_slow_request_is_dropped(fast_path):
+    """A client that never finishes its HTTP request is dropped after request_timeout."""
+    with Wired(fast_path, request_timeout=10) as w:
+        w.send(HANDSHAKE[:40])
+        w.clock.advance(9.9)
+        assert not w.transport.disconnecting
+        w.clock.advance(0.1)
+        assert w.transport.disconnecting and w.transport.value() == b""
+
+
+def test_revoked_session_is_closed_with_4410(fast_path):
+    """A session that ends while relayed closes both sides with 4410."""
+    with Wired(fast_path, READY) as w:
+        w.send(HANDSHAKE)
+        w.source.rows[SID] = SessionRow(SID, "10.0.0.5", 5900, "ended")
+        w.gate.notified(SID)
+        w.clock.advance(0)
+        assert w.close_code() == (4410, "session ended")
+        assert w.vm.closed == [(4410, "session ended")]
+
+
+@pytest.mark.parametrize(
+    "clean, code",
+    [(True, (1000, "VM closed the connection")), (False, (4502, "VM connection lost"))],
+)
+def test_vm_ending_closes_the_browser(fast_path, clean, code):
+    """A VM that closes ends the browser's side with 1000; one that is lost, with 4502."""
+    with Wired(fast_path, READY) as w:
+        w.send(HANDSHAKE)
+        w.protocol.relay.vm_gone(clean)
+        assert w.close_code() == code
+
+
+def test_pings_are_answered(fast_path):
+    """The browser's pings get pongs, between relayed frames too."""
+    with Wired(fast_path, READY) as w:
+        w.send(HANDSHAKE)
+        w.send(client_frame(b"a", fin=False) + client_frame(b"hi", opcode=9))
+        w.send(client_frame(b"b", opcode=0))
+        assert w.frames() == [(10, b"hi")]
+        assert w.vm.transport.value() == b"ab"
+
+
+@pytest.mark.parametrize("answer", ["pong", "data", None])
+def test_a_browser_that_answers_no_ping_is_dropped(fast_path, answer):
+    """The server pings every ping_interval; a pong, or any data, answers it; a browser that
+    answers nothing within ping_timeout is dropped and its VM let go."""
+    with Wired(fast_path, READY, ping_interval=25, ping_timeout=10) as w:
+        w.send(HANDSHAKE)
+        w.clock.advance(26)
+        (ping,) = [payload for opcode, payload in w.frames() if opcode == 9]
+        if answer == "pong":
+            w.send(client_frame(ping, opcode=10))
+        elif answer == "data":
+            w.send(client_frame(b"x"))
+        w.clock.advance(11)
+        assert w.transport.disconnecting is (answer is None)
+        if answer is None:
+            w.leave()
+            assert w.vm.closed == [(1000, "browser closed")]
+
+
+def test_protocol_error_flushes_then_aborts_a_peer_that_takes_nothing(fast_path):
+    """An invalid close frame: the 1002 close frame is written and the socket closed after
+    it, not aborted with it; a peer that never takes it is aborted ABORT_GRACE later."""
+    with Wired(fast_path, READY) as w:
+        w.send(HANDSHAKE)
+        aborted = []
+        w.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        w.send(client_frame(b"\x03\xe7", opcode=8))  # close code 999
+        assert w.close_code()[0] == 1002
+        assert w.transport.disconnecting and aborted == []
+        w.clock.advance(ABORT_GRACE)
+        assert aborted == [True]
+
+
+def test_drain_fires_when_the_last_connection_goes(fast_path):
+    """While a drain waits, the factory fires it once its last connection is gone."""
+    with Wired(fast_path, READY) as w:
+        w.send(HANDSHAKE)
+        drained: Deferred[None] = Deferred()
+        w.factory.drained = drained
+        w.protocol.end_relay(1001, "server shutting down", "shutdown")
+        assert w.close_code() == (1001, "server shutting down")
+        assert not drained.called
+        w.leave()
+        assert drained.called and w.factory.drained is None
+
+
+def test_the_stock_path_uses_no_private_autobahn_hook():
+    """With fast_path = off the protocol overrides no private method of Autobahn's and has
+    no part of the fast path's mixin; the VM is connected with connectTCP."""
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+
+    from twisted_novnc._compat.autobahn import AutobahnFastPath
+    from twisted_novnc.front.protocol import NoVNCServerProtocol
+
+    for name in vars(NoVNCServerProtocol):
+        if name.startswith("_") and not name.endswith("__"):
+            assert not hasattr(WebSocketServerProtocol, name), name
+    with Wired(False, READY) as w:
+        assert not isinstance(w.protocol, AutobahnFastPath)
+        assert isinstance(Wired(True).protocol, AutobahnFastPath)
+
+
+def test_the_stock_connector_is_connect_tcp():
+    """connect_tcp(fast=False) dials with reactor.connectTCP and a StockTCPUpstream, which
+    writes with transport.write."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_novnc.relay.upstream import StockTCPUpstream
+    from twisted_novnc.session import Target
+
+    memory = MemoryReactorClock()
+    connect_tcp(memory, Target(SID, "10.0.0.5", 5900), 5, fast=False)
+    (host, port, factory, timeout, _), = memory.tcpClients
+    protocol = factory.buildProtocol(None)
+    assert (host, port) == ("10.0.0.5", 5900) and isinstance(protocol, StockTCPUpstream)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.send(b"bytes")
+    assert transport.value() == b"bytes"

@@ -425,9 +425,7 @@ def package_findings() -> dict[str, list[Finding]]:
 
 
 #: Modules that still touch a private name until another branch lands (remove at merge).
-_PENDING = {
-    "twisted_novnc/front/protocol.py": "fenced by the front split (branch front)",
-}
+_PENDING: dict[str, str] = {}
 
 
 def _module_params() -> list[Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from twisted_novnc.processes.reactors import daemon_reactor, installed_reactor
+from twisted_novnc.reactors import daemon_reactor, installed_reactor
 
 
 def test_the_installed_reactor_provides_every_interface():

@@ -439,6 +439,12 @@ class NovncSettings:
         10,
         "Seconds a ping may go unanswered before the browser is taken for gone.",
     )
+    fast_path: bool = _setting(
+        _SWITCH,
+        True,
+        "Relay through the fast path (frames parsed chunk by chunk, sockets written at once,"
+        " which reach into Autobahn's and Twisted's internals); off = only their public APIs.",
+    )
 
 
 @attrs.frozen

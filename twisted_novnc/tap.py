@@ -11,7 +11,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from twisted_novnc.config import ConfigError, read_config
-from twisted_novnc.processes.reactors import IDaemonReactor, installed_reactor
+from twisted_novnc.reactors import IDaemonReactor, installed_reactor
 
 #: Named options and the ini key each one overrides.
 OVERRIDES = {

@@ -48,7 +48,8 @@ with warnings.catch_warnings():
 _E2E = str(Path(__file__).resolve().parent.parent / "e2e")
 if _E2E not in sys.path:
     sys.path.append(_E2E)
-from e2e.conftest import daemon_factory  # noqa: E402, F401  (fixture: the real twistd)
+# The real twistd, and (autouse) each test run once per [novnc] fast_path mode.
+from e2e.conftest import daemon_factory, fast_path  # noqa: E402, F401  (fixtures)
 
 CHROMIUM = os.environ.get("TNOVNC_CHROMIUM", "/usr/bin/chromium")
 

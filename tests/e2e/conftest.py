@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 
+import daemon_process
 import pytest
 import pytest_twisted
 from daemon_process import DaemonProcess, start_daemon, stop_daemon, write_config
@@ -17,6 +19,17 @@ from twisted_novnc.config import parse_config
 from twisted_novnc.database.embedded import EmbeddedPostgres, apply_sql, read_postmaster_pid
 from twisted_novnc.database.schema import schema_sql
 from twisted_novnc.testing import VNCEchoFactory
+
+
+@pytest.fixture(
+    scope="session", params=["on", "off"], ids=lambda mode: f"fast_path={mode}", autouse=True
+)
+def fast_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every daemon a test starts relays on the fast path, then, in a second run of the same
+    test, on the stock path (``--set novnc.fast_path=off``): the test ids say which."""
+    daemon_process.FAST_PATH = request.param
+    yield request.param
+    daemon_process.FAST_PATH = "on"
 
 
 @pytest.fixture
@@ -43,6 +56,16 @@ def daemon_factory(postgres_dsn, sessions_table, tmp_path):  # noqa: F811
     for proto in started:
         if proto.transport is not None:
             pytest_twisted.blockon(stop_daemon(proto))
+    relayed_as_told(started)
+
+
+def relayed_as_told(started: list[DaemonProcess]) -> None:
+    """Each daemon that listened said it relayed on the path the test id names."""
+    for proto in started:
+        if proto.listening.called and proto.port:
+            assert f"[novnc] fast_path = {daemon_process.FAST_PATH})" in proto.output, (
+                f"the daemon did not relay with fast_path = {daemon_process.FAST_PATH}"
+            )
 
 
 @pytest.fixture
@@ -129,5 +152,6 @@ def private_daemon(private_cluster, tmp_path):
     for proto in started:
         if proto.transport is not None:
             pytest_twisted.blockon(stop_daemon(proto))
+    relayed_as_told(started)
 
 

@@ -18,6 +18,8 @@ ADMIN_LISTENING = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 STARTUP_LIMIT = 30.0
 #: The venv's own twistd script, as users run it.
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+#: ``[novnc] fast_path`` for every daemon started (the ``fast_path`` fixture sets it).
+FAST_PATH = "on"
 
 
 class DaemonProcess(ProcessProtocol):
@@ -115,10 +117,14 @@ def start_daemon(
     """Start the daemon from a directory that is not the checkout, as a user would; fire once
     it listens (and, unless told otherwise, once it listens for session changes too).
 
+    The daemon relays in the mode the ``fast_path`` fixture says (``--set novnc.fast_path``).
     ``prefix`` is a command that runs the daemon (``prefix + [twistd, ...]``), e.g. one that
     lowers its descriptor limit first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    command = [*prefix, TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config), *args]
+    command = [
+        *prefix, TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config),
+        "--set", f"novnc.fast_path={FAST_PATH}", *args,
+    ]
     reactor.spawnProcess(proto, command[0], command, env=env, path=str(cwd))
     timer = reactor.callLater(STARTUP_LIMIT, proto.listening.cancel)
     try:

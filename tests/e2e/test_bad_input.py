@@ -449,8 +449,9 @@ def still_healthy(served: Served, since: int):
 
 
 @pytest.fixture(scope="module")
-def served(postgres_dsn, tmp_path_factory):
-    """One daemon for the whole module, with its admin listener, its own table and VNC server."""
+def served(fast_path, postgres_dsn, tmp_path_factory):
+    """One daemon for the whole module (and fast_path mode), with its admin listener, its own
+    table and VNC server."""
     tmp = tmp_path_factory.mktemp("bad_input")
     db = create_sessions_table(postgres_dsn, "bad_input_")
     vnc = VNCEchoFactory()

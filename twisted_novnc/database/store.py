@@ -14,7 +14,6 @@ import attrs
 import psycopg2
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorCore, IReactorFDSet, IReactorTime
 from twisted.logger import Logger
 from txpostgres import txpostgres
 from zope.interface import implementer
@@ -31,6 +30,7 @@ from twisted_novnc.config import DatabaseSettings
 from twisted_novnc.database.ids import INTEGER_TYPES, normalise_id
 from twisted_novnc.database.interfaces import ISessionSource, ITokenStore
 from twisted_novnc.database.schema import quote_ident
+from twisted_novnc.reactors import IStoreReactor
 from twisted_novnc.session import SessionRow
 
 _log = Logger()
@@ -93,7 +93,7 @@ class PostgresSessionStore:
 
     settings: DatabaseSettings
     dsn: Callable[[], str]
-    reactor: Any
+    reactor: IStoreReactor
     observer: StoreObserver | None = None
     #: ``[auth] token_column``, read with the row when set.
     token_column: str = ""
@@ -315,6 +315,3 @@ class DatabaseNotReady(Exception):
 class SchemaMismatch(Exception):
     """The configured table or columns do not exist."""
 
-
-# Only the reactor interfaces the store uses, for readers of the type hints.
-StoreReactor = IReactorCore | IReactorFDSet | IReactorTime

@@ -6,9 +6,9 @@ stream to the VM.  Here a binary frame's payload is unmasked as it arrives, one 
 ``bytearray`` unmasked in place by Autobahn's native masker (NVX), and the server's own frames
 are a header written in front of the VM's bytes, never joined to them.
 
-This module only parses and builds frames; :mod:`twisted_novnc.front.protocol` decides which frames take
-this path (binary data, masked, within the size limits) and hands everything else — control
-frames, text, anything malformed — to Autobahn.
+This module only parses and builds frames; :mod:`twisted_novnc.front.fastpath` decides which
+frames take this path (binary data, masked, within the size limits) and hands everything else —
+control frames, text, anything malformed — to Autobahn.
 """
 
 from __future__ import annotations

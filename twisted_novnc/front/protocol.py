@@ -1,9 +1,18 @@
-"""The browser side: Autobahn's server protocol running the request pipeline.
+"""The browser side: Autobahn's server protocol as a thin adapter over the request pipeline.
 
-match the path -> wait for readiness -> connect upstream -> accept the handshake -> relay.
-``onConnect`` returns a Deferred for that whole pipeline, so the HTTP 101 is sent only once the
-VM is connected.  A refusal is turned into a close code after a completed handshake (browsers
-cannot read an HTTP status) or, with ``reject = http``, into the HTTP status itself.
+``onConnect`` hands the request to :mod:`twisted_novnc.front.pipeline` (match, admit, wait for
+readiness, authorize, connect) and returns its Deferred, so the HTTP 101 is sent only once the
+VM is connected; ``onOpen`` starts the relay; a refusal becomes a close code after a completed
+handshake (browsers cannot read an HTTP status) or, with ``reject = http``, the HTTP status.
+
+Two protocol classes relay the same way to the outside:
+
+- :class:`NoVNCServerProtocol`, the stock path (``[novnc] fast_path = off``): only public
+  APIs, Autobahn's ``onMessage`` and ``sendMessage`` and the transport's ``write``;
+- :class:`FastNoVNCServerProtocol`, the fast path (the default): the browser's frames are
+  parsed chunk by chunk (:mod:`twisted_novnc.front.fastpath`) and bytes are written at once
+  (:mod:`twisted_novnc.relay.sending`), through Autobahn's internals, all of them in
+  :mod:`twisted_novnc._compat.autobahn`.
 
 Each connection logs one event per step of its life (request and waiting, ready, upstream
 connected and relay open, closed) with the same keys: ``session_id``, ``client``, and at the
@@ -12,61 +21,53 @@ end ``outcome``, ``wait_seconds``, ``relay_seconds``, ``up_bytes``, ``down_bytes
 
 from __future__ import annotations
 
-import collections
-import gc
 import types
-from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_novnc._compat.lazydebug import lazy_pformat
+from twisted_novnc._compat.autobahn import AutobahnFastPath
 from twisted_novnc.config import AuthSettings, NovncSettings
 from twisted_novnc.database.interfaces import ITokenStore
 from twisted_novnc.database.readiness import ReadinessGate, Watch
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.front import web
-from twisted_novnc.front.auth import (
-    TokenRequired,
-    extract_token,
-    strip_token,
-    token_digest,
-    verify_digest,
-    verify_token,
+from twisted_novnc.front.fastpath import BrowserFrames
+from twisted_novnc.front.frames import server_frame_header
+from twisted_novnc.front.pipeline import (
+    SUBPROTOCOL,
+    Attempt,
+    BrowserRequest,
+    Connected,
+    Connector,
+    Pipeline,
+    log_refusal,
 )
-from twisted_novnc.front.forwarded import client_address, parse_networks
-from twisted_novnc.front.frames import (
-    OPCODE_BINARY,
-    OPCODE_CONTINUATION,
-    ClientFrameHeader,
-    Unmasker,
-    minimal_length,
-    parse_client_header,
-    server_frame_header,
-)
-from twisted_novnc.front.paths import PathTemplate
 from twisted_novnc.front.requesthead import MAX_HEAD, BadHead, check_head, head_end
 from twisted_novnc.operations.metrics import Metrics
 from twisted_novnc.relay.relay import Relay, TransportPeer
 from twisted_novnc.relay.sending import close_now, send_now, tune_relay_transport
 from twisted_novnc.relay.targets import TargetPolicy
-from twisted_novnc.relay.upstream import TCPUpstream
-from twisted_novnc.session import Target
 
-SUBPROTOCOL = "binary"
+__all__ = [
+    "SUBPROTOCOL",
+    "Connector",
+    "FastNoVNCServerProtocol",
+    "NoVNCServerFactory",
+    "NoVNCServerProtocol",
+    "close_frame",
+]
 
 #: Seconds a peer has to take our last bytes (a close frame) before its socket is aborted.
 ABORT_GRACE = 2.0
 
 _log = Logger()
-
-#: (target, seconds left, path suffix, query without token) -> the connected upstream peer.
-Connector = Callable[[Target, float, str, str], Deferred[Any]]
 
 
 def close_frame(protocol: WebSocketServerProtocol, code: int, reason: str) -> None:
@@ -84,247 +85,199 @@ def _is_upgrade(head: bytes) -> bool:
     return False
 
 
-class _NoSendQueue:
-    """Stands in for Autobahn's per-connection send queue (a deque), which only chopped or
-    synchronous sends use; nothing here sends either way."""
-
-    def __len__(self) -> int:
-        return 0
-
-    def append(self, item: object) -> None:
-        raise RuntimeError("twisted_novnc never sends chopped or synchronous frames")
-
-
-_NO_SEND_QUEUE = _NoSendQueue()
+def _cancel(call: IDelayedCall | None) -> None:
+    if call is not None and call.active():
+        call.cancel()
 
 
 # Autobahn's own bases disagree on two attribute types; mypy compares them once a class
 # has two bases.
 class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: ignore[misc]
-    """One browser connection; Autobahn owns ``self.log``, so our logger is ``_log``."""
+    """One browser connection, on Autobahn's public API only (the stock path).
+
+    Autobahn owns ``self.log``, so our logger is ``_log``.
+    """
 
     _log = Logger()
     factory: NoVNCServerFactory
-    session_id: str | None = None
-    client: str = "-"
     relay: Relay | None = None
-    _target: Target | None = None
+    #: The request's way through the pipeline, from onConnect on.
+    attempt: Attempt | None = None
+    _connected: Connected | None = None
     _watch: Watch | None = None
-    _upstream: TCPUpstream | None = None
-    _pending: Deferred[Any] | None = None
     _refused: Refused | None = None
     _http_status: int | None = None
-    _gone: bool = False
-    _started: float = 0.0
-    _ready_at: float | None = None
     _opened_at: float | None = None
-    _token: str | None = None
-    _counted: bool = False
-    _waiting_counted: bool = False
-    _request_timer: Any = None
-    _idle_timer: Any = None
+    _request_timer: IDelayedCall | None = None
+    _idle_timer: IDelayedCall | None = None
     _idle_seen: int = -1
-    _suffix: str = ""
-    _query: str = ""
+    #: The request head as it arrives; None once it was checked and handed to Autobahn.
     _head: bytes | None = b""
     _head_refused: bool = False
     _early_bytes: int = 0
-    _abort_timer: Any = None
-    #: The browser frame being relayed on the fast path (see processData).
-    _frame_left: int = 0
-    _frame_fin: bool = False
-    _unmasker: Unmasker | None = None
-    _message_size: int = 0
-    _fast_message: bool = False
-    # Autobahn's, set per connection (annotated only: a class value would change its copying).
-    _isMessageCompressed: bool
-    maxMessagePayloadSize: int
+    _gone: bool = False
+    _abort_timer: IDelayedCall | None = None
 
-    # -- the handshake ---------------------------------------------------------------------
+    @property
+    def session_id(self) -> str | None:
+        return self.attempt.session_id if self.attempt is not None else None
+
+    @property
+    def client(self) -> str:
+        return self.attempt.client if self.attempt is not None else "-"
+
+    # -- the request head, checked before Autobahn reads it ----------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.connections.add(self)
+        self._request_timer = self.factory.clock.callLater(
+            self.factory.settings.request_timeout, self._request_too_slow
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        """Check the request head strictly before Autobahn sees it; bound what is buffered."""
+        if self._head_refused:
+            return  # answered and closing: whatever else arrives is not read
+        if self._head is None:
+            if self.state == self.STATE_CONNECTING:
+                # Nothing may come between the request and our 101 but a little pipelining.
+                self._early_bytes += len(data)
+                if self._early_bytes > MAX_HEAD:
+                    self.transport.abortConnection()
+                    return
+            self.websocket_data(data)
+            return
+        self._head += data
+        try:
+            end = head_end(self._head)
+            if end is None:
+                return
+            check_head(self._head[:end])
+        except BadHead as bad:
+            self._head = None
+            self._answer_and_close(bad.status, f"HTTP/1.1 {bad.status} {bad.reason}\r\n"
+                                   "Connection: close\r\n\r\n".encode())
+            return
+        buffered, self._head = self._head, None
+        self._early_bytes = len(buffered) - end
+        if self.factory.web_root and not _is_upgrade(buffered[:end]):
+            # A plain GET on the WebSocket listener: a file of [web] root (the noVNC client).
+            method, target = buffered[:end].split(b" ", 2)[:2]
+            answer = web.response(self.factory.web_root, target.decode("ascii"), method.decode())
+            self._answer_and_close(int(answer[9:12]), answer)
+            return
+        self.websocket_data(buffered)
+
+    def websocket_data(self, data: bytes) -> None:
+        """Bytes for Autobahn to read (the upgrade request, then frames)."""
+        WebSocketServerProtocol.dataReceived(self, data)
+
+    def _answer_and_close(self, status: int, answer: bytes) -> None:
+        """Answer in plain HTTP and read nothing more from this connection."""
+        self._head_refused = True
+        self._http_status = status
+        self._cancel_request_timer()
+        self.transport.write(answer)
+        self.transport.loseConnection()
+
+    def _request_too_slow(self) -> None:
+        self._request_timer = None
+        self._log.info("dropping {peer}: no complete request in {timeout:g}s",
+                       peer=self.peer, timeout=self.factory.settings.request_timeout)
+        self.transport.abortConnection()
+
+    def _cancel_request_timer(self) -> None:
+        _cancel(self._request_timer)
+        self._request_timer = None
+
+    # -- the handshake: the pipeline's ----------------------------------------------------------
 
     # Autobahn documents a Deferred result for onConnect; its annotation omits it.
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # type: ignore[override]
-        clock = self.factory.clock
-        self._started = clock.seconds()
         self._cancel_request_timer()
-        peer = getattr(self.transport.getPeer(), "host", "unix")  # type: ignore[union-attr]
-        self.client = client_address(peer, request.headers, self.factory.trusted_proxies)
-        try:
-            self._admit(request)
-        except Refused as refused:
-            d: Deferred[Any] = Deferred()
-            d.addErrback(self._refuse, request)
-            d.errback(refused)
-            return d
-        assert self.session_id is not None
-        deadline = self._started + self.factory.settings.readiness_timeout
-        self._log.info(
-            "request {session_id} from {client}: waiting for readiness",
-            session_id=self.session_id,
-            client=self.client,
+        self.attempt = attempt = self.factory.pipeline.start(
+            BrowserRequest(
+                path=request.path,
+                query=urlsplit(self.http_request_uri).query,
+                params=request.params,
+                headers=request.headers,
+                origin=request.origin,
+                protocols=request.protocols,
+                peer=getattr(self.transport.getPeer(), "host", "unix"),
+            )
         )
-        self._count_waiting(+1)
-        d = self.factory.gate.when_ready(self.session_id)
-        d.addBoth(self._done_waiting)
-        d.addCallback(self._ready, deadline)  # type: ignore[arg-type]
-        d.addCallback(self._accept, request)  # type: ignore[call-overload]
-        d.addErrback(self._refuse, request)
-        self._pending = d
+        d: Deferred[Any] = attempt.result
+        d.addCallbacks(self._accept, self._refuse)
         return d
 
-    def _admit(self, request: ConnectionRequest) -> None:
-        """Everything decided before any waiting: path, origin, limits, the token's form."""
-        factory, settings = self.factory, self.factory.settings
-        match = factory.paths.match(request.path)
-        if match is None:
-            raise Refused(Refusal.BAD_PATH, request.path[:200])
-        self.session_id = match.session_id
-        # What a websocket upstream is asked for: the path after the session, the query
-        # without the token (which is for this proxy alone).
-        self._suffix = match.suffix
-        self._query = strip_token(urlsplit(self.http_request_uri).query)
-        if request.protocols and SUBPROTOCOL not in request.protocols:
-            raise Refused(Refusal.BAD_SUBPROTOCOL, f"offered {request.protocols!r}")
-        if not settings.allowed_origins.allows(request.origin or None):
-            raise Refused(Refusal.ORIGIN_FORBIDDEN, f"origin {request.origin[:200]!r}")
-        factory.count(self, +1)
-        if factory.per_ip[self.client] > settings.max_per_ip:
-            raise Refused(Refusal.TOO_MANY, f"{self.client} has {settings.max_per_ip} open")
-        if factory.per_session[self.session_id] > settings.max_per_session:
-            raise Refused(Refusal.TOO_MANY, f"session has {settings.max_per_session} open")
-        if factory.gate.waiting >= settings.max_waiting:
-            raise Refused(Refusal.TOO_MANY, f"{settings.max_waiting} browsers waiting")
-        if factory.waiting_per_ip[self.client] >= settings.max_waiting_per_ip:
-            raise Refused(Refusal.TOO_MANY, f"{self.client} has browsers waiting")
-        auth = factory.auth
-        if auth.mode == "none":
-            return
-        self._token = extract_token(request.params, request.headers, auth.cookie or None)
-        if auth.mode == "hmac":
-            verify_token(factory.secret, self.session_id, self._token, factory.clock.seconds())
-        elif self._token is None:
-            raise TokenRequired()
+    def _accept(self, connected: Connected) -> str | None:
+        self._connected = connected
+        return connected.subprotocol
 
-    def _count_waiting(self, delta: int) -> None:
-        self._waiting_counted = delta > 0
-        self.factory.waiting_per_ip[self.client] += delta
-        if self.factory.waiting_per_ip[self.client] <= 0:
-            del self.factory.waiting_per_ip[self.client]
-
-    def _done_waiting(self, result: Any) -> Any:
-        if self._waiting_counted:
-            self._count_waiting(-1)
-        return result
-
-    def _ready(self, target: Target, deadline: float) -> Any:
-        now = self.factory.clock.seconds()
-        self._ready_at = now
-        if not self.factory.targets.allows(target.host, target.port):
-            raise Refused(
-                Refusal.TARGET_FORBIDDEN,
-                f"{target.host}:{target.port} is outside [upstream] allowed_networks/ports",
-            )
-        auth = self.factory.auth
-        if auth.mode == "column" and auth.one_time:
-            if target.token_digest is None:
-                raise Refused(Refusal.TOKEN_USED, "the session has no unused token")
-            verify_digest(target.token_digest, self._token)  # a wrong token: 4403 forbidden
-            digest = token_digest(self._token or "")
-            # The gate's source is also the token store (both the store and the fake are).
-            d = ITokenStore(self.factory.gate.source).consume_token(target.session_id, digest)
-            d.addCallback(self._token_consumed, target, deadline)
-            return d
-        if auth.mode == "column":
-            verify_digest(target.token_digest, self._token)
-        return self._connect(target, deadline)
-
-    def _token_consumed(self, row: Any, target: Target, deadline: float) -> Any:
-        if row is None:
-            raise Refused(Refusal.TOKEN_USED, "no unused token matched")
-        return self._connect(target, deadline)
-
-    def _connect(self, target: Target, deadline: float) -> Deferred[TCPUpstream]:
-        now = self.factory.clock.seconds()
-        self._target = target
-        self.factory.metrics.readiness_wait.observe(now - self._started)
-        self._log.info(
-            "session {session_id} ready after {wait_seconds:.3f}s: connecting to {host}:{port}",
-            session_id=target.session_id,
-            client=self.client,
-            wait_seconds=now - self._started,
-            host=target.host,
-            port=target.port,
-        )
-        return self.factory.connect(target, deadline - now, self._suffix, self._query)
-
-    def _accept(self, upstream: TCPUpstream, request: ConnectionRequest) -> str | None:
-        self._pending = None
-        self._upstream = upstream
-        if self._gone:
-            upstream.close(1000, "browser left")
-            raise CancelledError()
-        assert self._ready_at is not None and self._target is not None
-        self.factory.metrics.upstream_connect.observe(self.factory.clock.seconds() - self._ready_at)
-        return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
-
-    def _refuse(self, failure: Failure, request: ConnectionRequest) -> str | None:
-        self._pending = None
-        if failure.check(CancelledError) or self._gone:
+    def _refuse(self, failure: Failure) -> str | None:
+        if failure.check(CancelledError):
             raise ConnectionDeny(499, "client closed request")
-        if not failure.check(Refused):
-            self._log.failure("unexpected error serving {path}", failure, path=request.path)
-            refused = Refused(Refusal.VM_UNREACHABLE, failure.getErrorMessage())
-        else:
-            refused = failure.value
-        self._log_refusal("refused", refused)
+        refused = cast(Refused, failure.value)
+        assert self.attempt is not None
         if self.factory.settings.reject == "http" or refused.refusal is Refusal.BAD_SUBPROTOCOL:
             # A browser that offered subprotocols fails a handshake that selects none of them
             # before it can read any close code, so this one is always an HTTP refusal.
             self._http_status = refused.refusal.http_status
             raise ConnectionDeny(refused.refusal.http_status, refused.refusal.reason)
         self._refused = refused
-        return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
+        return SUBPROTOCOL if SUBPROTOCOL in self.attempt.request.protocols else None
 
-    # -- the open connection -------------------------------------------------------------
+    # -- the open connection: the relay ------------------------------------------------------
 
     def onOpen(self) -> None:
         if self._refused is not None:
             refusal = self._refused.refusal
             self.sendClose(refusal.close_code, refusal.reason)
             return
-        assert self._upstream is not None and self._target is not None
-        self._opened_at = self.factory.clock.seconds()
-        tune_relay_transport(self.transport)
-        self.relay = Relay(self._target.session_id, browser=self, vm=self._upstream)
+        assert self._connected is not None and self.attempt is not None
+        factory, target = self.factory, self._connected.target
+        self._opened_at = factory.clock.seconds()
+        self.relay = Relay(target.session_id, browser=self, vm=self._connected.upstream)
         self.relay.start()
-        self._upstream.attach(self.relay)
-        self._watch = self.factory.gate.watch(self._target, self._revoked)
-        self.factory.live.add(self)
-        if self.factory.settings.idle_timeout:
-            self._idle_timer = self.factory.clock.callLater(
-                self.factory.settings.idle_timeout, self._idle_check
+        self.relay_started(self.relay)
+        self._connected.upstream.attach(self.relay)
+        self._watch = factory.gate.watch(target, self._revoked)
+        factory.live.add(self)
+        if factory.settings.idle_timeout:
+            self._idle_timer = factory.clock.callLater(
+                factory.settings.idle_timeout, self._idle_check
             )
-        # The request is parsed and answered; what Autobahn kept of it is ~1.5 KB a relay.
-        self.http_request_data = b""
-        self.http_response_data = ""
-        self.http_headers = {}
-        self.http_status_line = self.http_request_uri = self.http_request_path = ""
-        self.http_request_host = self._wskey = ""
-        self.http_request_params = {}
-        self.websocket_protocols = self.websocket_extensions = []
+        self.forget_handshake()
         # One line for two steps that are microseconds apart (the 101 is sent when the
         # upstream connects): a line costs a connection as much as its whole relay set-up.
-        assert self._ready_at is not None
+        ready_at = self.attempt.ready_at
+        assert ready_at is not None
         self._log.info(
             "upstream connected {session_id} {host}:{port} in {connect_seconds:.3f}s:"
             " relay open from {client} after {wait_seconds:.3f}s",
             session_id=self.session_id,
             client=self.client,
-            host=self._target.host,
-            port=self._target.port,
-            connect_seconds=self._opened_at - self._ready_at,
-            wait_seconds=self._opened_at - self._started,
+            host=target.host,
+            port=target.port,
+            connect_seconds=self._opened_at - ready_at,
+            wait_seconds=self._opened_at - self.attempt.started,
         )
+
+    def relay_started(self, relay: Relay) -> None:
+        """The relay is wired: browser messages reach it through ``onMessage``."""
+
+    def forget_handshake(self) -> None:
+        """The handshake is done; the stock path keeps what Autobahn parsed of it."""
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.relay is None:
+            return
+        if not isBinary:
+            self.relay.browser_gone()
+            close_frame(self, 1003, "binary messages only")
+            return
+        self.relay.from_browser(payload)
 
     def _idle_check(self) -> None:
         """Close a relay that moved nothing since the last look, one idle_timeout ago."""
@@ -341,259 +294,77 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             self.factory.settings.idle_timeout, self._idle_check
         )
 
-    def _request_too_slow(self) -> None:
-        self._request_timer = None
-        self._log.info("dropping {peer}: no complete request in {timeout:g}s",
-                       peer=self.peer, timeout=self.factory.settings.request_timeout)
-        self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def _cancel_request_timer(self) -> None:
-        if self._request_timer is not None and self._request_timer.active():
-            self._request_timer.cancel()
-        self._request_timer = None
-
     def _revoked(self, refused: Refused) -> None:
         """The session ended, expired or moved while relayed."""
         self._watch = None
-        self._log_refusal("revoked", refused)
+        log_refusal("revoked", refused, self.session_id, self.client)
         self.end_relay(refused.refusal.close_code, refused.refusal.reason, "revoked")
-
-    def _log_refusal(self, event: str, refused: Refused) -> None:
-        """One line for a refused request or a revoked relay: its code, reason and detail."""
-        self._log.info(
-            "{event} {session_id} from {client}: {code} {reason} ({detail})",
-            event=event,
-            session_id=self.session_id,
-            client=self.client,
-            code=refused.refusal.close_code,
-            reason=refused.refusal.reason,
-            detail=refused.detail,
-        )
 
     def end_relay(self, code: int, reason: str, by: str) -> None:
         """Close both sides of a live relay with this code (revocation, shutdown)."""
         if self.relay is not None:
             self.relay.end(by, code, reason)
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.relay is None:
-            return
-        if not isBinary:
+    # -- Peer, for the relay (producer and consumer: TransportPeer) -------------------------
+
+    def send(self, data: bytes) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(data, isBinary=True)
+        elif self.relay is not None:
+            # A close handshake has begun (ours, the browser's, or a ping timeout): the VM's
+            # bytes have nowhere to go, so let the VM go too.
             self.relay.browser_gone()
-            close_frame(self, 1003, "binary messages only")
-            return
-        self.relay.from_browser(payload)
+
+    def close(self, code: int, reason: str) -> None:
+        close_frame(self, code, reason)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def dropConnection(self, abort: bool = False) -> None:
+        """Autobahn aborts the socket after a protocol error and once a close handshake it
+        began is answered, which throws away what is still in the write buffer: the 101 and
+        the close frame that says why.  Close after a flush instead; abort only a peer that
+        will not take them within ABORT_GRACE."""
+        if abort and self._abort_timer is None and self.state != self.STATE_CLOSED:
+            self._abort_timer = self.factory.clock.callLater(ABORT_GRACE, self._abort)
+        super().dropConnection(abort=False)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        self.transport.abortConnection()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._browser_left()
 
-    # -- browser frames, relayed as they arrive ------------------------------------------
-
-    def processData(self) -> bool:
-        """Relay binary frames chunk by chunk; Autobahn takes every other frame.
-
-        Autobahn would buffer each message whole and copy it several times before
-        ``onMessage``; noVNC's messages are a byte stream to the VM, so each part of a binary
-        frame is unmasked (one copy) and written to the VM as soon as it is read.  Control
-        frames, text, and anything Autobahn must refuse go to Autobahn's own parser, which
-        holds the same state (``inside_message``, size limits, ping timeouts) as before.
-        """
-        if self.current_frame is not None or not (
-            self._frame_left or (self.relay is not None and self.state == self.STATE_OPEN)
-        ):
-            return bool(super().processData())
-        data = self.data
-        pos, end = 0, len(data)
-        view = memoryview(data)
-        try:
-            while True:
-                if self._frame_left:
-                    n = min(self._frame_left, end - pos)
-                    if n == 0:
-                        break
-                    assert self._unmasker is not None
-                    chunk = self._unmasker.unmask(view[pos : pos + n])
-                    pos += n
-                    self._frame_left -= n
-                    if not self._frame_left:
-                        self._frame_end()
-                    if self.relay is not None:
-                        self.relay.from_browser(chunk)  # type: ignore[arg-type]
-                    continue
-                if pos == end:
-                    break
-                if self.relay is None or self.state != self.STATE_OPEN:
-                    self.data = data[pos:]
-                    return bool(super().processData())
-                header = parse_client_header(data, pos)
-                if header is None:
-                    break
-                if not self._relayable(header):
-                    self.data = data[pos:]
-                    return bool(super().processData())
-                pos += header.size
-                if not self._frame_begin(header):
-                    self.data = b""
-                    return False
-        finally:
-            view.release()
-        self.data = data[pos:] if pos else data
-        return False
-
-    def _relayable(self, header: ClientFrameHeader) -> bool:
-        """A masked binary frame, or the continuation of one, that RFC 6455 allows."""
-        if header.rsv or not header.masked or not minimal_length(header):
-            return False
-        if header.opcode == OPCODE_BINARY:
-            return not self.inside_message
-        return header.opcode == OPCODE_CONTINUATION and self.inside_message and self._fast_message
-
-    def _frame_begin(self, header: ClientFrameHeader) -> bool:
-        """Start relaying a frame's payload; False when it breaks a size limit (closed 1009)."""
-        if header.opcode == OPCODE_BINARY:
-            # What Autobahn's own frame handling expects once a message has begun.
-            self.inside_message = True
-            self._fast_message = True
-            self._isMessageCompressed = False
-            self.utf8validateIncomingCurrentMessage = False
-            self.message_is_binary = True
-            self.message_data = []
-            self.message_data_total_length = 0
-            self._message_size = 0
-        self._message_size += header.length
-        self.message_data_total_length = self._message_size
-        limit = self.maxMessagePayloadSize
-        if 0 < limit < self._message_size:
-            self.wasMaxMessagePayloadSizeExceeded = True
-            self._max_message_size_exceeded(
-                self._message_size, limit,
-                f"received WebSocket message size {self._message_size} exceeds payload limit"
-                f" of {limit} octets",
-            )
-            return False
-        self._frame_fin = header.fin
-        self._frame_left = header.length
-        self._unmasker = Unmasker(header.mask)
-        if not header.length:
-            self._frame_end()
-        return True
-
-    def _frame_end(self) -> None:
-        self._unmasker = None
-        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-            # Data from the browser answers for it as a pong would (as Autobahn does).
-            self._cancelAutoPingTimeoutCall()
-        if self._frame_fin:
-            self.inside_message = False
-            self._fast_message = False
-
-    def _closeConnection(self, abort: bool = False) -> None:
-        """Autobahn aborts the socket after a protocol error, which throws away what is still
-        in the write buffer: the 101 and the close frame that says why.  Flush first; abort
-        only a peer that will not take them."""
-        close_now(self.transport)
-        if abort and self._abort_timer is None:
-            self._abort_timer = self.factory.clock.callLater(ABORT_GRACE, self._abort)
-
-    def _abort(self) -> None:
-        self._abort_timer = None
-        self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        """Check the request head strictly before Autobahn sees it; bound what is buffered."""
-        if self._head_refused:
-            return  # answered and closing: whatever else arrives is not read
-        if self._head is None:
-            if self.state == self.STATE_CONNECTING:
-                # Nothing may come between the request and our 101 but a little pipelining.
-                self._early_bytes += len(data)
-                if self._early_bytes > MAX_HEAD:
-                    self.transport.abortConnection()  # type: ignore[union-attr]
-                    return
-            # Autobahn's own entry point: its Twisted dataReceived only adds a debug line
-            # whose arguments it builds on every read.
-            self._dataReceived(data)
-            return
-        self._head += data
-        try:
-            end = head_end(self._head)
-            if end is None:
-                return
-            check_head(self._head[:end])
-        except BadHead as bad:
-            self._head = None
-            self._head_refused = True
-            self._http_status = bad.status
-            self._cancel_request_timer()
-            self.transport.write(  # type: ignore[union-attr]
-                f"HTTP/1.1 {bad.status} {bad.reason}\r\nConnection: close\r\n\r\n".encode()
-            )
-            self.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        buffered, self._head = self._head, None
-        self._early_bytes = len(buffered) - end
-        if self.factory.web_root and not _is_upgrade(buffered[:end]):
-            self._serve_file(buffered[:end])
-            return
-        super().dataReceived(buffered)
-
-    def _serve_file(self, head: bytes) -> None:
-        """A plain GET on the WebSocket listener: a file of ``[web] root`` (the noVNC client)."""
-        self._head_refused = True  # nothing after this request is read
-        self._cancel_request_timer()
-        method, target = head.split(b" ", 2)[:2]
-        answer = web.response(self.factory.web_root, target.decode("ascii"), method.decode())
-        self._http_status = int(answer[9:12])
-        self.transport.write(answer)  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def _connectionMade(self) -> None:
-        with lazy_pformat():
-            super()._connectionMade()
-        # Neither is ever used here (no text is accepted, nothing is sent chopped or synced);
-        # together they are about 1 KB a connection.
-        self.send_queue = _NO_SEND_QUEUE  # type: ignore[assignment]
-        self.utf8validator = None  # type: ignore[assignment]
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.factory.connections.add(self)
-        self._request_timer = self.factory.clock.callLater(
-            self.factory.settings.request_timeout, self._request_too_slow
-        )
-
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_request_timer()
-        if self._abort_timer is not None and self._abort_timer.active():
-            self._abort_timer.cancel()
-        self._abort_timer = None
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
+        for timer in (self._idle_timer, self._abort_timer):
+            _cancel(timer)
+        self._idle_timer = self._abort_timer = None
         self._browser_left()
         super().connectionLost(reason)
-        self.factory.count(self, -1)
         self._closed()
-        self.factory.connections.discard(self)
-        if not self.factory.connections and self.factory.drained is not None:
-            drained, self.factory.drained = self.factory.drained, None
+        factory = self.factory
+        factory.connections.discard(self)
+        if not factory.connections and factory.drained is not None:
+            drained, factory.drained = factory.drained, None
             drained.callback(None)
 
     def _browser_left(self) -> None:
+        """Stop whatever the request or the relay has under way (once)."""
         if self._gone:
             return
         self._gone = True
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.cancel()
+        if self.attempt is not None:
+            self.attempt.leave()
         if self._watch is not None:
             self.factory.gate.unwatch(self._watch)
             self._watch = None
         self.factory.live.discard(self)
         if self.relay is not None:
             self.relay.browser_gone()
-        elif self._upstream is not None:
-            self._upstream.close(1000, "browser left")
+        elif self._connected is not None:
+            self._connected.upstream.close(1000, "browser left")
 
     def outcome(self) -> str:
         """How the connection ended, as a close code (1006: no close frame at all)."""
@@ -609,15 +380,22 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     def _closed(self) -> None:
         """The last lifecycle event, and the metrics of the whole connection."""
-        end = self.factory.clock.seconds()
+        factory = self.factory
+        end = factory.clock.seconds()
         outcome = self.outcome()
-        up = self.relay.up_bytes if self.relay is not None else 0
-        down = self.relay.down_bytes if self.relay is not None else 0
-        wait = (self._ready_at or self._opened_at or end) - self._started
+        relay = self.relay
+        up = relay.up_bytes if relay is not None else 0
+        down = relay.down_bytes if relay is not None else 0
+        attempt = self.attempt
+        wait = (
+            (attempt.ready_at or self._opened_at or end) - attempt.started
+            if attempt is not None
+            else 0.0
+        )
         relayed = end - self._opened_at if self._opened_at is not None else 0.0
-        self.factory.metrics.connections.labels(outcome).inc()
-        if self.relay is not None:
-            self.factory.metrics.relay_closed(up, down)
+        factory.metrics.connections.labels(outcome).inc()
+        if relay is not None:
+            factory.metrics.relay_closed(up, down)
         self._log.info(
             "closed {session_id} from {client}: {outcome} waited={wait_seconds:.3f}s"
             " relayed={relay_seconds:.3f}s up={up_bytes} down={down_bytes}",
@@ -629,39 +407,60 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             up_bytes=up,
             down_bytes=down,
         )
-        # The connection's objects point back at this protocol: the relay (through its
-        # browser side), the upstream (through the relay), and Autobahn's is_closed future
-        # (fired with this protocol).  Let go of them, so that reference counting frees the
-        # whole connection now rather than the garbage collector later.
-        self.relay = None
-        self._upstream = None
-        self.is_closed = None  # type: ignore[assignment]
+        self.connection_ended()
 
-    # -- Peer, for the relay (producer and consumer: TransportPeer) -------------------------
+    def connection_ended(self) -> None:
+        """Let go of what points back at this protocol, so that reference counting frees the
+        whole connection now rather than the garbage collector later: the relay (through its
+        browser side), the upstream (through the relay), and Autobahn's ``is_closed`` future
+        (fired with this protocol)."""
+        self.relay = None
+        self._connected = None
+        self.is_closed = None
+
+
+# (The same disagreement of Autobahn's bases, as above.)
+class FastNoVNCServerProtocol(AutobahnFastPath, NoVNCServerProtocol):  # type: ignore[misc]
+    """One browser connection on the fast path (``[novnc] fast_path = on``).
+
+    :class:`~twisted_novnc._compat.autobahn.AutobahnFastPath` turns Autobahn's private hooks
+    into the public methods below; everything else is the stock protocol's.
+    """
+
+    def relay_started(self, relay: Relay) -> None:
+        """Bigger reads and writes, and browser frames parsed as they arrive (fastpath.py)."""
+        tune_relay_transport(self.transport)
+        self.frames = BrowserFrames(
+            # One call per chunk into the relay; a chunk is a bytearray, unmasked in place.
+            cast(Any, relay.from_browser), self, self.factory.settings.max_message_size
+        )
 
     def send(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN:
             # One binary frame per chunk from the VM: a header in front, the bytes not copied.
             send_now(self.transport, server_frame_header(len(data)), data)
         elif self.relay is not None:
-            # A close handshake has begun (ours, the browser's, or a ping timeout): the VM's
-            # bytes have nowhere to go, so let the VM go too.
             self.relay.browser_gone()
 
-    def close(self, code: int, reason: str) -> None:
-        close_frame(self, code, reason)
-
-    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Autobahn's own writes (the 101, close frames, pings) go out at once too, not a
-        reactor turn later: the 101 is on the path every new connection waits for."""
-        if sync or chopsize:
-            super().sendData(data, sync, chopsize)  # never used here: fails loudly
-            return
+    def write_now(self, data: bytes) -> None:
+        """Autobahn's own writes (the 101, close frames, pings), sent at once."""
         send_now(self.transport, b"", data)
+
+    def close_transport(self, abort: bool) -> None:
+        """Close with the FIN sent at once when nothing is left to write (``close_now``);
+        ``dropConnection`` above never asks for an abort."""
+        if abort:
+            self.transport.abortConnection()
+        else:
+            close_now(self.transport)
+
+    def connection_ended(self) -> None:
+        super().connection_ended()
+        self.frames = None  # it holds the relay and this protocol
 
 
 class NoVNCServerFactory(WebSocketServerFactory):
-    """Accepts noVNC clients on every listener and hands them the shared gate and connector."""
+    """Accepts noVNC clients on every listener and hands them the shared pipeline."""
 
     protocol = NoVNCServerProtocol  # type: ignore[assignment]
     noisy = False
@@ -671,31 +470,38 @@ class NoVNCServerFactory(WebSocketServerFactory):
         settings: NovncSettings,
         gate: ReadinessGate,
         connect: Connector,
-        clock: Any,
+        clock: IReactorTime,
         metrics: Metrics | None = None,
         auth: AuthSettings | None = None,
         secret: bytes = b"",
         targets: TargetPolicy | None = None,
         web_root: str = "",
+        tokens: ITokenStore | None = None,
+        fast_path: bool = True,
     ) -> None:
         # Autobahn's own Server header would name its version to every scanner.
         super().__init__(server="twisted_novnc", reactor=clock)
         self.settings = settings
-        self.auth = auth if auth is not None else AuthSettings()
-        self.secret = secret
-        self.targets = targets if targets is not None else TargetPolicy()
-        self.web_root = web_root
-        #: Open connections by client address and by session, waiting ones by address.
-        self.per_ip: collections.Counter[str] = collections.Counter()
-        self.per_session: collections.Counter[str] = collections.Counter()
-        self.waiting_per_ip: collections.Counter[str] = collections.Counter()
-        self._full_logged = -1.0
         self.gate = gate
-        self.connect = connect
         self.clock = clock
         self.metrics = metrics if metrics is not None else Metrics()
-        self.paths = PathTemplate(settings.path)
-        self.trusted_proxies = parse_networks(settings.trusted_proxies)
+        self.web_root = web_root
+        self.fast_path = fast_path
+        self.pipeline = Pipeline(
+            settings,
+            gate,
+            # The session store is the token store too, unless another is given.
+            tokens if tokens is not None else ITokenStore(gate.source),
+            targets if targets is not None else TargetPolicy(),
+            connect,
+            clock,
+            self.metrics,
+            auth if auth is not None else AuthSettings(),
+            secret,
+        )
+        #: Open connections by client address and by session, waiting ones by address.
+        self.limits = self.pipeline.limits
+        self._full_logged = -1.0
         #: Every open browser connection, and those with a live relay, for the drain.
         self.connections: set[NoVNCServerProtocol] = set()
         self.live: set[NoVNCServerProtocol] = set()
@@ -728,9 +534,11 @@ class NoVNCServerFactory(WebSocketServerFactory):
                 autoPingInterval=settings.ping_interval,
                 autoPingTimeout=settings.ping_timeout,
             )
-        self._options_as_class_attributes()
+        self._options_as_class_attributes(
+            FastNoVNCServerProtocol if fast_path else NoVNCServerProtocol
+        )
 
-    def _options_as_class_attributes(self) -> None:
+    def _options_as_class_attributes(self, base: type[NoVNCServerProtocol]) -> None:
         """Autobahn copies each option onto every connection that lacks it (~2 KB a
         connection); set once as class attributes of this factory's protocol, they are found
         without a copy.  Options set after this would not reach new connections: set them
@@ -738,35 +546,19 @@ class NoVNCServerFactory(WebSocketServerFactory):
         values = {
             # A function as a class attribute would become a method of each connection.
             name: staticmethod(value) if isinstance(value, types.FunctionType) else value
-            for name in NoVNCServerProtocol.CONFIG_ATTRS
+            for name in base.CONFIG_ATTRS
             if hasattr(self, name)
             for value in [getattr(self, name)]
         }
-        self.protocol = type(  # type: ignore[assignment]
-            NoVNCServerProtocol.__name__, (NoVNCServerProtocol,), values
-        )
+        self.protocol = type(base.__name__, (base,), values)  # type: ignore[assignment]
 
     def startFactory(self) -> None:
-        """Start-up is done when the first listener starts: move everything allocated so far
-        out of the collector's sight.  A full collection then no longer walks the start-up
-        heap (tens of MB of modules and settings), which made each one a pause of up to
-        100 ms under load (bench/README.md, "Garbage collection")."""
+        """Say which path relays, once, when the first listener starts."""
         super().startFactory()
-        gc.collect()
-        gc.freeze()
-
-    def count(self, protocol: NoVNCServerProtocol, delta: int) -> None:
-        """Count a connection under its client address and session (once in, once out)."""
-        if (delta > 0) == protocol._counted:
-            return
-        protocol._counted = delta > 0
-        keys = ((self.per_ip, protocol.client), (self.per_session, protocol.session_id))
-        for counter, key in keys:
-            if key is None:
-                continue
-            counter[key] += delta
-            if counter[key] <= 0:
-                del counter[key]
+        if self.fast_path:
+            _log.info("relaying on the fast path ([novnc] fast_path = on)")
+        else:
+            _log.info("relaying on the stock path, public APIs only ([novnc] fast_path = off)")
 
     def buildProtocol(self, addr: Any) -> Any:
         if len(self.connections) >= self.settings.max_connections:

@@ -16,6 +16,7 @@ import threading
 from typing import IO, Any
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -170,7 +171,7 @@ def speed_up_twistd_text_observer() -> int:
 class LogService(Service):
     """Writes the log as ``[log]`` says, and reopens its file on SIGHUP (for logrotate)."""
 
-    def __init__(self, settings: LogSettings, reactor: Any) -> None:
+    def __init__(self, settings: LogSettings, reactor: IReactorFromThreads) -> None:
         self.settings = settings
         self.reactor = reactor
         self._file: IO[str] | None = None

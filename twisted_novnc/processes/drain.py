@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from twisted_novnc.front.protocol import NoVNCServerFactory
-from twisted_novnc.processes.reactors import IClockFromThreads, SignalHandler
+from twisted_novnc.reactors import IClockFromThreads, SignalHandler
 
 _log = Logger()
 

@@ -34,10 +34,10 @@ from twisted_novnc.processes.databases import EmbeddedSchemaService, SessionData
 from twisted_novnc.processes.drain import DrainService
 from twisted_novnc.processes.launcher import Launcher, worker_count
 from twisted_novnc.processes.listeners import ListenerService
-from twisted_novnc.processes.reactors import IDaemonReactor
 from twisted_novnc.processes.sharedports import AdoptingReactor, ListeningReactor, SharedSocket
 from twisted_novnc.processes.startup import ProcessSetupService, StartupDoneService
 from twisted_novnc.processes.supervisor import SequentialMultiService, Supervisor
+from twisted_novnc.reactors import IDaemonReactor
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import connect_tcp, connect_websocket, tls_options, tls_trust
 from twisted_novnc.session import Target
@@ -68,7 +68,8 @@ def make_service(settings: Settings, reactor: IDaemonReactor, secret: bytes = b"
     for description in settings.novnc.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(
-            description, endpoint, core.factory, on_port=core.guard, relay=True
+            description, endpoint, core.factory, on_port=core.guard,
+            relay=settings.novnc.fast_path,
         ).setServiceParent(top)
     StartupDoneService().setServiceParent(top)
     return top
@@ -128,6 +129,7 @@ def _proxy(
 
     upstream = settings.upstream
     trust = tls_trust(upstream.tls, upstream.ca_file)
+    fast = settings.novnc.fast_path
 
     def connect(target: Target, timeout: float, suffix: str, query: str) -> Deferred[Any]:
         if upstream.port:
@@ -136,15 +138,17 @@ def _proxy(
         if upstream.mode == "websocket":
             return connect_websocket(
                 reactor, target, timeout, suffix, query, retry=upstream.connect_retry,
-                max_message_size=settings.novnc.max_message_size, tls=tls,
+                max_message_size=settings.novnc.max_message_size, tls=tls, fast=fast,
             )
-        return connect_tcp(reactor, target, timeout, retry=upstream.connect_retry, tls=tls)
+        return connect_tcp(
+            reactor, target, timeout, retry=upstream.connect_retry, tls=tls, fast=fast
+        )
 
     metrics = Metrics()
     targets = TargetPolicy(settings.upstream.allowed_networks, settings.upstream.allowed_ports)
     factory = NoVNCServerFactory(
         settings.novnc, gate, connect, reactor, metrics, settings.auth, secret, targets,
-        web_root=settings.web.root,
+        web_root=settings.web.root, tokens=store, fast_path=fast,
     )
     metrics.live = LiveState(
         connections_open=lambda: len(factory.connections),
@@ -175,7 +179,8 @@ def make_worker_service(
         endpoint = serverFromString(AdoptingReactor(reactor, shared), shared.description)
         ListenerService(
             shared.description, endpoint, core.factory, on_port=core.guard,
-            verb="accepting (shared with the other workers) on", relay=True,
+            verb="accepting (shared with the other workers) on",
+            relay=settings.novnc.fast_path,
         ).setServiceParent(top)
     StartupDoneService().setServiceParent(top)
     return top, WorkerHandles(core.metrics, core.drain)

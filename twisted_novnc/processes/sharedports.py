@@ -26,6 +26,7 @@ import attrs
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from twisted_novnc._compat.twisted import adopt_shared_port, keep_socket_open_on_close
+from twisted_novnc.reactors import IDaemonReactor
 
 
 class NotSharable(Exception):
@@ -44,7 +45,7 @@ class SharedSocket:
 class _ReactorProxy:
     """Everything not overridden goes to the real reactor."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IDaemonReactor) -> None:
         self._reactor = reactor
 
     def __getattr__(self, name: str) -> Any:
@@ -54,7 +55,7 @@ class _ReactorProxy:
 class ListeningReactor(_ReactorProxy):
     """The supervisor's reactor for one listen string: creates the port, never accepts on it."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IDaemonReactor) -> None:
         super().__init__(reactor)
         self.port: Any = None
         self.family: int | None = None
@@ -68,7 +69,7 @@ class ListeningReactor(_ReactorProxy):
         return port
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
-        listening = self._reactor.listenTCP(port, factory, backlog, interface)
+        listening: Any = self._reactor.listenTCP(port, factory, backlog, interface)  # a tcp.Port
         return self._keep(listening, listening.addressFamily)
 
     def listenSSL(
@@ -77,13 +78,13 @@ class ListeningReactor(_ReactorProxy):
     ) -> Any:
         # The certificate was loaded (and so checked) by the endpoint parser; TLS itself only
         # ever happens in the workers.
-        listening = self._reactor.listenTCP(port, factory, backlog, interface)
+        listening: Any = self._reactor.listenTCP(port, factory, backlog, interface)  # a tcp.Port
         return self._keep(listening, listening.addressFamily)
 
     def listenUNIX(
         self, address: str, factory: Any, backlog: int = 50, mode: int = 0o666, wantPID: int = 0
     ) -> Any:
-        listening = self._reactor.listenUNIX(address, factory, backlog, mode, wantPID)
+        listening = self._reactor.listenUNIX(address, factory, backlog, mode, bool(wantPID))
         return self._keep(listening, socket.AF_UNIX)
 
     def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> Any:
@@ -102,7 +103,7 @@ class AdoptingReactor(_ReactorProxy):
     """A worker's reactor for one listen string: adopts the supervisor's socket for it."""
 
     def __init__(
-        self, reactor: Any, shared: SharedSocket, close: Callable[[int], None] = os.close
+        self, reactor: IDaemonReactor, shared: SharedSocket, close: Callable[[int], None] = os.close
     ) -> None:
         super().__init__(reactor)
         self.shared = shared

@@ -46,7 +46,7 @@ from twisted_novnc.processes.ipc import (
     decode_event,
     frame,
 )
-from twisted_novnc.processes.reactors import SignalHandler
+from twisted_novnc.reactors import SignalHandler
 
 _log = Logger()
 

@@ -49,8 +49,8 @@ from twisted_novnc.processes.ipc import (
     frame,
     read_frame,
 )
-from twisted_novnc.processes.reactors import IRunningReactor, installed_reactor
 from twisted_novnc.processes.service import WorkerHandles, make_worker_service
+from twisted_novnc.reactors import IRunningReactor, installed_reactor
 
 _log = Logger()
 

@@ -42,11 +42,11 @@ class TransportPeer:
 
     @property
     def producer(self) -> IPushProducer:
-        return self.transport  # type: ignore[no-any-return]
+        return self.transport
 
     @property
     def consumer(self) -> IConsumer:
-        return self.transport  # type: ignore[no-any-return]
+        return self.transport
 
 
 class RelayEnd:

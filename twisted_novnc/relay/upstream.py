@@ -11,14 +11,14 @@ import errno
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from OpenSSL import SSL
 from twisted.internet import address, error, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IWriteDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
@@ -29,11 +29,13 @@ from zope.interface import implementer
 from twisted_novnc._compat.twisted import adopt_connected_socket
 from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.errors import Refusal, Refused
+from twisted_novnc.reactors import IConnectingReactor, ISocketReactor
 from twisted_novnc.relay.relay import Relay, TransportPeer
 from twisted_novnc.relay.sending import RelayTransport, send_now, tune_relay_transport
 from twisted_novnc.session import Target
 
 _DONE = Failure(error.ConnectionDone())
+
 _log = Logger()
 
 KEEPALIVE = [
@@ -76,6 +78,9 @@ class TCPUpstream(TransportPeer, Protocol):
     relay: Relay | None = None
     _closing: bool = False
 
+    #: The fast path: relay buffer sizes, and writes sent at once (StockTCPUpstream: neither).
+    fast = True
+
     def __init__(self, tls: bool = False) -> None:
         self.tls = tls
         #: Fires once connected (under TLS: once the VM's certificate has been accepted).
@@ -87,7 +92,8 @@ class TCPUpstream(TransportPeer, Protocol):
 
     def connectionMade(self) -> None:
         tune_tcp(self.transport)
-        tune_relay_transport(self.transport)
+        if self.fast:
+            tune_relay_transport(self.transport)
         if not self.tls:
             # The VNC server speaks first, and the browser's 101 and the attach follow in this
             # same call: nothing can be read before it, so reading is not paused (that was two
@@ -141,6 +147,16 @@ class TCPUpstream(TransportPeer, Protocol):
         # without them reference counting frees the connection at once.
         self.relay = None
         self.handshake = None  # type: ignore[assignment]
+
+
+class StockTCPUpstream(TCPUpstream):
+    """The VM side on the stock path (``[novnc] fast_path = off``): Twisted's own buffer
+    sizes, and the browser's bytes written with ``transport.write``."""
+
+    fast = False
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
 
 
 #: Socket creation failed for lack of descriptors (per process, or system-wide).
@@ -241,6 +257,7 @@ class _AttemptFactory(ClientFactory):
 _CONNECTING = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY})
 
 
+@implementer(IWriteDescriptor)
 class SocketConnector:
     """One TCP connection attempt made on a socket directly, not through Twisted's Connector.
 
@@ -255,7 +272,9 @@ class SocketConnector:
     carrying ``EMFILE``).
     """
 
-    def __init__(self, reactor: Any, host: str, port: int, factory: Any, timeout: float) -> None:
+    def __init__(
+        self, reactor: ISocketReactor, host: str, port: int, factory: Any, timeout: float
+    ) -> None:
         self.reactor = reactor
         self.host = host
         self.port = port
@@ -364,14 +383,21 @@ class SocketConnector:
             timer.cancel()
 
 
-def dial(reactor: Any, host: str, port: int, factory: Any, timeout: float) -> Any:
+def dial(
+    reactor: IConnectingReactor,
+    host: str,
+    port: int,
+    factory: Any,
+    timeout: float,
+    fast: bool = True,
+) -> Any:
     """Start a TCP connection attempt; the IConnector-like object it returns can stop it.
 
     On a real reactor that is a :class:`SocketConnector`; a fake one (``MemoryReactor``, in
-    the unit tests of the retry logic) gets ``connectTCP``, which it records.
+    the unit tests of the retry logic), or ``fast = False``, gets ``connectTCP``.
     """
-    if isinstance(reactor, PosixReactorBase):
-        connector = SocketConnector(reactor, host, port, factory, timeout)
+    if fast and isinstance(reactor, PosixReactorBase):
+        connector = SocketConnector(cast(ISocketReactor, reactor), host, port, factory, timeout)
         connector.start()
         return connector
     return reactor.connectTCP(host, port, factory, timeout)
@@ -381,13 +407,14 @@ def dial(reactor: Any, host: str, port: int, factory: Any, timeout: float) -> An
 class _Connect:
     """Attempts, with retries, until one is ready or the deadline passes (connect_tcp)."""
 
-    reactor: Any
+    reactor: IConnectingReactor
     target: Target
     deadline: float
     retry: bool
     make_protocol: Callable[[], Any]
     ready: Callable[[Any], Any]
     tls: Any
+    fast: bool = True
     result: Deferred[Any] | None = None
     _current: Any = None
     #: The retry delays, made at the first retry (most connects never need one).
@@ -409,7 +436,9 @@ class _Connect:
         # dial's timeout is the TCP connect (error.TimeoutError, retried); the Deferred's also
         # bounds the TLS or WebSocket handshake that follows.  A connect can fail or succeed
         # before dial returns: d then already holds its result for the callbacks below.
-        connector = dial(self.reactor, self.target.host, self.target.port, wrapped, per_try)
+        connector = dial(
+            self.reactor, self.target.host, self.target.port, wrapped, per_try, self.fast
+        )
         if not factory.decided:
             factory.connector = connector
         if self.tls is not None or self.ready is not _handshake:
@@ -464,13 +493,14 @@ class _Connect:
 
 
 def connect_tcp(
-    reactor: Any,
+    reactor: IConnectingReactor,
     target: Target,
     timeout: float,
     retry: bool = False,
     make_protocol: Callable[[], Any] | None = None,
     ready: Callable[[Any], Any] | None = None,
     tls: Any = None,
+    fast: bool = True,
 ) -> Deferred[Any]:
     """Open a TCP connection to the target within ``timeout`` seconds.
 
@@ -479,15 +509,18 @@ def connect_tcp(
 
     With ``retry``, a VM that refuses (still booting) is tried again with capped backoff until
     the time is up.  Failures become :class:`Refused` (4502).  Cancelling stops everything.
+    ``fast = False`` (``[novnc] fast_path = off``) connects with ``reactor.connectTCP`` and
+    writes with ``transport.write``.
     """
     return _Connect(
         reactor,
         target,
         reactor.seconds() + timeout,
         retry,
-        make_protocol or (lambda: TCPUpstream(tls=tls is not None)),
+        make_protocol or (lambda: (TCPUpstream if fast else StockTCPUpstream)(tls is not None)),
         ready or _handshake,
         tls,
+        fast,
     ).start()
 
 
@@ -509,7 +542,7 @@ class WebSocketUpstream(TransportPeer, WebSocketClientProtocol):  # type: ignore
 
     def onOpen(self) -> None:
         # Like the TCP upstream: nothing is read until the browser's side is open too.
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.transport.pauseProducing()
         self.opened.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -536,18 +569,18 @@ class WebSocketUpstream(TransportPeer, WebSocketClientProtocol):  # type: ignore
         if self.state == self.STATE_OPEN:
             self.sendClose(1000, reason[:100])
         else:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.loseConnection()
 
     def attach(self, relay: Relay) -> None:
         self.relay = relay
         held, self._held = self._held, []
         for payload in held:
             relay.from_vm(payload)
-        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self.transport.resumeProducing()
 
 
 def connect_websocket(
-    reactor: Any,
+    reactor: IConnectingReactor,
     target: Target,
     timeout: float,
     suffix: str,
@@ -555,6 +588,7 @@ def connect_websocket(
     retry: bool = False,
     max_message_size: int = 1024 * 1024,
     tls: Any = None,
+    fast: bool = True,
 ) -> Deferred[WebSocketUpstream]:
     """Open ``ws(s)://host:port/<suffix>?<query>`` offering ``binary``; 4502 on failure."""
     host = f"[{target.host}]" if ":" in target.host else target.host
@@ -575,4 +609,5 @@ def connect_websocket(
         make_protocol=lambda: factory.buildProtocol(None),
         ready=lambda protocol: protocol.opened,
         tls=tls,
+        fast=fast,
     )

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from twisted.internet.interfaces import (
     IReactorCore,
+    IReactorFDSet,
     IReactorFromThreads,
     IReactorProcess,
     IReactorSocket,
@@ -22,6 +23,18 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IReactorUNIX,
 )
+
+
+class IConnectingReactor(IReactorTime, IReactorTCP):
+    """Connecting to a VM: timers and ``connectTCP`` (a test's fake reactor too)."""
+
+
+class ISocketReactor(IReactorTime, IReactorFDSet):
+    """A connect made on a bare socket: timers and watching the socket for writability."""
+
+
+class IStoreReactor(IReactorTime, IReactorFDSet):
+    """The session store: its timers, and txpostgres' watching of each connection's socket."""
 
 
 class IClockFromThreads(IReactorTime, IReactorFromThreads):
@@ -35,6 +48,9 @@ class IRunningReactor(IReactorCore, IReactorFromThreads):
 class IDaemonReactor(
     IClockFromThreads,
     IRunningReactor,
+    IConnectingReactor,
+    ISocketReactor,
+    IStoreReactor,
     IReactorProcess,
     IReactorTCP,
     IReactorUNIX,

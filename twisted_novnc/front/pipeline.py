@@ -1,0 +1,344 @@
+"""The request path, from a browser's upgrade request to a connected upstream.
+
+In order, for each request (an :class:`Attempt`):
+
+1. **match** the path against ``[novnc] path``: which session, and what follows it;
+2. **admit**: the subprotocol, the Origin, the limits (per address, per session, waiting), the
+   token's form (an HMAC token is checked in full here) — all before any waiting;
+3. **wait** for the session's readiness (the gate's ``when_ready``);
+4. **authorize**: the target against ``[upstream] allowed_networks/ports``, a column token
+   against the row's digest (a one-time token is spent);
+5. **connect** the upstream, within what is left of the readiness deadline.
+
+The :class:`Pipeline` holds what every request shares: the settings, the readiness gate, the
+token store, the target policy, the connector, the clock, the metrics and the :class:`Limits`.
+It knows no sockets and no WebSocket: the protocol hands it a :class:`BrowserRequest` and gets
+back a Deferred of :class:`Connected`, or a failure with :class:`Refused` for the close code.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_novnc.config import AuthSettings, NovncSettings
+from twisted_novnc.database.interfaces import ITokenStore
+from twisted_novnc.errors import Refusal, Refused
+from twisted_novnc.front.auth import (
+    TokenRequired,
+    extract_token,
+    strip_token,
+    token_digest,
+    verify_digest,
+    verify_token,
+)
+from twisted_novnc.front.forwarded import Network, client_address, parse_networks
+from twisted_novnc.front.paths import PathTemplate
+from twisted_novnc.operations.metrics import Metrics
+from twisted_novnc.relay.targets import TargetPolicy
+from twisted_novnc.session import SessionRow, Target
+
+#: The one WebSocket subprotocol spoken (noVNC offers it).
+SUBPROTOCOL = "binary"
+
+_log = Logger()
+
+#: (target, seconds left, path suffix, query without token) -> the connected upstream peer.
+Connector = Callable[[Target, float, str, str], Deferred[Any]]
+
+
+class Readiness(Protocol):
+    """What the pipeline needs of the readiness gate (database.readiness.ReadinessGate)."""
+
+    @property
+    def waiting(self) -> int:
+        """How many browsers are held waiting right now."""
+
+    def when_ready(self, session_id: str) -> Deferred[Target]:
+        """Fire with the session's target once it is ready; fail with Refused; cancellable."""
+
+
+@attrs.frozen
+class BrowserRequest:
+    """What the pipeline reads of a browser's upgrade request."""
+
+    #: The raw (percent-encoded) path, without the query.
+    path: str
+    #: The raw query string.
+    query: str = ""
+    #: The query, parsed (``parse_qs``).
+    params: Mapping[str, Sequence[str]] = attrs.field(factory=dict)
+    #: Header names in lower case.
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    origin: str = ""
+    #: The subprotocols the browser offered.
+    protocols: Sequence[str] = ()
+    #: The socket's peer address (``unix`` for a unix socket).
+    peer: str = "-"
+
+
+@attrs.frozen
+class Connected:
+    """The end of a request's path: what the protocol opens the relay with."""
+
+    target: Target
+    #: The connected upstream peer (``attach(relay)`` starts its bytes flowing).
+    upstream: Any
+    #: The subprotocol to accept the handshake with.
+    subprotocol: str | None
+
+
+@attrs.define(eq=False)
+class Limits:
+    """Connections counted by client address and by session, and waiting ones by address."""
+
+    per_ip: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    per_session: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    waiting_per_ip: collections.Counter[str] = attrs.field(factory=collections.Counter)
+
+    @staticmethod
+    def add(counter: collections.Counter[str], key: str, delta: int) -> None:
+        """Count ``key`` up or down; a key counted down to nothing is forgotten."""
+        counter[key] += delta
+        if counter[key] <= 0:
+            del counter[key]
+
+
+def log_refusal(event: str, refused: Refused, session_id: str | None, client: str) -> None:
+    """One line for a refused request or a revoked relay: its code, reason and detail."""
+    _log.info(
+        "{event} {session_id} from {client}: {code} {reason} ({detail})",
+        event=event,
+        session_id=session_id,
+        client=client,
+        code=refused.refusal.close_code,
+        reason=refused.refusal.reason,
+        detail=refused.detail,
+    )
+
+
+@attrs.define(eq=False)
+class Pipeline:
+    """The request path's collaborators and limits, shared by every request."""
+
+    settings: NovncSettings
+    gate: Readiness
+    tokens: ITokenStore
+    targets: TargetPolicy
+    connect: Connector
+    clock: IReactorTime
+    metrics: Metrics = attrs.field(factory=Metrics)
+    auth: AuthSettings = attrs.field(factory=AuthSettings)
+    secret: bytes = b""
+    limits: Limits = attrs.field(factory=Limits)
+    paths: PathTemplate = attrs.field(init=False)
+    trusted_proxies: tuple[Network, ...] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.paths = PathTemplate(self.settings.path)
+        self.trusted_proxies = parse_networks(self.settings.trusted_proxies)
+
+    def start(self, request: BrowserRequest) -> Attempt:
+        """Take one request down the path; its ``result`` says how it ended."""
+        return Attempt(self, request).start()
+
+
+@attrs.define(eq=False)
+class Attempt:
+    """One request on its way: the steps in order, and what it holds while it goes.
+
+    ``result`` fires with :class:`Connected`, or fails with :class:`Refused` (already logged),
+    or with ``CancelledError`` once the browser has left.  The counters it took are given back
+    by :meth:`leave`, which the protocol calls once, when the browser's connection is gone.
+    """
+
+    pipeline: Pipeline
+    request: BrowserRequest
+    result: Deferred[Connected] = attrs.field(init=False)
+    client: str = "-"
+    session_id: str | None = None
+    started: float = 0.0
+    ready_at: float | None = None
+    #: The session's upstream, once it is ready and allowed.
+    target: Target | None = None
+    #: When the connection is counted under its address and session (admitted that far).
+    counted: bool = False
+    waiting: bool = False
+    gone: bool = False
+    _token: str | None = None
+    _suffix: str = ""
+    _query: str = ""
+    _deadline: float = 0.0
+    _pending: Deferred[Any] | None = None
+
+    def start(self) -> Attempt:
+        pipeline = self.pipeline
+        self.started = pipeline.clock.seconds()
+        self.client = client_address(
+            self.request.peer, self.request.headers, pipeline.trusted_proxies
+        )
+        try:
+            self._admit()
+        except Refused as refused:
+            refusal: Deferred[Connected] = Deferred()
+            refusal.addErrback(self._refused)
+            refusal.errback(refused)
+            self.result = refusal
+            return self
+        self._deadline = self.started + pipeline.settings.readiness_timeout
+        _log.info(
+            "request {session_id} from {client}: waiting for readiness",
+            session_id=self.session_id,
+            client=self.client,
+        )
+        assert self.session_id is not None
+        self._count_waiting(+1)
+        d: Deferred[Any] = pipeline.gate.when_ready(self.session_id)
+        d.addBoth(self._done_waiting)
+        d.addCallback(self._authorize)
+        d.addCallback(self._connected)
+        d.addErrback(self._refused)
+        self.result = self._pending = d
+        return self
+
+    # -- 1 and 2: match and admit, before any waiting ---------------------------------------
+
+    def _admit(self) -> None:
+        pipeline, request = self.pipeline, self.request
+        settings, limits = pipeline.settings, pipeline.limits
+        match = pipeline.paths.match(request.path)
+        if match is None:
+            raise Refused(Refusal.BAD_PATH, request.path[:200])
+        self.session_id = match.session_id
+        # What a websocket upstream is asked for: the path after the session, the query
+        # without the token (which is for this proxy alone).
+        self._suffix = match.suffix
+        self._query = strip_token(request.query)
+        if request.protocols and SUBPROTOCOL not in request.protocols:
+            raise Refused(Refusal.BAD_SUBPROTOCOL, f"offered {list(request.protocols)!r}")
+        if not settings.allowed_origins.allows(request.origin or None):
+            raise Refused(Refusal.ORIGIN_FORBIDDEN, f"origin {request.origin[:200]!r}")
+        self._count(+1)
+        if limits.per_ip[self.client] > settings.max_per_ip:
+            raise Refused(Refusal.TOO_MANY, f"{self.client} has {settings.max_per_ip} open")
+        if limits.per_session[self.session_id] > settings.max_per_session:
+            raise Refused(Refusal.TOO_MANY, f"session has {settings.max_per_session} open")
+        if pipeline.gate.waiting >= settings.max_waiting:
+            raise Refused(Refusal.TOO_MANY, f"{settings.max_waiting} browsers waiting")
+        if limits.waiting_per_ip[self.client] >= settings.max_waiting_per_ip:
+            raise Refused(Refusal.TOO_MANY, f"{self.client} has browsers waiting")
+        auth = pipeline.auth
+        if auth.mode == "none":
+            return
+        self._token = extract_token(request.params, request.headers, auth.cookie or None)
+        if auth.mode == "hmac":
+            verify_token(pipeline.secret, self.session_id, self._token, pipeline.clock.seconds())
+        elif self._token is None:
+            raise TokenRequired()
+
+    # -- 3: the wait (the gate's), then 4: authorize ------------------------------------------
+
+    def _done_waiting(self, result: Any) -> Any:
+        if self.waiting:
+            self._count_waiting(-1)
+        return result
+
+    def _authorize(self, target: Target) -> Deferred[Any]:
+        pipeline = self.pipeline
+        self.ready_at = pipeline.clock.seconds()
+        if not pipeline.targets.allows(target.host, target.port):
+            raise Refused(
+                Refusal.TARGET_FORBIDDEN,
+                f"{target.host}:{target.port} is outside [upstream] allowed_networks/ports",
+            )
+        auth = pipeline.auth
+        if auth.mode == "column" and auth.one_time:
+            if target.token_digest is None:
+                raise Refused(Refusal.TOKEN_USED, "the session has no unused token")
+            verify_digest(target.token_digest, self._token)  # a wrong token: 4403 forbidden
+            digest = token_digest(self._token or "")
+            spent = pipeline.tokens.consume_token(target.session_id, digest)
+            return spent.addCallback(self._token_spent, target)
+        if auth.mode == "column":
+            verify_digest(target.token_digest, self._token)
+        return self._connect(target)
+
+    def _token_spent(self, row: SessionRow | None, target: Target) -> Deferred[Any]:
+        if row is None:
+            raise Refused(Refusal.TOKEN_USED, "no unused token matched")
+        return self._connect(target)
+
+    # -- 5: connect ----------------------------------------------------------------------------
+
+    def _connect(self, target: Target) -> Deferred[Any]:
+        pipeline = self.pipeline
+        now = pipeline.clock.seconds()
+        pipeline.metrics.readiness_wait.observe(now - self.started)
+        _log.info(
+            "session {session_id} ready after {wait_seconds:.3f}s: connecting to {host}:{port}",
+            session_id=target.session_id,
+            client=self.client,
+            wait_seconds=now - self.started,
+            host=target.host,
+            port=target.port,
+        )
+        self.target = target
+        return pipeline.connect(target, self._deadline - now, self._suffix, self._query)
+
+    def _connected(self, upstream: Any) -> Connected:
+        # (A browser that left cancelled the connect: the connector closes what it opened.)
+        self._pending = None
+        assert self.ready_at is not None
+        pipeline = self.pipeline
+        pipeline.metrics.upstream_connect.observe(pipeline.clock.seconds() - self.ready_at)
+        assert self.target is not None
+        protocols = self.request.protocols
+        return Connected(self.target, upstream, SUBPROTOCOL if SUBPROTOCOL in protocols else None)
+
+    # -- every other end -----------------------------------------------------------------------
+
+    def _refused(self, failure: Failure) -> Failure:
+        self._pending = None
+        if failure.check(CancelledError) or self.gone:
+            return Failure(CancelledError())
+        if isinstance(failure.value, Refused):
+            log_refusal("refused", failure.value, self.session_id, self.client)
+            return failure
+        _log.failure("unexpected error serving {path}", failure, path=self.request.path)
+        refused = Refused(Refusal.VM_UNREACHABLE, failure.getErrorMessage())
+        log_refusal("refused", refused, self.session_id, self.client)
+        return Failure(refused)
+
+    def leave(self) -> None:
+        """The browser's connection is gone: stop whatever is under way, give back the counts."""
+        if self.gone:
+            return
+        self.gone = True
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+        if self.waiting:
+            self._count_waiting(-1)
+        self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        """Count the connection under its address and session: once in, once out."""
+        if (delta > 0) == self.counted:
+            return
+        self.counted = delta > 0
+        limits = self.pipeline.limits
+        limits.add(limits.per_ip, self.client, delta)
+        if self.session_id is not None:
+            limits.add(limits.per_session, self.session_id, delta)
+
+    def _count_waiting(self, delta: int) -> None:
+        self.waiting = delta > 0
+        limits = self.pipeline.limits
+        limits.add(limits.waiting_per_ip, self.client, delta)
