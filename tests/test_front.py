@@ -449,8 +449,8 @@ def test_closed_relay_is_freed_by_reference_counting(harness, fast_path):
     client = yield harness.connect()
     yield client.when_received(len(RFB_BANNER))
     (server,) = harness.factory.connections
-    assert server.relay is not None and server._connected.upstream is not None
-    refs = [weakref.ref(o) for o in (server, server.relay, server._connected.upstream)]
+    assert server.relay is not None and server._connected is None  # let go once open
+    refs = [weakref.ref(o) for o in (server, server.relay, server.relay.vm)]
     del server
     gc.disable()  # only reference counting may free them
     try:

@@ -84,6 +84,10 @@ class BrowserRequest:
     peer: str = "-"
 
 
+#: What an open relay's attempt keeps of its request: nothing (see :meth:`Attempt.opened`).
+_FORGOTTEN = BrowserRequest(path="")
+
+
 @attrs.frozen
 class Connected:
     """The end of a request's path: what the protocol opens the relay with."""
@@ -315,6 +319,15 @@ class Attempt:
         refused = Refused(Refusal.VM_UNREACHABLE, failure.getErrorMessage())
         log_refusal("refused", refused, self.session_id, self.client)
         return Failure(refused)
+
+    def opened(self) -> None:
+        """The relay is open: let go of what only the path to it needed.  The request's headers
+        and query (with Autobahn's own copies, which the fast path drops) are about 1.5 KB of
+        every relay's memory (bench/README.md, "Memory per idle connection")."""
+        self.request = _FORGOTTEN
+        self.target = None
+        self._token = None
+        self._suffix = self._query = ""
 
     def leave(self) -> None:
         """The browser's connection is gone: stop whatever is under way, give back the counts."""

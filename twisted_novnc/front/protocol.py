@@ -249,6 +249,9 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
                 factory.settings.idle_timeout, self._idle_check
             )
         self.forget_handshake()
+        # What the relay needs is wired: the rest of the request's way is garbage now.
+        self._connected = None
+        self.attempt.opened()
         # One line for two steps that are microseconds apart (the 101 is sent when the
         # upstream connects): a line costs a connection as much as its whole relay set-up.
         ready_at = self.attempt.ready_at
