@@ -31,9 +31,11 @@ from typing import Any, Protocol, TypeGuard
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import abstract, process, tcp, unix
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.interfaces import IProtocol, IReactorFDSet
 from twisted.logger import FileLogObserver, ILogObserver, Logger, LogPublisher, timeFormatRFC3339
 from twisted.python.failure import Failure
+
+from twisted_novnc.reactors import IDaemonReactor
 
 _log = Logger()
 
@@ -183,7 +185,7 @@ def adopt_connected_socket(
     protocol: IProtocol,
     host: str,
     port: int,
-    reactor: Any,
+    reactor: IReactorFDSet,
 ) -> tcp.Server:
     """A transport of ``transport_class`` for a socket already connected to ``host:port``.
 
@@ -287,7 +289,7 @@ class _SharedUNIXPort(_FairAccepts, unix.Port):
         tcp.Port.connectionLost(self, reason)
 
 
-def adopt_shared_port(reactor: Any, fd: int, family: int, factory: Any) -> Any:
+def adopt_shared_port(reactor: IDaemonReactor, fd: int, family: int, factory: Any) -> Any:
     """Listen on an inherited listening socket that other processes accept on too.
 
     TCP: the reactor's public ``adoptStreamPort``, then the port's class swapped for one whose
@@ -300,7 +302,7 @@ def adopt_shared_port(reactor: Any, fd: int, family: int, factory: Any) -> Any:
         port = _SharedUNIXPort._fromListeningDescriptor(reactor, fd, factory)
         port.startListening()
         return port
-    port = reactor.adoptStreamPort(fd, family, factory)
+    port = reactor.adoptStreamPort(fd, socket.AddressFamily(family), factory)
     if type(port) is tcp.Port:
         port.__class__ = _SharedTCPPort
     return port
@@ -358,7 +360,7 @@ class PipeReader(Protocol):
     def childConnectionLost(self, name: str, reason: Failure) -> None: ...
 
 
-def read_pipe(reactor: Any, protocol: PipeReader, name: str, fd: int) -> Any:
+def read_pipe(reactor: IReactorFDSet, protocol: PipeReader, name: str, fd: int) -> Any:
     """Read an inherited pipe ``fd``: ``protocol.childDataReceived(name, data)`` per read and
     ``childConnectionLost(name, reason)`` at its end.
 

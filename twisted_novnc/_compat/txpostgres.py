@@ -21,7 +21,10 @@ from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from txpostgres import reconnection, retrying, txpostgres
+
+from twisted_novnc.reactors import IStoreReactor
 
 
 class Health(Protocol):
@@ -51,7 +54,10 @@ class StoppableDetector(reconnection.DeadConnectionDetector):
     stopped: bool = False
 
     def __init__(
-        self, health: Health, reconnectionIterator: Callable[[], Iterator[float]], reactor: Any
+        self,
+        health: Health,
+        reconnectionIterator: Callable[[], Iterator[float]],
+        reactor: IReactorTime,
     ) -> None:
         super().__init__(reconnectionIterator=reconnectionIterator, reactor=reactor)
         self.health = health
@@ -93,7 +99,10 @@ class StoppableDetector(reconnection.DeadConnectionDetector):
 
 
 def make_pool(
-    reactor: Any, dsn: str, size: int, make_connection: Callable[[], txpostgres.Connection]
+    reactor: IStoreReactor,
+    dsn: str,
+    size: int,
+    make_connection: Callable[[], txpostgres.Connection],
 ) -> txpostgres.ConnectionPool:
     """A ``ConnectionPool`` of ``size`` connections, each made by ``make_connection`` and not
     connected yet (:func:`pool_connections` lists them).
