@@ -173,9 +173,17 @@ class State:
                 elif after[key] is not value and f"{name}.{key}" not in COUNTERS:
                     found.append(f"{name}.{key} was replaced by {_short(after[key])}")
             for key, value in after.items():
-                if key not in before and not _is_module(value):
-                    found.append(f"{name}.{key} was added: {_short(value)}")
+                if key in before or _is_module(value) or _lazy_annotations(key, value):
+                    continue
+                found.append(f"{name}.{key} was added: {_short(value)}")
         return found
+
+
+def _lazy_annotations(key: str, value: object) -> bool:
+    """An empty ``__annotations__`` that CPython made on first read: reading a class's
+    ``__annotations__`` stores an empty dict on a class that had none (attrs 23.1 reads its
+    bases' that way).  Nothing any code sees has changed."""
+    return key == "__annotations__" and value == {}
 
 
 def _is_module(value: object) -> bool:

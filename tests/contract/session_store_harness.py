@@ -101,6 +101,8 @@ def postgres(dsn: str, id_type: str) -> Iterator[Harness]:
     store.start()
     try:
         pytest_twisted.blockon(observer.ready.addTimeout(LIMIT, reactor))
+        # Listening says nothing of the pool: a query on a connection still connecting fails.
+        assert pytest_twisted.blockon(store.when_pool_connected().addTimeout(LIMIT, reactor))
         yield Harness(store, id_type, put)
     finally:
         store.stop()

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import attrs
 import psycopg2
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from txpostgres import txpostgres
 from zope.interface import implementer
@@ -107,6 +107,7 @@ class PostgresSessionStore:
     _listen_retry: Any = None
     _health: _Health = attrs.field(factory=_Health)
     _all_pool_connections: list[Any] = attrs.field(factory=list)
+    _first_connects: list[Deferred[bool]] = attrs.field(factory=list)
     _listen_delays: Iterator[float] = attrs.field(factory=lambda: jittered_backoff(1.0, 30.0))
 
     @property
@@ -138,8 +139,10 @@ class PostgresSessionStore:
         self._pool = make_pool(self.reactor, dsn, self.settings.pool_size, self._make_connection)
         # The pool hands connections out and back; keep our own list to judge health by.
         self._all_pool_connections = pool_connections(self._pool)
-        for connection in self._all_pool_connections:
+        self._first_connects = [
             self._connect(connection, dsn, "twisted_novnc-pool")
+            for connection in self._all_pool_connections
+        ]
         self._listener = self._make_connection()
         self._listener.detector.on_death = self._listen_lost
         self._listener.detector.addRecoveryHandler(self._listen)
@@ -147,6 +150,12 @@ class PostgresSessionStore:
         self._connect(self._listener, dsn, "twisted_novnc-listen").addCallback(
             lambda connected: self._listen() if connected else None
         )
+
+    def when_pool_connected(self) -> Deferred[bool]:
+        """Fires once every pool connection's first attempt is over: True if all of them
+        connected.  (A query before then may meet a connection still connecting and fail as a
+        database error, which the readiness gate retries; a test waits here instead.)"""
+        return gatherResults(list(self._first_connects)).addCallback(all)
 
     def _connect(self, connection: txpostgres.Connection, dsn: str, name: str) -> Deferred[bool]:
         """Connect once; a failure hands the connection to its detector, which keeps trying."""
