@@ -49,6 +49,20 @@ def test_nothing_outside_root(root, target):
     assert response(root, target, "GET").startswith(b"HTTP/1.1 404 ")
 
 
+@pytest.mark.parametrize(
+    "target", ["/.env", "/.git/config", "/core/.hidden.js", "/%2eenv", "/.well-known/x"],
+)
+def test_dotfiles_are_never_served(root, target):
+    """A file or folder whose name starts with a dot is not served, even when it exists."""
+    os.makedirs(os.path.join(root, ".git"), exist_ok=True)
+    for name in (".env", ".git/config", "core/.hidden.js", ".well-known"):
+        path = os.path.join(root, name)
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write("secret")
+    assert response(root, target, "GET").startswith(b"HTTP/1.1 404 ")
+
+
 def test_only_get_and_head(root):
     """Other methods are refused."""
     assert response(root, "/vnc.html", "POST").startswith(b"HTTP/1.1 405 ")

@@ -28,8 +28,8 @@ def resolve(root: str, target: str) -> str | None:
         segment = unquote(raw, errors="strict") if "%" in raw else raw
         if segment in ("", "."):
             continue
-        if segment == ".." or "/" in segment or "\\" in segment or "\0" in segment:
-            return None
+        if segment.startswith(".") or "/" in segment or "\\" in segment or "\0" in segment:
+            return None  # ".." and every dotfile (.git, .env, .htpasswd): never served
         segments.append(segment)
     if not segments:
         segments = ["index.html"]
