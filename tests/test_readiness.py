@@ -233,6 +233,26 @@ def test_bad_vm_address_is_refused():
     assert refusal_of(d) is Refusal.BAD_VM_ADDRESS
 
 
+@pytest.mark.parametrize("vm_ip", ["fd00::2%lo", "fe80::1%eth0", "fe80::1%1/128"])
+def test_scoped_ipv6_vm_address_is_refused(vm_ip):
+    """An IPv6 vm_ip with a zone is a bad VM address (4403): the allowlist cannot judge the
+    interface it names, and the connect would fail on it."""
+    gate, source, clock = make_gate()
+    source.rows[SID] = SessionRow(SID, vm_ip, None, None)
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert refusal_of(d) is Refusal.BAD_VM_ADDRESS
+
+
+def test_unscoped_ipv6_vm_address_is_ready():
+    """The same addresses without a zone are ready as usual."""
+    gate, source, clock = make_gate()
+    source.rows[SID] = SessionRow(SID, "fd00::2", None, None)
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert result_of(d).host == "fd00::2"
+
+
 def test_fail_all_refuses_every_waiter():
     """Shutting down fails every waiter with the given refusal and leaves no timers."""
     gate, source, clock = make_gate()

@@ -37,12 +37,21 @@ class Target:
 def parse_vm_ip(text: str) -> str | None:
     """An IP literal from a text or inet column (``10.0.0.5`` or ``10.0.0.5/32``); never a name.
 
+    An IPv6 address with a zone (``fe80::1%eth0``) is refused too: the allowlist cannot judge
+    which interface it names, and the connect would fail on it.
+
     Cached: ``ipaddress`` takes microseconds a parse, and a burst of ready sessions is
     a thousand parses of a few hosts' addresses.
     """
+    text = text.strip()
     try:
         if "/" in text:
-            return str(ipaddress.ip_interface(text.strip()).ip)
-        return str(ipaddress.ip_address(text.strip()))
+            interface = ipaddress.ip_interface(text)
+            # (The interface's .ip drops the zone: ask the interface.)
+            zone, address = getattr(interface, "scope_id", None), interface.ip
+        else:
+            address = ipaddress.ip_address(text)
+            zone = getattr(address, "scope_id", None)
     except ValueError:
         return None
+    return None if zone else str(address)
