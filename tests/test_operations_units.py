@@ -14,7 +14,7 @@ from twisted.python import usage
 from twisted_novnc.config import LogSettings
 from twisted_novnc.operations.admin import Readyz
 from twisted_novnc.operations.logs import LogService, event_as_json
-from twisted_novnc.operations.metrics import LiveState, Metrics
+from twisted_novnc.operations.metrics import LiveState, Metrics, outcome_label
 from twisted_novnc.tap import Options
 
 
@@ -245,3 +245,15 @@ def test_metrics_page_negotiates_like_prometheus_client():
     assert b"twisted_novnc_connections_total" in gzip.decompress(body)
     headers, body = get({}, {b"name[]": [b"twisted_novnc_connections_total"]})
     assert b"twisted_novnc_connections_total" in body and b"process_open_fds" not in body
+
+
+@pytest.mark.parametrize(
+    ("outcome", "label"),
+    [("1000", "1000"), ("1006", "1006"), ("4404", "4404"), ("4502", "4502"),
+     ("http_404", "http_404"), ("3999", "other"), ("4999", "other"), ("1004", "other"),
+     ("2000", "other")],
+)
+def test_outcome_label_buckets_codes_nobody_documented(outcome, label):
+    """RFC 6455's codes, the refusal table's and HTTP statuses are labels of their own; any
+    other code a browser closes with is ``other``, so no client can mint time series."""
+    assert outcome_label(outcome) == label

@@ -50,7 +50,7 @@ from twisted_novnc.front.pipeline import (
     log_refusal,
 )
 from twisted_novnc.front.requesthead import MAX_HEAD, BadHead, check_head, head_end
-from twisted_novnc.operations.metrics import Metrics
+from twisted_novnc.operations.metrics import Metrics, outcome_label
 from twisted_novnc.relay.relay import Relay, TransportPeer
 from twisted_novnc.relay.sending import close_now, send_now, tune_relay_transport
 from twisted_novnc.relay.targets import TargetPolicy
@@ -396,7 +396,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             else 0.0
         )
         relayed = end - self._opened_at if self._opened_at is not None else 0.0
-        factory.metrics.connections.labels(outcome).inc()
+        factory.metrics.connections.labels(outcome_label(outcome)).inc()
         if relay is not None:
             factory.metrics.relay_closed(up, down)
         self._log.info(

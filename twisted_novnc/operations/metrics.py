@@ -23,6 +23,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from twisted_novnc import __version__
+from twisted_novnc.errors import Refusal
+
+#: The close codes an outcome label may name: RFC 6455's and the refusal table's.  A browser
+#: may close with any code from 1000 to 4999; each new one would be a new time series.
+KNOWN_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 1015}
+    | {refusal.close_code for refusal in Refusal}
+)
+
+
+def outcome_label(outcome: str) -> str:
+    """The ``outcome`` label for a connection's end: a known close code or HTTP status as it
+    is, any other close code as ``other`` (the log line keeps the exact code)."""
+    if outcome.startswith("http_") or (outcome.isdigit() and int(outcome) in KNOWN_CLOSE_CODES):
+        return outcome
+    return "other"
+
 
 WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
