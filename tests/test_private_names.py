@@ -424,21 +424,7 @@ def package_findings() -> dict[str, list[Finding]]:
     }
 
 
-#: Modules that still touch a private name until another branch lands (remove at merge).
-_PENDING: dict[str, str] = {}
-
-
-def _module_params() -> list[Any]:
-    params = []
-    for path in sorted(package_findings()):
-        marks = []
-        if path in _PENDING:
-            marks.append(pytest.mark.xfail(strict=True, reason=_PENDING[path]))
-        params.append(pytest.param(path, marks=marks, id=path))
-    return params
-
-
-@pytest.mark.parametrize("path", _module_params())
+@pytest.mark.parametrize("path", sorted(package_findings()))
 def test_no_private_library_names_outside_compat(path: str) -> None:
     """A module outside _compat uses no private name of Twisted, Autobahn or txpostgres."""
     findings = package_findings()[path]

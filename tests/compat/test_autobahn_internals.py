@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from importlib.metadata import version
 
+import canary
 import pytest
 from autobahn.twisted.websocket import WebSocketAdapterProtocol, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -28,11 +28,7 @@ from twisted_novnc.testing import MemorySessionSource
 
 
 def broken(what: str) -> str:
-    return (
-        f"Autobahn {version('autobahn')}: {what}: the fast path (twisted_novnc/_compat/"
-        "autobahn.py) relies on it; run with [novnc] fast_path = off; see README, 'Fast path"
-        " and stock path'"
-    )
+    return canary.broken("autobahn", what, "the fast path (twisted_novnc/_compat/autobahn.py)")
 
 
 def source(function: Callable[..., object]) -> str:
