@@ -9,9 +9,16 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from twisted_novnc.config import parse_config
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.relay.relay import Relay
-from twisted_novnc.relay.upstream import HOLD_LIMIT, TCPUpstream, connect_tcp
+from twisted_novnc.relay.upstream import (
+    HOLD_LIMIT,
+    TCPUpstream,
+    WebSocketUpstream,
+    connect_tcp,
+    upstream_connector,
+)
 from twisted_novnc.session import Target
 from twisted_novnc.testing import MemoryPeer
 
@@ -140,3 +147,24 @@ def test_out_of_descriptors_is_the_proxys_capacity_not_the_vm():
     assert refused.value.refusal.close_code == 4503
     assert len(reactor.tcpClients) == 1
     d.addErrback(lambda f: None)
+
+
+def _connector_attempt(**upstream: str) -> tuple[str, int, object]:
+    """The (host, port, protocol) of the first attempt the configured connector makes."""
+    settings = parse_config(
+        "[upstream]\n" + "".join(f"{k} = {v}\n" for k, v in upstream.items()), "<test>"
+    ).upstream
+    reactor = MemoryReactorClock()
+    connect = upstream_connector(settings, reactor, 1024 * 1024, fast=False)
+    connect(Target("s1", "10.0.0.5", 5900), 10.0, "sub/path", "a=1")
+    host, port, factory = reactor.tcpClients[0][:3]
+    return host, port, factory.buildProtocol(None)
+
+
+def test_upstream_connector_chooses_tcp_or_websocket_and_the_port():
+    """[upstream] mode picks the VM side's protocol, and [upstream] port overrides the row's."""
+    host, port, protocol = _connector_attempt()
+    assert (host, port) == ("10.0.0.5", 5900) and isinstance(protocol, TCPUpstream)
+    host, port, protocol = _connector_attempt(mode="websocket", port="6080")
+    assert (host, port) == ("10.0.0.5", 6080) and isinstance(protocol, WebSocketUpstream)
+    assert protocol.factory.url == "ws://10.0.0.5:6080/sub/path?a=1"

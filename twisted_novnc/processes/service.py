@@ -10,11 +10,9 @@ sockets (:mod:`twisted_novnc.processes.worker`, which builds its tree here).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import attrs
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -39,8 +37,7 @@ from twisted_novnc.processes.startup import ProcessSetupService, StartupDoneServ
 from twisted_novnc.processes.supervisor import SequentialMultiService, Supervisor
 from twisted_novnc.reactors import IDaemonReactor
 from twisted_novnc.relay.targets import TargetPolicy
-from twisted_novnc.relay.upstream import connect_tcp, connect_websocket, tls_options, tls_trust
-from twisted_novnc.session import Target
+from twisted_novnc.relay.upstream import tls_trust, upstream_connector
 
 _log = Logger()
 
@@ -127,22 +124,10 @@ def _proxy(
     store.observer = gate
     SessionDatabaseService(store, gate).setServiceParent(parent)
 
-    upstream = settings.upstream
-    trust = tls_trust(upstream.tls, upstream.ca_file)
     fast = settings.novnc.fast_path
-
-    def connect(target: Target, timeout: float, suffix: str, query: str) -> Deferred[Any]:
-        if upstream.port:
-            target = attrs.evolve(target, port=upstream.port)
-        tls = tls_options(upstream.tls, trust, target.host)
-        if upstream.mode == "websocket":
-            return connect_websocket(
-                reactor, target, timeout, suffix, query, retry=upstream.connect_retry,
-                max_message_size=settings.novnc.max_message_size, tls=tls, fast=fast,
-            )
-        return connect_tcp(
-            reactor, target, timeout, retry=upstream.connect_retry, tls=tls, fast=fast
-        )
+    connect = upstream_connector(
+        settings.upstream, reactor, settings.novnc.max_message_size, fast=fast
+    )
 
     metrics = Metrics()
     targets = TargetPolicy(settings.upstream.allowed_networks, settings.upstream.allowed_ports)

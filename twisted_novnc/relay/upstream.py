@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from twisted_novnc._compat.twisted import adopt_connected_socket
 from twisted_novnc.backoff import jittered_backoff
+from twisted_novnc.config import UpstreamSettings
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.reactors import IConnectingReactor, ISocketReactor
 from twisted_novnc.relay.relay import Relay, TransportPeer
@@ -611,3 +612,30 @@ def connect_websocket(
         tls=tls,
         fast=fast,
     )
+
+
+def upstream_connector(
+    settings: UpstreamSettings,
+    reactor: IConnectingReactor,
+    max_message_size: int,
+    fast: bool = True,
+) -> Callable[[Target, float, str, str], Deferred[Any]]:
+    """The connector the request path calls, as ``[upstream]`` chooses it: raw TCP or a
+    WebSocket to a websockify on the VM, each over TLS or not, to the row's port or to
+    ``[upstream] port``.  ``[upstream] ca_file`` is read once, here."""
+    trust = tls_trust(settings.tls, settings.ca_file)
+
+    def connect(target: Target, timeout: float, suffix: str, query: str) -> Deferred[Any]:
+        if settings.port:
+            target = attrs.evolve(target, port=settings.port)
+        tls = tls_options(settings.tls, trust, target.host)
+        if settings.mode == "websocket":
+            return connect_websocket(
+                reactor, target, timeout, suffix, query, retry=settings.connect_retry,
+                max_message_size=max_message_size, tls=tls, fast=fast,
+            )
+        return connect_tcp(
+            reactor, target, timeout, retry=settings.connect_retry, tls=tls, fast=fast
+        )
+
+    return connect
