@@ -455,6 +455,8 @@ def test_crlf_text() -> None:
         (r"password='it\'s' host=db", "password=*** host=db"),
         ("host=db sslpassword=k3y", "host=db sslpassword=***"),
         ("host=db user=password", "host=db user=password"),
+        (r"host=db password=two\ words\ here port=5432", "host=db password=*** port=5432"),
+        (r"password=ends\\ host=db", "password=*** host=db"),
         ("postgresql://u:s3cret@db/app", "postgresql://u:***@db/app"),
         (
             "postgres://u:s3cret@db:5432/app?sslmode=require",
@@ -471,6 +473,27 @@ def test_crlf_text() -> None:
 def test_mask_dsn(dsn: str, masked: str) -> None:
     """Passwords in key/value DSNs and URIs are masked; nothing else changes."""
     assert mask_dsn(dsn) == masked
+
+
+def _libpq_value(text: str) -> str:
+    """``text`` as an unquoted libpq value: spaces, quotes and backslashes escaped."""
+    return "".join("\\" + c if c in " \t\v\f\\'" else c for c in text)
+
+
+@given(
+    password=st.text(st.characters(codec="ascii", exclude_characters="\x00\r\n"), min_size=1),
+    quoted=st.booleans(),
+)
+def test_mask_dsn_hides_every_password_libpq_reads(password: str, quoted: bool) -> None:
+    """Whatever the password holds, libpq's own parser reads *** from the masked DSN and the
+    other keys unchanged: no part of an escaped or quoted password is left behind."""
+    from psycopg2.extensions import parse_dsn
+
+    escaped = password.replace("\\", "\\\\").replace("'", "\\'")
+    value = f"'{escaped}'" if quoted else _libpq_value(password)
+    dsn = f"host=db password={value} dbname=app"
+    assert parse_dsn(dsn)["password"] == password  # the DSN says what the test means
+    assert parse_dsn(mask_dsn(dsn)) == {"host": "db", "password": "***", "dbname": "app"}
 
 
 def test_effective_items_cover_every_key_in_order() -> None:

@@ -292,7 +292,13 @@ def _parse_optional_file(text: str) -> str:
 
 _OPTIONAL_FILE = Kind(_parse_optional_file, _verbatim, "a file path, or empty")
 
-_KV_PASSWORD = re.compile(r"(?i)((?:^|(?<=\s))\w*password\s*=\s*)('(?:[^'\\]|\\.?)*'?|\S*)")
+# libpq's keyword/value grammar: a value is quoted ('...', with \' and \\ inside) or runs to the
+# next unescaped space, a backslash escaping the next character (so ``password=a\ b`` is "a b").
+# Space is C's isspace(), not Python's wider \s.
+_KV_PASSWORD = re.compile(
+    r"(?i)((?:^|(?<=[ \t\n\r\f\v]))\w*password[ \t\n\r\f\v]*=[ \t\n\r\f\v]*)"
+    r"('(?:[^'\\]|\\[\s\S]?)*'?|(?:\\[\s\S]?|[^ \t\n\r\f\v\\])*)"
+)
 _URI = re.compile(r"(?i)postgres(?:ql)?://")
 # libpq ends the userinfo at the first '@' or '/', so the password is what lies before either.
 _URI_PASSWORD = re.compile(r"(?i)^(postgres(?:ql)?://[^:@/]*):[^@/]*@")
