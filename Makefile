@@ -78,7 +78,8 @@ $(BROWSER_DIR)/node_modules/.installed: $(BROWSER_DIR)/package.json $(BROWSER_DI
 
 browser-deps: $(BROWSER_DIR)/node_modules/.installed
 
-# ARGS: extra options, e.g. ARGS='--set upstream.allowed_networks=127.0.0.1/32'
+# ARGS: extra options, e.g.
+#   ARGS='--set upstream.allowed_networks=127.0.0.1/32 --set upstream.allow_self=on'
 run: run-venv
 	$(RUN_VENV)/bin/twistd --pidfile= -n novnc --config $(CONFIG) $(ARGS)
 

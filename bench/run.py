@@ -405,8 +405,8 @@ class Bench:
             f"table = {self.sessions.table}\n"
             "port_column = vnc_port\n"
             f"notify_channel = {self.sessions.table}\n"
-            # Its targets are on loopback, which the default allowlist leaves out.
-            "[upstream]\nallowed_networks = 127.0.0.0/8\n", encoding="utf-8")
+            # Its targets are on loopback, this very host, which the defaults refuse.
+            "[upstream]\nallowed_networks = 127.0.0.0/8\nallow_self = on\n", encoding="utf-8")
         log = self.run_dir / f"{tag}-proxy.log"
         env = None
         if self.args.trace_malloc or self.args.gc_log:

@@ -703,8 +703,9 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("database", "pool_size"): st.integers(1, 64),
     ("database", "embedded_dir"): one_line.filter(bool),
     ("upstream", "allowed_networks"): st.sampled_from(
-        ["10.0.0.0/8", "127.0.0.1/32 fc00::/7", "0.0.0.0/0 ::/0"]
+        ["10.0.0.0/8", "192.168.0.0/16 fc00::/7", "0.0.0.0/0 ::/0"]
     ).map(parse_networks),
+    ("upstream", "allow_self"): st.booleans(),
     ("upstream", "allowed_ports"): st.sampled_from(["1-65535", "5900-5999 6080"]).map(parse_ports),
     ("upstream", "mode"): st.sampled_from(["tcp", "websocket"]),
     ("upstream", "port"): st.integers(0, 65535),
@@ -804,3 +805,18 @@ def test_ini_like_text_parses_or_raises_config_error(lines: list[str]) -> None:
         parse_config("\n".join(lines))
     except ConfigError as e:
         assert "\n" not in str(e)
+
+
+def test_loopback_network_needs_allow_self() -> None:
+    """allowed_networks holding loopback without allow_self = on is an error naming the key and
+    the way out; with allow_self = on it is accepted."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config("[upstream]\nallowed_networks = 10.0.0.0/8 127.0.0.1/32\n", "x.ini")
+    message = str(caught.value)
+    assert "x.ini" in message and "[upstream]" in message and "allowed_networks" in message
+    assert "allow_self = on" in message
+    settings = parse_config(
+        "[upstream]\nallowed_networks = 127.0.0.0/8\nallow_self = on\n", "x.ini"
+    )
+    assert settings.upstream.allow_self is True
+    assert parse_config("").upstream.allow_self is False

@@ -525,6 +525,12 @@ class UpstreamSettings:
         DEFAULT_NETWORKS,
         "The networks a session's vm_ip may be in; any other is refused (4403), never reached.",
     )
+    allow_self: bool = _setting(
+        _SWITCH,
+        False,
+        "Whether a vm_ip may be one of the proxy host's own addresses (any interface's, or"
+        " loopback); off = refused with 4403 even inside allowed_networks.",
+    )
     allowed_ports: tuple[Any, ...] = _setting(
         Kind(parse_ports, format_ports, "ports and ranges (``5900-5999``) separated by whitespace"),
         ALL_PORTS,
@@ -798,6 +804,15 @@ def _check_together(settings: Settings, source: str) -> None:
         raise ConfigError(source, "auth", "secret_file", "required when mode = hmac")
     if auth.one_time and auth.mode != "column":
         raise ConfigError(source, "auth", "one_time", "only applies to mode = column")
+    upstream = settings.upstream
+    if not upstream.allow_self:
+        for network in upstream.allowed_networks:
+            if network.is_loopback:
+                raise ConfigError(
+                    source, "upstream", "allowed_networks",
+                    f"{network} is loopback, which is this host: every address in it would be"
+                    " refused; set [upstream] allow_self = on to reach the proxy's own host",
+                )
     novnc = settings.novnc
     if novnc.workers != 1:
         for description in novnc.listen:

@@ -84,9 +84,10 @@ def write_config(  # type: ignore[no-untyped-def]
 ) -> Path:
     """A config for the test's table; ``sections`` adds keys, e.g. {"upstream": {...}}."""
     sections = dict(sections or {})
-    # The tests' VNC servers live on loopback, which the default allowlist leaves out.
+    # The tests' VNC servers live on loopback, on this very host, which the defaults refuse.
     upstream = dict(sections.pop("upstream", {}))
     upstream.setdefault("allowed_networks", "127.0.0.0/8")
+    upstream.setdefault("allow_self", "on")
     sections["upstream"] = upstream
     options = {"listen": "tcp:0:interface=127.0.0.1", "readiness_timeout": 20, **novnc}
     lines = ["[novnc]"] + [f"{k} = {v}" for k, v in options.items()]

@@ -101,3 +101,44 @@ def test_world_readable_secret_stops_start_up(postgres_dsn, sessions_table, tmp_
     )
     assert result.returncode != 0
     assert f"{config}: [auth] secret_file:" in result.stderr, result.stderr
+
+
+def _own_addresses() -> list[str]:
+    """127.0.0.1 and every other IPv4 address of this host's interfaces."""
+    import ipaddress
+
+    from twisted_novnc.relay.hostaddresses import read_interface_addresses
+
+    others = sorted(
+        str(a) for a in read_interface_addresses()
+        if isinstance(a, ipaddress.IPv4Address) and not a.is_loopback
+    )
+    return ["127.0.0.1", *others]
+
+
+@pytest_twisted.inlineCallbacks
+def test_rows_never_reach_the_proxy_host_itself(daemon_factory, pg, sessions_table, vnc_server):
+    """allow_self = off: with allowed_networks = everything, a row naming loopback or any of the
+    host's interface addresses gets 4403 and no connection reaches the VNC server listening
+    there; the same row connects with allow_self = on."""
+    sids = {}
+    with pg.cursor() as cur:
+        for address in _own_addresses():
+            sids[address] = str(uuid.uuid4())
+            cur.execute(
+                f'INSERT INTO "{sessions_table.table}" (session_id, vm_ip, vnc_port, status)'
+                " VALUES (%s, %s, %s, 'running')",
+                (sids[address], address, vnc_server.port),
+            )
+    guarded = yield daemon_factory(
+        {"upstream": {"allowed_networks": "0.0.0.0/0 ::/0", "allow_self": "off"}}
+    )
+    for address, sid in sids.items():
+        client = yield connect(guarded.port, f"/websockify/{sid}")
+        assert (yield within(client.closed)) == (4403, "VM address not allowed"), address
+    assert not vnc_server.connections and not vnc_server.lost
+    allowed = yield daemon_factory({"upstream": {"allowed_networks": "127.0.0.0/8"}})
+    client = yield connect(allowed.port, f"/websockify/{sids['127.0.0.1']}")
+    yield within(client.when_received(len(RFB_BANNER)))
+    client.sendClose(1000)
+    yield within(client.closed)

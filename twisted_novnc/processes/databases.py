@@ -50,7 +50,8 @@ class EmbeddedSchemaService(Service):
             "embedded database ready; add a session (its VM at 10.0.0.5:{port}) with:\n"
             "  {command}\nthen open ws://<listen address>{path}.  A VNC server on this host"
             " is on loopback, outside the default [upstream] allowed_networks: start with"
-            " --set upstream.allowed_networks=127.0.0.1/32 (make run ARGS=...) to reach it.",
+            " --set upstream.allowed_networks=127.0.0.1/32 --set upstream.allow_self=on"
+            " (make run ARGS=...) to reach it.",
             port=self.settings.novnc.target_port,
             path=self.settings.novnc.path.replace("{session_id}", "<session_id>"),
             command=self.embedded.embedded.psql_command(

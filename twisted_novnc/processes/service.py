@@ -36,6 +36,7 @@ from twisted_novnc.processes.sharedports import AdoptingReactor, ListeningReacto
 from twisted_novnc.processes.startup import ProcessSetupService, StartupDoneService
 from twisted_novnc.processes.supervisor import SequentialMultiService, Supervisor
 from twisted_novnc.reactors import IDaemonReactor
+from twisted_novnc.relay.hostaddresses import HostAddresses
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import tls_trust, upstream_connector
 
@@ -130,7 +131,11 @@ def _proxy(
     )
 
     metrics = Metrics()
-    targets = TargetPolicy(settings.upstream.allowed_networks, settings.upstream.allowed_ports)
+    upstream = settings.upstream
+    targets = TargetPolicy(
+        upstream.allowed_networks, upstream.allowed_ports,
+        host=None if upstream.allow_self else HostAddresses(reactor),
+    )
     factory = NoVNCServerFactory(
         settings.novnc, gate, connect, reactor, metrics, settings.auth, secret, targets,
         web_root=settings.web.root, tokens=store, fast_path=fast,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from collections.abc import Container
 
 import attrs
 
@@ -98,10 +99,15 @@ def format_ports(ports: tuple[PortRange, ...]) -> str:
 
 @attrs.frozen
 class TargetPolicy:
-    """The networks and ports the proxy may connect to; the default refuses loopback."""
+    """The networks and ports the proxy may connect to; the default refuses loopback.
+
+    ``host`` holds the proxy host's own addresses (:class:`HostAddresses`), refused whatever the
+    networks say; None (``allow_self = on``) lets a row reach the host itself.
+    """
 
     networks: tuple[Network, ...] = DEFAULT_NETWORKS
     ports: tuple[PortRange, ...] = ALL_PORTS
+    host: Container[ipaddress.IPv4Address | ipaddress.IPv6Address] | None = None
 
     @classmethod
     def from_config(
@@ -118,7 +124,7 @@ class TargetPolicy:
 
         An IPv4-mapped IPv6 address is judged as its IPv4 address, since that is where the
         connection goes; the unspecified address (``0.0.0.0``, ``::``) reaches the proxy host
-        itself, so it is refused whatever the networks say.
+        itself, so it is refused whatever the networks say, and so is every address in ``host``.
         """
         if isinstance(port, bool) or not isinstance(port, int):
             return False
@@ -134,7 +140,9 @@ class TargetPolicy:
             address = address.ipv4_mapped
         if address.is_unspecified:
             return False
-        return any(address in network for network in self.networks)
+        if not any(address in network for network in self.networks):
+            return False
+        return self.host is None or address not in self.host
 
     def check(self, ip: str, port: int) -> None:
         """Return if the proxy may connect to ``ip:port``; raise ``Refused(FORBIDDEN)`` if not."""
