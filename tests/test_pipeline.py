@@ -6,7 +6,7 @@ in-memory sessions), and the Deferreds asserted at once with successResultOf/fai
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -18,6 +18,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_novnc.config import AuthSettings, NovncSettings
+from twisted_novnc.database.ids import normalise_id
 from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.front.auth import mint_token, token_digest
@@ -41,30 +42,61 @@ no_result = _case.assertNoResult
 
 @attrs.define
 class FakeGate:
-    """Readiness the test fires by hand: one Deferred per ``when_ready``, cancellable."""
+    """Readiness the test fires by hand: one Deferred per ``when_ready``, cancellable; ids
+    canonical as for a ``uuid`` column; ``row`` shows a row to the waiters' checks."""
 
     pending: dict[str, list[Deferred[Target]]] = attrs.field(factory=dict)
     cancelled: list[str] = attrs.field(factory=list)
+    checks: dict[int, Callable[[SessionRow], None]] = attrs.field(factory=dict)
 
     @property
     def waiting(self) -> int:
         return sum(len(ds) for ds in self.pending.values())
 
-    def when_ready(self, session_id: str) -> Deferred[Target]:
+    def session_key(self, session_id: str) -> str | None:
+        return normalise_id(session_id, "uuid")
+
+    def when_ready(
+        self, session_id: str, on_row: Callable[[SessionRow], None] | None = None
+    ) -> Deferred[Target]:
+        key = self.session_key(session_id) or session_id
+
         def cancel(d: Deferred[Target]) -> None:
-            self.pending[session_id].remove(d)
-            self.cancelled.append(session_id)
+            self.pending[key].remove(d)
+            self.checks.pop(id(d), None)
+            self.cancelled.append(key)
 
         d: Deferred[Target] = Deferred(cancel)
-        self.pending.setdefault(session_id, []).append(d)
+        self.pending.setdefault(key, []).append(d)
+        if on_row is not None:
+            self.checks[id(d)] = on_row
         return d
 
+    def row(self, row: SessionRow) -> None:
+        """A read found this row: each waiter's check sees it; one that raises fails."""
+        for d in list(self.pending.get(row.session_id, [])):
+            check = self.checks.get(id(d))
+            if check is None:
+                continue
+            try:
+                check(row)
+            except Exception as e:
+                self.pending[row.session_id].remove(d)
+                del self.checks[id(d)]
+                d.errback(e)
+        if not self.pending.get(row.session_id, True):
+            del self.pending[row.session_id]
+
     def ready(self, target: Target = TARGET) -> None:
+        self.row(SessionRow(target.session_id, target.host, target.port,
+                            token_digest=target.token_digest))
         for d in self.pending.pop(target.session_id, []):
+            self.checks.pop(id(d), None)
             d.callback(target)
 
     def refuse(self, session_id: str, refusal: Refusal) -> None:
         for d in self.pending.pop(session_id, []):
+            self.checks.pop(id(d), None)
             d.errback(Refused(refusal, "test"))
 
 
@@ -242,14 +274,15 @@ def test_refused_before_counting_or_waiting(fields, novnc, refusal, logged):
     assert line["event"] == "refused" and line["code"] == refusal.close_code
 
 
-def test_a_refused_connection_is_counted_until_it_leaves():
-    """Over max_per_session: 4429; the refused connection is still open (its close
-    handshake runs), so it stays counted until it leaves."""
+def test_a_refused_connection_gives_its_session_back_at_once():
+    """Over max_per_session: 4429; the refused connection's session count is given back at the
+    refusal, though its socket is still open (its close handshake runs); its address count
+    lasts until it leaves."""
     w = world(max_per_session=1)
     first = w.request()
     over = w.request(peer="192.0.2.8")
     assert refusal_of(over) is Refusal.TOO_MANY
-    assert w.counts[:2] == ({"192.0.2.7": 1, "192.0.2.8": 1}, {SID: 2})
+    assert w.counts[:2] == ({"192.0.2.7": 1, "192.0.2.8": 1}, {SID: 1})
     over.leave()
     assert w.counts[:2] == ({"192.0.2.7": 1}, {SID: 1})
     first.leave()
@@ -378,8 +411,8 @@ def test_connect_failures_are_4502_and_unexpected_errors_are_logged(logged):
 
 
 def test_order_of_the_checks():
-    """Path before subprotocol before Origin before limits before the token: the first check
-    that fails names the refusal."""
+    """Path before subprotocol before Origin before the token before the session's limit: the
+    first check that fails names the refusal."""
     w = world(
         AuthSettings(mode="hmac", secret_file="x"),
         allowed_origins=OriginPolicy.from_text("https://a.example.com"), max_per_session=1,
@@ -391,7 +424,8 @@ def test_order_of_the_checks():
     good = "token=" + mint_token(SECRET, SID, 5000)
     w.request(query=good, origin="https://a.example.com")
     over = w.request(origin="https://a.example.com")  # over the limit and without a token
-    assert refusal_of(over) is Refusal.TOO_MANY
+    assert refusal_of(over) is Refusal.TOKEN_REQUIRED
+    assert refusal_of(w.request(query=good, origin="https://a.example.com")) is Refusal.TOO_MANY
 
 
 # -- the deadline ----------------------------------------------------------------------------------
@@ -418,7 +452,7 @@ def test_deadline_with_the_real_gate(row, refusal):
     no_result(attempt.result)
     clock.advance(0.1)
     assert refusal_of(attempt) is refusal
-    assert w.counts == ({"192.0.2.7": 1}, {SID: 1}, {})
+    assert w.counts == ({"192.0.2.7": 1}, {}, {})
     attempt.leave()
     assert w.counts == NOTHING
 
