@@ -564,3 +564,173 @@ def test_fail_helper_is_the_connectors_failure():
     attempt = w.request()
     w.gate.ready()
     assert refusal_of(attempt) is Refusal.VM_UNREACHABLE
+
+
+# -- no slot without a valid token (issue 16) -----------------------------------------------
+
+BAD_HMAC = [
+    ("missing", ""),
+    ("expired", "token=" + mint_token(SECRET, SID, 999)),
+    ("forged", "token=" + mint_token(b"another-secret-of-16+", SID, 5000)),
+    ("other-session", "token=" + mint_token(SECRET, OTHER, 5000)),
+    ("too-far-ahead", "token=" + mint_token(SECRET, SID, 1000 + 86400 + 1)),
+]
+
+
+@pytest.mark.parametrize("query", [c[1] for c in BAD_HMAC], ids=[c[0] for c in BAD_HMAC])
+def test_a_bad_hmac_token_never_counts_under_the_session_or_as_waiting(query):
+    """mode = hmac: a refused token takes no per-session and no waiting count, even while its
+    connection lingers (leave not called); only its address is counted, until it leaves."""
+    w = world(AuthSettings(mode="hmac", secret_file="x"), max_per_session=1)
+    attempt = w.request(query=query)
+    refusal_of(attempt)
+    assert w.counts == ({"192.0.2.7": 1}, {}, {}) and w.gate.waiting == 0
+    attempt.leave()
+    assert w.counts == NOTHING
+
+
+def test_hmac_squatters_do_not_lock_the_owner_out():
+    """max_per_session = 1: any number of bad-token clients that never leave; the owner's
+    valid token is still counted and waits, then a second valid one is 4429."""
+    w = world(AuthSettings(mode="hmac", secret_file="x"), max_per_session=1)
+    for i, (_, query) in enumerate(BAD_HMAC * 3):
+        refusal_of(w.request(query=query, peer=f"198.51.100.{i}"))
+    good = "token=" + mint_token(SECRET, SID, 5000)
+    owner = w.request(query=good)
+    no_result(owner.result)
+    assert w.counts[1:] == ({SID: 1}, {"192.0.2.7": 1})
+    assert refusal_of(w.request(query=good, peer="192.0.2.8")) is Refusal.TOO_MANY
+    assert w.counts[1] == {SID: 1}
+
+
+def test_the_token_age_limit_is_the_configured_one():
+    """[auth] max_token_age: a token expiring further ahead than now + max_token_age is 4403;
+    one within it waits."""
+    w = world(AuthSettings(mode="hmac", secret_file="x", max_token_age=60))
+    assert refusal_of(w.request(query="token=" + mint_token(SECRET, SID, 1061))) is (
+        Refusal.FORBIDDEN
+    )
+    no_result(w.request(query="token=" + mint_token(SECRET, SID, 1060)).result)
+
+
+def test_spellings_of_one_uuid_count_as_one_session():
+    """max_per_session counts the canonical id: upper case, braces and no dashes are the
+    session the lower-case id names."""
+    w = world(max_per_session=2)
+    w.request(f"/websockify/{SID.upper()}")
+    w.request(f"/websockify/{SID.replace('-', '')}", peer="192.0.2.8")
+    assert w.counts[1] == {SID: 2}
+    over = w.request(f"/websockify/{SID.upper().replace('-', '')}", peer="192.0.2.9")
+    assert refusal_of(over) is Refusal.TOO_MANY
+    assert w.counts[1] == {SID: 2}
+
+
+def test_the_hmac_is_over_the_id_as_spelled_but_counted_canonically():
+    """A token minted over the upper-case spelling opens that spelling (and is counted under
+    the canonical id); the same token for the lower-case spelling is forged."""
+    w = world(AuthSettings(mode="hmac", secret_file="x"))
+    token = "token=" + mint_token(SECRET, SID.upper(), 5000)
+    no_result(w.request(f"/websockify/{SID.upper()}", token).result)
+    assert w.counts[1] == {SID: 1}
+    assert refusal_of(w.request(query=token)) is Refusal.FORBIDDEN
+    assert w.counts[1] == {SID: 1}
+
+
+def column_world(one_time: bool = False, **novnc: Any) -> tuple[World, MemorySessionSource]:
+    """A pipeline in column mode over the real gate and in-memory rows of a uuid column."""
+    clock = Clock()
+    source = MemorySessionSource(id_type="uuid")
+    gate = ReadinessGate(source, clock, 30, frozenset({"ended"}), 5900)
+    auth = AuthSettings(mode="column", token_column="token_sha256", one_time=one_time)
+    w = World(clock=clock, gate=gate, tokens=source, auth=auth,
+              settings=NovncSettings(readiness_timeout=30, **novnc))
+    return w, source
+
+
+def test_column_token_is_checked_when_the_row_exists_before_it_is_ready():
+    """mode = column: the row exists without vm_ip: a wrong token is 4403 at the first read,
+    having never counted under the session; the right one is counted and waits, and connects
+    once vm_ip is committed."""
+    w, source = column_world(max_per_session=1)
+    source.rows[SID] = SessionRow(SID, None, token_digest=token_digest("right"))
+    wrong = w.request(query="token=wrong", peer="198.51.100.1")
+    assert w.counts[1:] == ({}, {"198.51.100.1": 1})
+    w.clock.advance(0)
+    assert refusal_of(wrong) is Refusal.FORBIDDEN
+    assert w.counts == ({"198.51.100.1": 1}, {}, {})
+    owner = w.request(query="token=right")
+    w.clock.advance(0)
+    assert w.counts[1:] == ({SID: 1}, {"192.0.2.7": 1})
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", 5900, token_digest=token_digest("right"))
+    w.gate.notified(SID)
+    w.clock.advance(0)
+    w.connect.attempts[0].callback(FakeUpstream())
+    assert succeeded(owner.result).target.host == "10.0.0.5"
+    assert w.counts[1] == {SID: 1}
+
+
+def test_column_waiters_before_the_row_exists_are_not_counted_under_the_session():
+    """While the row is absent nobody's token can be judged: every client waits, counted only
+    as waiting; when the row appears the wrong tokens are 4403 and the owner is counted."""
+    w, source = column_world(max_per_session=1, max_waiting_per_ip=10)
+    squatters = [w.request(query=f"token=guess{i}", peer="198.51.100.1") for i in range(5)]
+    owner = w.request(query="token=right")
+    w.clock.advance(0)
+    assert w.counts[1:] == ({}, {"198.51.100.1": 5, "192.0.2.7": 1})
+    source.rows[SID] = SessionRow(SID, None, token_digest=token_digest("right"))
+    w.gate.notified(SID)
+    w.clock.advance(0)
+    assert all(refusal_of(a) is Refusal.FORBIDDEN for a in squatters)
+    assert w.counts == ({"198.51.100.1": 5, "192.0.2.7": 1}, {SID: 1}, {"192.0.2.7": 1})
+    no_result(owner.result)
+    for a in squatters:
+        a.leave()
+    assert w.counts[0] == {"192.0.2.7": 1}
+
+
+def test_column_row_without_a_digest_yet_keeps_waiting():
+    """A row that exists but has no digest yet cannot judge the token: the client keeps waiting
+    uncounted under the session; the digest, once written, judges it."""
+    w, source = column_world()
+    source.rows[SID] = SessionRow(SID, None)
+    attempt = w.request(query="token=right")
+    w.clock.advance(0)
+    no_result(attempt.result)
+    assert w.counts[1] == {}
+    source.rows[SID] = SessionRow(SID, None, token_digest=token_digest("right"))
+    w.gate.notified(SID)
+    w.clock.advance(0)
+    assert w.counts[1] == {SID: 1}
+
+
+def test_column_one_time_replay_is_still_4403_after_the_early_check():
+    """one_time = on with the early check: the owner's token is spent by the UPDATE at
+    readiness; a replay waiting on the same row gets 4403 token already used."""
+    w, source = column_world(one_time=True)
+    digest = token_digest("once")
+    source.rows[SID] = SessionRow(SID, None, token_digest=digest)
+    first, replay = w.request(query="token=once"), w.request(query="token=once")
+    w.clock.advance(0)
+    assert w.counts[1] == {SID: 2}
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", 5900, token_digest=digest)
+    w.gate.notified(SID)
+    w.clock.advance(0)
+    assert len(w.connect.calls) == 1 and source.rows[SID].token_digest is None
+    assert refusal_of(replay) is Refusal.TOKEN_USED
+    assert w.counts[1] == {SID: 1}
+    no_result(first.result)
+    later = w.request(query="token=once")
+    w.clock.advance(0)
+    assert refusal_of(later) is Refusal.TOKEN_USED
+
+
+def test_column_session_limit_is_decided_by_the_verified():
+    """max_per_session in column mode counts only clients whose token matched: a second
+    matching client is 4429 when the row is read."""
+    w, source = column_world(max_per_session=1)
+    source.rows[SID] = SessionRow(SID, None, token_digest=token_digest("right"))
+    w.request(query="token=right")
+    second = w.request(query="token=right", peer="192.0.2.8")
+    w.clock.advance(0)
+    assert refusal_of(second) is Refusal.TOO_MANY
+    assert w.counts[1] == {SID: 1} and w.counts[2] == {"192.0.2.7": 1}

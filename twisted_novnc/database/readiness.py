@@ -80,7 +80,9 @@ class ReadinessGate:
     ended_statuses: Collection[str]
     default_port: int
     query_timeout: float = 5.0
-    _waiters: dict[str, set[_Waiter]] = attrs.field(factory=dict)
+    #: Each session's waiters in arrival order (a dict as an ordered set): the first to come
+    #: is the first judged, so the earliest verified clients get the session's slots.
+    _waiters: dict[str, dict[_Waiter, None]] = attrs.field(factory=dict)
     _watches: dict[str, set[Watch]] = attrs.field(factory=dict)
     _seen: dict[str, _Seen] = attrs.field(factory=dict)
     _pending: set[str] = attrs.field(factory=set)
@@ -117,7 +119,7 @@ class ReadinessGate:
         waiter = _Waiter(key, Deferred(functools.partial(self._cancelled, key)), on_row=on_row)
         self._waiting += 1
         waiter.timer = self.clock.callLater(self.timeout, self._deadline, waiter)
-        self._waiters.setdefault(key, set()).add(waiter)
+        self._waiters.setdefault(key, {})[waiter] = None
         self._seen.setdefault(key, _Seen.NOTHING)
         self._schedule_read([key])
         return waiter.deferred
@@ -356,7 +358,7 @@ class ReadinessGate:
         waiter.timer = None
         waiters = self._waiters.get(waiter.session_id)
         if waiters is not None and waiter in waiters:
-            waiters.discard(waiter)
+            del waiters[waiter]
             self._waiting -= 1
             if not waiters:
                 del self._waiters[waiter.session_id]
