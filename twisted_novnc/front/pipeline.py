@@ -178,8 +178,9 @@ class Attempt:
     """One request on its way: the steps in order, and what it holds while it goes.
 
     ``result`` fires with :class:`Connected`, or fails with :class:`Refused` (already logged),
-    or with ``CancelledError`` once the browser has left.  The counters it took are given back
-    by :meth:`leave`, which the protocol calls once, when the browser's connection is gone.
+    or with ``CancelledError`` once the browser has left.  A refusal gives back the session
+    and waiting counts at once; the address count is given back by :meth:`leave`, which the
+    protocol calls once, when the browser's connection is gone.
     """
 
     pipeline: Pipeline
