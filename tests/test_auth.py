@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from twisted_novnc.__main__ import main
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.front.auth import (
+    DEFAULT_MAX_TOKEN_AGE,
     MAX_EXPIRES_AT,
     MAX_TOKEN_LENGTH,
     SecretFileError,
@@ -50,6 +51,24 @@ def test_token_opens_its_session_until_it_expires():
     """A minted token verifies for its session at any time before its expiry."""
     token = mint_token(SECRET, SESSION, 2_000_000_000)
     verify_token(SECRET, SESSION, token, now=1_999_999_999.9)
+
+
+def test_token_expiring_beyond_max_age_is_forbidden():
+    """A genuine token whose expiry lies more than max_age ahead of now is 4403 (it breaks the
+    policy; minting the same again cannot help); at exactly max_age ahead it opens."""
+    token = mint_token(SECRET, SESSION, 2_000_086_400)
+    verify_token(SECRET, SESSION, token, now=2_000_000_000, max_age=86400)
+    with pytest.raises(TokenForbidden, match="max_token_age") as e:
+        verify_token(SECRET, SESSION, token, now=1_999_999_999, max_age=86400)
+    assert e.value.refusal is Refusal.FORBIDDEN
+    verify_token(SECRET, SESSION, token, now=0)  # no max_age: no bound
+
+
+def test_forged_token_is_forbidden_whatever_its_age():
+    """The MAC is checked before the age: a forged far-future token is plain 4403 forbidden."""
+    token = mint_token(b"another-secret-of-16+", SESSION, MAX_EXPIRES_AT)
+    with pytest.raises(TokenForbidden, match="does not match"):
+        verify_token(SECRET, SESSION, token, now=0, max_age=60)
 
 
 def test_token_is_url_safe_and_short():
@@ -497,3 +516,30 @@ def test_mint_token_command_errors(tmp_path, capsys):
         assert captured.err.startswith("twisted_novnc: mint-token:")
         assert captured.err.count("\n") == 1
 
+
+
+def test_mint_token_ttl_beyond_the_configs_max_token_age_is_refused(tmp_path, capsys):
+    """``mint-token --config``: a --ttl beyond that config's [auth] max_token_age exits 2 (the
+    daemon would refuse the token); within it, the token is printed."""
+    path = write_secret(tmp_path / "secret", SECRET)
+    config = tmp_path / "novnc.ini"
+    config.write_text("[auth]\nmax_token_age = 600\n")
+    base = ["mint-token", "--secret-file", path, "--session", "abc", "--config", str(config)]
+    assert main([*base, "--ttl", "601"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "max_token_age" in captured.err
+    assert main([*base, "--ttl", "600"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_mint_token_ttl_beyond_the_default_max_token_age_warns(tmp_path, capsys):
+    """Without a config, a --ttl beyond the default max_token_age still prints the token, with
+    a one-line warning on stderr; one within it prints no warning."""
+    path = write_secret(tmp_path / "secret", SECRET)
+    base = ["--secret-file", path, "--session", "abc", "--ttl"]
+    assert mint_token_command([*base, str(DEFAULT_MAX_TOKEN_AGE + 1)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and captured.err.count("\n") == 1
+    assert "warning" in captured.err and "max_token_age" in captured.err
+    assert mint_token_command([*base, str(DEFAULT_MAX_TOKEN_AGE)]) == 0
+    assert capsys.readouterr().err == ""

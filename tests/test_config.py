@@ -717,6 +717,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("auth", "one_time"): st.just(False),
     ("auth", "cookie"): st.sampled_from(["", "novnc_token"]),
     ("auth", "secret_file"): st.sampled_from(["", "/etc/novnc/secret"]),
+    ("auth", "max_token_age"): st.floats(0.001, 1e9),
     ("web", "root"): st.sampled_from(["", "/usr/share/novnc"]),
     ("admin", "listen"): st.one_of(
         st.just(()), st.lists(endpoint, min_size=1, max_size=2, unique=True).map(tuple)

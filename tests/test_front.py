@@ -24,7 +24,7 @@ from twisted_novnc.config import AuthSettings, NovncSettings
 from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.front.auth import mint_token, token_digest
 from twisted_novnc.front.origins import OriginPolicy
-from twisted_novnc.front.protocol import ABORT_GRACE, NoVNCServerFactory
+from twisted_novnc.front.protocol import ABORT_GRACE, REFUSAL_CLOSE_TIMEOUT, NoVNCServerFactory
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import connect_tcp
 from twisted_novnc.session import SessionRow
@@ -590,7 +590,7 @@ def test_not_ready_at_the_deadline_is_4504_after_the_handshake(fast_path):
 
 def test_reject_http_answers_with_the_status(fast_path):
     """reject = http: the refusal is the HTTP status, and the outcome says so."""
-    with Wired(fast_path, reject="http") as w:
+    with _refusing(fast_path, reject="http") as w:
         w.send(HANDSHAKE.replace(b"/websockify/", b"/nope/"))
         assert w.transport.value().startswith(b"HTTP/1.1 400 bad path\r\n")
         w.leave()
@@ -685,6 +685,55 @@ def test_protocol_error_flushes_then_aborts_a_peer_that_takes_nothing(fast_path)
         assert w.transport.disconnecting and aborted == []
         w.clock.advance(ABORT_GRACE)
         assert aborted == [True]
+
+
+class _TCPLikeTransport(StringTransport):
+    """A StringTransport that, like TCP's, lets a protocol unregister no producer."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+def _refusing(fast_path: bool, row: SessionRow | None = None, **novnc: object) -> Wired:
+    w = Wired(fast_path, row, **novnc)
+    w.transport = _TCPLikeTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    return w
+
+
+def test_a_refused_client_that_never_answers_the_close_is_dropped(fast_path):
+    """A refusal (here 4429 over max_per_session) gives the session's count back at once; a
+    client that does not answer its close frame within REFUSAL_CLOSE_TIMEOUT has its socket
+    closed, and aborted ABORT_GRACE later if it takes nothing; only then is its address
+    count given back."""
+    with _refusing(fast_path, SessionRow(SID, None), max_per_session=1) as w:
+        first = w.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6080))
+        first.makeConnection(_TCPLikeTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 1)))
+        first.dataReceived(HANDSHAKE)
+        w.send(HANDSHAKE)
+        assert w.close_code() == (4429, "too many connections")
+        limits = w.factory.limits
+        assert limits.per_session == {SID: 1} and limits.per_ip["192.0.2.7"] == 1
+        aborted = []
+        w.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        w.clock.advance(REFUSAL_CLOSE_TIMEOUT - 0.1)
+        assert not w.transport.disconnecting
+        w.clock.advance(0.1)
+        assert w.transport.disconnecting and aborted == []
+        w.clock.advance(ABORT_GRACE)
+        assert aborted == [True]
+        w.leave()
+        assert limits.per_ip == {"192.0.2.9": 1} and limits.per_session == {SID: 1}
+        first.connectionLost(Failure(ConnectionDone()))
+
+
+def test_a_refused_client_that_answers_the_close_is_not_dropped_later(fast_path):
+    """A refused client that completes the close handshake leaves no timer behind."""
+    with _refusing(fast_path) as w:
+        w.send(HANDSHAKE.replace(b"/websockify/", b"/nope/"))
+        assert w.close_code() == (4400, "bad path")
+        w.send(client_frame(b"\x03\xe8", opcode=8))
+        w.leave()
+        assert w.clock.getDelayedCalls() == []
 
 
 def test_drain_fires_when_the_last_connection_goes(fast_path):

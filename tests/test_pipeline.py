@@ -6,7 +6,7 @@ in-memory sessions), and the Deferreds asserted at once with successResultOf/fai
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -18,6 +18,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_novnc.config import AuthSettings, NovncSettings
+from twisted_novnc.database.ids import normalise_id
 from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.front.auth import mint_token, token_digest
@@ -41,30 +42,61 @@ no_result = _case.assertNoResult
 
 @attrs.define
 class FakeGate:
-    """Readiness the test fires by hand: one Deferred per ``when_ready``, cancellable."""
+    """Readiness the test fires by hand: one Deferred per ``when_ready``, cancellable; ids
+    canonical as for a ``uuid`` column; ``row`` shows a row to the waiters' checks."""
 
     pending: dict[str, list[Deferred[Target]]] = attrs.field(factory=dict)
     cancelled: list[str] = attrs.field(factory=list)
+    checks: dict[int, Callable[[SessionRow], None]] = attrs.field(factory=dict)
 
     @property
     def waiting(self) -> int:
         return sum(len(ds) for ds in self.pending.values())
 
-    def when_ready(self, session_id: str) -> Deferred[Target]:
+    def session_key(self, session_id: str) -> str | None:
+        return normalise_id(session_id, "uuid")
+
+    def when_ready(
+        self, session_id: str, on_row: Callable[[SessionRow], None] | None = None
+    ) -> Deferred[Target]:
+        key = self.session_key(session_id) or session_id
+
         def cancel(d: Deferred[Target]) -> None:
-            self.pending[session_id].remove(d)
-            self.cancelled.append(session_id)
+            self.pending[key].remove(d)
+            self.checks.pop(id(d), None)
+            self.cancelled.append(key)
 
         d: Deferred[Target] = Deferred(cancel)
-        self.pending.setdefault(session_id, []).append(d)
+        self.pending.setdefault(key, []).append(d)
+        if on_row is not None:
+            self.checks[id(d)] = on_row
         return d
 
+    def row(self, row: SessionRow) -> None:
+        """A read found this row: each waiter's check sees it; one that raises fails."""
+        for d in list(self.pending.get(row.session_id, [])):
+            check = self.checks.get(id(d))
+            if check is None:
+                continue
+            try:
+                check(row)
+            except Exception as e:
+                self.pending[row.session_id].remove(d)
+                del self.checks[id(d)]
+                d.errback(e)
+        if not self.pending.get(row.session_id, True):
+            del self.pending[row.session_id]
+
     def ready(self, target: Target = TARGET) -> None:
+        self.row(SessionRow(target.session_id, target.host, target.port,
+                            token_digest=target.token_digest))
         for d in self.pending.pop(target.session_id, []):
+            self.checks.pop(id(d), None)
             d.callback(target)
 
     def refuse(self, session_id: str, refusal: Refusal) -> None:
         for d in self.pending.pop(session_id, []):
+            self.checks.pop(id(d), None)
             d.errback(Refused(refusal, "test"))
 
 
@@ -242,14 +274,15 @@ def test_refused_before_counting_or_waiting(fields, novnc, refusal, logged):
     assert line["event"] == "refused" and line["code"] == refusal.close_code
 
 
-def test_a_refused_connection_is_counted_until_it_leaves():
-    """Over max_per_session: 4429; the refused connection is still open (its close
-    handshake runs), so it stays counted until it leaves."""
+def test_a_refused_connection_gives_its_session_back_at_once():
+    """Over max_per_session: 4429; the refused connection's session count is given back at the
+    refusal, though its socket is still open (its close handshake runs); its address count
+    lasts until it leaves."""
     w = world(max_per_session=1)
     first = w.request()
     over = w.request(peer="192.0.2.8")
     assert refusal_of(over) is Refusal.TOO_MANY
-    assert w.counts[:2] == ({"192.0.2.7": 1, "192.0.2.8": 1}, {SID: 2})
+    assert w.counts[:2] == ({"192.0.2.7": 1, "192.0.2.8": 1}, {SID: 1})
     over.leave()
     assert w.counts[:2] == ({"192.0.2.7": 1}, {SID: 1})
     first.leave()
@@ -378,8 +411,8 @@ def test_connect_failures_are_4502_and_unexpected_errors_are_logged(logged):
 
 
 def test_order_of_the_checks():
-    """Path before subprotocol before Origin before limits before the token: the first check
-    that fails names the refusal."""
+    """Path before subprotocol before Origin before the token before the session's limit: the
+    first check that fails names the refusal."""
     w = world(
         AuthSettings(mode="hmac", secret_file="x"),
         allowed_origins=OriginPolicy.from_text("https://a.example.com"), max_per_session=1,
@@ -391,7 +424,8 @@ def test_order_of_the_checks():
     good = "token=" + mint_token(SECRET, SID, 5000)
     w.request(query=good, origin="https://a.example.com")
     over = w.request(origin="https://a.example.com")  # over the limit and without a token
-    assert refusal_of(over) is Refusal.TOO_MANY
+    assert refusal_of(over) is Refusal.TOKEN_REQUIRED
+    assert refusal_of(w.request(query=good, origin="https://a.example.com")) is Refusal.TOO_MANY
 
 
 # -- the deadline ----------------------------------------------------------------------------------
@@ -418,7 +452,7 @@ def test_deadline_with_the_real_gate(row, refusal):
     no_result(attempt.result)
     clock.advance(0.1)
     assert refusal_of(attempt) is refusal
-    assert w.counts == ({"192.0.2.7": 1}, {SID: 1}, {})
+    assert w.counts == ({"192.0.2.7": 1}, {}, {})
     attempt.leave()
     assert w.counts == NOTHING
 
@@ -530,3 +564,173 @@ def test_fail_helper_is_the_connectors_failure():
     attempt = w.request()
     w.gate.ready()
     assert refusal_of(attempt) is Refusal.VM_UNREACHABLE
+
+
+# -- no slot without a valid token (issue 16) -----------------------------------------------
+
+BAD_HMAC = [
+    ("missing", ""),
+    ("expired", "token=" + mint_token(SECRET, SID, 999)),
+    ("forged", "token=" + mint_token(b"another-secret-of-16+", SID, 5000)),
+    ("other-session", "token=" + mint_token(SECRET, OTHER, 5000)),
+    ("too-far-ahead", "token=" + mint_token(SECRET, SID, 1000 + 86400 + 1)),
+]
+
+
+@pytest.mark.parametrize("query", [c[1] for c in BAD_HMAC], ids=[c[0] for c in BAD_HMAC])
+def test_a_bad_hmac_token_never_counts_under_the_session_or_as_waiting(query):
+    """mode = hmac: a refused token takes no per-session and no waiting count, even while its
+    connection lingers (leave not called); only its address is counted, until it leaves."""
+    w = world(AuthSettings(mode="hmac", secret_file="x"), max_per_session=1)
+    attempt = w.request(query=query)
+    refusal_of(attempt)
+    assert w.counts == ({"192.0.2.7": 1}, {}, {}) and w.gate.waiting == 0
+    attempt.leave()
+    assert w.counts == NOTHING
+
+
+def test_hmac_squatters_do_not_lock_the_owner_out():
+    """max_per_session = 1: any number of bad-token clients that never leave; the owner's
+    valid token is still counted and waits, then a second valid one is 4429."""
+    w = world(AuthSettings(mode="hmac", secret_file="x"), max_per_session=1)
+    for i, (_, query) in enumerate(BAD_HMAC * 3):
+        refusal_of(w.request(query=query, peer=f"198.51.100.{i}"))
+    good = "token=" + mint_token(SECRET, SID, 5000)
+    owner = w.request(query=good)
+    no_result(owner.result)
+    assert w.counts[1:] == ({SID: 1}, {"192.0.2.7": 1})
+    assert refusal_of(w.request(query=good, peer="192.0.2.8")) is Refusal.TOO_MANY
+    assert w.counts[1] == {SID: 1}
+
+
+def test_the_token_age_limit_is_the_configured_one():
+    """[auth] max_token_age: a token expiring further ahead than now + max_token_age is 4403;
+    one within it waits."""
+    w = world(AuthSettings(mode="hmac", secret_file="x", max_token_age=60))
+    assert refusal_of(w.request(query="token=" + mint_token(SECRET, SID, 1061))) is (
+        Refusal.FORBIDDEN
+    )
+    no_result(w.request(query="token=" + mint_token(SECRET, SID, 1060)).result)
+
+
+def test_spellings_of_one_uuid_count_as_one_session():
+    """max_per_session counts the canonical id: upper case, braces and no dashes are the
+    session the lower-case id names."""
+    w = world(max_per_session=2)
+    w.request(f"/websockify/{SID.upper()}")
+    w.request(f"/websockify/{SID.replace('-', '')}", peer="192.0.2.8")
+    assert w.counts[1] == {SID: 2}
+    over = w.request(f"/websockify/{SID.upper().replace('-', '')}", peer="192.0.2.9")
+    assert refusal_of(over) is Refusal.TOO_MANY
+    assert w.counts[1] == {SID: 2}
+
+
+def test_the_hmac_is_over_the_id_as_spelled_but_counted_canonically():
+    """A token minted over the upper-case spelling opens that spelling (and is counted under
+    the canonical id); the same token for the lower-case spelling is forged."""
+    w = world(AuthSettings(mode="hmac", secret_file="x"))
+    token = "token=" + mint_token(SECRET, SID.upper(), 5000)
+    no_result(w.request(f"/websockify/{SID.upper()}", token).result)
+    assert w.counts[1] == {SID: 1}
+    assert refusal_of(w.request(query=token)) is Refusal.FORBIDDEN
+    assert w.counts[1] == {SID: 1}
+
+
+def column_world(one_time: bool = False, **novnc: Any) -> tuple[World, MemorySessionSource]:
+    """A pipeline in column mode over the real gate and in-memory rows of a uuid column."""
+    clock = Clock()
+    source = MemorySessionSource(id_type="uuid")
+    gate = ReadinessGate(source, clock, 30, frozenset({"ended"}), 5900)
+    auth = AuthSettings(mode="column", token_column="token_sha256", one_time=one_time)
+    w = World(clock=clock, gate=gate, tokens=source, auth=auth,
+              settings=NovncSettings(readiness_timeout=30, **novnc))
+    return w, source
+
+
+def test_column_token_is_checked_when_the_row_exists_before_it_is_ready():
+    """mode = column: the row exists without vm_ip: a wrong token is 4403 at the first read,
+    having never counted under the session; the right one is counted and waits, and connects
+    once vm_ip is committed."""
+    w, source = column_world(max_per_session=1)
+    source.rows[SID] = SessionRow(SID, None, token_digest=token_digest("right"))
+    wrong = w.request(query="token=wrong", peer="198.51.100.1")
+    assert w.counts[1:] == ({}, {"198.51.100.1": 1})
+    w.clock.advance(0)
+    assert refusal_of(wrong) is Refusal.FORBIDDEN
+    assert w.counts == ({"198.51.100.1": 1}, {}, {})
+    owner = w.request(query="token=right")
+    w.clock.advance(0)
+    assert w.counts[1:] == ({SID: 1}, {"192.0.2.7": 1})
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", 5900, token_digest=token_digest("right"))
+    w.gate.notified(SID)
+    w.clock.advance(0)
+    w.connect.attempts[0].callback(FakeUpstream())
+    assert succeeded(owner.result).target.host == "10.0.0.5"
+    assert w.counts[1] == {SID: 1}
+
+
+def test_column_waiters_before_the_row_exists_are_not_counted_under_the_session():
+    """While the row is absent nobody's token can be judged: every client waits, counted only
+    as waiting; when the row appears the wrong tokens are 4403 and the owner is counted."""
+    w, source = column_world(max_per_session=1, max_waiting_per_ip=10)
+    squatters = [w.request(query=f"token=guess{i}", peer="198.51.100.1") for i in range(5)]
+    owner = w.request(query="token=right")
+    w.clock.advance(0)
+    assert w.counts[1:] == ({}, {"198.51.100.1": 5, "192.0.2.7": 1})
+    source.rows[SID] = SessionRow(SID, None, token_digest=token_digest("right"))
+    w.gate.notified(SID)
+    w.clock.advance(0)
+    assert all(refusal_of(a) is Refusal.FORBIDDEN for a in squatters)
+    assert w.counts == ({"198.51.100.1": 5, "192.0.2.7": 1}, {SID: 1}, {"192.0.2.7": 1})
+    no_result(owner.result)
+    for a in squatters:
+        a.leave()
+    assert w.counts[0] == {"192.0.2.7": 1}
+
+
+def test_column_row_without_a_digest_yet_keeps_waiting():
+    """A row that exists but has no digest yet cannot judge the token: the client keeps waiting
+    uncounted under the session; the digest, once written, judges it."""
+    w, source = column_world()
+    source.rows[SID] = SessionRow(SID, None)
+    attempt = w.request(query="token=right")
+    w.clock.advance(0)
+    no_result(attempt.result)
+    assert w.counts[1] == {}
+    source.rows[SID] = SessionRow(SID, None, token_digest=token_digest("right"))
+    w.gate.notified(SID)
+    w.clock.advance(0)
+    assert w.counts[1] == {SID: 1}
+
+
+def test_column_one_time_replay_is_still_4403_after_the_early_check():
+    """one_time = on with the early check: the owner's token is spent by the UPDATE at
+    readiness; a replay waiting on the same row gets 4403 token already used."""
+    w, source = column_world(one_time=True)
+    digest = token_digest("once")
+    source.rows[SID] = SessionRow(SID, None, token_digest=digest)
+    first, replay = w.request(query="token=once"), w.request(query="token=once")
+    w.clock.advance(0)
+    assert w.counts[1] == {SID: 2}
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", 5900, token_digest=digest)
+    w.gate.notified(SID)
+    w.clock.advance(0)
+    assert len(w.connect.calls) == 1 and source.rows[SID].token_digest is None
+    assert refusal_of(replay) is Refusal.TOKEN_USED
+    assert w.counts[1] == {SID: 1}
+    no_result(first.result)
+    later = w.request(query="token=once")
+    w.clock.advance(0)
+    assert refusal_of(later) is Refusal.TOKEN_USED
+
+
+def test_column_session_limit_is_decided_by_the_verified():
+    """max_per_session in column mode counts only clients whose token matched: a second
+    matching client is 4429 when the row is read."""
+    w, source = column_world(max_per_session=1)
+    source.rows[SID] = SessionRow(SID, None, token_digest=token_digest("right"))
+    w.request(query="token=right")
+    second = w.request(query="token=right", peer="192.0.2.8")
+    w.clock.advance(0)
+    assert refusal_of(second) is Refusal.TOO_MANY
+    assert w.counts[1] == {SID: 1} and w.counts[2] == {"192.0.2.7": 1}

@@ -418,3 +418,67 @@ def test_waiting_counts_exactly_the_held_browsers(steps):
         assert gate.waiting == sum(1 for d in held if not d.called)
     for d in held:
         d.addErrback(lambda f: None)
+
+
+# -- a waiter's look at the row before it is ready (column tokens, issue 16) -----------------------
+
+
+def test_on_row_sees_the_row_as_soon_as_it_exists_and_fails_that_waiter_alone():
+    """``on_row`` is shown a row without vm_ip; a waiter whose check raises fails with that
+    alone (no timer, no waiting count left), the others keep waiting and then fire."""
+    gate, source, clock = make_gate()
+    seen: list[SessionRow] = []
+
+    def refuse(row: SessionRow) -> None:
+        raise Refused(Refusal.FORBIDDEN, "wrong token")
+
+    bad = gate.when_ready(SID, refuse)
+    good = gate.when_ready(SID, seen.append)
+    plain = gate.when_ready(SID)
+    clock.advance(0)
+    assert not bad.called and seen == [], "no row yet: nothing to show"
+    source.rows[SID] = SessionRow(SID, None, token_digest="d")
+    gate.notified(SID)
+    clock.advance(0)
+    assert refusal_of(bad) is Refusal.FORBIDDEN
+    assert seen == [SessionRow(SID, None, token_digest="d")]
+    assert gate.waiting == 2 and not good.called and not plain.called
+    assert len(clock.getDelayedCalls()) == 2
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", token_digest="d")
+    gate.notified(SID)
+    clock.advance(0)
+    assert len(seen) == 2, "the ready row is shown too, before the waiter fires"
+    assert result_of(good).host == result_of(plain).host == "10.0.0.5"
+
+
+def test_on_row_failing_every_waiter_leaves_nothing_behind():
+    """When every waiter's check fails, nothing of the session stays tracked."""
+    gate, source, clock = make_gate()
+    source.rows[SID] = SessionRow(SID, None)
+
+    def refuse(row: SessionRow) -> None:
+        raise Refused(Refusal.FORBIDDEN, "no")
+
+    d = gate.when_ready(SID, refuse)
+    clock.advance(0)
+    assert refusal_of(d) is Refusal.FORBIDDEN
+    assert gate.waiting == 0 and gate._seen == {} and clock.getDelayedCalls() == []
+
+
+def test_on_row_is_asked_in_arrival_order():
+    """Waiters are judged in the order they came, so the earliest gets a limited slot."""
+    gate, source, clock = make_gate()
+    order: list[int] = []
+    for i in range(5):
+        gate.when_ready(SID, lambda row, i=i: order.append(i))
+    source.rows[SID] = SessionRow(SID, None)
+    clock.advance(0)
+    assert order == [0, 1, 2, 3, 4]
+
+
+def test_session_key_is_the_canonical_id():
+    """Every spelling of one UUID has one key; an id no row can have has none."""
+    gate, _, _ = make_gate(MemorySessionSource(id_type="uuid"))
+    spellings = [SID.upper(), "{" + SID + "}", SID.replace("-", ""), SID]
+    assert {gate.session_key(s) for s in spellings} == {SID}
+    assert gate.session_key("not-a-uuid") is None

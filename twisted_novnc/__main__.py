@@ -6,8 +6,9 @@
       print the schema SQL for the configured names
   check-config FILE
       validate a config file and print the effective settings, secrets masked
-  mint-token --secret-file FILE --session ID [--ttl SECONDS]
-      print a token that opens one session in [auth] mode = hmac
+  mint-token --secret-file FILE --session ID [--ttl SECONDS] [--config FILE]
+      print a token that opens one session in [auth] mode = hmac (a --ttl beyond the
+      config's [auth] max_token_age is refused)
   worker --index N
       (internal) one of the [novnc] workers processes, started by the daemon itself
 """
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         "mint-token", help="print a token that opens one session in [auth] mode = hmac"
     )
     add_mint_token_arguments(mint)
+    mint.add_argument(
+        "--config", help="the daemon's ini file: a --ttl beyond its [auth] max_token_age is refused"
+    )
     worker = commands.add_parser(
         "worker", help="(internal) one of the [novnc] workers, started by the daemon itself"
     )
@@ -55,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "mint-token":
-        return run_mint_token(args)
+        if args.config is None:
+            return run_mint_token(args)
+        try:
+            max_token_age = _settings(args.config).auth.max_token_age
+        except ConfigError as e:
+            print(f"twisted_novnc: configuration error: {e}", file=sys.stderr)
+            return 2
+        return run_mint_token(args, max_token_age=max_token_age)
     if args.command == "worker":
         from twisted_novnc.processes.worker import run_worker
 

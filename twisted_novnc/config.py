@@ -24,7 +24,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from twisted_novnc._compat.twisted import endpoint_port
-from twisted_novnc.front.auth import parse_cookie_name
+from twisted_novnc.front.auth import DEFAULT_MAX_TOKEN_AGE, parse_cookie_name
 from twisted_novnc.front.origins import OriginPolicy
 from twisted_novnc.relay.targets import (
     ALL_PORTS,
@@ -595,6 +595,12 @@ class AuthSettings:
         _OPTIONAL_FILE,
         "",
         "With mode = hmac: the file holding the HMAC key (at least 16 bytes, not world-readable).",
+    )
+    max_token_age: float = _setting(
+        _SECONDS,
+        float(DEFAULT_MAX_TOKEN_AGE),
+        "With mode = hmac: a token that expires more than this many seconds ahead is refused"
+        " (4403).",
     )
 
 

@@ -44,11 +44,17 @@ _DEADLINE_REFUSALS = {
 }
 
 
+#: Shown each row a read finds for a waiter's session (not ended, ready or not); raising
+#: fails that waiter alone.
+RowCheck = Callable[[SessionRow], None]
+
+
 @attrs.define(eq=False)
 class _Waiter:
     session_id: str
     deferred: Deferred[Target]
     timer: IDelayedCall | None = None
+    on_row: RowCheck | None = None
 
 
 @attrs.define(eq=False)
@@ -74,7 +80,9 @@ class ReadinessGate:
     ended_statuses: Collection[str]
     default_port: int
     query_timeout: float = 5.0
-    _waiters: dict[str, set[_Waiter]] = attrs.field(factory=dict)
+    #: Each session's waiters in arrival order (a dict as an ordered set): the first to come
+    #: is the first judged, so the earliest verified clients get the session's slots.
+    _waiters: dict[str, dict[_Waiter, None]] = attrs.field(factory=dict)
     _watches: dict[str, set[Watch]] = attrs.field(factory=dict)
     _seen: dict[str, _Seen] = attrs.field(factory=dict)
     _pending: set[str] = attrs.field(factory=set)
@@ -88,22 +96,30 @@ class ReadinessGate:
 
     # -- the public side -----------------------------------------------------------------
 
-    def when_ready(self, session_id: str) -> Deferred[Target]:
+    def session_key(self, session_id: str) -> str | None:
+        """The canonical id this gate waits on for a raw ``session_id`` (every spelling of one
+        UUID is one key), or None when no row can have it."""
+        return self.source.normalise_id(session_id)
+
+    def when_ready(self, session_id: str, on_row: RowCheck | None = None) -> Deferred[Target]:
         """Fire with the session's target once its committed row is ready.
 
         Fails with :class:`Refused`: ENDED at once for an ended session, and at the deadline
         NOT_FOUND, NOT_READY or DATABASE_UNAVAILABLE by what the last read saw.  Cancelling
         the Deferred (the browser left) removes the waiter and its timer.
+
+        ``on_row`` sees the row each time a read finds it, before it is ready (a column token
+        is checked as soon as the row exists): if it raises, this waiter fails with that.
         """
         key = self.source.normalise_id(session_id)
         if key is None:
             return _failed(Refused(Refusal.BAD_PATH, f"not a valid session id: {session_id!r}"))
         # The canceller finds its waiter by key: closing over the waiter would make a
         # reference cycle (waiter -> Deferred -> canceller -> waiter) per connection.
-        waiter = _Waiter(key, Deferred(functools.partial(self._cancelled, key)))
+        waiter = _Waiter(key, Deferred(functools.partial(self._cancelled, key)), on_row=on_row)
         self._waiting += 1
         waiter.timer = self.clock.callLater(self.timeout, self._deadline, waiter)
-        self._waiters.setdefault(key, set()).add(waiter)
+        self._waiters.setdefault(key, {})[waiter] = None
         self._seen.setdefault(key, _Seen.NOTHING)
         self._schedule_read([key])
         return waiter.deferred
@@ -261,9 +277,14 @@ class ReadinessGate:
         ended = self._ended(row) if row is not None else None
         if row is None:
             self._seen[key] = _Seen.ABSENT
-        elif ended is not None:
+            return
+        if ended is not None:
             self._fail(key, ended)
-        elif not row.vm_ip:
+            return
+        self._show_row(key, row)
+        if key not in self._waiters:
+            return  # every waiter's check failed
+        if not row.vm_ip:
             self._seen[key] = _Seen.NOT_READY
         else:
             host = parse_vm_ip(row.vm_ip)
@@ -272,6 +293,18 @@ class ReadinessGate:
             else:
                 port = row.port or self.default_port
                 self._succeed(key, Target(key, host, port, row.expires_at, row.token_digest))
+
+    def _show_row(self, key: str, row: SessionRow) -> None:
+        """Each waiter's ``on_row`` sees the row; a waiter whose check raises fails alone."""
+        for waiter in list(self._waiters.get(key, ())):
+            if waiter.on_row is None:
+                continue
+            try:
+                waiter.on_row(row)
+            except Exception:
+                failure = Failure()
+                self._remove(waiter)
+                waiter.deferred.errback(failure)
 
     def _read_failed(self, failure: Any, batch: set[str]) -> None:
         _log.warn("session lookup failed: {error}", error=failure.getErrorMessage())
@@ -325,7 +358,7 @@ class ReadinessGate:
         waiter.timer = None
         waiters = self._waiters.get(waiter.session_id)
         if waiters is not None and waiter in waiters:
-            waiters.discard(waiter)
+            del waiters[waiter]
             self._waiting -= 1
             if not waiters:
                 del self._waiters[waiter.session_id]

@@ -17,7 +17,9 @@ Two ways to prove a browser may open a session, both carried by a token in the q
         token   = str(expires_at) + "." + base64url(mac) without "=" padding
 
     ``expires_at`` is whole seconds since the epoch, written in decimal without leading zeros;
-    the token is valid while ``now < expires_at``.  ``secret`` is the exact bytes of
+    the token is valid while ``now < expires_at``, and refused (4403) when ``expires_at`` lies
+    more than ``[auth] max_token_age`` seconds ahead of ``now``: a leaked token is not a key
+    for ever.  ``secret`` is the exact bytes of
     ``secret_file`` minus one trailing newline (see :func:`read_secret`): a secret made with
     ``head -c 32 /dev/urandom | base64 > secret`` is used as that base64 *text*, not decoded.
     The length prefix keeps ids apart (``ab`` with ``12`` is not ``a`` with ``b12``).  In
@@ -59,6 +61,8 @@ MAX_SECRET_BYTES = 4096
 MAX_EXPIRES_AT = 10**18 - 1
 #: Seconds a token from ``mint-token`` lives unless ``--ttl`` says otherwise.
 DEFAULT_TTL = 300
+#: ``[auth] max_token_age``'s default: a token expiring further ahead than this is refused.
+DEFAULT_MAX_TOKEN_AGE = 86400
 
 _MAC_LENGTH = 43  # base64url of 32 bytes, unpadded
 _HMAC_TOKEN = re.compile(rf"(0|[1-9][0-9]{{0,17}})\.([A-Za-z0-9_-]{{{_MAC_LENGTH}}})")
@@ -121,10 +125,18 @@ def mint_token(secret: bytes, session_id: str, expires_at: int) -> str:
     return f"{expires_at}.{_mac(secret, session_id, expires_at)}"
 
 
-def verify_token(secret: bytes, session_id: str, token: str | None, now: float) -> None:
+def verify_token(
+    secret: bytes,
+    session_id: str,
+    token: str | None,
+    now: float,
+    max_age: float | None = None,
+) -> None:
     """Return if ``token`` opens ``session_id`` at ``now``; raise a :class:`TokenError` if not.
 
     The MAC is checked before the expiry, so a forged token is 4403 whatever time it names.
+    A genuine token that expires more than ``max_age`` seconds after ``now`` is 4403 too: it
+    was minted against the policy, and minting the same again cannot help.
     """
     _check_secret(secret)
     if not token:
@@ -144,6 +156,10 @@ def verify_token(secret: bytes, session_id: str, token: str | None, now: float) 
         raise TokenForbidden("token does not match the session")
     if now >= expires_at:
         raise TokenExpired(f"token expired at {expires_at}")
+    if max_age is not None and expires_at > now + max_age:
+        raise TokenForbidden(
+            f"token expires at {expires_at}, more than max_token_age ({max_age:g}s) ahead"
+        )
 
 
 # --- column tokens ----------------------------------------------------------------------------
@@ -315,8 +331,14 @@ def add_mint_token_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_mint_token(args: argparse.Namespace, now: float | None = None) -> int:
-    """Print a token for ``args.session``; 2 and a one-line error when it cannot."""
+def run_mint_token(
+    args: argparse.Namespace, now: float | None = None, max_token_age: float | None = None
+) -> int:
+    """Print a token for ``args.session``; 2 and a one-line error when it cannot.
+
+    A ``--ttl`` beyond ``max_token_age`` (the config's, when known) is refused: the daemon
+    would refuse the token.  Without a config, one beyond the default is minted with a warning.
+    """
     if not re.fullmatch(SESSION_ID_PATTERN, args.session):
         print(
             f"twisted_novnc: mint-token: {args.session!r} cannot appear in a session path"
@@ -327,6 +349,20 @@ def run_mint_token(args: argparse.Namespace, now: float | None = None) -> int:
     if args.ttl <= 0:
         print("twisted_novnc: mint-token: --ttl must be greater than 0", file=sys.stderr)
         return 2
+    if max_token_age is not None and args.ttl > max_token_age:
+        print(
+            f"twisted_novnc: mint-token: --ttl {args.ttl} is beyond [auth] max_token_age"
+            f" ({max_token_age:g}); the daemon would refuse the token",
+            file=sys.stderr,
+        )
+        return 2
+    if max_token_age is None and args.ttl > DEFAULT_MAX_TOKEN_AGE:
+        print(
+            f"twisted_novnc: mint-token: warning: --ttl {args.ttl} is beyond the default"
+            f" [auth] max_token_age ({DEFAULT_MAX_TOKEN_AGE}); a daemon with that default"
+            " refuses the token",
+            file=sys.stderr,
+        )
     try:
         secret = read_secret(args.secret_file)
     except SecretFileError as e:

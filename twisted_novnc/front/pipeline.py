@@ -3,12 +3,21 @@
 In order, for each request (an :class:`Attempt`):
 
 1. **match** the path against ``[novnc] path``: which session, and what follows it;
-2. **admit**: the subprotocol, the Origin, the limits (per address, per session, waiting), the
-   token's form (an HMAC token is checked in full here) — all before any waiting;
-3. **wait** for the session's readiness (the gate's ``when_ready``);
+2. **admit**: the subprotocol, the Origin, ``max_per_ip``, then the token (an HMAC token is
+   checked in full here, a column token must at least be there), and only then the waiting
+   limits and ``max_per_session`` — all before any waiting;
+3. **wait** for the session's readiness (the gate's ``when_ready``); in ``column`` mode the
+   token is checked against the row's digest as soon as the row exists, ready or not, and only
+   a matching token is counted under ``max_per_session``;
 4. **authorize**: the target against ``[upstream] allowed_networks/ports``, a column token
-   against the row's digest (a one-time token is spent);
+   against the ready row's digest (a one-time token is spent);
 5. **connect** the upstream, within what is left of the readiness deadline.
+
+A client that is refused gives back its session and waiting counts at once, whatever its
+connection does next; its address count lasts as long as its socket (the protocol cuts a
+refused socket off after a short close timeout).  Sessions are counted under their canonical
+id (the gate's ``session_key``: every spelling of one UUID is one session); the HMAC is
+checked over the id as the request spelled it, which is the id the token was minted for.
 
 The :class:`Pipeline` holds what every request shares: the settings, the readiness gate, the
 token store, the target policy, the connector, the clock, the metrics and the :class:`Limits`.
@@ -61,8 +70,14 @@ class Readiness(Protocol):
     def waiting(self) -> int:
         """How many browsers are held waiting right now."""
 
-    def when_ready(self, session_id: str) -> Deferred[Target]:
-        """Fire with the session's target once it is ready; fail with Refused; cancellable."""
+    def session_key(self, session_id: str) -> str | None:
+        """The canonical id of a raw one, or None when no row can have it."""
+
+    def when_ready(
+        self, session_id: str, on_row: Callable[[SessionRow], None] | None = None
+    ) -> Deferred[Target]:
+        """Fire with the session's target once it is ready; fail with Refused; cancellable.
+        ``on_row`` sees each row read before then; raising fails this wait alone."""
 
 
 @attrs.frozen
@@ -101,7 +116,11 @@ class Connected:
 
 @attrs.define(eq=False)
 class Limits:
-    """Connections counted by client address and by session, and waiting ones by address."""
+    """Connections counted by client address and by session, and waiting ones by address.
+
+    ``per_session`` is keyed by canonical id and counts only clients whose token was accepted
+    (all of them in ``[auth] mode = none``).
+    """
 
     per_ip: collections.Counter[str] = attrs.field(factory=collections.Counter)
     per_session: collections.Counter[str] = attrs.field(factory=collections.Counter)
@@ -159,8 +178,9 @@ class Attempt:
     """One request on its way: the steps in order, and what it holds while it goes.
 
     ``result`` fires with :class:`Connected`, or fails with :class:`Refused` (already logged),
-    or with ``CancelledError`` once the browser has left.  The counters it took are given back
-    by :meth:`leave`, which the protocol calls once, when the browser's connection is gone.
+    or with ``CancelledError`` once the browser has left.  A refusal gives back the session
+    and waiting counts at once; the address count is given back by :meth:`leave`, which the
+    protocol calls once, when the browser's connection is gone.
     """
 
     pipeline: Pipeline
@@ -172,8 +192,12 @@ class Attempt:
     ready_at: float | None = None
     #: The session's upstream, once it is ready and allowed.
     target: Target | None = None
-    #: When the connection is counted under its address and session (admitted that far).
+    #: The canonical id it is counted under in ``per_session`` (the gate's key).
+    session_key: str | None = None
+    #: When the connection is counted under its address (from admission until it leaves).
     counted: bool = False
+    #: When it is counted under its session (its token accepted, until refused or gone).
+    session_counted: bool = False
     waiting: bool = False
     gone: bool = False
     _token: str | None = None
@@ -204,7 +228,10 @@ class Attempt:
         )
         assert self.session_id is not None
         self._count_waiting(+1)
-        d: Deferred[Any] = pipeline.gate.when_ready(self.session_id)
+        column = pipeline.auth.mode == "column"
+        d: Deferred[Any] = pipeline.gate.when_ready(
+            self.session_id, self._row_seen if column else None
+        )
         d.addBoth(self._done_waiting)
         d.addCallback(self._authorize)
         d.addCallback(self._connected)
@@ -229,23 +256,33 @@ class Attempt:
             raise Refused(Refusal.BAD_SUBPROTOCOL, f"offered {list(request.protocols)!r}")
         if not settings.allowed_origins.allows(request.origin or None):
             raise Refused(Refusal.ORIGIN_FORBIDDEN, f"origin {request.origin[:200]!r}")
+        # Per address from here on, whatever the token: it bounds the sockets an address
+        # holds, and a refused client's socket is cut off after a short close timeout.
         self._count(+1)
         if limits.per_ip[self.client] > settings.max_per_ip:
             raise Refused(Refusal.TOO_MANY, f"{self.client} has {settings.max_per_ip} open")
-        if limits.per_session[self.session_id] > settings.max_per_session:
-            raise Refused(Refusal.TOO_MANY, f"session has {settings.max_per_session} open")
+        self.session_key = pipeline.gate.session_key(self.session_id)
+        if self.session_key is None:
+            raise Refused(Refusal.BAD_PATH, "not a valid session id")
+        # The token before anything a client without one could take from the session's owner.
+        auth = pipeline.auth
+        if auth.mode != "none":
+            self._token = extract_token(request.params, request.headers, auth.cookie or None)
+            if auth.mode == "hmac":
+                # Over the id as spelled in the request: the one the token was minted for.
+                verify_token(
+                    pipeline.secret, self.session_id, self._token, pipeline.clock.seconds(),
+                    auth.max_token_age,
+                )
+            elif self._token is None:
+                raise TokenRequired()
         if pipeline.gate.waiting >= settings.max_waiting:
             raise Refused(Refusal.TOO_MANY, f"{settings.max_waiting} browsers waiting")
         if limits.waiting_per_ip[self.client] >= settings.max_waiting_per_ip:
             raise Refused(Refusal.TOO_MANY, f"{self.client} has browsers waiting")
-        auth = pipeline.auth
-        if auth.mode == "none":
-            return
-        self._token = extract_token(request.params, request.headers, auth.cookie or None)
-        if auth.mode == "hmac":
-            verify_token(pipeline.secret, self.session_id, self._token, pipeline.clock.seconds())
-        elif self._token is None:
-            raise TokenRequired()
+        if auth.mode != "column":
+            self._count_session()
+        # (column: counted once the row's digest has accepted the token, in _row_seen.)
 
     # -- 3: the wait (the gate's), then 4: authorize ------------------------------------------
 
@@ -267,12 +304,24 @@ class Attempt:
             if target.token_digest is None:
                 raise Refused(Refusal.TOKEN_USED, "the session has no unused token")
             verify_digest(target.token_digest, self._token)  # a wrong token: 4403 forbidden
+            self._count_session()
             digest = token_digest(self._token or "")
             spent = pipeline.tokens.consume_token(target.session_id, digest)
             return spent.addCallback(self._token_spent, target)
         if auth.mode == "column":
             verify_digest(target.token_digest, self._token)
+            self._count_session()
         return self._connect(target)
+
+    def _row_seen(self, row: SessionRow) -> None:
+        """column: the row exists (ready or not), so the token can be judged now rather than
+        at readiness; only then is the client counted under its session.  A row without a
+        digest (not written yet, or a one-time token already spent) cannot judge it: the
+        client keeps waiting, counted only as waiting, and the ready row decides."""
+        if row.token_digest is None:
+            return
+        verify_digest(row.token_digest, self._token)
+        self._count_session()
 
     def _token_spent(self, row: SessionRow | None, target: Target) -> Deferred[Any]:
         if row is None:
@@ -310,6 +359,8 @@ class Attempt:
 
     def _refused(self, failure: Failure) -> Failure:
         self._pending = None
+        # The session's slot is given back now, not when the refused socket closes.
+        self._uncount_session()
         if failure.check(CancelledError) or self.gone:
             return Failure(CancelledError())
         if isinstance(failure.value, Refused):
@@ -339,17 +390,34 @@ class Attempt:
             pending.cancel()
         if self.waiting:
             self._count_waiting(-1)
+        self._uncount_session()
         self._count(-1)
 
     def _count(self, delta: int) -> None:
-        """Count the connection under its address and session: once in, once out."""
+        """Count the connection under its address: once in, once out."""
         if (delta > 0) == self.counted:
             return
         self.counted = delta > 0
         limits = self.pipeline.limits
         limits.add(limits.per_ip, self.client, delta)
-        if self.session_id is not None:
-            limits.add(limits.per_session, self.session_id, delta)
+
+    def _count_session(self) -> None:
+        """Count the connection under its session (once), refused if that is one too many."""
+        if self.session_counted:
+            return
+        assert self.session_key is not None
+        self.session_counted = True
+        limits, most = self.pipeline.limits, self.pipeline.settings.max_per_session
+        limits.add(limits.per_session, self.session_key, +1)
+        if limits.per_session[self.session_key] > most:
+            raise Refused(Refusal.TOO_MANY, f"session has {most} open")
+
+    def _uncount_session(self) -> None:
+        if self.session_counted:
+            self.session_counted = False
+            limits = self.pipeline.limits
+            assert self.session_key is not None
+            limits.add(limits.per_session, self.session_key, -1)
 
     def _count_waiting(self, delta: int) -> None:
         self.waiting = delta > 0

@@ -66,6 +66,10 @@ __all__ = [
 
 #: Seconds a peer has to take our last bytes (a close frame) before its socket is aborted.
 ABORT_GRACE = 2.0
+#: Seconds a refused client has to answer the refusal's close frame before its socket is
+#: dropped: it holds no slot meanwhile, only its socket (Autobahn's closeHandshakeTimeout,
+#: longer, is for ending relays).
+REFUSAL_CLOSE_TIMEOUT = 2.0
 
 _log = Logger()
 
@@ -117,6 +121,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     _early_bytes: int = 0
     _gone: bool = False
     _abort_timer: IDelayedCall | None = None
+    _refusal_timer: IDelayedCall | None = None
 
     @property
     def session_id(self) -> str | None:
@@ -234,6 +239,9 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         if self._refused is not None:
             refusal = self._refused.refusal
             self.sendClose(refusal.close_code, refusal.reason)
+            self._refusal_timer = self.factory.clock.callLater(
+                REFUSAL_CLOSE_TIMEOUT, self._refusal_unanswered
+            )
             return
         assert self._connected is not None and self.attempt is not None
         factory, target = self.factory, self._connected.target
@@ -332,6 +340,12 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             self._abort_timer = self.factory.clock.callLater(ABORT_GRACE, self._abort)
         super().dropConnection(abort=False)
 
+    def _refusal_unanswered(self) -> None:
+        """A refused client that does not finish the close handshake is dropped (flushed, then
+        aborted after ABORT_GRACE) as at Autobahn's own close handshake timeout."""
+        self._refusal_timer = None
+        self.onCloseHandshakeTimeout()
+
     def _abort(self) -> None:
         self._abort_timer = None
         self.transport.abortConnection()
@@ -341,9 +355,9 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_request_timer()
-        for timer in (self._idle_timer, self._abort_timer):
+        for timer in (self._idle_timer, self._abort_timer, self._refusal_timer):
             _cancel(timer)
-        self._idle_timer = self._abort_timer = None
+        self._idle_timer = self._abort_timer = self._refusal_timer = None
         self._browser_left()
         super().connectionLost(reason)
         self._closed()
