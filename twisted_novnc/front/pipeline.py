@@ -9,8 +9,8 @@ In order, for each request (an :class:`Attempt`):
 3. **wait** for the session's readiness (the gate's ``when_ready``); in ``column`` mode the
    token is checked against the row's digest as soon as the row exists, ready or not, and only
    a matching token is counted under ``max_per_session``;
-4. **authorize**: the target against ``[upstream] allowed_networks/ports``, a column token
-   against the ready row's digest (a one-time token is spent);
+4. **authorize**: the target against ``[upstream] allowed_networks/ports/allow_self``, a
+   column token against the ready row's digest (a one-time token is spent);
 5. **connect** the upstream, within what is left of the readiness deadline.
 
 A client that is refused gives back its session and waiting counts at once, whatever its
@@ -297,7 +297,8 @@ class Attempt:
         if not pipeline.targets.allows(target.host, target.port):
             raise Refused(
                 Refusal.TARGET_FORBIDDEN,
-                f"{target.host}:{target.port} is outside [upstream] allowed_networks/ports",
+                f"{target.host}:{target.port} is outside [upstream] allowed_networks/ports"
+                " or is this host's own address (allow_self = off)",
             )
         auth = pipeline.auth
         if auth.mode == "column" and auth.one_time:
