@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from e2e_support import new_id, until, within
 from required_tools import require_haproxy
+from test_tls import endpoint_arg, self_signed
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
@@ -235,3 +236,38 @@ def test_proxy_header_only_from_proxy_protocol_from(daemon_factory, haproxy, wor
     assert forged not in daemon.output
     assert "203.0.113.7" not in daemon.output
 
+
+
+class Held(Protocol):
+    """A connection that sends nothing; ``done`` fires when the other side closes it."""
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(None)
+
+
+@pytest.mark.parametrize("form", ["haproxy", "ssl"])
+@pytest_twisted.inlineCallbacks
+def test_wrapped_listener_at_max_connections_closes_cleanly(daemon_factory, tmp_path, form):
+    """Beyond max_connections, a haproxy: or ssl: listener (whose wrappers cannot take "no
+    protocol") closes the new socket at once, without a traceback."""
+    if form == "haproxy":
+        listen = "haproxy:tcp:0:interface=127.0.0.1"
+    else:
+        key, cert = self_signed(tmp_path)
+        listen = (f"ssl:0:interface=127.0.0.1:privateKey={endpoint_arg(key)}"
+                  f":certKey={endpoint_arg(cert)}")
+    daemon = yield daemon_factory(
+        listen=listen, proxy_protocol_from="127.0.0.1", max_connections=1, request_timeout=60
+    )
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port)
+    first = yield connectProtocol(endpoint, Held())
+    second = yield connectProtocol(endpoint, Held())
+    yield within(second.done)
+    yield within(daemon.when_logged(r"max_connections \(1\) reached"))
+    assert not first.done.called
+    first.transport.loseConnection()
+    yield within(first.done)
+    assert "Unhandled Error" not in daemon.output and "Traceback" not in daemon.output
