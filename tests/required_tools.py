@@ -23,3 +23,16 @@ def require(missing: list[str], what: str) -> None:
         pytest.fail(f"CI is set but {what} cannot run; missing: " + "; ".join(missing),
                     pytrace=False)
     pytest.skip(f"{what} needs: " + "; ".join(missing))
+
+
+#: Debian's HAProxy (apt-get install haproxy), which tests/e2e/test_forwarded_haproxy.py puts
+#: in front of the daemon with the shipped etc/haproxy.cfg's header rules.
+HAPROXY = "/usr/sbin/haproxy"
+
+
+def require_haproxy() -> str:
+    """The HAProxy binary's path; skip (fail under CI) when it is not installed."""
+    installed = os.access(HAPROXY, os.X_OK)
+    require([] if installed else [f"{HAPROXY} (Debian: apt-get install haproxy)"],
+            "the tests through a real HAProxy")
+    return HAPROXY

@@ -678,6 +678,10 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
         st.sampled_from(["10.0.0.0/8", "127.0.0.1/32", "192.168.1.0/24", "::1/128"]),
         max_size=3,
     ).map(tuple),
+    ("novnc", "forwarded_header"): st.sampled_from(["x-forwarded-for", "forwarded"]),
+    ("novnc", "proxy_protocol_from"): st.lists(
+        st.sampled_from(["10.0.0.0/8", "127.0.0.1/32", "::1/128"]), max_size=3
+    ).map(tuple),
     ("novnc", "ping_interval"): st.integers(0, 86400),
     ("novnc", "allowed_origins"): st.sampled_from(
         ["", "https://desk.example.com", "https://*.example.com http://localhost:6080"]
@@ -821,3 +825,25 @@ def test_loopback_network_needs_allow_self() -> None:
     )
     assert settings.upstream.allow_self is True
     assert parse_config("").upstream.allow_self is False
+
+
+def test_haproxy_listener_needs_proxy_protocol_from() -> None:
+    """A haproxy: listener without proxy_protocol_from is a config error naming that key
+    (any peer could otherwise name any client); haproxy:unix: needs none."""
+    with pytest.raises(ConfigError) as info:
+        parse_config("[novnc]\nlisten = tcp:6080 HAPROXY:tcp:6081\n")
+    assert (info.value.section, info.value.key) == ("novnc", "proxy_protocol_from")
+    assert "HAPROXY:tcp:6081" in info.value.problem
+    settings = parse_config(
+        "[novnc]\nlisten = haproxy:tcp:6081\nproxy_protocol_from = 10.0.0.0/8\n"
+    )
+    assert settings.novnc.proxy_protocol_from == ("10.0.0.0/8",)
+    parse_config("[novnc]\nlisten = haproxy:unix:/tmp/x.sock\n")
+
+
+def test_forwarded_header_choices() -> None:
+    """forwarded_header names one of the two headers, nothing else."""
+    assert parse_config("").novnc.forwarded_header == "x-forwarded-for"
+    with pytest.raises(ConfigError) as info:
+        parse_config("[novnc]\nforwarded_header = x-real-ip\n")
+    assert (info.value.section, info.value.key) == ("novnc", "forwarded_header")

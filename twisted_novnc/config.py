@@ -25,6 +25,7 @@ from twisted.internet.testing import MemoryReactor
 
 from twisted_novnc._compat.twisted import endpoint_port
 from twisted_novnc.front.auth import DEFAULT_MAX_TOKEN_AGE, parse_cookie_name
+from twisted_novnc.front.forwarded import FORWARDED_HEADERS, proxied_endpoint
 from twisted_novnc.front.origins import OriginPolicy
 from twisted_novnc.relay.targets import (
     ALL_PORTS,
@@ -391,7 +392,19 @@ class NovncSettings:
     trusted_proxies: tuple[str, ...] = _setting(
         _NETWORKS,
         (),
-        "Proxies whose X-Forwarded-For / Forwarded headers name the real client address.",
+        "Proxies whose forwarded_header names the real client address.",
+    )
+    forwarded_header: str = _setting(
+        _choice(*FORWARDED_HEADERS),
+        "x-forwarded-for",
+        "The one header the trusted proxies write the client address in (read from the right);"
+        " the other is ignored.",
+    )
+    proxy_protocol_from: tuple[str, ...] = _setting(
+        _NETWORKS,
+        (),
+        "The peers that may send a PROXY header to a haproxy: listener; any other is closed at"
+        " accept.  Required with a haproxy: listener (except over unix:).",
     )
     ping_interval: int = _setting(
         _integer(0, 86400),
@@ -820,6 +833,18 @@ def _check_together(settings: Settings, source: str) -> None:
                     " refused; set [upstream] allow_self = on to reach the proxy's own host",
                 )
     novnc = settings.novnc
+    if not novnc.proxy_protocol_from:
+        for description in novnc.listen:
+            inner = proxied_endpoint(description)
+            while inner is not None and proxied_endpoint(inner) is not None:
+                inner = proxied_endpoint(inner)
+            if inner is not None and not inner.lower().startswith("unix:"):
+                raise ConfigError(
+                    source, "novnc", "proxy_protocol_from",
+                    f"required with the haproxy: listener {description!r}: the load balancers'"
+                    " addresses (CIDR networks or single addresses), the only peers whose"
+                    " PROXY header naming the client is believed",
+                )
     if novnc.workers != 1:
         for description in novnc.listen:
             if "systemd:" in description:

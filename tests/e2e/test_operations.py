@@ -166,7 +166,10 @@ class RawUpgrade(Protocol):
 @pytest_twisted.inlineCallbacks
 def test_proxy_protocol_client_address(daemon_factory):
     """Behind a haproxy: listener, the PROXY protocol's source address is the client's."""
-    daemon = yield daemon_factory(listen="haproxy:tcp:0:interface=127.0.0.1", readiness_timeout=1)
+    daemon = yield daemon_factory(
+        listen="haproxy:tcp:0:interface=127.0.0.1", proxy_protocol_from="127.0.0.1",
+        readiness_timeout=1,
+    )
     sid = new_id()
     preamble = b"PROXY TCP4 203.0.113.7 127.0.0.1 4711 6080\r\n"
     proto = RawUpgrade(preamble, f"/websockify/{sid}", {})

@@ -264,7 +264,7 @@ def test_every_endpoint_form_is_shared(daemon_factory, pg, sessions_table, vnc_s
         " haproxy:tcp:0:interface=127.0.0.1"
         f" unix:{sock}:mode=600"
     )
-    daemon = yield two_workers(daemon_factory, listen=listen)
+    daemon = yield two_workers(daemon_factory, listen=listen, proxy_protocol_from="127.0.0.1")
 
     def port_of(prefix: str) -> int:
         m = re.search(rf"(?<!admin )listening on 127\.0\.0\.1:(\d+) \({prefix}", daemon.output)

@@ -210,7 +210,8 @@ class Attempt:
         pipeline = self.pipeline
         self.started = pipeline.clock.seconds()
         self.client = client_address(
-            self.request.peer, self.request.headers, pipeline.trusted_proxies
+            self.request.peer, self.request.headers, pipeline.trusted_proxies,
+            pipeline.settings.forwarded_header,
         )
         try:
             self._admit()

@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -476,6 +477,17 @@ class FastNoVNCServerProtocol(AutobahnFastPath, NoVNCServerProtocol):  # type: i
         self.frames = None  # it holds the relay and this protocol
 
 
+class ClosedAtAccept(Protocol):
+    """A connection beyond ``max_connections``: aborted as soon as it is made.
+
+    Not ``None`` from ``buildProtocol``, which only a bare port understands: the ``ssl:`` and
+    ``haproxy:`` wrappers would wrap ``None``, log a traceback and keep the socket open.
+    """
+
+    def connectionMade(self) -> None:
+        cast(ITCPTransport, self.transport).abortConnection()
+
+
 class NoVNCServerFactory(WebSocketServerFactory):
     """Accepts noVNC clients on every listener and hands them the shared pipeline."""
 
@@ -584,7 +596,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
                 self._full_logged = now
                 _log.warn("max_connections ({n}) reached: closing new connections",
                           n=self.settings.max_connections)
-            return None
+            return ClosedAtAccept()
         return super().buildProtocol(addr)
 
     def live_bytes(self) -> tuple[int, int]:

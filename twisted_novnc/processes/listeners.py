@@ -1,16 +1,29 @@
-"""A listening endpoint as a service, that says where it listens once it does."""
+"""A listening endpoint as a service, that says where it listens once it does; and the
+``haproxy:`` endpoints, whose PROXY headers only the allowed peers may send."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    ILoggingContext,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
+from zope.interface import implementer
 
 from twisted_novnc._compat.twisted import accept_into, raise_listen_errors, when_listening
+from twisted_novnc.front.forwarded import Network, peer_allowed, proxied_endpoint
 from twisted_novnc.relay.sending import RelayTransport
 
 _log = Logger()
@@ -74,3 +87,84 @@ class ListenerService(StreamServerEndpointService):
         if self._guard is not None:
             self._guard.stop()
         return super().stopService()
+
+
+def listen_endpoint(
+    reactor: Any, description: str, proxy_from: tuple[Network, ...], clock: IReactorTime
+) -> IStreamServerEndpoint:
+    """``serverFromString(reactor, description)``, except that a ``haproxy:`` endpoint closes
+    at accept every connection whose real peer is outside ``proxy_from`` (``[novnc]
+    proxy_protocol_from``): otherwise any peer could name any client address in its PROXY
+    header.
+
+    Twisted's ``haproxy:`` parser wraps the endpoint under it with :func:`proxyEndpoint`;
+    this does the same, with the check between the two: the check sees the accepted socket's
+    own peer, before any PROXY header is read.
+    """
+    inner = proxied_endpoint(description)
+    if inner is None:
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+        return endpoint
+    checked = PeersFrom(listen_endpoint(reactor, inner, proxy_from, clock), proxy_from, clock,
+                        description)
+    return proxyEndpoint(checked)
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class PeersFrom:
+    """An endpoint whose connections from peers outside ``allowed`` are closed at accept."""
+
+    endpoint: IStreamServerEndpoint
+    allowed: tuple[Network, ...]
+    clock: IReactorTime
+    description: str
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self.endpoint.listen(
+            PeerCheckingFactory(protocolFactory, self.allowed, self.clock, self.description)
+        )
+
+
+@implementer(IProtocolFactory, ILoggingContext)
+@attrs.define(eq=False)
+class PeerCheckingFactory:
+    """The wrapped factory's protocols, for allowed peers only; refusals logged once a second.
+
+    Not a ``WrappingFactory``: the protocol it returns is the wrapped factory's own, so the
+    connection's data path has no layer more.
+    """
+
+    wrapped: IProtocolFactory
+    allowed: tuple[Network, ...]
+    clock: IReactorTime
+    description: str
+    refused: int = 0
+    _logged_at: float | None = None
+
+    def buildProtocol(self, addr: IAddress) -> Any:
+        host = getattr(addr, "host", None)
+        if peer_allowed(host, self.allowed):
+            return self.wrapped.buildProtocol(addr)
+        self.refused += 1
+        now = self.clock.seconds()
+        if self._logged_at is None or now - self._logged_at >= 1:
+            self._logged_at = now
+            _log.warn(
+                "closed a connection from {peer} on {description}: not in [novnc]"
+                " proxy_protocol_from, so it may not send a PROXY header ({refused} so far)",
+                peer=host, description=self.description, refused=self.refused,
+            )
+        return None  # the port closes the socket
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def logPrefix(self) -> str:
+        if ILoggingContext.providedBy(self.wrapped):
+            prefix: str = self.wrapped.logPrefix()
+            return prefix
+        return self.wrapped.__class__.__name__

@@ -23,6 +23,7 @@ from twisted_novnc.database.embedded import EmbeddedPostgresService
 from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.database.store import PostgresSessionStore
 from twisted_novnc.front.auth import SecretFileError, read_secret
+from twisted_novnc.front.forwarded import parse_networks
 from twisted_novnc.front.protocol import NoVNCServerFactory
 from twisted_novnc.operations.admin import admin_site, supervisor_site
 from twisted_novnc.operations.fdlimit import AcceptGuard, guard_accepts
@@ -31,7 +32,7 @@ from twisted_novnc.operations.metrics import LiveState, Metrics
 from twisted_novnc.processes.databases import EmbeddedSchemaService, SessionDatabaseService
 from twisted_novnc.processes.drain import DrainService
 from twisted_novnc.processes.launcher import Launcher, worker_count
-from twisted_novnc.processes.listeners import ListenerService
+from twisted_novnc.processes.listeners import ListenerService, listen_endpoint
 from twisted_novnc.processes.sharedports import AdoptingReactor, ListeningReactor, SharedSocket
 from twisted_novnc.processes.startup import ProcessSetupService, StartupDoneService
 from twisted_novnc.processes.supervisor import SequentialMultiService, Supervisor
@@ -63,8 +64,9 @@ def make_service(settings: Settings, reactor: IDaemonReactor, secret: bytes = b"
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(top)
+    proxy_from = parse_networks(settings.novnc.proxy_protocol_from)
     for description in settings.novnc.listen:
-        endpoint = serverFromString(reactor, description)
+        endpoint = listen_endpoint(reactor, description, proxy_from, reactor)
         ListenerService(
             description, endpoint, core.factory, on_port=core.guard,
             relay=settings.novnc.fast_path,
@@ -165,8 +167,10 @@ def make_worker_service(
     top = MultiService()
     ProcessSetupService(settings, warn=False).setServiceParent(top)
     core = _proxy(settings, reactor, secret, lambda: settings.database.dsn, top)
+    proxy_from = parse_networks(settings.novnc.proxy_protocol_from)
     for shared in sockets:
-        endpoint = serverFromString(AdoptingReactor(reactor, shared), shared.description)
+        adopting = AdoptingReactor(reactor, shared)
+        endpoint = listen_endpoint(adopting, shared.description, proxy_from, reactor)
         ListenerService(
             shared.description, endpoint, core.factory, on_port=core.guard,
             verb="accepting (shared with the other workers) on",
