@@ -665,6 +665,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("novnc", "max_waiting"): st.integers(1, 1_000_000),
     ("novnc", "max_waiting_per_ip"): st.integers(1, 1_000_000),
     ("novnc", "request_timeout"): st.floats(0.001, 1e6),
+    ("novnc", "max_unfinished_per_ip"): st.integers(1, 1_000_000),
     ("novnc", "idle_timeout"): st.integers(0, 1_000_000),
     ("novnc", "ping_timeout"): st.integers(2, 3600),
     ("novnc", "fast_path"): st.booleans(),
@@ -694,6 +695,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("auth", "cookie"): st.sampled_from(["", "novnc_token"]),
     ("auth", "secret_file"): st.sampled_from(["", "/etc/novnc/secret"]),
     ("web", "root"): st.sampled_from(["", "/usr/share/novnc"]),
+    ("web", "send_timeout"): st.floats(0.001, 1e6),
     ("admin", "listen"): st.one_of(
         st.just(()), st.lists(endpoint, min_size=1, max_size=2, unique=True).map(tuple)
     ),

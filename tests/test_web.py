@@ -13,7 +13,16 @@ from test_front import RFB_BANNER, Harness, RawExchange
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from twisted_novnc.front.web import resolve, response
+from twisted_novnc.front.web import answer, resolve
+
+
+def response(root: str, target: str, method: str) -> bytes:
+    """The whole answer as bytes: the head, then the file (closed after)."""
+    found = answer(root, target, method)
+    if found.file is None:
+        return found.head
+    with found.file as f:
+        return found.head + f.read()
 
 
 @pytest.fixture

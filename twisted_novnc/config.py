@@ -429,6 +429,12 @@ class NovncSettings:
         10.0,
         "How long a client may take to send its HTTP upgrade request before it is dropped.",
     )
+    max_unfinished_per_ip: int = _setting(
+        _integer(1, 1_000_000),
+        32,
+        "The most connections from one peer address still sending their HTTP request head;"
+        " more are closed at accept (peers in trusted_proxies are not counted).",
+    )
     idle_timeout: int = _setting(
         _integer(0, 1_000_000),
         3600,
@@ -594,6 +600,11 @@ class WebSettings:
         _OPTIONAL_FILE,
         "",
         "A directory (e.g. noVNC's) served over HTTP on the listener; empty = none.",
+    )
+    send_timeout: float = _setting(
+        _SECONDS,
+        30.0,
+        "How long a client may take no data of a file it asked for before it is dropped.",
     )
 
 

@@ -20,8 +20,10 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, gzip_accepted
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -34,6 +36,62 @@ from twisted_novnc.operations.metrics import (
 )
 
 _log = Logger()
+
+#: Seconds a request may take to arrive whole, from its first byte (or from the connection).
+REQUEST_TIMEOUT = 10.0
+#: Seconds a kept-alive connection may wait, silent, for its next request (Twisted's default).
+IDLE_TIMEOUT = 60.0
+
+
+class AdminChannel(HTTPChannel):
+    """Twisted's HTTP channel with a deadline on each request.
+
+    The channel's own timeout (``Site(timeout=...)``) is an idle timeout that every byte
+    restarts, so a client that trickles a byte now and then would hold its connection for
+    ever; here the whole request must arrive within :data:`REQUEST_TIMEOUT`.
+    """
+
+    _deadline: IDelayedCall | None = None
+    _answering = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_deadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._answering:
+            self._start_deadline()  # the first byte of a request on a kept-alive connection
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._answering = True
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        # Before the channel reads what was pipelined behind it, which may start the next.
+        self._answering = False
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _start_deadline(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.callLater(REQUEST_TIMEOUT, self._too_slow)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        transport: Any = self.transport
+        _log.info("admin: dropping {peer}: no whole request in {timeout:g}s",
+                  peer=getattr(transport.getPeer(), "host", "-"), timeout=REQUEST_TIMEOUT)
+        transport.abortConnection()
 
 
 def readiness(live: LiveState) -> dict[str, Any]:
@@ -95,7 +153,8 @@ def _site(
     root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", healthz)
     root.putChild(b"readyz", readyz)
-    site = Site(root, reactor=reactor)
+    site = Site(root, reactor=reactor, timeout=IDLE_TIMEOUT)
+    site.protocol = AdminChannel  # type: ignore[assignment]
     site.noisy = False
     site.displayTracebacks = False
     return site

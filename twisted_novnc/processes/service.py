@@ -134,6 +134,7 @@ def _proxy(
     factory = NoVNCServerFactory(
         settings.novnc, gate, connect, reactor, metrics, settings.auth, secret, targets,
         web_root=settings.web.root, tokens=store, fast_path=fast,
+        web_send_timeout=settings.web.send_timeout,
     )
     metrics.live = LiveState(
         connections_open=lambda: len(factory.connections),
