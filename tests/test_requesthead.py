@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_front import HANDSHAKE, Wired, fast_path  # noqa: F401
+from test_front import HANDSHAKE, Wired
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -64,6 +64,11 @@ def test_never_raises_anything_else(data):
 
 
 # -- connections still sending their head, counted per peer address -----------------------------
+
+@pytest.fixture(params=[True, False], ids=["fast_path=on", "fast_path=off"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Each test on the fast path, then on the stock path."""
+    return bool(request.param)
 
 
 def _accept(w, peer: str):

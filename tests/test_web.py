@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
-from test_front import RFB_BANNER, Harness, RawExchange, Wired, _until, fast_path  # noqa: F401
+from test_front import RFB_BANNER, Harness, RawExchange, Wired, _until
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -132,6 +132,11 @@ def test_targets_that_look_like_hosts_are_paths(root, target):
 # -- a file on its way: chunks under back-pressure, a send timeout, every fd closed -----------
 
 BIG = 1024 * 1024
+
+@pytest.fixture(params=[True, False], ids=["fast_path=on", "fast_path=off"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Each test on the fast path, then on the stock path."""
+    return bool(request.param)
 
 
 @pytest.fixture
