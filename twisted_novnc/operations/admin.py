@@ -27,6 +27,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from twisted_novnc.config import NovncSettings
 from twisted_novnc.operations.metrics import (
     LiveState,
     Metrics,
@@ -37,8 +38,9 @@ from twisted_novnc.operations.metrics import (
 
 _log = Logger()
 
-#: Seconds a request may take to arrive whole, from its first byte (or from the connection).
-REQUEST_TIMEOUT = 10.0
+#: Seconds a request may take to arrive whole: ``[novnc] request_timeout`` unless told.
+REQUEST_TIMEOUT = NovncSettings().request_timeout
+
 #: Seconds a kept-alive connection may wait, silent, for its next request (Twisted's default).
 IDLE_TIMEOUT = 60.0
 
@@ -48,8 +50,11 @@ class AdminChannel(HTTPChannel):
 
     The channel's own timeout (``Site(timeout=...)``) is an idle timeout that every byte
     restarts, so a client that trickles a byte now and then would hold its connection for
-    ever; here the whole request must arrive within :data:`REQUEST_TIMEOUT`.
+    ever; here the whole request must arrive within the site's ``request_timeout`` of its
+    first byte (or of the connection).
     """
+
+    factory: AdminSite
 
     _deadline: IDelayedCall | None = None
     _answering = False
@@ -79,7 +84,7 @@ class AdminChannel(HTTPChannel):
 
     def _start_deadline(self) -> None:
         if self._deadline is None:
-            self._deadline = self.callLater(REQUEST_TIMEOUT, self._too_slow)
+            self._deadline = self.callLater(self.factory.request_timeout, self._too_slow)
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -90,7 +95,8 @@ class AdminChannel(HTTPChannel):
         self._deadline = None
         transport: Any = self.transport
         _log.info("admin: dropping {peer}: no whole request in {timeout:g}s",
-                  peer=getattr(transport.getPeer(), "host", "-"), timeout=REQUEST_TIMEOUT)
+                  peer=getattr(transport.getPeer(), "host", "-"),
+                  timeout=self.factory.request_timeout)
         transport.abortConnection()
 
 
@@ -145,16 +151,29 @@ class Readyz(_JSONResource):
         return (200 if body["ready"] else 503), body
 
 
+class AdminSite(Site):
+    """A Site whose connections are :class:`AdminChannel`: each request has a deadline."""
+
+    protocol = AdminChannel  # type: ignore[assignment]
+
+    def __init__(self, root: IResource, reactor: IReactorTime, request_timeout: float) -> None:
+        super().__init__(root, reactor=reactor, timeout=IDLE_TIMEOUT)
+        self.request_timeout = request_timeout
+
+
 def _site(
-    metrics: IResource, healthz: IResource, readyz: IResource, reactor: IReactorTime
+    metrics: IResource,
+    healthz: IResource,
+    readyz: IResource,
+    reactor: IReactorTime,
+    request_timeout: float,
 ) -> Site:
     """The admin listener's three pages; no tracebacks or per-request log lines."""
     root = Resource()
     root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", healthz)
     root.putChild(b"readyz", readyz)
-    site = Site(root, reactor=reactor, timeout=IDLE_TIMEOUT)
-    site.protocol = AdminChannel  # type: ignore[assignment]
+    site = AdminSite(root, reactor, request_timeout)
     site.noisy = False
     site.displayTracebacks = False
     return site
@@ -192,8 +211,14 @@ def _header(request: Request, name: bytes) -> str:
     return value.decode("latin-1") if value else ""
 
 
-def admin_site(metrics: Metrics, reactor: IReactorTime) -> Site:
-    return _site(MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics), reactor)
+def admin_site(
+    metrics: Metrics, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT
+) -> Site:
+    """The admin listener of a process that serves browsers itself."""
+    return _site(
+        MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics), reactor,
+        request_timeout,
+    )
 
 
 class WorkerPool(Protocol):
@@ -308,6 +333,11 @@ class WorkersHealthz(Resource):
         return body
 
 
-def supervisor_site(pool: WorkerPool, reactor: IReactorTime) -> Site:
+def supervisor_site(
+    pool: WorkerPool, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT
+) -> Site:
     """The admin listener of a supervisor of ``[novnc] workers``."""
-    return _site(WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool), reactor)
+    return _site(
+        WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool), reactor,
+        request_timeout,
+    )

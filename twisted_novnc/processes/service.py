@@ -58,7 +58,7 @@ def make_service(settings: Settings, reactor: IDaemonReactor, secret: bytes = b"
     ProcessSetupService(settings).setServiceParent(top)
     dsn = _database(settings, top)
     core = _proxy(settings, reactor, secret, dsn, top)
-    site = admin_site(core.metrics, reactor)
+    site = admin_site(core.metrics, reactor, settings.novnc.request_timeout)
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(top)
@@ -198,7 +198,7 @@ def make_supervisor_service(
     )
     supervisor = Supervisor(workers, launcher.spawn, reactor, settings.novnc.drain_timeout)
     supervisor.setServiceParent(top)
-    site = supervisor_site(supervisor, reactor)
+    site = supervisor_site(supervisor, reactor, settings.novnc.request_timeout)
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(top)
