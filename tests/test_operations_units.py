@@ -262,7 +262,7 @@ def test_outcome_label_buckets_codes_nobody_documented(outcome, label):
 # -- the admin listener's request deadline -----------------------------------------------------
 
 
-def _admin_connection():
+def _admin_connection(**timeout: float):
     """The admin Site on a Clock, one connection over a StringTransport."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.task import Clock
@@ -271,19 +271,25 @@ def _admin_connection():
     from twisted_novnc.operations.admin import admin_site
 
     clock = Clock()
-    site = admin_site(Metrics(), clock)
+    site = admin_site(Metrics(), clock, **timeout)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     channel.makeConnection(transport)
     return clock, channel, transport
 
 
-def test_admin_drops_a_client_that_sends_nothing():
-    """A connection that sends no request is aborted after REQUEST_TIMEOUT."""
+@pytest.mark.parametrize("given", [None, 2.5])
+def test_admin_drops_a_client_that_sends_nothing(given):
+    """A connection that sends no request is aborted after request_timeout (by default
+    [novnc] request_timeout's default)."""
+    from twisted_novnc.config import NovncSettings
     from twisted_novnc.operations.admin import REQUEST_TIMEOUT
 
-    clock, channel, transport = _admin_connection()
-    clock.advance(REQUEST_TIMEOUT - 0.1)
+    assert NovncSettings().request_timeout == REQUEST_TIMEOUT
+    clock, channel, transport = _admin_connection(
+        **({} if given is None else {"request_timeout": given})
+    )
+    clock.advance((given or REQUEST_TIMEOUT) - 0.1)
     assert not transport.disconnecting
     clock.advance(0.1)
     assert transport.disconnected and transport.value() == b""
