@@ -79,17 +79,15 @@ def _accept(w, peer: str):
     return protocol
 
 
-def test_one_peer_cannot_hold_more_than_max_unfinished_per_ip(fast_path):
-    """Beyond max_unfinished_per_ip, a peer's new connection is closed at accept (logged once
-    a second at most); another peer still connects."""
-    with Wired(fast_path, max_unfinished_per_ip=3) as w:  # w's own connection is one
+def test_one_peer_cannot_hold_more_than_max_per_ip_unfinished_heads(fast_path):
+    """Beyond max_per_ip connections still sending their head, a peer's new connection is
+    closed at accept (logged once a second at most); another peer still connects."""
+    with Wired(fast_path, max_per_ip=3) as w:  # w's own connection is one
         held = [_accept(w, "127.0.0.1") for _ in range(2)]
         with capturedLogs() as events:
             assert _accept(w, "127.0.0.1") is None
             assert _accept(w, "127.0.0.1") is None
-        assert [e["log_format"] for e in events if "max_unfinished" in e["log_format"]] == [
-            "max_unfinished_per_ip ({n}) reached by {peer}: closing its new connections"
-        ]
+        assert [e["peer"] for e in events if "request head" in e["log_format"]] == ["127.0.0.1"]
         assert _accept(w, "127.0.0.2") is not None
         assert w.factory.unfinished == {"127.0.0.1": 3, "127.0.0.2": 1}
         held[0].connectionLost(Failure(ConnectionDone()))  # a connection gone: released
@@ -104,7 +102,7 @@ def test_one_peer_cannot_hold_more_than_max_unfinished_per_ip(fast_path):
 )
 def test_a_head_read_whole_is_no_longer_unfinished(fast_path, head):
     """A connection leaves the count once its head is in, whatever the head holds."""
-    with Wired(fast_path, max_unfinished_per_ip=1) as w:
+    with Wired(fast_path, max_per_ip=1) as w:
         assert _accept(w, "127.0.0.1") is None
         w.send(head)
         assert not w.factory.unfinished
@@ -114,7 +112,7 @@ def test_a_head_read_whole_is_no_longer_unfinished(fast_path, head):
 
 def test_a_head_in_pieces_is_unfinished_until_its_end(fast_path):
     """Half a head still counts."""
-    with Wired(fast_path, max_unfinished_per_ip=1) as w:
+    with Wired(fast_path, max_per_ip=1) as w:
         w.send(GOOD[:20])
         assert w.factory.unfinished == {"127.0.0.1": 1}
         assert _accept(w, "127.0.0.1") is None
@@ -122,7 +120,7 @@ def test_a_head_in_pieces_is_unfinished_until_its_end(fast_path):
 
 def test_trusted_proxies_are_not_counted(fast_path):
     """A trusted proxy's connections carry many clients: none is counted or refused."""
-    with Wired(fast_path, max_unfinished_per_ip=1, trusted_proxies=("127.0.0.0/8",)) as w:
+    with Wired(fast_path, max_per_ip=1, trusted_proxies=("127.0.0.0/8",)) as w:
         assert all(_accept(w, "127.0.0.1") is not None for _ in range(5))
         assert not w.factory.unfinished
         assert _accept(w, "10.1.2.3") is not None and _accept(w, "10.1.2.3") is None

@@ -407,7 +407,8 @@ class NovncSettings:
     max_per_ip: int = _setting(
         _integer(1, 1_000_000),
         256,
-        "The most connections open at once from one client address (4429 beyond).",
+        "The most connections open at once from one client address (4429 beyond); also the"
+        " most from one peer address still sending their request head (closed at accept).",
     )
     max_per_session: int = _setting(
         _integer(1, 1_000_000),
@@ -428,12 +429,6 @@ class NovncSettings:
         _SECONDS,
         10.0,
         "How long a client may take to send its HTTP upgrade request before it is dropped.",
-    )
-    max_unfinished_per_ip: int = _setting(
-        _integer(1, 1_000_000),
-        32,
-        "The most connections from one peer address still sending their HTTP request head;"
-        " more are closed at accept (peers in trusted_proxies are not counted).",
     )
     idle_timeout: int = _setting(
         _integer(0, 1_000_000),

@@ -126,9 +126,9 @@ def test_max_per_ip_counts_plain_http_downloads(daemon_factory, web_root):
 
 @pytest_twisted.inlineCallbacks
 def test_one_address_cannot_fill_the_listener_with_unfinished_heads(daemon_factory, web_root):
-    """Beyond max_unfinished_per_ip connections that send no head, the address's next
+    """Beyond max_per_ip connections that send no head, the address's next
     connection is closed at accept; another address still connects and is served."""
-    daemon = yield daemon_factory({"web": {"root": str(web_root)}}, max_unfinished_per_ip=4)
+    daemon = yield daemon_factory({"web": {"root": str(web_root)}}, max_per_ip=4)
     silent = []
     for _ in range(4):
         silent.append((yield connect(daemon.port, b"")))
@@ -136,7 +136,7 @@ def test_one_address_cannot_fill_the_listener_with_unfinished_heads(daemon_facto
     refused = yield connect(daemon.port, get("/vnc.html"))
     yield within(refused.lost)
     assert refused.received == b""
-    assert daemon.count(r"max_unfinished_per_ip \(4\) reached by 127\.0\.0\.1") == 1
+    assert daemon.count(r"127\.0\.0\.1 has max_per_ip \(4\) connections still sending") == 1
     other = yield connect(daemon.port, get("/vnc.html"), bind="127.0.0.2")
     assert (yield within(other.head)).startswith(b"HTTP/1.1 200 OK")
     other.resume()

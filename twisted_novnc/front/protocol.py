@@ -560,8 +560,8 @@ class NoVNCServerFactory(WebSocketServerFactory):
         #: Open connections by client address and by session, waiting ones by address.
         self.limits = self.pipeline.limits
         self._full_logged = -1.0
-        #: Connections whose request head is still coming, by peer address (trusted proxies
-        #: are not counted: their connections carry many clients).
+        #: Connections whose request head is still coming, by peer address, capped by
+        #: max_per_ip (trusted proxies are not counted: their connections carry many clients).
         self.unfinished: collections.Counter[str] = collections.Counter()
         self._unfinished_logged = -1.0
         #: Every open browser connection, and those with a live relay, for the drain.
@@ -633,12 +633,13 @@ class NoVNCServerFactory(WebSocketServerFactory):
         host = getattr(addr, "host", None)
         if not isinstance(host, str) or self._is_trusted_proxy(host):
             host = None  # a unix socket, or a proxy: not counted
-        if host is not None and self.unfinished[host] >= self.settings.max_unfinished_per_ip:
+        if host is not None and self.unfinished[host] >= self.settings.max_per_ip:
             now = self.clock.seconds()
             if now - self._unfinished_logged >= 1:
                 self._unfinished_logged = now
-                _log.warn("max_unfinished_per_ip ({n}) reached by {peer}: closing its new"
-                          " connections", n=self.settings.max_unfinished_per_ip, peer=host)
+                _log.warn("{peer} has max_per_ip ({n}) connections still sending their"
+                          " request head: closing its new connections",
+                          n=self.settings.max_per_ip, peer=host)
             return None
         protocol = super().buildProtocol(addr)
         if host is not None and isinstance(protocol, NoVNCServerProtocol):
