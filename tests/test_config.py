@@ -723,6 +723,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("auth", "secret_file"): st.sampled_from(["", "/etc/novnc/secret"]),
     ("auth", "max_token_age"): st.floats(0.001, 1e9),
     ("web", "root"): st.sampled_from(["", "/usr/share/novnc"]),
+    ("web", "send_timeout"): st.floats(0.001, 1e6),
     ("admin", "listen"): st.one_of(
         st.just(()), st.lists(endpoint, min_size=1, max_size=2, unique=True).map(tuple)
     ),

@@ -257,3 +257,75 @@ def test_outcome_label_buckets_codes_nobody_documented(outcome, label):
     """RFC 6455's codes, the refusal table's and HTTP statuses are labels of their own; any
     other code a browser closes with is ``other``, so no client can mint time series."""
     assert outcome_label(outcome) == label
+
+
+# -- the admin listener's request deadline -----------------------------------------------------
+
+
+def _admin_connection(**timeout: float):
+    """The admin Site on a Clock, one connection over a StringTransport."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from twisted_novnc.operations.admin import admin_site
+
+    clock = Clock()
+    site = admin_site(Metrics(), clock, **timeout)
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return clock, channel, transport
+
+
+@pytest.mark.parametrize("given", [None, 2.5])
+def test_admin_drops_a_client_that_sends_nothing(given):
+    """A connection that sends no request is aborted after request_timeout (by default
+    [novnc] request_timeout's default)."""
+    from twisted_novnc.config import NovncSettings
+    from twisted_novnc.operations.admin import REQUEST_TIMEOUT
+
+    assert NovncSettings().request_timeout == REQUEST_TIMEOUT
+    clock, channel, transport = _admin_connection(
+        **({} if given is None else {"request_timeout": given})
+    )
+    clock.advance((given or REQUEST_TIMEOUT) - 0.1)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnected and transport.value() == b""
+
+
+def test_admin_drops_a_client_that_trickles_its_request():
+    """A byte now and then (which restarts Twisted's idle timeout) does not extend the
+    deadline: the whole request must arrive in REQUEST_TIMEOUT."""
+    from twisted_novnc.operations.admin import REQUEST_TIMEOUT
+
+    clock, channel, transport = _admin_connection()
+    for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+        channel.dataReceived(bytes([byte]))
+        clock.advance(REQUEST_TIMEOUT / 40)
+        if transport.disconnecting:
+            break
+    assert transport.disconnected and transport.value() == b""
+    assert clock.seconds() == pytest.approx(REQUEST_TIMEOUT)
+
+
+def test_admin_answers_and_times_each_request_from_its_first_byte():
+    """A whole request is answered; on a kept-alive connection the next request has its own
+    deadline from its first byte, and no deadline runs while the connection is idle."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    from twisted_novnc.operations.admin import IDLE_TIMEOUT, REQUEST_TIMEOUT
+
+    clock, channel, transport = _admin_connection()
+    channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 OK") and not transport.disconnecting
+    clock.advance(IDLE_TIMEOUT - 1)
+    assert not transport.disconnecting
+    transport.clear()
+    channel.dataReceived(b"GET /healthz HTTP/1.1\r\n")
+    clock.advance(REQUEST_TIMEOUT)
+    assert transport.disconnected and transport.value() == b""
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert not clock.getDelayedCalls()

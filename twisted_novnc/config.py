@@ -426,7 +426,8 @@ class NovncSettings:
     max_per_ip: int = _setting(
         _integer(1, 1_000_000),
         256,
-        "The most connections open at once from one client address (4429 beyond).",
+        "The most connections open at once from one client address (4429 beyond); also the"
+        " most from one peer address still sending their request head (closed at accept).",
     )
     max_per_session: int = _setting(
         _integer(1, 1_000_000),
@@ -625,6 +626,11 @@ class WebSettings:
         _OPTIONAL_FILE,
         "",
         "A directory (e.g. noVNC's) served over HTTP on the listener; empty = none.",
+    )
+    send_timeout: float = _setting(
+        _SECONDS,
+        30.0,
+        "How long a client may take no data of a file it asked for before it is dropped.",
     )
 
 

@@ -21,6 +21,8 @@ end ``outcome``, ``wait_seconds``, ``relay_seconds``, ``up_bytes``, ``down_bytes
 
 from __future__ import annotations
 
+import collections
+import ipaddress
 import types
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -34,12 +36,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_novnc._compat.autobahn import AutobahnFastPath
-from twisted_novnc.config import AuthSettings, NovncSettings
+from twisted_novnc.config import AuthSettings, NovncSettings, WebSettings
 from twisted_novnc.database.interfaces import ITokenStore
 from twisted_novnc.database.readiness import ReadinessGate, Watch
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.front import web
 from twisted_novnc.front.fastpath import BrowserFrames
+from twisted_novnc.front.forwarded import client_address, parse_networks
 from twisted_novnc.front.frames import server_frame_header
 from twisted_novnc.front.pipeline import (
     SUBPROTOCOL,
@@ -50,7 +53,13 @@ from twisted_novnc.front.pipeline import (
     Pipeline,
     log_refusal,
 )
-from twisted_novnc.front.requesthead import MAX_HEAD, BadHead, check_head, head_end
+from twisted_novnc.front.requesthead import (
+    MAX_HEAD,
+    BadHead,
+    check_head,
+    head_end,
+    header_fields,
+)
 from twisted_novnc.operations.metrics import Metrics, outcome_label
 from twisted_novnc.relay.relay import Relay, TransportPeer
 from twisted_novnc.relay.sending import close_now, send_now, tune_relay_transport
@@ -123,6 +132,11 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     _gone: bool = False
     _abort_timer: IDelayedCall | None = None
     _refusal_timer: IDelayedCall | None = None
+    #: The address counted in ``factory.unfinished`` until the request head is read.
+    _unfinished: str | None = None
+    #: A plain HTTP answer ([web] root) on its way, and the address it is counted under.
+    _download: web.Download | None = None
+    _web_client: str | None = None
 
     @property
     def session_id(self) -> str | None:
@@ -159,8 +173,10 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             end = head_end(self._head)
             if end is None:
                 return
+            self._head_read()
             check_head(self._head[:end])
         except BadHead as bad:
+            self._head_read()
             self._head = None
             self._answer_and_close(bad.status, f"HTTP/1.1 {bad.status} {bad.reason}\r\n"
                                    "Connection: close\r\n\r\n".encode())
@@ -168,12 +184,45 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         buffered, self._head = self._head, None
         self._early_bytes = len(buffered) - end
         if self.factory.web_root and not _is_upgrade(buffered[:end]):
-            # A plain GET on the WebSocket listener: a file of [web] root (the noVNC client).
-            method, target = buffered[:end].split(b" ", 2)[:2]
-            answer = web.response(self.factory.web_root, target.decode("ascii"), method.decode())
-            self._answer_and_close(int(answer[9:12]), answer)
+            self._serve_file(buffered[:end])
             return
         self.websocket_data(buffered)
+
+    def _head_read(self) -> None:
+        """The request head is in (or the connection is gone): no longer an unfinished one."""
+        if self._unfinished is not None:
+            limits = self.factory.limits
+            limits.add(self.factory.unfinished, self._unfinished, -1)
+            self._unfinished = None
+
+    def _serve_file(self, head: bytes) -> None:
+        """A plain GET on the WebSocket listener: a file of [web] root (the noVNC client),
+        sent under back-pressure, counted under its client's address with its WebSockets
+        (``max_per_ip``) until the connection is gone."""
+        factory = self.factory
+        self._head_refused = True
+        self._cancel_request_timer()
+        method, target = head.split(b" ", 2)[:2]
+        peer = getattr(self.transport.getPeer(), "host", "unix")
+        client = client_address(
+            peer, header_fields(head), factory.pipeline.trusted_proxies,
+            factory.settings.forwarded_header,
+        )
+        limits = factory.limits
+        limits.add(limits.per_ip, client, +1)
+        self._web_client = client
+        if limits.per_ip[client] > factory.settings.max_per_ip:
+            too_many = Refusal.TOO_MANY
+            self._log.info("refused file request from {client}: {status} {reason} (max_per_ip)",
+                           client=client, status=too_many.http_status, reason=too_many.reason)
+            answer = web.refusal(too_many.http_status, too_many.reason)
+        else:
+            answer = web.answer(factory.web_root, target.decode("ascii"), method.decode())
+        self._http_status = answer.status
+        self._download = web.Download(
+            answer, self.transport, factory.clock, factory.web_send_timeout, peer=client
+        )
+        self._download.start()
 
     def websocket_data(self, data: bytes) -> None:
         """Bytes for Autobahn to read (the upgrade request, then frames)."""
@@ -356,6 +405,13 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_request_timer()
+        self._head_read()
+        if self._download is not None:
+            self._download.stop()
+            self._download = None
+        if self._web_client is not None:
+            self.factory.limits.add(self.factory.limits.per_ip, self._web_client, -1)
+            self._web_client = None
         for timer in (self._idle_timer, self._abort_timer, self._refusal_timer):
             _cancel(timer)
         self._idle_timer = self._abort_timer = self._refusal_timer = None
@@ -507,6 +563,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
         web_root: str = "",
         tokens: ITokenStore | None = None,
         fast_path: bool = True,
+        web_send_timeout: float = WebSettings().send_timeout,
     ) -> None:
         # Autobahn's own Server header would name its version to every scanner.
         super().__init__(server="twisted_novnc", reactor=clock)
@@ -515,6 +572,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
         self.clock = clock
         self.metrics = metrics if metrics is not None else Metrics()
         self.web_root = web_root
+        self.web_send_timeout = web_send_timeout
         self.fast_path = fast_path
         self.pipeline = Pipeline(
             settings,
@@ -531,6 +589,13 @@ class NoVNCServerFactory(WebSocketServerFactory):
         #: Open connections by client address and by session, waiting ones by address.
         self.limits = self.pipeline.limits
         self._full_logged = -1.0
+        #: Connections whose request head is still coming, by peer address, capped by
+        #: max_per_ip (trusted proxies are not counted: their connections carry many clients).
+        self.unfinished: collections.Counter[str] = collections.Counter()
+        self._unfinished_logged = -1.0
+        self._proxies = self.pipeline.trusted_proxies + parse_networks(
+            settings.proxy_protocol_from
+        )
         #: Every open browser connection, and those with a live relay, for the drain.
         self.connections: set[NoVNCServerProtocol] = set()
         self.live: set[NoVNCServerProtocol] = set()
@@ -597,7 +662,31 @@ class NoVNCServerFactory(WebSocketServerFactory):
                 _log.warn("max_connections ({n}) reached: closing new connections",
                           n=self.settings.max_connections)
             return ClosedAtAccept()
-        return super().buildProtocol(addr)
+        host = getattr(addr, "host", None)
+        if not isinstance(host, str) or self._is_trusted_proxy(host):
+            host = None  # a unix socket, or a proxy: not counted
+        if host is not None and self.unfinished[host] >= self.settings.max_per_ip:
+            now = self.clock.seconds()
+            if now - self._unfinished_logged >= 1:
+                self._unfinished_logged = now
+                _log.warn("{peer} has max_per_ip ({n}) connections still sending their"
+                          " request head: closing its new connections",
+                          n=self.settings.max_per_ip, peer=host)
+            return ClosedAtAccept()
+        protocol = super().buildProtocol(addr)
+        if host is not None and isinstance(protocol, NoVNCServerProtocol):
+            self.limits.add(self.unfinished, host, +1)
+            protocol._unfinished = host
+        return protocol
+
+    def _is_trusted_proxy(self, host: str) -> bool:
+        """A peer in ``trusted_proxies`` or ``proxy_protocol_from``: many clients behind one
+        address, whose own addresses are unknown until the head (or PROXY header) is read."""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._proxies)
 
     def live_bytes(self) -> tuple[int, int]:
         """Bytes moved so far by the relays still open: (up, down)."""

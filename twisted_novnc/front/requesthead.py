@@ -51,3 +51,13 @@ def check_head(head: bytes) -> None:
     for line in lines[1:]:
         if not _FIELD.fullmatch(line):
             raise BadHead(400, "bad header line")
+
+
+def header_fields(head: bytes) -> dict[str, str]:
+    """A checked head's fields by lower-case name, repeats joined with ", " (as Autobahn does)."""
+    fields: dict[str, str] = {}
+    for line in head[:-4].split(b"\r\n")[1:]:
+        name, _, value = line.decode("iso-8859-1").partition(":")
+        key, value = name.lower(), value.strip(" \t")
+        fields[key] = f"{fields[key]}, {value}" if key in fields else value
+    return fields

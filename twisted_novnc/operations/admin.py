@@ -20,11 +20,14 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, gzip_accepted
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from twisted_novnc.config import NovncSettings
 from twisted_novnc.operations.metrics import (
     LiveState,
     Metrics,
@@ -34,6 +37,67 @@ from twisted_novnc.operations.metrics import (
 )
 
 _log = Logger()
+
+#: Seconds a request may take to arrive whole: ``[novnc] request_timeout`` unless told.
+REQUEST_TIMEOUT = NovncSettings().request_timeout
+
+#: Seconds a kept-alive connection may wait, silent, for its next request (Twisted's default).
+IDLE_TIMEOUT = 60.0
+
+
+class AdminChannel(HTTPChannel):
+    """Twisted's HTTP channel with a deadline on each request.
+
+    The channel's own timeout (``Site(timeout=...)``) is an idle timeout that every byte
+    restarts, so a client that trickles a byte now and then would hold its connection for
+    ever; here the whole request must arrive within the site's ``request_timeout`` of its
+    first byte (or of the connection).
+    """
+
+    factory: AdminSite
+
+    _deadline: IDelayedCall | None = None
+    _answering = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_deadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._answering:
+            self._start_deadline()  # the first byte of a request on a kept-alive connection
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._answering = True
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        # Before the channel reads what was pipelined behind it, which may start the next.
+        self._answering = False
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+    def _start_deadline(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.callLater(self.factory.request_timeout, self._too_slow)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        transport: Any = self.transport
+        _log.info("admin: dropping {peer}: no whole request in {timeout:g}s",
+                  peer=getattr(transport.getPeer(), "host", "-"),
+                  timeout=self.factory.request_timeout)
+        transport.abortConnection()
 
 
 def readiness(live: LiveState) -> dict[str, Any]:
@@ -87,15 +151,29 @@ class Readyz(_JSONResource):
         return (200 if body["ready"] else 503), body
 
 
+class AdminSite(Site):
+    """A Site whose connections are :class:`AdminChannel`: each request has a deadline."""
+
+    protocol = AdminChannel  # type: ignore[assignment]
+
+    def __init__(self, root: IResource, reactor: IReactorTime, request_timeout: float) -> None:
+        super().__init__(root, reactor=reactor, timeout=IDLE_TIMEOUT)
+        self.request_timeout = request_timeout
+
+
 def _site(
-    metrics: IResource, healthz: IResource, readyz: IResource, reactor: IReactorTime
+    metrics: IResource,
+    healthz: IResource,
+    readyz: IResource,
+    reactor: IReactorTime,
+    request_timeout: float,
 ) -> Site:
     """The admin listener's three pages; no tracebacks or per-request log lines."""
     root = Resource()
     root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", healthz)
     root.putChild(b"readyz", readyz)
-    site = Site(root, reactor=reactor)
+    site = AdminSite(root, reactor, request_timeout)
     site.noisy = False
     site.displayTracebacks = False
     return site
@@ -133,8 +211,14 @@ def _header(request: Request, name: bytes) -> str:
     return value.decode("latin-1") if value else ""
 
 
-def admin_site(metrics: Metrics, reactor: IReactorTime) -> Site:
-    return _site(MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics), reactor)
+def admin_site(
+    metrics: Metrics, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT
+) -> Site:
+    """The admin listener of a process that serves browsers itself."""
+    return _site(
+        MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics), reactor,
+        request_timeout,
+    )
 
 
 class WorkerPool(Protocol):
@@ -249,6 +333,11 @@ class WorkersHealthz(Resource):
         return body
 
 
-def supervisor_site(pool: WorkerPool, reactor: IReactorTime) -> Site:
+def supervisor_site(
+    pool: WorkerPool, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT
+) -> Site:
     """The admin listener of a supervisor of ``[novnc] workers``."""
-    return _site(WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool), reactor)
+    return _site(
+        WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool), reactor,
+        request_timeout,
+    )

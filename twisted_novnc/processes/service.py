@@ -60,7 +60,7 @@ def make_service(settings: Settings, reactor: IDaemonReactor, secret: bytes = b"
     ProcessSetupService(settings).setServiceParent(top)
     dsn = _database(settings, top)
     core = _proxy(settings, reactor, secret, dsn, top)
-    site = admin_site(core.metrics, reactor)
+    site = admin_site(core.metrics, reactor, settings.novnc.request_timeout)
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(top)
@@ -141,6 +141,7 @@ def _proxy(
     factory = NoVNCServerFactory(
         settings.novnc, gate, connect, reactor, metrics, settings.auth, secret, targets,
         web_root=settings.web.root, tokens=store, fast_path=fast,
+        web_send_timeout=settings.web.send_timeout,
     )
     metrics.live = LiveState(
         connections_open=lambda: len(factory.connections),
@@ -206,7 +207,7 @@ def make_supervisor_service(
     )
     supervisor = Supervisor(workers, launcher.spawn, reactor, settings.novnc.drain_timeout)
     supervisor.setServiceParent(top)
-    site = supervisor_site(supervisor, reactor)
+    site = supervisor_site(supervisor, reactor, settings.novnc.request_timeout)
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(top)
