@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
+from twisted_novnc.front.protocol import ClosedAtAccept
 from twisted_novnc.front.requesthead import MAX_HEAD, BadHead, check_head, head_end
 
 GOOD = b"GET /websockify/x HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\r\n"
@@ -72,10 +73,12 @@ def fast_path(request: pytest.FixtureRequest) -> bool:
 
 
 def _accept(w, peer: str):
-    """What the listener does for a new connection from ``peer``: build, then connect."""
+    """What the listener does for a new connection from ``peer``: build, then connect; None
+    when the connection is closed at accept."""
     protocol = w.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-    if protocol is not None:
-        protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", peer, 40000)))
+    if isinstance(protocol, ClosedAtAccept):
+        return None
+    protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", peer, 40000)))
     return protocol
 
 
@@ -121,6 +124,15 @@ def test_a_head_in_pieces_is_unfinished_until_its_end(fast_path):
 def test_trusted_proxies_are_not_counted(fast_path):
     """A trusted proxy's connections carry many clients: none is counted or refused."""
     with Wired(fast_path, max_per_ip=1, trusted_proxies=("127.0.0.0/8",)) as w:
+        assert all(_accept(w, "127.0.0.1") is not None for _ in range(5))
+        assert not w.factory.unfinished
+        assert _accept(w, "10.1.2.3") is not None and _accept(w, "10.1.2.3") is None
+
+
+def test_proxy_protocol_peers_are_not_counted(fast_path):
+    """A peer in proxy_protocol_from (a HAProxy sending PROXY headers) carries many clients,
+    whose addresses come only with the header: its connections are never capped as one."""
+    with Wired(fast_path, max_per_ip=1, proxy_protocol_from=("127.0.0.0/8",)) as w:
         assert all(_accept(w, "127.0.0.1") is not None for _ in range(5))
         assert not w.factory.unfinished
         assert _accept(w, "10.1.2.3") is not None and _accept(w, "10.1.2.3") is None
