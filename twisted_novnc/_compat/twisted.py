@@ -6,7 +6,8 @@ it and the installed Twisted when a release changes it; where Twisted has a publ
 function falls back to it.
 
 - writing to a TCP socket at once (:func:`send_now`, :func:`close_now`), and how much is
-  still to write (:func:`pending_bytes`, for the write timeout): a transport's write buffer (``_tempDataLen``, ``dataBuffer``, ``offset``) and ``_writeDisconnected``;
+  still to write (:func:`pending_bytes`, for the write timeout): a transport's write buffer
+  (``_tempDataLen``, ``dataBuffer``, ``offset``) and ``_writeDisconnected``;
 - transports of our own class (:class:`TCPServerTransport`, :func:`adopt_connected_socket`,
   :func:`accept_into`): ``tcp.Server``'s constructor and a port's ``transport`` class;
 - listening services (:func:`when_listening`, :func:`raise_listen_errors`):

@@ -51,7 +51,7 @@ from twisted_novnc.front.pipeline import (
 )
 from twisted_novnc.front.requesthead import MAX_HEAD, BadHead, check_head, head_end
 from twisted_novnc.operations.metrics import Metrics, outcome_label
-from twisted_novnc.relay.flow import BrowserFlow
+from twisted_novnc.relay.flow import UPSTREAM_FULL, BrowserFlow
 from twisted_novnc.relay.relay import Relay, TransportPeer
 from twisted_novnc.relay.sending import close_now, send_now, tune_relay_transport
 from twisted_novnc.relay.targets import TargetPolicy
@@ -237,8 +237,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     def onOpen(self) -> None:
         self._flow = BrowserFlow(
-            self.transport, self.factory.clock, self.factory.settings.write_timeout,
-            self._write_stalled,
+            self.transport, self.factory.clock, self.factory.settings.write_timeout, self
         )
         self._flow.start()
         if self._refused is not None:
@@ -342,13 +341,26 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     @property
     def producer(self) -> Any:
-        """Reading from the browser, which the VM's side pauses for its own reason."""
-        return self._flow.upstream_pauses if self._flow is not None else self.transport
+        """Reading from the browser, which the VM's side pauses for a reason of its own:
+        this protocol's pauseProducing and resumeProducing below."""
+        return self if self._flow is not None else self.transport
 
     @property
     def consumer(self) -> Any:
         """The browser's output, which pauses the VM's producer while it is full."""
         return self._flow if self._flow is not None else self.transport
+
+    def pauseProducing(self) -> None:
+        assert self._flow is not None
+        self._flow.pause_reading(UPSTREAM_FULL)
+
+    def resumeProducing(self) -> None:
+        assert self._flow is not None
+        self._flow.resume_reading(UPSTREAM_FULL)
+
+    def stopProducing(self) -> None:
+        if self._flow is not None:
+            self._flow.upstream_stopped()
 
     def send(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN:
@@ -386,7 +398,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self._abort_timer = None
         self.transport.abortConnection()
 
-    def _write_stalled(self, pending: int | None) -> None:
+    def write_stalled(self, pending: int | None) -> None:
         """The browser took nothing of a full write buffer for write_timeout: drop it."""
         self._write_timed_out = True
         self._log.info(
@@ -486,7 +498,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self.relay = None
         self._connected = None
         self.is_closed = None
-        self._flow = None  # it holds this protocol's _write_stalled
+        self._flow = None  # it holds this protocol
 
 
 # (The same disagreement of Autobahn's bases, as above.)

@@ -19,9 +19,15 @@ Everything here happens per buffer threshold or per timeout, never per message.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IProducer,
+    IPushProducer,
+    IReactorTime,
+)
 from zope.interface import implementer
 
 from twisted_novnc._compat.twisted import pending_bytes
@@ -31,49 +37,36 @@ UPSTREAM_FULL = 1
 OUTPUT_FULL = 2
 
 
-@implementer(IPushProducer)
-class UpstreamPauses:
-    """The browser's reading as the relay's VM side pauses it: one reason among others."""
+class FlowOwner(Protocol):
+    """The connection a flow watches (the browser's protocol)."""
 
-    __slots__ = ("_flow",)
-
-    def __init__(self, flow: BrowserFlow) -> None:
-        self._flow = flow
-
-    def pauseProducing(self) -> None:
-        self._flow.pause_reading(UPSTREAM_FULL)
-
-    def resumeProducing(self) -> None:
-        self._flow.resume_reading(UPSTREAM_FULL)
-
-    def stopProducing(self) -> None:
-        """The VM's socket is gone: the browser's goes too (as its transport would)."""
-        self._flow.detach()
-        self._flow.transport.stopProducing()
+    def write_stalled(self, pending: int | None) -> None:
+        """The browser took no byte of a full write buffer for ``write_timeout``: drop it."""
 
 
 @implementer(IPushProducer, IConsumer)
 class BrowserFlow:
     """The browser transport's producer (its output, watched) and the relay's consumer.
 
-    ``stalled`` is called when the write buffer stayed full for ``write_timeout`` seconds
-    without the browser taking a byte (0: never).  ``pending`` says how many bytes a transport
-    holds (None when it cannot tell: then a buffer still full after ``write_timeout`` counts as
-    stalled).
+    ``owner.write_stalled`` is called when the write buffer stayed full for ``write_timeout``
+    seconds without the browser taking a byte (0: never).  ``pending`` says how many bytes a
+    transport holds (None when it cannot tell: then a buffer still full after
+    ``write_timeout`` counts as stalled).  The relay's VM side pauses reading through the
+    owner, which calls :meth:`pause_reading` / :meth:`resume_reading` with ``UPSTREAM_FULL``
+    (no object of its own: a flow is per connection, and kept small).
     """
 
     __slots__ = (
         "_clock",
         "_last_pending",
+        "_owner",
         "_paused",
         "_pending",
         "_registered",
-        "_stalled",
         "_timer",
         "_upstream",
         "_write_timeout",
         "transport",
-        "upstream_pauses",
     )
 
     def __init__(
@@ -81,13 +74,13 @@ class BrowserFlow:
         transport: Any,
         clock: IReactorTime,
         write_timeout: float,
-        stalled: Callable[[int | None], object],
+        owner: FlowOwner,
         pending: Callable[[Any], int | None] = pending_bytes,
     ) -> None:
         self.transport = transport
         self._clock = clock
         self._write_timeout = write_timeout
-        self._stalled = stalled
+        self._owner = owner
         self._pending = pending
         #: The reasons reading is paused (UPSTREAM_FULL | OUTPUT_FULL).
         self._paused = 0
@@ -96,8 +89,6 @@ class BrowserFlow:
         self._registered = False
         self._timer: IDelayedCall | None = None
         self._last_pending: int | None = None
-        #: What the relay's other side pauses: reading from the browser, for its own reason.
-        self.upstream_pauses = UpstreamPauses(self)
 
     def start(self) -> None:
         """Watch the transport's write buffer from now on."""
@@ -117,6 +108,12 @@ class BrowserFlow:
         self.detach()
         if self._write_timeout and self._timer is None:
             self._arm(self._pending(self.transport))
+
+    def upstream_stopped(self) -> None:
+        """The VM's socket is gone: the browser's goes too, as its transport did when it was
+        the VM's producer (detached first, or it would not close)."""
+        self.detach()
+        self.transport.stopProducing()
 
     def connection_lost(self) -> None:
         """Nothing more to watch or pause."""
@@ -175,10 +172,11 @@ class BrowserFlow:
 
     # -- IConsumer: where the relay registers the VM's producer ----------------------------
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
-        self._upstream = producer
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        # The relay registers push producers only (the VM's transport).
+        self._upstream = upstream = cast(IPushProducer, producer)
         if self._paused & OUTPUT_FULL:
-            producer.pauseProducing()
+            upstream.pauseProducing()
 
     def unregisterProducer(self) -> None:
         self._upstream = None
@@ -202,4 +200,4 @@ class BrowserFlow:
         if pending is not None and last is not None and pending < last:
             self._arm(pending)
             return
-        self._stalled(pending)
+        self._owner.write_stalled(pending)
