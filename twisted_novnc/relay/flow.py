@@ -107,7 +107,9 @@ class BrowserFlow:
         """The connection is being closed after a flush: detach, and have the flush watched."""
         self.detach()
         if self._write_timeout and self._timer is None:
-            self._arm(self._pending(self.transport))
+            pending = self._pending(self.transport)
+            if pending != 0:  # nothing left to write: the close follows at once
+                self._arm(pending)
 
     def upstream_stopped(self) -> None:
         """The VM's socket is gone: the browser's goes too, as its transport did when it was
