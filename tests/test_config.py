@@ -693,6 +693,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("novnc", "max_waiting_per_ip"): st.integers(1, 1_000_000),
     ("novnc", "request_timeout"): st.floats(0.001, 1e6),
     ("novnc", "idle_timeout"): st.integers(0, 1_000_000),
+    ("novnc", "write_timeout"): st.integers(0, 1_000_000),
     ("novnc", "ping_timeout"): st.integers(2, 3600),
     ("novnc", "fast_path"): st.booleans(),
     ("database", "dsn"): st.one_of(st.just("embedded"), one_line),

@@ -161,6 +161,16 @@ def test_frames_it_does_not_take_are_handed_over_untouched(frame):
     assert frames.frame_left == 0
 
 
+def test_a_text_frame_is_handed_over_at_its_header():
+    """A text frame goes to Autobahn (whose onMessageBegin refuses it with 1003) as soon as
+    its header is complete, before any of its payload: the parser holds at most a header."""
+    frames = BrowserFrames(pytest.fail, Events(), 1024 * 1024)
+    header = client_frame(b"t" * 70000, opcode=1)[: 2 + 8 + 4]
+    assert frames.feed(header[:5], inside_message=False) is None
+    assert frames.feed(header[5:], inside_message=False) == header
+    assert frames.frame_left == 0 and frames.take_held() == b""
+
+
 def test_relayed_frames_before_a_hand_over_are_delivered():
     """Frames before the first one it does not take are relayed; the rest is handed over."""
     driver = Driver()

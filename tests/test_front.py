@@ -782,3 +782,130 @@ def test_the_stock_connector_is_connect_tcp():
     protocol.makeConnection(transport)
     protocol.send(b"bytes")
     assert transport.value() == b"bytes"
+
+
+class BoundedTransport(StringTransport):
+    """A StringTransport whose write buffer pauses its streaming producer past ``bound`` bytes,
+    as Twisted's TCP transports do, and resumes it once :meth:`drain` empties the buffer."""
+
+    bound = 4096
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        self.size = 0
+        self.full = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.size += len(data)
+        if self.producer is not None and not self.full and self.size > self.bound:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        self.clear()
+        self.size = 0
+        if self.full and self.producer is not None:
+            self.full = False
+            self.producer.resumeProducing()
+
+
+def bounded(w: Wired) -> BoundedTransport:
+    w.transport = BoundedTransport()
+    return w.transport
+
+
+PING = client_frame(b"p" * 125, opcode=9)
+
+
+def test_a_ping_flood_stops_reading_until_the_pongs_are_taken(fast_path):
+    """A browser that sends pings and reads no pong: once its write buffer passes the bound,
+    nothing more is read from it (nor from the VM) until the buffer drains; reading comes
+    back only when the VM, which paused it too, can take more as well."""
+    w = Wired(fast_path, READY)
+    transport = bounded(w)
+    with w:
+        w.send(HANDSHAKE)
+        transport.drain()
+        w.send(PING * 64)  # one read: 64 pongs of 127 bytes, past the bound
+        assert transport.producerState == "paused"
+        assert w.vm.transport.producerState == "paused"
+        w.vm.transport.producer.pauseProducing()  # the VM cannot take more either
+        transport.drain()
+        assert w.vm.transport.producerState == "producing"
+        assert transport.producerState == "paused", "resumed while the VM is still full"
+        w.vm.transport.producer.resumeProducing()
+        assert transport.producerState == "producing"
+
+
+def test_a_browser_that_takes_nothing_is_dropped_after_write_timeout(fast_path, logged):
+    """A full write buffer the browser takes nothing of for write_timeout: the socket is
+    aborted, the VM let go, the line logged and the outcome counted as write_timeout."""
+    w = Wired(fast_path, READY, write_timeout=30)
+    transport = bounded(w)
+    with w:
+        w.send(HANDSHAKE)
+        w.protocol.relay.from_vm(b"x" * 8192)
+        assert transport.full
+        w.clock.advance(29)
+        assert not transport.disconnecting
+        w.clock.advance(1)
+        assert transport.disconnected  # StringTransport.abortConnection
+        w.leave()
+    assert w.vm.closed == [(1000, "browser closed")]
+    (line,) = [e for e in logged if "took no byte" in e.get("log_format", "")]
+    assert (line["session_id"], line["timeout"]) == (SID, 30)
+    assert w.protocol.outcome() == "write_timeout"
+    metrics = w.factory.metrics.registry
+    labels = {"outcome": "write_timeout"}
+    assert metrics.get_sample_value("twisted_novnc_connections_total", labels) == 1
+
+
+def test_a_browser_that_drains_is_kept(fast_path):
+    """A buffer that fills and drains again within write_timeout arms nothing lasting."""
+    w = Wired(fast_path, READY, write_timeout=30)
+    transport = bounded(w)
+    with w:
+        w.send(HANDSHAKE)
+        for _ in range(5):
+            w.protocol.relay.from_vm(b"x" * 8192)
+            w.clock.advance(20)
+            transport.drain()
+        w.clock.advance(60)
+        assert not transport.disconnecting
+
+
+def test_a_closing_connection_detaches_its_flow(fast_path):
+    """The close handshake done, the transport has no producer left (Twisted would not close
+    a transport that has one)."""
+    w = Wired(fast_path, READY)
+    transport = bounded(w)
+    with w:
+        w.send(HANDSHAKE)
+        assert transport.producer is not None
+        w.send(client_frame(b"\x03\xe8", opcode=8))
+        assert transport.disconnecting and transport.producer is None
+
+
+def test_a_text_first_frame_is_refused_before_its_payload(fast_path):
+    """A text frame's header alone gets 1003 and lets the VM go: nothing waits for a payload
+    as long as max_message_size, and the payload that follows is not kept."""
+    import tracemalloc
+
+    size = 1024 * 1024
+    with Wired(fast_path, READY, max_message_size=size) as w:
+        w.send(HANDSHAKE)
+        payload = client_frame(b"\x00" * size, opcode=1)
+        header, body = payload[: 2 + 8 + 4], payload[2 + 8 + 4 :]
+        w.send(header)
+        assert w.close_code() == (1003, "binary messages only")
+        assert w.vm.closed == [(1000, "browser closed")]
+        tracemalloc.start()
+        try:
+            for at in range(0, size, 64 * 1024):
+                w.send(body[at : at + 64 * 1024])
+            kept, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert kept < size // 4, f"{kept} bytes of a refused text message kept"
+        assert w.frames()[-1][0] == 8 and len(w.frames()) == 1

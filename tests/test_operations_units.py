@@ -251,7 +251,7 @@ def test_metrics_page_negotiates_like_prometheus_client():
     ("outcome", "label"),
     [("1000", "1000"), ("1006", "1006"), ("4404", "4404"), ("4502", "4502"),
      ("http_404", "http_404"), ("3999", "other"), ("4999", "other"), ("1004", "other"),
-     ("2000", "other")],
+     ("2000", "other"), ("write_timeout", "write_timeout")],
 )
 def test_outcome_label_buckets_codes_nobody_documented(outcome, label):
     """RFC 6455's codes, the refusal table's and HTTP statuses are labels of their own; any

@@ -454,6 +454,12 @@ class NovncSettings:
         3600,
         "Seconds a relay may move no byte either way before it is closed (4408); 0 = never.",
     )
+    write_timeout: int = _setting(
+        _integer(0, 1_000_000),
+        60,
+        "Seconds a browser may leave a full write buffer untaken before it is dropped;"
+        " 0 = never.",
+    )
     ping_timeout: int = _setting(
         _integer(2, 3600),
         10,

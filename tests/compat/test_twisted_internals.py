@@ -109,6 +109,23 @@ def test_temp_data_len_counts_what_write_queues() -> Generator[Any, Any, None]:
 
 
 @pytest_twisted.inlineCallbacks
+def test_pending_bytes_reads_the_write_buffer() -> Generator[Any, Any, None]:
+    """pending_bytes (the write timeout's measure of progress) counts what write() queued
+    on a tcp.Server, and says None for a transport it cannot read."""
+    server, peer, port = yield accept_one()
+    try:
+        assert compat.pending_bytes(server.transport) == 0
+        server.transport.write(b"x" * 1000)
+        assert compat.pending_bytes(server.transport) == 1000, broken(
+            "twisted", "_tempDataLen/dataBuffer/offset no longer count queued bytes",
+            "twisted_novnc._compat.twisted.pending_bytes",
+        )
+        assert compat.pending_bytes(object()) is None
+    finally:
+        yield close(server, peer, port)
+
+
+@pytest_twisted.inlineCallbacks
 def test_data_buffer_and_offset_hold_what_the_kernel_did_not_take() -> Generator[Any, Any, None]:
     """Bytes doWrite could not send stay in dataBuffer past offset, and nothing is queued
     once the peer has read everything: send_now's "nothing queued" test."""

@@ -5,8 +5,9 @@ no public way to do; each has a canary in ``tests/compat/test_twisted_internals.
 it and the installed Twisted when a release changes it; where Twisted has a public way, the
 function falls back to it.
 
-- writing to a TCP socket at once (:func:`send_now`, :func:`close_now`): a transport's write
-  buffer (``_tempDataLen``, ``dataBuffer``, ``offset``) and ``_writeDisconnected``;
+- writing to a TCP socket at once (:func:`send_now`, :func:`close_now`), and how much is
+  still to write (:func:`pending_bytes`, for the write timeout): a transport's write buffer
+  (``_tempDataLen``, ``dataBuffer``, ``offset``) and ``_writeDisconnected``;
 - transports of our own class (:class:`TCPServerTransport`, :func:`adopt_connected_socket`,
   :func:`accept_into`): ``tcp.Server``'s constructor and a port's ``transport`` class;
 - listening services (:func:`when_listening`, :func:`raise_listen_errors`):
@@ -141,6 +142,14 @@ def close_now(transport: Any) -> None:
     transport._writeDisconnected = True
     transport.stopReading()
     transport.reactor.callLater(0, transport.loseConnection)
+
+
+def pending_bytes(transport: Any) -> int | None:
+    """Bytes written to a plain TCP transport that the kernel has not taken yet (the same
+    internals as :func:`send_now`); None for any other transport, which cannot tell."""
+    if type(transport) not in _DIRECT:
+        return None
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 def _queue(transport: Any, header: bytes, payload: Any) -> None:

@@ -61,6 +61,7 @@ from twisted_novnc.front.requesthead import (
     header_fields,
 )
 from twisted_novnc.operations.metrics import Metrics, outcome_label
+from twisted_novnc.relay.flow import UPSTREAM_FULL, BrowserFlow
 from twisted_novnc.relay.relay import Relay, TransportPeer
 from twisted_novnc.relay.sending import close_now, send_now, tune_relay_transport
 from twisted_novnc.relay.targets import TargetPolicy
@@ -137,6 +138,10 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     #: A plain HTTP answer ([web] root) on its way, and the address it is counted under.
     _download: web.Download | None = None
     _web_client: str | None = None
+    #: Reading paused while the browser's write buffer is full; the write timeout (onOpen on).
+    _flow: BrowserFlow | None = None
+    _write_timed_out: bool = False
+    _text_refused: bool = False
 
     @property
     def session_id(self) -> str | None:
@@ -286,6 +291,10 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     # -- the open connection: the relay ------------------------------------------------------
 
     def onOpen(self) -> None:
+        self._flow = BrowserFlow(
+            self.transport, self.factory.clock, self.factory.settings.write_timeout, self
+        )
+        self._flow.start()
         if self._refused is not None:
             refusal = self._refused.refusal
             self.sendClose(refusal.close_code, refusal.reason)
@@ -335,10 +344,30 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         if self.relay is None:
             return
         if not isBinary:
-            self.relay.browser_gone()
-            close_frame(self, 1003, "binary messages only")
+            self._refuse_text()
             return
         self.relay.from_browser(payload)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        """Text is refused on its first frame's header, before any of its payload is kept."""
+        super().onMessageBegin(isBinary)
+        if not isBinary:
+            self._refuse_text()
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        """Autobahn goes on reading frames while it closes: keep none of a refused text
+        message, nor of any message once the connection is closing."""
+        if self._text_refused or self.state != self.STATE_OPEN:
+            return
+        super().onMessageFrameData(payload)
+
+    def _refuse_text(self) -> None:
+        if self._text_refused:
+            return
+        self._text_refused = True
+        if self.relay is not None:
+            self.relay.browser_gone()
+        close_frame(self, 1003, "binary messages only")
 
     def _idle_check(self) -> None:
         """Close a relay that moved nothing since the last look, one idle_timeout ago."""
@@ -366,7 +395,30 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         if self.relay is not None:
             self.relay.end(by, code, reason)
 
-    # -- Peer, for the relay (producer and consumer: TransportPeer) -------------------------
+    # -- Peer, for the relay (producer and consumer: the flow's, see relay/flow.py) ----------
+
+    @property
+    def producer(self) -> Any:
+        """Reading from the browser, which the VM's side pauses for a reason of its own:
+        this protocol's pauseProducing and resumeProducing below."""
+        return self if self._flow is not None else self.transport
+
+    @property
+    def consumer(self) -> Any:
+        """The browser's output, which pauses the VM's producer while it is full."""
+        return self._flow if self._flow is not None else self.transport
+
+    def pauseProducing(self) -> None:
+        assert self._flow is not None
+        self._flow.pause_reading(UPSTREAM_FULL)
+
+    def resumeProducing(self) -> None:
+        assert self._flow is not None
+        self._flow.resume_reading(UPSTREAM_FULL)
+
+    def stopProducing(self) -> None:
+        if self._flow is not None:
+            self._flow.upstream_stopped()
 
     def send(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN:
@@ -388,6 +440,8 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         will not take them within ABORT_GRACE."""
         if abort and self._abort_timer is None and self.state != self.STATE_CLOSED:
             self._abort_timer = self.factory.clock.callLater(ABORT_GRACE, self._abort)
+        if self._flow is not None and self.state != self.STATE_CLOSED:
+            self._flow.closing()  # a transport with a producer would not close
         super().dropConnection(abort=False)
 
     def _refusal_unanswered(self) -> None:
@@ -396,8 +450,28 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self._refusal_timer = None
         self.onCloseHandshakeTimeout()
 
+    def unregisterProducer(self) -> None:
+        """Autobahn unregisters the transport's producer as it drops the connection: that is
+        the flow's (relay/flow.py) from the open on, detached once."""
+        if self._flow is not None:
+            self._flow.closing()
+        else:
+            super().unregisterProducer()
+
     def _abort(self) -> None:
         self._abort_timer = None
+        self.transport.abortConnection()
+
+    def write_stalled(self, pending: int | None) -> None:
+        """The browser took nothing of a full write buffer for write_timeout: drop it."""
+        self._write_timed_out = True
+        self._log.info(
+            "dropping {session_id} from {client}: took no byte in {timeout}s"
+            " ({pending} bytes pending)",
+            session_id=self.session_id, client=self.client,
+            timeout=self.factory.settings.write_timeout,
+            pending="unknown" if pending is None else pending,
+        )
         self.transport.abortConnection()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -415,6 +489,8 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         for timer in (self._idle_timer, self._abort_timer, self._refusal_timer):
             _cancel(timer)
         self._idle_timer = self._abort_timer = self._refusal_timer = None
+        if self._flow is not None:
+            self._flow.connection_lost()
         self._browser_left()
         super().connectionLost(reason)
         self._closed()
@@ -442,6 +518,8 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     def outcome(self) -> str:
         """How the connection ended, as a close code (1006: no close frame at all)."""
+        if self._write_timed_out:
+            return "write_timeout"
         if self._http_status is not None:
             return f"http_{self._http_status}"
         if self.closedByMe and self.localCloseCode is not None:
@@ -491,6 +569,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self.relay = None
         self._connected = None
         self.is_closed = None
+        self._flow = None  # it holds this protocol
 
 
 # (The same disagreement of Autobahn's bases, as above.)

@@ -34,9 +34,12 @@ KNOWN_CLOSE_CODES = frozenset(
 
 
 def outcome_label(outcome: str) -> str:
-    """The ``outcome`` label for a connection's end: a known close code or HTTP status as it
-    is, any other close code as ``other`` (the log line keeps the exact code)."""
-    if outcome.startswith("http_") or (outcome.isdigit() and int(outcome) in KNOWN_CLOSE_CODES):
+    """The ``outcome`` label for a connection's end: a known close code or HTTP status (or
+    ``write_timeout``) as it is, any other close code as ``other`` (the log line keeps the
+    exact code)."""
+    if outcome == "write_timeout" or outcome.startswith("http_") or (
+        outcome.isdigit() and int(outcome) in KNOWN_CLOSE_CODES
+    ):
         return outcome
     return "other"
 
