@@ -483,6 +483,14 @@ HANDSHAKE = (
 ).encode()
 
 
+class TCPLikeTransport(StringTransport):
+    """A StringTransport that, like TCP's, lets a protocol unregister no producer (Autobahn
+    does as it drops any connection; StringTransport would raise)."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
 class Wired:
     """One browser connection over a StringTransport; the gate, the factory's timers and
     Autobahn's (through txaio) on one Clock; the VM a MemoryPeer."""
@@ -502,7 +510,7 @@ class Wired:
             targets=TargetPolicy.from_config("10.0.0.0/8"), fast_path=fast_path,
         )
         self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6080))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        self.transport = TCPLikeTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
 
     def __enter__(self) -> Wired:
         self._loop = txaio.config.loop
@@ -687,16 +695,9 @@ def test_protocol_error_flushes_then_aborts_a_peer_that_takes_nothing(fast_path)
         assert aborted == [True]
 
 
-class _TCPLikeTransport(StringTransport):
-    """A StringTransport that, like TCP's, lets a protocol unregister no producer."""
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-
 def _refusing(fast_path: bool, row: SessionRow | None = None, **novnc: object) -> Wired:
     w = Wired(fast_path, row, **novnc)
-    w.transport = _TCPLikeTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+    w.transport = TCPLikeTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
     return w
 
 
@@ -707,7 +708,7 @@ def test_a_refused_client_that_never_answers_the_close_is_dropped(fast_path):
     count given back."""
     with _refusing(fast_path, SessionRow(SID, None), max_per_session=1) as w:
         first = w.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6080))
-        first.makeConnection(_TCPLikeTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 1)))
+        first.makeConnection(TCPLikeTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 1)))
         first.dataReceived(HANDSHAKE)
         w.send(HANDSHAKE)
         assert w.close_code() == (4429, "too many connections")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_front import HANDSHAKE, Wired
+from test_front import HANDSHAKE, TCPLikeTransport, Wired
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
@@ -78,7 +77,7 @@ def _accept(w, peer: str):
     protocol = w.factory.buildProtocol(IPv4Address("TCP", peer, 40000))
     if isinstance(protocol, ClosedAtAccept):
         return None
-    protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", peer, 40000)))
+    protocol.makeConnection(TCPLikeTransport(peerAddress=IPv4Address("TCP", peer, 40000)))
     return protocol
 
 
