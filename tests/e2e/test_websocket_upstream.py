@@ -41,6 +41,10 @@ class FakeWebsockify(WebSocketServerProtocol):
 def fake_websockify():
     factory = WebSocketServerFactory()
     factory.protocol = FakeWebsockify
+    # Autobahn schedules its close handshake timeout on txaio's batched timer, which rounds
+    # the deadline down to a whole second: its default of 1 s may fire at once, aborting the
+    # stand-in (and the close frame still in its buffer) before the daemon can answer.
+    factory.setProtocolOptions(closeHandshakeTimeout=30)
     factory.requests = []
     factory.opened = []
     port = pytest_twisted.blockon(
