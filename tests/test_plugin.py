@@ -39,7 +39,8 @@ def test_twistd_help_lists_the_plugin_options(tmp_path):
 
 
 def test_check_config_prints_effective_settings_masked(tmp_path):
-    """check-config validates a file and prints every key, the DSN password masked."""
+    """check-config validates a file and prints every key, the DSN password masked whole,
+    escaped spaces and all."""
     config = tmp_path / "c.ini"
     config.write_text("[database]\ndsn = host=db user=u password=hunter2\n")
     result = run([sys.executable, "-m", "twisted_novnc", "check-config", str(config)], tmp_path)
@@ -47,6 +48,13 @@ def test_check_config_prints_effective_settings_masked(tmp_path):
     assert "hunter2" not in result.stdout
     assert "dsn = host=db user=u password=***" in result.stdout
     assert "[upstream]" in result.stdout and "readiness_timeout = 30" in result.stdout
+    escaped = tmp_path / "escaped.ini"
+    escaped.write_text("[database]\ndsn = host=db password=correct\\ horse\\ battery dbname=x\n")
+    result = run([sys.executable, "-m", "twisted_novnc", "check-config", str(escaped)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "dsn = host=db password=*** dbname=x" in result.stdout
+    for word in ("correct", "horse", "battery"):
+        assert word not in result.stdout, word
     bad = tmp_path / "bad.ini"
     bad.write_text("[novnc]\nreject = maybe\n")
     result = run([sys.executable, "-m", "twisted_novnc", "check-config", str(bad)], tmp_path)
