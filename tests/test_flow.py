@@ -7,7 +7,7 @@ import attrs
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from twisted_novnc.relay.flow import UPSTREAM_FULL, BrowserFlow
+from twisted_novnc.relay.flow import PEER_FULL, ConnectionFlow
 
 TIMEOUT = 60
 
@@ -38,10 +38,10 @@ class Wired:
     stalled: list[int | None] = attrs.field(factory=list)
     pending: int | None = 1000
     timeout: int = TIMEOUT
-    flow: BrowserFlow = attrs.field(init=False)
+    flow: ConnectionFlow = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.flow = BrowserFlow(
+        self.flow = ConnectionFlow(
             self.transport, self.clock, self.timeout, self, pending=lambda transport: self.pending
         )
         self.flow.start()
@@ -64,18 +64,18 @@ def test_reading_resumes_only_when_both_reasons_are_gone():
     """The VM full and the browser's output full each pause reading; it resumes only when
     neither holds any more, whatever the order."""
     w = Wired()
-    w.flow.pause_reading(UPSTREAM_FULL)
+    w.flow.pause_reading(PEER_FULL)
     assert not w.reading
     w.flow.pauseProducing()
-    w.flow.resume_reading(UPSTREAM_FULL)
+    w.flow.resume_reading(PEER_FULL)
     assert not w.reading, "resumed while the browser's output is still full"
     w.flow.resumeProducing()
     assert w.reading
     w.flow.pauseProducing()
-    w.flow.pause_reading(UPSTREAM_FULL)
+    w.flow.pause_reading(PEER_FULL)
     w.flow.resumeProducing()
     assert not w.reading, "resumed while the VM is still full"
-    w.flow.resume_reading(UPSTREAM_FULL)
+    w.flow.resume_reading(PEER_FULL)
     assert w.reading
 
 
@@ -191,5 +191,5 @@ def test_a_lost_browser_stops_the_vm_and_a_lost_vm_the_browser():
     w.flow.stopProducing()
     assert vm.calls == ["stop"]
     w2 = Wired()
-    w2.flow.upstream_stopped()
+    w2.flow.peer_stopped()
     assert w2.transport.producer is None and w2.transport.producerState == "stopped"

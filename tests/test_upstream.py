@@ -1,8 +1,13 @@
-"""connect_tcp on a MemoryReactorClock: retries, deadlines and cancellation, no sockets."""
+"""connect_tcp on a MemoryReactorClock: retries, deadlines and cancellation, no sockets; the
+WebSocket upstream's flow control over a StringTransport."""
 
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
+import re
+from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError
@@ -17,12 +22,14 @@ from twisted_novnc.relay.upstream import (
     TCPUpstream,
     WebSocketUpstream,
     connect_tcp,
+    connect_websocket,
     upstream_connector,
 )
 from twisted_novnc.session import Target
 from twisted_novnc.testing import MemoryPeer
 
 TARGET = Target("s1", "10.0.0.5", 5900)
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def _refuse(reactor: MemoryReactorClock, index: int) -> None:
@@ -155,7 +162,7 @@ def _connector_attempt(**upstream: str) -> tuple[str, int, object]:
         "[upstream]\n" + "".join(f"{k} = {v}\n" for k, v in upstream.items()), "<test>"
     ).upstream
     reactor = MemoryReactorClock()
-    connect = upstream_connector(settings, reactor, 1024 * 1024, fast=False)
+    connect = upstream_connector(settings, reactor, 1024 * 1024, fast=False, write_timeout=7)
     connect(Target("s1", "10.0.0.5", 5900), 10.0, "sub/path", "a=1")
     host, port, factory = reactor.tcpClients[0][:3]
     return host, port, factory.buildProtocol(None)
@@ -168,3 +175,75 @@ def test_upstream_connector_chooses_tcp_or_websocket_and_the_port():
     host, port, protocol = _connector_attempt(mode="websocket", port="6080")
     assert (host, port) == ("10.0.0.5", 6080) and isinstance(protocol, WebSocketUpstream)
     assert protocol.factory.url == "ws://10.0.0.5:6080/sub/path?a=1"
+    assert protocol.write_timeout == 7  # [novnc] write_timeout, for the VM's socket too
+
+
+def _open_websocket(write_timeout: float = 30) -> tuple[MemoryReactorClock, Any, StringTransport]:
+    """A WebSocketUpstream opened over a StringTransport (the 101 answered by hand)."""
+    reactor = MemoryReactorClock()
+    d = connect_websocket(reactor, TARGET, 10, "websockify", "", write_timeout=write_timeout)
+    protocol = reactor.tcpClients[0][2].buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    (key,) = re.findall(rb"Sec-WebSocket-Key: (\S+)", transport.value(), re.IGNORECASE)
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+    transport.clear()
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Protocol: binary\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    assert d.result is protocol
+    return reactor, protocol, transport
+
+
+def _relayed(protocol: Any) -> tuple[Relay, MemoryPeer]:
+    browser = MemoryPeer()
+    relay = Relay("s1", browser=browser, vm=protocol)
+    relay.start()
+    protocol.attach(relay)
+    return relay, browser
+
+
+def test_the_vm_socket_is_read_only_when_no_reason_holds():
+    """The VM is not read until attach; then its full output pauses reading from it and the
+    browser, the browser's back-pressure pauses it too, and it resumes only once both clear."""
+    reactor, protocol, transport = _open_websocket()
+    flow = transport.producer
+    assert flow is protocol.consumer and transport.streaming
+    assert transport.producerState == "paused"  # not before the relay starts
+    relay, browser = _relayed(protocol)
+    assert transport.producerState == "producing"
+    flow.pauseProducing()  # the VM's write buffer passed its bound
+    assert transport.producerState == "paused"
+    assert browser.transport.producerState == "paused"  # the browser is not read either
+    relay.browser.consumer.producer.pauseProducing()  # and the browser cannot take more
+    flow.resumeProducing()
+    assert browser.transport.producerState == "producing"
+    assert transport.producerState == "paused", "resumed while the browser is still full"
+    relay.browser.consumer.producer.resumeProducing()
+    assert transport.producerState == "producing"
+
+
+def test_a_vm_that_takes_nothing_is_dropped_after_write_timeout(logged):
+    """A full write buffer the VM takes nothing of for write_timeout: its socket is aborted,
+    the line names the session and the VM, and the browser gets 4502."""
+    reactor, protocol, transport = _open_websocket(write_timeout=30)
+    relay, browser = _relayed(protocol)
+    transport.producer.pauseProducing()
+    reactor.advance(29)
+    assert not transport.disconnecting
+    reactor.advance(1)
+    assert transport.disconnecting
+    assert any("dropping the VM of s1 at 10.0.0.5:5900: took no byte in 30" in text
+               for _, text in logged)
+    protocol.connectionLost(Failure(error.ConnectionAborted()))
+    assert browser.closed == [(4502, "VM connection lost")]
+    assert reactor.getDelayedCalls() == []
+
+
+def test_dropping_the_vm_connection_detaches_its_flow():
+    """Autobahn unregisters the transport's producer as it drops the connection: the flow is
+    detached, or the transport would never close."""
+    reactor, protocol, transport = _open_websocket(write_timeout=0)
+    protocol.dropConnection(abort=False)
+    assert transport.producer is None and transport.disconnecting

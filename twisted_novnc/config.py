@@ -457,8 +457,8 @@ class NovncSettings:
     write_timeout: int = _setting(
         _integer(0, 1_000_000),
         60,
-        "Seconds a browser may leave a full write buffer untaken before it is dropped;"
-        " 0 = never.",
+        "Seconds a browser (or, in websocket mode, the VM) may leave a full write buffer"
+        " untaken before it is dropped; 0 = never.",
     )
     ping_timeout: int = _setting(
         _integer(2, 3600),

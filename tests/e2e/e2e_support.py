@@ -64,6 +64,19 @@ def settled(value: Callable[[], int], checks: int = 10, interval: float = 0.05) 
     return last
 
 
+@pytest_twisted.inlineCallbacks
+def stands_still(value: Any, limit: float, checks: int = 20, interval: float = 0.05) -> Any:
+    """Fire once ``value()`` has not changed for ``checks`` polls in a row, or after ``limit``
+    seconds whatever it does (the caller's asserts then say what it did)."""
+    deadline = reactor.seconds() + limit
+    last, same = value(), 0
+    while same < checks and reactor.seconds() < deadline:
+        yield task.deferLater(reactor, interval, lambda: None)
+        current = value()
+        same = same + 1 if current == last else 0
+        last = current
+
+
 def exchange(port: int, request: bytes, seconds: float = EVENT_LIMIT) -> defer.Deferred:
     """Send raw ``request`` to 127.0.0.1:port; fire with all the answer once it closes."""
     proto = RawExchange(request)

@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 import pytest_twisted
 from db_fixtures import insert_ready
-from e2e_support import Flood, banner_echo_close, connect_session, new_id, settled, within
+from e2e_support import (
+    Flood,
+    banner_echo_close,
+    connect_session,
+    new_id,
+    settled,
+    stands_still,
+    within,
+)
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -135,19 +143,6 @@ class PingFlood(RawBrowser):
         while not self._paused and self.sent < self.total:
             self.transport.write(self.chunk)  # type: ignore[union-attr]
             self.sent += len(self.chunk)
-
-
-@pytest_twisted.inlineCallbacks
-def stands_still(value: Any, limit: float, checks: int = 20, interval: float = 0.05) -> Any:
-    """Fire once ``value()`` has not changed for ``checks`` polls in a row, or after ``limit``
-    seconds whatever it does (the caller's asserts then say what it did)."""
-    deadline = reactor.seconds() + limit
-    last, same = value(), 0
-    while same < checks and reactor.seconds() < deadline:
-        yield task.deferLater(reactor, interval, lambda: None)
-        current = value()
-        same = same + 1 if current == last else 0
-        last = current
 
 
 def connect_raw(port: int, client: RawBrowser) -> defer.Deferred[Any]:

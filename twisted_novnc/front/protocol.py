@@ -61,7 +61,7 @@ from twisted_novnc.front.requesthead import (
     header_fields,
 )
 from twisted_novnc.operations.metrics import Metrics, outcome_label
-from twisted_novnc.relay.flow import UPSTREAM_FULL, BrowserFlow
+from twisted_novnc.relay.flow import PEER_FULL, ConnectionFlow
 from twisted_novnc.relay.relay import Relay, TransportPeer
 from twisted_novnc.relay.sending import close_now, send_now, tune_relay_transport
 from twisted_novnc.relay.targets import TargetPolicy
@@ -139,7 +139,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     _download: web.Download | None = None
     _web_client: str | None = None
     #: Reading paused while the browser's write buffer is full; the write timeout (onOpen on).
-    _flow: BrowserFlow | None = None
+    _flow: ConnectionFlow | None = None
     _write_timed_out: bool = False
     _text_refused: bool = False
 
@@ -291,7 +291,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     # -- the open connection: the relay ------------------------------------------------------
 
     def onOpen(self) -> None:
-        self._flow = BrowserFlow(
+        self._flow = ConnectionFlow(
             self.transport, self.factory.clock, self.factory.settings.write_timeout, self
         )
         self._flow.start()
@@ -410,15 +410,15 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     def pauseProducing(self) -> None:
         assert self._flow is not None
-        self._flow.pause_reading(UPSTREAM_FULL)
+        self._flow.pause_reading(PEER_FULL)
 
     def resumeProducing(self) -> None:
         assert self._flow is not None
-        self._flow.resume_reading(UPSTREAM_FULL)
+        self._flow.resume_reading(PEER_FULL)
 
     def stopProducing(self) -> None:
         if self._flow is not None:
-            self._flow.upstream_stopped()
+            self._flow.peer_stopped()
 
     def send(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN:

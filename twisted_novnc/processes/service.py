@@ -129,7 +129,8 @@ def _proxy(
 
     fast = settings.novnc.fast_path
     connect = upstream_connector(
-        settings.upstream, reactor, settings.novnc.max_message_size, fast=fast
+        settings.upstream, reactor, settings.novnc.max_message_size, fast=fast,
+        write_timeout=settings.novnc.write_timeout,
     )
 
     metrics = Metrics()

@@ -18,7 +18,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from OpenSSL import SSL
 from twisted.internet import address, error, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, IWriteDescriptor
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, IWriteDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
@@ -31,6 +31,7 @@ from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.config import UpstreamSettings
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.reactors import IConnectingReactor, ISocketReactor
+from twisted_novnc.relay.flow import NOT_RELAYING, PEER_FULL, ConnectionFlow
 from twisted_novnc.relay.relay import Relay, TransportPeer
 from twisted_novnc.relay.sending import RelayTransport, send_now, tune_relay_transport
 from twisted_novnc.session import Target
@@ -529,12 +530,26 @@ def _handshake(protocol: TCPUpstream) -> Deferred[TCPUpstream]:
     return protocol.handshake
 
 
-# Autobahn's own bases disagree on two attribute types; mypy compares them once a class
-# has two bases.
-class WebSocketUpstream(TransportPeer, WebSocketClientProtocol):  # type: ignore[misc]
-    """The VM side of a relay over a WebSocket to a websockify on the VM."""
+class WebSocketUpstream(WebSocketClientProtocol):
+    """The VM side of a relay over a WebSocket to a websockify on the VM.
 
+    Whoever runs that websockify is a peer like a browser: Autobahn answers its pings, so one
+    that pings and never reads would grow our write buffer to it without end.  From the open on
+    its socket has a flow (relay/flow.py), as the browser's does: reading from the VM pauses
+    while that buffer is full (and the browser with it), while the browser cannot take more,
+    and until the relay starts; a VM that takes no byte of a full buffer for ``write_timeout``
+    is dropped (the browser gets 4502).
+    """
+
+    # A connected TCP (or TLS) transport: ITCPTransport and IPushProducer, which typing
+    # cannot join.
+    transport: Any
     relay: Relay | None = None
+    _flow: ConnectionFlow | None = None
+    #: Set by connect_websocket: the clock, the write timeout, and whom the log names.
+    clock: IReactorTime | None = None
+    write_timeout: float = 0
+    target: Target | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -542,8 +557,11 @@ class WebSocketUpstream(TransportPeer, WebSocketClientProtocol):  # type: ignore
         self._held: list[bytes] = []
 
     def onOpen(self) -> None:
+        assert self.clock is not None
+        self._flow = ConnectionFlow(self.transport, self.clock, self.write_timeout, self)
+        self._flow.start()
         # Like the TCP upstream: nothing is read until the browser's side is open too.
-        self.transport.pauseProducing()
+        self._flow.pause_reading(NOT_RELAYING)
         self.opened.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -560,7 +578,38 @@ class WebSocketUpstream(TransportPeer, WebSocketClientProtocol):  # type: ignore
         elif self.relay is not None:
             self.relay.vm_gone(clean=wasClean and code in (1000, 1001, None))
 
-    # Peer (producer and consumer: TransportPeer)
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if self._flow is not None:
+            self._flow.connection_lost()
+        super().connectionLost(reason)
+        self._flow = None  # it holds this protocol
+
+    # Peer (producer and consumer: the flow's, see relay/flow.py)
+    @property
+    def producer(self) -> Any:
+        """Reading from the VM, which the browser's side pauses for a reason of its own:
+        this protocol's pauseProducing and resumeProducing below."""
+        return self if self._flow is not None else self.transport
+
+    @property
+    def consumer(self) -> Any:
+        """The VM's output, which pauses the browser's producer while it is full."""
+        return self._flow if self._flow is not None else self.transport
+
+    def pauseProducing(self) -> None:
+        if self._flow is not None:
+            self._flow.pause_reading(PEER_FULL)
+
+    def resumeProducing(self) -> None:
+        if self._flow is not None:
+            self._flow.resume_reading(PEER_FULL)
+
+    def stopProducing(self) -> None:
+        if self._flow is not None:
+            self._flow.peer_stopped()
+        else:
+            self.transport.stopProducing()
+
     def send(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN:
             # The browser's bytes may come as a bytearray (unmasked in place).
@@ -570,6 +619,8 @@ class WebSocketUpstream(TransportPeer, WebSocketClientProtocol):  # type: ignore
         if self.state == self.STATE_OPEN:
             self.sendClose(1000, reason[:100])
         else:
+            if self._flow is not None:
+                self._flow.closing()  # a transport with a producer would not close
             self.transport.loseConnection()
 
     def attach(self, relay: Relay) -> None:
@@ -577,7 +628,32 @@ class WebSocketUpstream(TransportPeer, WebSocketClientProtocol):  # type: ignore
         held, self._held = self._held, []
         for payload in held:
             relay.from_vm(payload)
-        self.transport.resumeProducing()
+        if self._flow is not None:
+            self._flow.resume_reading(NOT_RELAYING)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def unregisterProducer(self) -> None:
+        """Autobahn unregisters the transport's producer as it drops the connection: that is
+        the flow's from the open on, detached once (and its flush watched)."""
+        if self._flow is not None:
+            self._flow.closing()
+        else:
+            super().unregisterProducer()
+
+    def write_stalled(self, pending: int | None) -> None:
+        """The VM took nothing of a full write buffer for write_timeout: drop it (the browser
+        gets 4502, as for any VM connection lost)."""
+        target = self.target
+        _log.info(
+            "dropping the VM of {session_id} at {vm}: took no byte in {timeout}s"
+            " ({pending} bytes pending)",
+            session_id=target.session_id if target is not None else "?",
+            vm=f"{target.host}:{target.port}" if target is not None else "?",
+            timeout=self.write_timeout,
+            pending="unknown" if pending is None else pending,
+        )
+        self.transport.abortConnection()
 
 
 def connect_websocket(
@@ -590,8 +666,12 @@ def connect_websocket(
     max_message_size: int = 1024 * 1024,
     tls: Any = None,
     fast: bool = True,
+    write_timeout: float = 0,
 ) -> Deferred[WebSocketUpstream]:
-    """Open ``ws(s)://host:port/<suffix>?<query>`` offering ``binary``; 4502 on failure."""
+    """Open ``ws(s)://host:port/<suffix>?<query>`` offering ``binary``; 4502 on failure.
+
+    The reactor is the clock of the VM socket's flow; a VM that takes no byte of a full
+    write buffer for ``write_timeout`` seconds is dropped (0: never)."""
     host = f"[{target.host}]" if ":" in target.host else target.host
     scheme = "wss" if tls is not None else "ws"
     url = f"{scheme}://{host}:{target.port}/{suffix}" + (f"?{query}" if query else "")
@@ -605,9 +685,17 @@ def connect_websocket(
         perMessageCompressionOffers=[],
     )
     factory.noisy = False
+
+    def make_protocol() -> WebSocketUpstream:
+        protocol = cast(WebSocketUpstream, factory.buildProtocol(None))
+        protocol.clock = reactor
+        protocol.write_timeout = write_timeout
+        protocol.target = target
+        return protocol
+
     return connect_tcp(
         reactor, target, timeout, retry,
-        make_protocol=lambda: factory.buildProtocol(None),
+        make_protocol=make_protocol,
         ready=lambda protocol: protocol.opened,
         tls=tls,
         fast=fast,
@@ -619,10 +707,12 @@ def upstream_connector(
     reactor: IConnectingReactor,
     max_message_size: int,
     fast: bool = True,
+    write_timeout: float = 0,
 ) -> Callable[[Target, float, str, str], Deferred[Any]]:
     """The connector the request path calls, as ``[upstream]`` chooses it: raw TCP or a
     WebSocket to a websockify on the VM, each over TLS or not, to the row's port or to
-    ``[upstream] port``.  ``[upstream] ca_file`` is read once, here."""
+    ``[upstream] port``.  ``[upstream] ca_file`` is read once, here.  ``write_timeout``
+    (``[novnc] write_timeout``) drops a websockify that takes no byte of a full buffer."""
     trust = tls_trust(settings.tls, settings.ca_file)
 
     def connect(target: Target, timeout: float, suffix: str, query: str) -> Deferred[Any]:
@@ -633,6 +723,7 @@ def upstream_connector(
             return connect_websocket(
                 reactor, target, timeout, suffix, query, retry=settings.connect_retry,
                 max_message_size=max_message_size, tls=tls, fast=fast,
+                write_timeout=write_timeout,
             )
         return connect_tcp(
             reactor, target, timeout, retry=settings.connect_retry, tls=tls, fast=fast
