@@ -89,3 +89,40 @@ def test_missing_config_file_is_named(tmp_path):
     result = run([TWISTD, "--pidfile=", "-n", "novnc", "--config", "nowhere.ini"], tmp_path)
     assert result.returncode != 0
     assert "nowhere.ini" in result.stderr
+
+
+def test_version_names_the_package_and_its_libraries(tmp_path):
+    """twistd novnc --version prints this package's version first, then its libraries'."""
+    from twisted_novnc import __version__
+
+    result = run([TWISTD, "novnc", "--version"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith(f"twisted_novnc {__version__} (twisted ")
+    assert "autobahn " in line and "txpostgres " in line and "Python " in line
+
+
+def test_console_script_runs_the_helper_commands(tmp_path):
+    """The installed twisted-novnc command is python -m twisted_novnc under its own name."""
+    from twisted_novnc import __version__
+
+    command = os.path.join(os.path.dirname(sys.executable), "twisted-novnc")
+    version = run([command, "--version"], tmp_path)
+    assert version.returncode == 0 and f"twisted_novnc {__version__}" in version.stdout
+    config = tmp_path / "c.ini"
+    config.write_text("[novnc]\nreadiness_timeout = 5\n")
+    checked = run([command, "check-config", str(config)], tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "readiness_timeout = 5" in checked.stdout
+    usage = run([command, "--help"], tmp_path)
+    assert usage.stdout.startswith("usage: twisted-novnc")
+
+
+def test_installed_distribution_carries_the_licence():
+    """The MIT licence file ships in the installed distribution, as setup.cfg declares."""
+    from importlib import metadata
+
+    files = metadata.files("twisted_novnc") or []
+    (licence,) = [f for f in files if f.name == "LICENSE"]
+    assert "MIT License" in licence.read_text()
+    assert metadata.metadata("twisted_novnc")["License"] == "MIT"

@@ -1,4 +1,4 @@
-"""``python -m twisted_novnc``: helper commands beside the daemon.
+"""``python -m twisted_novnc`` (or ``twisted-novnc``): helper commands beside the daemon.
 
   install-schema --config FILE [--create-table] [--print]
       install the NOTIFY trigger on the configured (existing) sessions table
@@ -21,14 +21,16 @@ import sys
 from twisted_novnc.config import ConfigError, Settings, effective_items, parse_config, read_config
 from twisted_novnc.database.schema import schema_sql
 from twisted_novnc.front.auth import add_mint_token_arguments, run_mint_token
+from twisted_novnc.versions import describe
 
 
 def _settings(path: str | None) -> Settings:
     return read_config(path) if path else parse_config("", "<defaults>")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m twisted_novnc")
+def main(argv: list[str] | None = None, prog: str = "python -m twisted_novnc") -> int:
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--version", action="version", version=describe())
     commands = parser.add_subparsers(dest="command", required=True)
     install = commands.add_parser(
         "install-schema", help="install the NOTIFY trigger on the configured sessions table"
@@ -110,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     db = settings.database
     print(f"installed trigger {db.table} -> NOTIFY {db.notify_channel}")
     return 0
+
+
+def console() -> int:
+    """The ``twisted-novnc`` command: the same commands as ``python -m twisted_novnc``."""
+    return main(prog="twisted-novnc")
 
 
 if __name__ == "__main__":

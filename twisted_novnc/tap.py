@@ -47,6 +47,13 @@ class Options(usage.Options):
         super().__init__()
         self.overrides: dict[tuple[str, str], str] = {}
 
+    def opt_version(self) -> None:
+        """Print this package's version and its libraries', then exit."""
+        from twisted_novnc.versions import describe
+
+        print(describe())
+        sys.exit(0)
+
     def opt_set(self, assignment: str) -> None:
         """Override any ini key: --set SECTION.KEY=VALUE (repeatable)."""
         name, sep, value = assignment.partition("=")

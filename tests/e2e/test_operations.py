@@ -27,6 +27,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 
 @pytest_twisted.inlineCallbacks
+def test_start_up_names_the_running_versions(daemon_factory):
+    """The daemon's log says, at start-up, which twisted_novnc and libraries it runs."""
+    from twisted_novnc.versions import describe
+
+    daemon = yield daemon_factory()
+    yield within(daemon.when_logged("running twisted_novnc "))
+    assert f"running {describe()}" in daemon.output
+
+
+@pytest_twisted.inlineCallbacks
 def test_metrics_after_real_connections(daemon_factory, pg, sessions_table, vnc_server):
     """/metrics is Prometheus text that counts what really happened."""
     daemon = yield daemon_factory(

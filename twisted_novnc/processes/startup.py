@@ -25,6 +25,7 @@ from twisted_novnc.operations.fdlimit import (
     check_capacity,
     raise_descriptor_limit,
 )
+from twisted_novnc.versions import describe
 
 _log = Logger()
 
@@ -62,6 +63,7 @@ class ProcessSetupService(Service):
         if self._done:
             return
         self._done = True
+        _log.info("running {versions}", versions=describe())
         disable_created_metrics()
         if self.warn:
             warn_about(self.settings)
