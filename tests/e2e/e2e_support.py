@@ -10,7 +10,7 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 
 from twisted_novnc.testing import RFB_BANNER, RawExchange, recording_client_factory
 
@@ -135,20 +135,15 @@ def banner_echo_close(client: Any, payload: bytes, seconds: float = EVENT_LIMIT)
     assert (yield within(client.closed, seconds)) == (1000, None)
 
 
-class Flood(Protocol):
-    """Pushes ``total`` bytes of ``chunk`` as fast as the peer takes them: a streaming
-    producer on its own transport, so the peer's back-pressure pauses it."""
+class BoundedPush:
+    """A streaming producer on its own transport that writes ``chunk`` until ``total`` bytes
+    are sent, as fast as the peer takes them: the peer's back-pressure pauses it."""
 
-    chunk = b"\xab" * 65536
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.sent = 0
-        self._paused = False
-
-    def connectionMade(self) -> None:
-        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
-        self.resumeProducing()
+    chunk: bytes
+    total: int
+    sent: int = 0
+    _paused: bool = True
+    transport: Any
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -159,7 +154,62 @@ class Flood(Protocol):
     def resumeProducing(self) -> None:
         self._paused = False
         while not self._paused and self.sent < self.total:
-            self.transport.write(self.chunk)  # type: ignore[union-attr]
+            self.transport.write(self.chunk)
             self.sent += len(self.chunk)
         if self.sent >= self.total:
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.all_sent()
+
+    def all_sent(self) -> None:
+        """Called once ``total`` bytes are written (and again on each later resume)."""
+
+
+class Flood(BoundedPush, Protocol):
+    """Pushes ``total`` bytes of ``chunk`` as fast as the peer takes them, then lets go."""
+
+    chunk = b"\xab" * 65536
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def all_sent(self) -> None:
+        self.transport.unregisterProducer()
+
+
+class RawUpgrade(Protocol):
+    """Sends a WebSocket upgrade with extra headers (optionally after a PROXY line) and holds
+    the connection until the other side closes it (``done``)."""
+
+    def __init__(self, path: str, headers: dict[str, str], preamble: bytes = b"") -> None:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.request = preamble + (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+        ).encode()
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(None)
+
+
+class CollectingProcess(ProcessProtocol):
+    """A helper process (haproxy, websockify): its output so far, and ``ended``."""
+
+    def __init__(self) -> None:
+        self.output = ""
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data.decode("utf-8", "replace")
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: object) -> None:
+        self.ended.callback(None)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from e2e_support import new_id, until, within
+from e2e_support import CollectingProcess, RawUpgrade, new_id, until, within
 from required_tools import require_haproxy
 from test_tls import endpoint_arg, self_signed
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import Factory, Protocol
 
 from twisted_novnc.testing import RawExchange
 
@@ -53,20 +53,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class HAProxyProcess(ProcessProtocol):
-    """A running ``haproxy -db``; its output, and a Deferred for its end."""
-
-    def __init__(self) -> None:
-        self.output = ""
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data.decode("utf-8", "replace")
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: object) -> None:
-        self.ended.callback(None)
 
 
 @pytest.fixture
@@ -75,7 +61,7 @@ def haproxy(tmp_path):
     plain 127.0.0.1 frontend; ``send_proxy`` adds the PROXY header on the server line.  Fires with
     the frontend's port once it accepts; every HAProxy is stopped after the test."""
     binary = require_haproxy()
-    started: list[HAProxyProcess] = []
+    started: list[CollectingProcess] = []
 
     @pytest_twisted.inlineCallbacks
     def start(backend: int, send_proxy: bool = False, rules: list[str] | None = None):
@@ -91,7 +77,7 @@ def haproxy(tmp_path):
             "backend novnc\n"
             f"    server one 127.0.0.1:{backend}{' send-proxy' if send_proxy else ''}\n"
         )
-        proto = HAProxyProcess()
+        proto = CollectingProcess()
         started.append(proto)
         reactor.spawnProcess(proto, binary, [binary, "-db", "-f", str(config)], env={})
 
@@ -114,36 +100,18 @@ def haproxy(tmp_path):
             pytest_twisted.blockon(within(proto.ended))
 
 
-class Upgrade(Protocol):
-    """Sends a WebSocket upgrade with extra headers (optionally after a PROXY line) and holds
-    the connection until it is closed."""
-
-    def __init__(self, path: str, headers: dict[str, str], preamble: bytes = b"") -> None:
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.request = preamble + (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
-        ).encode()
-        self.done: defer.Deferred[None] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.done.callback(None)
 
 
 @pytest_twisted.inlineCallbacks
 def upgrade(port: int, bind: str, path: str, headers: dict[str, str], preamble: bytes = b""):
-    proto = Upgrade(path, headers, preamble)
+    proto = RawUpgrade(path, headers, preamble)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=(bind, 0))
     yield connectProtocol(endpoint, proto)
     return proto
 
 
 @pytest_twisted.inlineCallbacks
-def close_all(protos: list[Upgrade]):
+def close_all(protos: list[RawUpgrade]):
     for proto in protos:
         proto.transport.loseConnection()
     yield within(defer.DeferredList([p.done for p in protos]))

@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 from db_fixtures import insert_ready
 from e2e_support import (
+    BoundedPush,
     Flood,
     banner_echo_close,
     connect_session,
@@ -114,7 +115,7 @@ class RawBrowser(Protocol):
         self.lost.callback(None)
 
 
-class PingFlood(RawBrowser):
+class PingFlood(BoundedPush, RawBrowser):
     """Once open, reads nothing more and sends masked pings (125-byte payloads: each pong is
     as big as its ping) as fast as the daemon takes them, up to ``total`` bytes."""
 
@@ -123,26 +124,12 @@ class PingFlood(RawBrowser):
     def __init__(self, path: str, total: int) -> None:
         super().__init__(path)
         self.total = total
-        self.sent = 0
-        self._paused = True
         self.opened.addCallback(self._flood)
 
     def _flood(self, _: object) -> None:
         self.transport.pauseProducing()  # type: ignore[union-attr]  (no pong is read)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.resumeProducing()
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def stopProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        while not self._paused and self.sent < self.total:
-            self.transport.write(self.chunk)  # type: ignore[union-attr]
-            self.sent += len(self.chunk)
 
 
 def connect_raw(port: int, client: RawBrowser) -> defer.Deferred[Any]:

@@ -13,10 +13,18 @@ import pytest
 import pytest_twisted
 from daemon_process import LISTENING_FOR_CHANGES, DaemonProcess, start_daemon, write_config
 from db_fixtures import insert_ready
-from e2e_support import connect_session, http_get, metric_values, new_id, until, within
+from e2e_support import (
+    RawUpgrade,
+    connect_session,
+    http_get,
+    metric_values,
+    new_id,
+    until,
+    within,
+)
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 
 from twisted_novnc.testing import RFB_BANNER
 
@@ -154,23 +162,6 @@ def test_log_file_reopened_on_sighup(postgres_dsn, sessions_table, tmp_path):
         start.addErrback(lambda _: None)
 
 
-class RawUpgrade(Protocol):
-    """Sends a PROXY header and/or extra headers with an upgrade, then waits for the close."""
-
-    def __init__(self, preamble: bytes, path: str, headers: dict[str, str]) -> None:
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.request = preamble + (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
-        ).encode()
-        self.done: defer.Deferred[None] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def connectionLost(self, reason=None) -> None:
-        self.done.callback(None)
 
 
 @pytest_twisted.inlineCallbacks
@@ -182,7 +173,7 @@ def test_proxy_protocol_client_address(daemon_factory):
     )
     sid = new_id()
     preamble = b"PROXY TCP4 203.0.113.7 127.0.0.1 4711 6080\r\n"
-    proto = RawUpgrade(preamble, f"/websockify/{sid}", {})
+    proto = RawUpgrade(f"/websockify/{sid}", {}, preamble)
     yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port), proto)
     yield within(daemon.when_logged(f"request {sid} from 203.0.113.7"))
     yield within(proto.done)
@@ -196,7 +187,7 @@ def test_forwarded_for_only_from_trusted_proxies(daemon_factory):
     headers = {"X-Forwarded-For": "198.51.100.4"}
     for sid, bind in ((trusted, "127.0.0.1"), (untrusted, "127.0.0.2")):
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", daemon.port, bindAddress=(bind, 0))
-        proto = RawUpgrade(b"", f"/websockify/{sid}", headers)
+        proto = RawUpgrade(f"/websockify/{sid}", headers)
         yield connectProtocol(endpoint, proto)
         yield within(proto.done)
     yield within(daemon.when_logged(f"request {trusted} from 198.51.100.4"))

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from db_fixtures import insert_ready
-from e2e_support import connect_session, new_id, settled, stands_still, within
+from e2e_support import BoundedPush, connect_session, new_id, settled, stands_still, within
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -36,7 +36,7 @@ def server_frame(opcode: int, payload: bytes) -> bytes:
     return bytes([0x80 | opcode, len(payload)]) + payload
 
 
-class PingingWebsockify(Protocol):
+class PingingWebsockify(BoundedPush, Protocol):
     """Answers the upgrade with a 101 and the VNC banner, then reads nothing more and sends
     pings (125-byte payloads) as fast as the daemon takes them, up to ``total`` bytes."""
 
@@ -44,9 +44,7 @@ class PingingWebsockify(Protocol):
 
     def __init__(self, total: int) -> None:
         self.total = total
-        self.sent = 0
         self.head = b""
-        self._paused = True
         self.opened: defer.Deferred[None] = defer.Deferred()
         self.lost: defer.Deferred[None] = defer.Deferred()
 
@@ -69,18 +67,6 @@ class PingingWebsockify(Protocol):
         transport.registerProducer(self, True)
         self.opened.callback(None)
         self.resumeProducing()
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def stopProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        while not self._paused and self.sent < self.total:
-            self.transport.write(self.chunk)  # type: ignore[union-attr]
-            self.sent += len(self.chunk)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost.callback(None)

@@ -10,11 +10,11 @@ import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from db_fixtures import insert_ready
+from e2e_support import CollectingProcess, until, within
 from e2e_support import connect_client as connect
-from e2e_support import until, within
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import Factory, Protocol
 
 from twisted_novnc.testing import RFB_BANNER
 
@@ -102,18 +102,6 @@ def test_refused_upstream_handshake_is_4502(daemon_factory, pg, sessions_table):
         yield port.stopListening()
 
 
-class Websockify(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = ""
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data.decode("utf-8", "replace")
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(None)
 
 
 @pytest_twisted.inlineCallbacks
@@ -122,7 +110,7 @@ def test_real_websockify_in_front_of_a_vnc_server(daemon_factory, pg, sessions_t
     free = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
     ws_port = free.getHost().port
     yield free.stopListening()
-    proc = Websockify()
+    proc = CollectingProcess()
     reactor.spawnProcess(
         proc, sys.executable,
         [sys.executable, "-m", "websockify", f"127.0.0.1:{ws_port}",
