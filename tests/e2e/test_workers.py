@@ -18,8 +18,8 @@ import pytest
 import pytest_twisted
 from daemon_process import LISTENING_FOR_CHANGES, DaemonProcess, start_daemon, write_config
 from db_fixtures import insert_ready
-from e2e_support import connect_session, http_get, metric_values, new_id, until, within
-from test_operations import RawUpgrade, _free_port
+from e2e_support import RawUpgrade, connect_session, http_get, metric_values, new_id, until, within
+from test_operations import _free_port
 from test_tls import endpoint_arg, self_signed, wss_banner_and_echo
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
@@ -277,7 +277,7 @@ def test_every_endpoint_form_is_shared(daemon_factory, pg, sessions_table, vnc_s
 
     proxied = new_id()
     preamble = b"PROXY TCP4 203.0.113.7 127.0.0.1 4711 6080\r\n"
-    raw = RawUpgrade(preamble, f"/websockify/{proxied}", {})
+    raw = RawUpgrade(f"/websockify/{proxied}", {}, preamble)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port_of("haproxy:"))
     yield connectProtocol(endpoint, raw)
     yield within(
