@@ -640,6 +640,11 @@ def test_launcher_hands_over_sockets_and_exact_settings():
             calls.append((executable, args, childFDs))
             return "transport"
 
+        def adoptStreamConnection(self, fd, family, factory):
+            channels.append((family, factory.buildProtocol(None)))
+
+    channels = []
+
     settings = config("[novnc]\nworkers = 2\n")
     sockets = [SharedSocket("tcp:0", 11, socket.AF_INET), SharedSocket("unix:/s", 12, 1)]
     filled = attrs.evolve(settings, database=attrs.evolve(settings.database, dsn="host=/x"))
@@ -648,9 +653,12 @@ def test_launcher_hands_over_sockets_and_exact_settings():
     assert launcher.spawn(process) == "transport"
     ((executable, args, child_fds),) = calls
     assert args[1:] == ["-P", "-m", "twisted_novnc", "worker", "--index", "2"]
+    handoff = child_fds.pop(6)  # the worker's end of its relay hand-off channel
     assert child_fds == {0: "w", 1: 1, 2: 2, 3: "r", 4: 11, 5: 12}
+    assert isinstance(handoff, int)
+    assert channels == [(socket.AF_UNIX, process.channel)]
     init = WorkerInit.decode(process.init)
-    assert init.index == 2 and init.secret == b"key"
+    assert init.index == 2 and init.secret == b"key" and init.handoff_fd == 6
     assert init.sockets == (SharedSocket("tcp:0", 4, socket.AF_INET), SharedSocket("unix:/s", 5, 1))
     assert parse_config(init.settings, init.source) == filled
     assert init.settings == settings_text(filled)

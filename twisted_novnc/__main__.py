@@ -9,6 +9,9 @@
   mint-token --secret-file FILE --session ID [--ttl SECONDS] [--config FILE]
       print a token that opens one session in [auth] mode = hmac (a --ttl beyond the
       config's [auth] max_token_age is refused)
+  upgrade [--config FILE | --url URL] [--timeout SECONDS]
+      upgrade the running daemon (its admin listener's POST /upgrade) and wait: exit 0 once
+      complete, 1 with the reason when refused or failed, 2 when the daemon cannot be asked
   worker --index N
       (internal) one of the [novnc] workers processes, started by the daemon itself
 """
@@ -21,6 +24,8 @@ import sys
 from twisted_novnc.config import ConfigError, Settings, effective_items, parse_config, read_config
 from twisted_novnc.database.schema import schema_sql
 from twisted_novnc.front.auth import add_mint_token_arguments, run_mint_token
+from twisted_novnc.operations.upgrade_command import add_arguments as add_upgrade_arguments
+from twisted_novnc.operations.upgrade_command import run as run_upgrade
 from twisted_novnc.versions import describe
 
 
@@ -54,6 +59,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m twisted_novnc") -
     mint.add_argument(
         "--config", help="the daemon's ini file: a --ttl beyond its [auth] max_token_age is refused"
     )
+    upgrade = commands.add_parser(
+        "upgrade", help="upgrade the running daemon without downtime, and wait for the outcome"
+    )
+    add_upgrade_arguments(upgrade)
     worker = commands.add_parser(
         "worker", help="(internal) one of the [novnc] workers, started by the daemon itself"
     )
@@ -69,6 +78,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m twisted_novnc") -
             print(f"twisted_novnc: configuration error: {e}", file=sys.stderr)
             return 2
         return run_mint_token(args, max_token_age=max_token_age)
+    if args.command == "upgrade":
+        listen: tuple[str, ...] = ()
+        if args.url is None:
+            try:
+                listen = _settings(args.config).admin.listen
+            except ConfigError as e:
+                print(f"twisted_novnc: configuration error: {e}", file=sys.stderr)
+                return 2
+        return run_upgrade(args, listen)
     if args.command == "worker":
         from twisted_novnc.processes.worker import run_worker
 

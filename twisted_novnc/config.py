@@ -389,6 +389,13 @@ class NovncSettings:
         10.0,
         "On SIGTERM, how long live relays may go on before they are closed with 1001.",
     )
+    upgrade_drain_timeout: float = _setting(
+        _SECONDS,
+        86400.0,
+        "After an upgrade (SIGUSR2), how long what stays in the old generation (waiting"
+        " browsers, TLS relays, any relay that could not move) may go on before it is closed"
+        " with 1001.",
+    )
     trusted_proxies: tuple[str, ...] = _setting(
         _NETWORKS,
         (),

@@ -82,4 +82,4 @@ def makeService(options: Options, reactor: IDaemonReactor | None = None) -> ISer
         # One line, then a non-zero exit: twistd would otherwise print a traceback.
         print(f"twisted_novnc: configuration error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return make_service(settings, reactor, secret)
+    return make_service(settings, reactor, secret, options.overrides)

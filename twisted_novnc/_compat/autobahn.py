@@ -19,7 +19,11 @@ mixed into, so that only this module knows how Autobahn works inside:
   and ``_cancelAutoPingTimeoutCall``: what the frame parser reports
   (:class:`~twisted_novnc.front.fastpath.FrameEvents`: ``message_begun``, ``frame_ended``,
   ``message_too_big``);
-- ``_wskey`` and the parsed request: ``forget_handshake()``.
+- ``_wskey`` and the parsed request: ``forget_handshake()``;
+- for a relay moved from another process: where the reader stands (``current_frame``,
+  ``inside_message``, ``data``: :func:`autobahn_position`) and an open connection made without
+  a handshake (:func:`open_adopted`: ``_connectionMade`` of the base class, ``state``, the
+  auto-ping timer, ``_transport_details``).
 
 The class mixed into is :class:`twisted_novnc.front.protocol.FastNoVNCServerProtocol`; with
 ``[novnc] fast_path = off`` none of this is used.  tests/test_compat_autobahn.py has a canary
@@ -30,7 +34,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+import txaio
+from autobahn.twisted.util import create_transport_details
 from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
 
 from twisted_novnc._compat.lazydebug import lazy_pformat
@@ -192,3 +199,43 @@ class AutobahnFastPath(_Base):
         self.http_request_params: dict[str, list[str]] = {}
         self.websocket_protocols: list[str] = []
         self.websocket_extensions: list[Any] = []
+
+
+# -- Relays moved to another process (processes/upgrade.py) ----------------------------------
+
+def autobahn_position(protocol: WebSocketProtocol) -> tuple[bool, bool, bytes]:
+    """Where Autobahn's reader stands on an open connection: (between frames, inside a
+    message, the bytes it has read and not parsed).  Its ``current_frame``, ``inside_message``
+    and ``data``: a connection is moved only between frames, so that the new process's
+    parser starts where this one stops."""
+    return protocol.current_frame is None, bool(protocol.inside_message), bytes(protocol.data)
+
+
+def open_adopted(protocol: Any, transport: Any, subprotocol: str | None, server: bool) -> None:
+    """Make ``protocol`` an open WebSocket connection on ``transport`` without a handshake:
+    the connection was opened by another process, which moved it here.
+
+    What Autobahn's ``connectionMade`` and a successful opening handshake leave (its
+    ``_connectionMade`` of the base class, which a client would follow with a new handshake,
+    then the open state and the auto-ping timer), and nothing of the handshake itself.
+    """
+    protocol.transport = transport
+    protocol.connected = 1
+    protocol._transport_details = create_transport_details(transport, server)
+    protocol._transport_details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+    protocol.peer = protocol._transport_details.peer
+    if server:
+        protocol._connectionMade()  # the server's: the base's, and a count in the factory
+    else:
+        WebSocketProtocol._connectionMade(protocol)  # the client's would send a handshake
+    protocol.websocket_version = 13
+    protocol.websocket_protocol_in_use = subprotocol
+    protocol.websocket_extensions_in_use = []
+    protocol.state = _OPEN
+    protocol.inside_message = False
+    protocol.current_frame = None
+    if protocol.autoPingInterval:
+        protocol.autoPingPendingCall = protocol.factory._batched_timer.call_later(
+            protocol.autoPingInterval, protocol._sendAutoPing
+        )
+    cast(Any, txaio).resolve(protocol.is_open, None)

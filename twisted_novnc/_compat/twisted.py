@@ -17,6 +17,8 @@ function falls back to it.
   ``_fromListeningDescriptor`` and accept loop (``numberAccepts``);
 - the log (:func:`log_observers`, :func:`is_twistd_text_observer`): the global publisher's
   ``_observers`` and the shape of twistd's text observer;
+- relays moved to another process (:func:`take_unsent`, :func:`is_plain_tcp`): the same write
+  buffer, taken out of a transport whose socket is handed on;
 - small ones (:func:`endpoint_port`, :func:`read_pipe`).
 """
 
@@ -52,7 +54,9 @@ _log = Logger()
 _DIRECT: set[type] = {tcp.Server, tcp.Client}
 
 #: The attributes of Twisted's ``FileDescriptor`` that :func:`_writes_through` reads.
-TRANSPORT_INTERNALS = ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnected")
+TRANSPORT_INTERNALS = (
+    "_tempDataLen", "_tempDataBuffer", "dataBuffer", "offset", "_writeDisconnected"
+)
 
 
 class TCPServerTransport(tcp.Server):
@@ -150,6 +154,26 @@ def pending_bytes(transport: Any) -> int | None:
     if type(transport) not in _DIRECT:
         return None
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def is_plain_tcp(transport: Any) -> bool:
+    """A plain TCP transport (no TLS, no wrapper) whose buffer is known here: its socket and
+    what it still has to write can be handed to another process (processes/upgrade.py)."""
+    return type(transport) in _DIRECT and transport.connected and not transport.disconnecting
+
+
+def take_unsent(transport: Any) -> bytes:
+    """What a plain TCP transport was given to write and the kernel has not taken, removed
+    from the transport (its ``dataBuffer`` from ``offset``, then ``_tempDataBuffer``): the
+    process that adopts the socket writes it first.  Only for :func:`is_plain_tcp` transports."""
+    unsent = bytes(transport.dataBuffer[transport.offset:]) + b"".join(
+        bytes(part) for part in transport._tempDataBuffer
+    )
+    transport.dataBuffer = b""
+    transport.offset = 0
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    return unsent
 
 
 def _queue(transport: Any, header: bytes, payload: Any) -> None:

@@ -144,6 +144,11 @@ class ReadinessGate:
         self._schedule_expiry(watch, target.expires_at)
         return watch
 
+    def recheck(self, key: str) -> None:
+        """Read the session's row again soon and judge every watch of it: a relay taken over
+        from another process may have missed the NOTIFY that ended its session."""
+        self._schedule_read([key])
+
     def unwatch(self, watch: Watch) -> None:
         if watch.expiry is not None and watch.expiry.active():
             watch.expiry.cancel()

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+import attrs
+
 from twisted_novnc.front.frames import (
     OPCODE_BINARY,
     OPCODE_CONTINUATION,
@@ -43,6 +45,20 @@ class FrameEvents(Protocol):
 
     def message_too_big(self, size: int, limit: int) -> None:
         """A message grew past the limit: the connection must be failed (1009)."""
+
+
+@attrs.frozen
+class FramePosition:
+    """Where a :class:`BrowserFrames` stands between two reads, to go on in another process:
+    the frame being relayed (payload bytes left, its mask from the next byte on, whether it
+    ends its message), the binary message it belongs to, and a header cut by the last read."""
+
+    frame_left: int = 0
+    mask: bytes = b""
+    fin: bool = False
+    in_message: bool = False
+    message_size: int = 0
+    held: bytes = b""
 
 
 class BrowserFrames:
@@ -82,6 +98,27 @@ class BrowserFrames:
         self._in_message = False
         self._message_size = 0
         self._held = b""
+
+    def position(self) -> FramePosition:
+        """Where the parser stands now (see :class:`FramePosition`)."""
+        unmasker = self._unmasker
+        return FramePosition(
+            self.frame_left,
+            unmasker.mask_from_here() if unmasker is not None else b"",
+            self._fin,
+            self._in_message,
+            self._message_size,
+            self._held,
+        )
+
+    def resume(self, position: FramePosition) -> None:
+        """Go on from where another process's parser stopped."""
+        self.frame_left = position.frame_left
+        self._unmasker = Unmasker(position.mask) if position.frame_left else None
+        self._fin = position.fin
+        self._in_message = position.in_message
+        self._message_size = position.message_size
+        self._held = position.held
 
     def take_held(self) -> bytes:
         """The start of a header held until more arrives, for the other parser to take."""

@@ -118,6 +118,12 @@ class Unmasker:
         else:
             self._state = None
 
+    def mask_from_here(self) -> bytes:
+        """The mask as it applies from the next byte on: an :class:`Unmasker` made with it
+        goes on where this one stops (a frame continued in another process)."""
+        start = self._offset % 4
+        return self._mask[start:] + self._mask[:start]
+
     def unmask(self, chunk: Any) -> bytearray:
         """The next ``len(chunk)`` bytes of the payload, unmasked (one copy, XOR in place)."""
         out = bytearray(chunk)

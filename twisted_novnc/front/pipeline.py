@@ -172,6 +172,21 @@ class Pipeline:
         """Take one request down the path; its ``result`` says how it ended."""
         return Attempt(self, request).start()
 
+    def adopted(
+        self, session_key: str, client: str, started: float, ready_at: float,
+        session_counted: bool,
+    ) -> Attempt:
+        """The way of a relay that another process opened and handed here: counted under its
+        address and session as it was there, already at its end."""
+        attempt = Attempt(self, _FORGOTTEN, client=client, session_id=session_key,
+                          started=started, ready_at=ready_at, session_key=session_key)
+        attempt.result = Deferred()
+        attempt._count(+1)
+        if session_counted:
+            attempt.session_counted = True
+            self.limits.add(self.limits.per_session, session_key, +1)
+        return attempt
+
 
 @attrs.define(eq=False)
 class Attempt:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import os
+import socket
 import types
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -35,13 +37,19 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_novnc._compat.autobahn import AutobahnFastPath
+from twisted_novnc._compat.autobahn import AutobahnFastPath, autobahn_position, open_adopted
+from twisted_novnc._compat.twisted import (
+    TCPServerTransport,
+    adopt_connected_socket,
+    is_plain_tcp,
+    take_unsent,
+)
 from twisted_novnc.config import AuthSettings, NovncSettings, WebSettings
 from twisted_novnc.database.interfaces import ITokenStore
 from twisted_novnc.database.readiness import ReadinessGate, Watch
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.front import web
-from twisted_novnc.front.fastpath import BrowserFrames
+from twisted_novnc.front.fastpath import BrowserFrames, FramePosition
 from twisted_novnc.front.forwarded import client_address, parse_networks
 from twisted_novnc.front.frames import server_frame_header
 from twisted_novnc.front.pipeline import (
@@ -61,10 +69,19 @@ from twisted_novnc.front.requesthead import (
     header_fields,
 )
 from twisted_novnc.operations.metrics import Metrics, outcome_label
+from twisted_novnc.reactors import ISocketReactor
 from twisted_novnc.relay.flow import PEER_FULL, ConnectionFlow
+from twisted_novnc.relay.handoff import MovedRelay
 from twisted_novnc.relay.relay import Relay, TransportPeer
-from twisted_novnc.relay.sending import close_now, send_now, tune_relay_transport
+from twisted_novnc.relay.sending import (
+    RelayTransport,
+    close_now,
+    send_now,
+    tune_relay_transport,
+)
 from twisted_novnc.relay.targets import TargetPolicy
+from twisted_novnc.relay.upstream import TCPUpstream, WebSocketUpstream, adopt_upstream
+from twisted_novnc.session import Target
 
 __all__ = [
     "SUBPROTOCOL",
@@ -142,6 +159,8 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     _flow: ConnectionFlow | None = None
     _write_timed_out: bool = False
     _text_refused: bool = False
+    #: Handed to a process of the new generation: its end here is not the relay's end.
+    _moved: bool = False
 
     @property
     def session_id(self) -> str | None:
@@ -431,6 +450,141 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     def close(self, code: int, reason: str) -> None:
         close_frame(self, code, reason)
 
+    # -- moving to a process of the new generation (processes/upgrade.py) ---------------------
+
+    def unmovable(self) -> str | None:
+        """Why this relay cannot be handed to another process now (None: it can).
+
+        Both sockets must be plain TCP (no TLS: its session state cannot leave OpenSSL), the
+        relay open, and each WebSocket reader between two frames (the fast path's may be in
+        the middle of a binary frame: its position travels), so that the new process's parser
+        starts exactly where this one stops.
+        """
+        relay = self.relay
+        if relay is None or relay.ended_by is not None or self._gone or self._watch is None:
+            return "not relaying"
+        if self.state != self.STATE_OPEN:
+            return "closing"
+        if not is_plain_tcp(self.transport):
+            return "TLS or a wrapped transport"
+        between, inside, _ = autobahn_position(self)
+        if not between or (inside and not self.relays_own_frames()):
+            return "in the middle of a frame"
+        upstream = cast(TCPUpstream | WebSocketUpstream, relay.vm)
+        return upstream.unmovable()
+
+    def relays_own_frames(self) -> bool:
+        """Whether the browser's frames are parsed outside Autobahn (the fast path's)."""
+        return False
+
+    def frame_position(self) -> FramePosition:
+        """Where the browser's frame parser stands, as it travels with a moved relay."""
+        return FramePosition()
+
+    def hand_off(self, ident: int) -> tuple[MovedRelay, list[int]]:
+        """Stop relaying here and give the relay up: its state, and a duplicate of each of its
+        two sockets (the caller sends them and closes them once the new process has them).
+
+        Nothing is closed toward the browser or the VM: each socket is let go here without a
+        shutdown, so the other copy goes on as the same connection.  Only for a relay that is
+        not :meth:`unmovable`.
+        """
+        relay, watch, attempt = self.relay, self._watch, self.attempt
+        assert relay is not None and watch is not None and attempt is not None
+        assert self._opened_at is not None
+        upstream = cast(TCPUpstream | WebSocketUpstream, relay.vm)
+        target = watch.target
+        now = self.factory.clock.seconds()
+        unread = autobahn_position(self)[2]
+        moved = MovedRelay(
+            ident=ident,
+            session_id=target.session_id,
+            host=target.host,
+            port=target.port,
+            expires_at=target.expires_at,
+            client=attempt.client,
+            upstream=upstream.kind,
+            subprotocol=self.websocket_protocol_in_use,
+            fast_path=self.relays_own_frames(),
+            up_bytes=relay.up_bytes,
+            down_bytes=relay.down_bytes,
+            activity=relay.activity,
+            wait_seconds=(attempt.ready_at or self._opened_at) - attempt.started,
+            relay_seconds=now - self._opened_at,
+            browser_unread=unread,
+            frame=self.frame_position(),
+            browser_unsent=take_unsent(self.transport),
+            vm_unsent=take_unsent(upstream.transport),
+            vm_unread=upstream.unread(),
+            session_counted=attempt.session_counted,
+        )
+        fds = [os.dup(self.transport.fileno()), os.dup(upstream.transport.fileno())]
+        self._moved = True
+        relay.moved()
+        self.factory.metrics.relay_moved_out(relay.up_bytes, relay.down_bytes)
+        self._browser_left()
+        # Let both sockets go here without a shutdown (an abort closes without one): the
+        # duplicates, and then the new process's copies, keep each connection as it is.
+        upstream.transport.abortConnection()
+        self.transport.abortConnection()
+        return moved, fds
+
+    def adopted(
+        self, moved: MovedRelay, transport: Any, upstream: TCPUpstream | WebSocketUpstream
+    ) -> None:
+        """Go on with a relay another process handed here, on its sockets: what it had not
+        sent goes first, then the relay is wired as ``onOpen`` wires one, and what it had
+        read and not parsed is parsed here."""
+        factory = self.factory
+        clock = factory.clock
+        open_adopted(self, transport, moved.subprotocol, server=True)
+        self._head = None
+        factory.connections.add(self)
+        now = clock.seconds()
+        self._opened_at = now - moved.relay_seconds
+        started = self._opened_at - moved.wait_seconds
+        self.attempt = factory.pipeline.adopted(
+            moved.session_id, moved.client, started, self._opened_at, moved.session_counted
+        )
+        if moved.browser_unsent:
+            transport.write(moved.browser_unsent)
+        if moved.vm_unsent:
+            upstream.transport.write(moved.vm_unsent)
+        self._flow = ConnectionFlow(transport, clock, factory.settings.write_timeout, self)
+        self._flow.start()
+        self.relay = relay = Relay(
+            moved.session_id, browser=self, vm=upstream, up_bytes=moved.up_bytes,
+            down_bytes=moved.down_bytes, activity=moved.activity,
+        )
+        factory.metrics.relay_moved_in(moved.up_bytes, moved.down_bytes)
+        relay.start()
+        self.relay_started(relay)
+        self.resume_frames(moved.frame)
+        upstream.attach(relay)
+        target = Target(moved.session_id, moved.host, moved.port, moved.expires_at)
+        self._watch = factory.gate.watch(target, self._revoked)
+        # A NOTIFY that ended the session during the move went to the old process.
+        factory.gate.recheck(target.session_id)
+        factory.live.add(self)
+        if factory.settings.idle_timeout:
+            self._idle_seen = relay.activity
+            self._idle_timer = clock.callLater(factory.settings.idle_timeout, self._idle_check)
+        self.forget_handshake()
+        self._log.info(
+            "adopted {session_id} from {client} (relayed {relay_seconds:.3f}s so far,"
+            " up={up_bytes} down={down_bytes})",
+            session_id=moved.session_id, client=moved.client,
+            relay_seconds=moved.relay_seconds, up_bytes=moved.up_bytes,
+            down_bytes=moved.down_bytes,
+        )
+        if moved.browser_unread:
+            self.dataReceived(moved.browser_unread)
+        if moved.vm_unread and relay.ended_by is None:
+            upstream.dataReceived(moved.vm_unread)
+
+    def resume_frames(self, position: FramePosition) -> None:
+        """The stock path parses whole frames only: it takes relays moved between frames."""
+
     # -- the end ---------------------------------------------------------------------------------
 
     def dropConnection(self, abort: bool = False) -> None:
@@ -518,6 +672,8 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     def outcome(self) -> str:
         """How the connection ended, as a close code (1006: no close frame at all)."""
+        if self._moved:
+            return "moved"
         if self._write_timed_out:
             return "write_timeout"
         if self._http_status is not None:
@@ -546,6 +702,15 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         )
         relayed = end - self._opened_at if self._opened_at is not None else 0.0
         factory.metrics.connections.labels(outcome_label(outcome)).inc()
+        if self._moved:
+            self._log.info(
+                "moved {session_id} from {client} to the new generation after"
+                " {relay_seconds:.3f}s: up={up_bytes} down={down_bytes}",
+                session_id=self.session_id, client=self.client, relay_seconds=relayed,
+                up_bytes=up, down_bytes=down,
+            )
+            self.connection_ended()
+            return
         if relay is not None:
             factory.metrics.relay_closed(up, down)
         self._log.info(
@@ -587,6 +752,19 @@ class FastNoVNCServerProtocol(AutobahnFastPath, NoVNCServerProtocol):  # type: i
             # One call per chunk into the relay; a chunk is a bytearray, unmasked in place.
             cast(Any, relay.from_browser), self, self.factory.settings.max_message_size
         )
+
+    def relays_own_frames(self) -> bool:
+        return self.frames is not None
+
+    def frame_position(self) -> FramePosition:
+        assert self.frames is not None
+        return cast(BrowserFrames, self.frames).position()
+
+    def resume_frames(self, position: FramePosition) -> None:
+        assert self.frames is not None
+        cast(BrowserFrames, self.frames).resume(position)
+        if position.in_message:
+            self.message_begun()
 
     def send(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN:
@@ -766,6 +944,51 @@ class NoVNCServerFactory(WebSocketServerFactory):
         except ValueError:
             return False
         return any(address in network for network in self._proxies)
+
+    def adopt(
+        self, moved: MovedRelay, browser_fd: int, vm_fd: int, reactor: ISocketReactor
+    ) -> NoVNCServerProtocol:
+        """Take up a relay another process handed over, on its two sockets (whose descriptors
+        this takes: adopted, or closed on failure).  ValueError when this process cannot
+        continue it (the stock path mid-frame, an unknown upstream kind)."""
+        try:
+            browser_sock = socket.socket(fileno=browser_fd)
+        except OSError:
+            os.close(browser_fd)
+            os.close(vm_fd)
+            raise
+        try:
+            vm_sock = socket.socket(fileno=vm_fd)
+        except OSError:
+            browser_sock.close()
+            os.close(vm_fd)
+            raise
+        try:
+            if not self.fast_path and (moved.frame.frame_left or moved.frame.in_message
+                                       or moved.frame.held):
+                raise ValueError("this process runs the stock path ([novnc] fast_path = off),"
+                                 " which cannot go on in the middle of a frame")
+            browser_sock.setblocking(False)
+            vm_sock.setblocking(False)
+            peer = browser_sock.getpeername()
+            target = Target(moved.session_id, moved.host, moved.port, moved.expires_at)
+            upstream = adopt_upstream(
+                moved.upstream, vm_sock, target, reactor, fast=self.fast_path,
+                max_message_size=self.settings.max_message_size,
+                write_timeout=self.settings.write_timeout,
+            )
+        except BaseException:
+            browser_sock.close()
+            vm_sock.close()
+            raise
+        protocol = cast(NoVNCServerProtocol, self.protocol())
+        protocol.factory = self
+        transport_class = RelayTransport if self.fast_path else TCPServerTransport
+        transport = adopt_connected_socket(
+            transport_class, browser_sock, protocol, peer[0], peer[1], reactor
+        )
+        protocol.adopted(moved, transport, upstream)
+        return protocol
 
     def live_bytes(self) -> tuple[int, int]:
         """Bytes moved so far by the relays still open: (up, down)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -161,18 +161,62 @@ class AdminSite(Site):
         self.request_timeout = request_timeout
 
 
+#: Starts an upgrade: fires with its report, or fails with the reason it was refused.
+UpgradeTrigger = Callable[[], "Deferred[dict[str, Any]]"]
+
+
+class UpgradePage(Resource):
+    """``POST /upgrade``: upgrade now and answer once it is complete (processes/upgrade.py).
+
+    200 with the report; 409 with ``{"upgraded": false, "reason": ...}`` when it was refused
+    (the running generation serves on).  ``python -m twisted_novnc upgrade`` posts here.
+    """
+
+    isLeaf = True
+
+    def __init__(self, trigger: UpgradeTrigger) -> None:
+        super().__init__()
+        self.trigger = trigger
+
+    def render_POST(self, request: Request) -> Any:
+        def write(code: int, body: dict[str, Any]) -> None:
+            if request.finished or request.channel is None:
+                return
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(json.dumps(body).encode() + b"\n")
+            request.finish()
+
+        def refused(failure: Any) -> None:
+            write(409, {"upgraded": False, "reason": failure.getErrorMessage()})
+
+        self.trigger().addCallbacks(lambda body: write(200, body), refused)
+        return NOT_DONE_YET
+
+
+def _root(
+    metrics: IResource, healthz: IResource, readyz: IResource, upgrade: UpgradeTrigger | None
+) -> Resource:
+    root = Resource()
+    root.putChild(b"metrics", metrics)
+    root.putChild(b"healthz", healthz)
+    root.putChild(b"readyz", readyz)
+    if upgrade is not None:
+        root.putChild(b"upgrade", UpgradePage(upgrade))
+    return root
+
+
 def _site(
     metrics: IResource,
     healthz: IResource,
     readyz: IResource,
     reactor: IReactorTime,
     request_timeout: float,
+    upgrade: UpgradeTrigger | None = None,
 ) -> Site:
-    """The admin listener's three pages; no tracebacks or per-request log lines."""
-    root = Resource()
-    root.putChild(b"metrics", metrics)
-    root.putChild(b"healthz", healthz)
-    root.putChild(b"readyz", readyz)
+    """The admin listener's pages; no tracebacks or per-request log lines."""
+    root = _root(metrics, healthz, readyz, upgrade)
     site = AdminSite(root, reactor, request_timeout)
     site.noisy = False
     site.displayTracebacks = False
@@ -212,12 +256,13 @@ def _header(request: Request, name: bytes) -> str:
 
 
 def admin_site(
-    metrics: Metrics, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT
+    metrics: Metrics, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT,
+    upgrade: UpgradeTrigger | None = None,
 ) -> Site:
     """The admin listener of a process that serves browsers itself."""
     return _site(
         MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics), reactor,
-        request_timeout,
+        request_timeout, upgrade,
     )
 
 
@@ -334,10 +379,18 @@ class WorkersHealthz(Resource):
 
 
 def supervisor_site(
-    pool: WorkerPool, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT
+    pool: WorkerPool, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT,
+    upgrade: UpgradeTrigger | None = None,
 ) -> Site:
     """The admin listener of a supervisor of ``[novnc] workers``."""
     return _site(
         WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool), reactor,
-        request_timeout,
+        request_timeout, upgrade,
     )
+
+
+def serve_workers(site: Site, pool: WorkerPool, upgrade: UpgradeTrigger | None) -> None:
+    """Have a process's admin site show its workers from now on (``workers = 1`` after its
+    first upgrade: the main process supervises, it no longer relays)."""
+    site.resource = _root(WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool),
+                          upgrade)

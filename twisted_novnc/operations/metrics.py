@@ -37,7 +37,7 @@ def outcome_label(outcome: str) -> str:
     """The ``outcome`` label for a connection's end: a known close code or HTTP status (or
     ``write_timeout``) as it is, any other close code as ``other`` (the log line keeps the
     exact code)."""
-    if outcome == "write_timeout" or outcome.startswith("http_") or (
+    if outcome in ("write_timeout", "moved") or outcome.startswith("http_") or (
         outcome.isdigit() and int(outcome) in KNOWN_CLOSE_CODES
     ):
         return outcome
@@ -83,8 +83,8 @@ class _LiveCollector(Collector):
             "Bytes relayed: up = browser to VM, down = VM to browser.",
             labels=["direction"],
         )
-        relayed.add_metric(["up"], m.closed_up_bytes + up)
-        relayed.add_metric(["down"], m.closed_down_bytes + down)
+        relayed.add_metric(["up"], m.closed_up_bytes + up - m.moved_in_up_bytes)
+        relayed.add_metric(["down"], m.closed_down_bytes + down - m.moved_in_down_bytes)
         yield relayed
         yield GaugeMetricFamily(
             "twisted_novnc_listen_connected",
@@ -111,6 +111,10 @@ class Metrics:
     live: LiveState = attrs.field(factory=LiveState)
     closed_up_bytes: int = 0
     closed_down_bytes: int = 0
+    #: Bytes that relays taken over from an older process had moved before they came here:
+    #: not this process's, so not in its relayed-bytes counter.
+    moved_in_up_bytes: int = 0
+    moved_in_down_bytes: int = 0
     connections: Any = attrs.field(init=False)
     readiness_wait: Any = attrs.field(init=False)
     upstream_connect: Any = attrs.field(init=False)
@@ -150,6 +154,15 @@ class Metrics:
     def relay_closed(self, up_bytes: int, down_bytes: int) -> None:
         self.closed_up_bytes += up_bytes
         self.closed_down_bytes += down_bytes
+
+    def relay_moved_out(self, up_bytes: int, down_bytes: int) -> None:
+        """A relay went on in a new process: what it moved here stays counted here."""
+        self.relay_closed(up_bytes, down_bytes)
+
+    def relay_moved_in(self, up_bytes: int, down_bytes: int) -> None:
+        """A relay came from an older process with these totals, which are that one's."""
+        self.moved_in_up_bytes += up_bytes
+        self.moved_in_down_bytes += down_bytes
 
 
 def worker_families(texts: Mapping[int, str]) -> list[Metric]:

@@ -5,11 +5,20 @@ Between the supervisor and each worker there are two pipes, carrying frames of
 
 - supervisor -> worker, the worker's stdin: first its settings (``INIT``), later questions
   (``ASK``: its metrics or its readiness) and ``STOP`` (drain as on SIGTERM) or ``STOP_NOW``
-  (close every relay now, as on a second SIGTERM).  Its end of file means the supervisor is
-  gone, whatever killed it: the worker then stops too, so no worker outlives it.
+  (close every relay now, as on a second SIGTERM), or ``UPGRADE`` (a new generation serves:
+  hand the live relays on, drain the rest; :mod:`twisted_novnc.processes.upgrade`).  Its end
+  of file means the supervisor is gone, whatever killed it: the worker then stops too, so no
+  worker outlives it.
 - worker -> supervisor, descriptor 3: its log events (``LOG``), which the supervisor logs as its
-  own with a ``worker`` field, so they go wherever ``[log]`` sends the supervisor's; and its
-  answers (``ANSWER``).
+  own with a ``worker`` field, so they go wherever ``[log]`` sends the supervisor's; its
+  answers (``ANSWER``); ``READY`` once it accepts, and ``HANDED`` once an upgrade's relays
+  are handed on.
+
+A third channel, a UNIX socket pair (the worker's end named in ``INIT``), carries live relays
+with their descriptors during an upgrade (:mod:`twisted_novnc.relay.handoff`).
+
+A worker may run newer code than its supervisor (an upgrade starts the code installed then):
+a message or key a side does not know is ignored, never an error.
 
 Both ends use this module and nothing of each other's.
 """
@@ -34,6 +43,13 @@ STOP = b"S"
 STOP_NOW = b"N"
 LOG = b"L"
 ANSWER = b"A"
+#: supervisor -> worker: an upgrade: stop accepting, hand relays on, drain the rest
+#: (``{"drain_timeout": seconds}``).
+UPGRADE = b"U"
+#: worker -> supervisor: started and accepting (``{"version": ..., "pid": ...}``).
+READY = b"R"
+#: worker -> supervisor: every movable relay handed on (``{"moved": n, "kept": m}``).
+HANDED = b"H"
 
 _HEADER = struct.Struct("!Ic")
 #: A frame larger than this is a broken pipe, not a message.
@@ -101,9 +117,12 @@ class WorkerInit:
     source: str
     secret: bytes
     sockets: tuple[SharedSocket, ...]
+    #: The worker's end of its relay hand-off channel (None: it has none).
+    handoff_fd: int | None = None
 
     def encode(self) -> bytes:
         return json.dumps({
+            "handoff_fd": self.handoff_fd,
             "index": self.index,
             "settings": self.settings,
             "source": self.source,
@@ -117,6 +136,7 @@ class WorkerInit:
         return cls(
             data["index"], data["settings"], data["source"], base64.b64decode(data["secret"]),
             tuple(SharedSocket(d, fd, family) for d, fd, family in data["sockets"]),
+            data.get("handoff_fd"),
         )
 
 

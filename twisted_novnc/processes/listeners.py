@@ -22,7 +22,12 @@ from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
-from twisted_novnc._compat.twisted import accept_into, raise_listen_errors, when_listening
+from twisted_novnc._compat.twisted import (
+    accept_into,
+    keep_socket_open_on_close,
+    raise_listen_errors,
+    when_listening,
+)
 from twisted_novnc.front.forwarded import Network, peer_allowed, proxied_endpoint
 from twisted_novnc.relay.sending import RelayTransport
 
@@ -59,6 +64,8 @@ class ListenerService(StreamServerEndpointService):
         self.verb = verb
         self.relay = relay
         self._guard: Stoppable | None = None
+        #: The listening port, once it listens.
+        self.port: Any = None
         raise_listen_errors(self)
 
     def privilegedStartService(self) -> None:
@@ -68,6 +75,7 @@ class ListenerService(StreamServerEndpointService):
     def _listening(self, port: Any) -> Any:
         if port is None:
             return port
+        self.port = port
         host = port.getHost()
         _log.info(
             "{role}{verb} {host}:{port} ({description})",
@@ -82,6 +90,16 @@ class ListenerService(StreamServerEndpointService):
         if self.on_port is not None:
             self._guard = self.on_port(port)
         return port
+
+    def stop_accepting(self) -> None:
+        """Accept nothing more here and leave the socket as it is (open, not shut down): a new
+        generation of processes accepts on it now (processes/upgrade.py)."""
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
+        if self.port is not None:
+            keep_socket_open_on_close(self.port)
+            self.port.stopReading()
 
     def stopService(self) -> Deferred[None] | None:
         if self._guard is not None:

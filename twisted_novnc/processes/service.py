@@ -9,10 +9,12 @@ sockets (:mod:`twisted_novnc.processes.worker`, which builds its tree here).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import attrs
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -25,17 +27,19 @@ from twisted_novnc.database.store import PostgresSessionStore
 from twisted_novnc.front.auth import SecretFileError, read_secret
 from twisted_novnc.front.forwarded import parse_networks
 from twisted_novnc.front.protocol import NoVNCServerFactory
-from twisted_novnc.operations.admin import admin_site, supervisor_site
+from twisted_novnc.operations.admin import admin_site, serve_workers, supervisor_site
 from twisted_novnc.operations.fdlimit import AcceptGuard, guard_accepts
 from twisted_novnc.operations.logs import LogService
 from twisted_novnc.operations.metrics import LiveState, Metrics
 from twisted_novnc.processes.databases import EmbeddedSchemaService, SessionDatabaseService
 from twisted_novnc.processes.drain import DrainService
+from twisted_novnc.processes.generations import LocalGeneration, Upgrader
 from twisted_novnc.processes.launcher import Launcher, worker_count
 from twisted_novnc.processes.listeners import ListenerService, listen_endpoint
 from twisted_novnc.processes.sharedports import AdoptingReactor, ListeningReactor, SharedSocket
 from twisted_novnc.processes.startup import ProcessSetupService, StartupDoneService
 from twisted_novnc.processes.supervisor import SequentialMultiService, Supervisor
+from twisted_novnc.processes.upgrade import Router
 from twisted_novnc.reactors import IDaemonReactor
 from twisted_novnc.relay.hostaddresses import HostAddresses
 from twisted_novnc.relay.targets import TargetPolicy
@@ -44,35 +48,70 @@ from twisted_novnc.relay.upstream import tls_trust, upstream_connector
 _log = Logger()
 
 
-def make_service(settings: Settings, reactor: IDaemonReactor, secret: bytes = b"") -> MultiService:
+def make_service(
+    settings: Settings,
+    reactor: IDaemonReactor,
+    secret: bytes = b"",
+    overrides: Mapping[tuple[str, str], str] | None = None,
+) -> MultiService:
     """Build the whole daemon; nothing runs, and nothing in the process changes, until the
     service starts (:mod:`twisted_novnc.processes.startup`).
 
-    ``secret`` is the HMAC key read from ``[auth] secret_file`` (see :func:`load_secret`).
+    ``secret`` is the HMAC key read from ``[auth] secret_file`` (see :func:`load_secret`);
+    ``overrides`` the command line's, applied again when an upgrade rereads the config.
     """
+    overrides = dict(overrides or {})
     workers = worker_count(settings.novnc.workers)
     if settings.novnc.workers is None:
         _log.info("[novnc] workers = auto: {n} (one per core)", n=workers)
     if workers > 1:
-        return make_supervisor_service(settings, reactor, secret, workers)
+        return make_supervisor_service(settings, reactor, secret, workers, overrides)
     top = MultiService()
     LogService(settings.log, reactor).setServiceParent(top)
     ProcessSetupService(settings).setServiceParent(top)
     dsn = _database(settings, top)
     core = _proxy(settings, reactor, secret, dsn, top)
-    site = admin_site(core.metrics, reactor, settings.novnc.request_timeout)
+    upgrader: Upgrader | None = None
+
+    def upgrade() -> Deferred[dict[str, Any]]:
+        assert upgrader is not None
+        return upgrader.upgrade()
+
+    site = admin_site(core.metrics, reactor, settings.novnc.request_timeout, upgrade)
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(top)
     proxy_from = parse_networks(settings.novnc.proxy_protocol_from)
+    listeners = []
     for description in settings.novnc.listen:
         endpoint = listen_endpoint(reactor, description, proxy_from, reactor)
-        ListenerService(
+        listener = ListenerService(
             description, endpoint, core.factory, on_port=core.guard,
             relay=settings.novnc.fast_path,
-        ).setServiceParent(top)
+        )
+        listener.setServiceParent(top)
+        listeners.append(listener)
+    local = LocalGeneration(core.factory, listeners, core.drain.close_all)
+    router = Router()
+
+    def launcher(new: Settings, new_secret: bytes) -> Launcher:
+        return Launcher(
+            reactor, sockets=local.sockets, settings=lambda: _with_dsn(new, dsn()),
+            secret=new_secret, router=router,
+        )
+
+    upgrader = Upgrader(
+        settings, overrides, reactor, launcher, load_secret, top, local=local,
+        supervising=lambda supervisor: serve_workers(site, supervisor, upgrade),
+    )
+    upgrader.setServiceParent(top)
     StartupDoneService().setServiceParent(top)
     return top
+
+
+def _with_dsn(settings: Settings, dsn: str) -> Settings:
+    """Settings for a worker: the database's DSN as known now (the embedded cluster's)."""
+    return attrs.evolve(settings, database=attrs.evolve(settings.database, dsn=dsn))
 
 
 def _database(settings: Settings, parent: MultiService) -> Callable[[], str]:
@@ -88,10 +127,18 @@ def _database(settings: Settings, parent: MultiService) -> Callable[[], str]:
 
 @attrs.define(eq=False)
 class WorkerHandles:
-    """What the worker's control pipe acts on: its metrics, readiness and drain."""
+    """What the worker's control pipe acts on: its metrics, readiness and drain, and for an
+    upgrade its browser-facing factory and listeners."""
 
     metrics: Metrics
     drain: DrainService
+    factory: NoVNCServerFactory | None = None
+    listeners: list[ListenerService] = attrs.field(factory=list)
+    upgrade_drain_timeout: float = 86400.0
+
+    def stop_accepting(self) -> None:
+        for listener in self.listeners:
+            listener.stop_accepting()
 
 
 @attrs.define(eq=False)
@@ -170,20 +217,26 @@ def make_worker_service(
     ProcessSetupService(settings, warn=False).setServiceParent(top)
     core = _proxy(settings, reactor, secret, lambda: settings.database.dsn, top)
     proxy_from = parse_networks(settings.novnc.proxy_protocol_from)
+    listeners = []
     for shared in sockets:
         adopting = AdoptingReactor(reactor, shared)
         endpoint = listen_endpoint(adopting, shared.description, proxy_from, reactor)
-        ListenerService(
+        listener = ListenerService(
             shared.description, endpoint, core.factory, on_port=core.guard,
             verb="accepting (shared with the other workers) on",
             relay=settings.novnc.fast_path,
-        ).setServiceParent(top)
+        )
+        listener.setServiceParent(top)
+        listeners.append(listener)
     StartupDoneService().setServiceParent(top)
-    return top, WorkerHandles(core.metrics, core.drain)
+    return top, WorkerHandles(
+        core.metrics, core.drain, core.factory, listeners, settings.novnc.upgrade_drain_timeout
+    )
 
 
 def make_supervisor_service(
-    settings: Settings, reactor: IDaemonReactor, secret: bytes, workers: int
+    settings: Settings, reactor: IDaemonReactor, secret: bytes, workers: int,
+    overrides: Mapping[tuple[str, str], str] | None = None,
 ) -> MultiService:
     """The supervisor of ``workers`` processes: the embedded database, the listening sockets
     (made here, accepted on only by the workers), the admin listener, and the workers.
@@ -197,18 +250,26 @@ def make_supervisor_service(
     dsn = _database(settings, top)
     listeners = [(description, ListeningReactor(reactor)) for description in settings.novnc.listen]
 
-    def worker_settings() -> Settings:
-        return attrs.evolve(settings, database=attrs.evolve(settings.database, dsn=dsn()))
-
     launcher = Launcher(
         reactor,
         sockets=lambda: [sharing.shared(description) for description, sharing in listeners],
-        settings=worker_settings,
+        settings=lambda: _with_dsn(settings, dsn()),
         secret=secret,
     )
     supervisor = Supervisor(workers, launcher.spawn, reactor, settings.novnc.drain_timeout)
     supervisor.setServiceParent(top)
-    site = supervisor_site(supervisor, reactor, settings.novnc.request_timeout)
+
+    def new_launcher(new: Settings, new_secret: bytes) -> Launcher:
+        return attrs.evolve(launcher, settings=lambda: _with_dsn(new, dsn()), secret=new_secret)
+
+    upgrader = Upgrader(
+        settings, dict(overrides or {}), reactor, new_launcher, load_secret, top,
+        supervisor=supervisor,
+    )
+    upgrader.setServiceParent(top)
+    site = supervisor_site(
+        supervisor, reactor, settings.novnc.request_timeout, upgrade=upgrader.upgrade
+    )
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(top)

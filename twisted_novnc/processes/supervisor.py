@@ -24,7 +24,14 @@ from typing import Any
 
 import attrs
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    FirstError,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
@@ -36,17 +43,21 @@ from twisted_novnc.processes.ipc import (
     ANSWER,
     ASK,
     CONTROL_FD,
+    HANDED,
     INIT,
     LOG,
     MESSAGES_FD,
+    READY,
     STOP,
     STOP_NOW,
+    UPGRADE,
     FrameError,
     Frames,
     decode_event,
     frame,
 )
 from twisted_novnc.reactors import SignalHandler
+from twisted_novnc.relay.handoff import HandoffChannel
 
 _log = Logger()
 
@@ -79,16 +90,29 @@ def describe_end(reason: Failure) -> str:
     return f"ended ({value})"
 
 
+class WorkerEnded(Exception):
+    """A worker ended before it said it was ready (its exit status or signal)."""
+
+
 class WorkerProcess(ProcessProtocol):
     """The supervisor's end of one worker process: its pipes, its questions, its end."""
 
-    def __init__(self, supervisor: Supervisor, index: int) -> None:
+    def __init__(self, supervisor: Supervisor, index: int, generation: int = 1) -> None:
         self.supervisor = supervisor
         self.index = index
+        self.generation = generation
         self.init = b""
         self.pid: int | None = None
         self.started_at = 0.0
         self.ended = False
+        #: The version it runs, as it said when ready.
+        self.version: str | None = None
+        #: Fires with its READY message once it accepts; fails with WorkerEnded if it ends first.
+        self.ready: Deferred[dict[str, Any]] = Deferred()
+        #: While it hands its relays on (an upgrade): fires with its HANDED message, or at its end.
+        self.handed: Deferred[dict[str, Any]] | None = None
+        #: Its relay hand-off channel (processes/launcher.py opens it).
+        self.channel: HandoffChannel | None = None
         self._frames = Frames()
         self._pending: dict[int, Deferred[Any]] = {}
         self._next_id = 0
@@ -118,6 +142,38 @@ class WorkerProcess(ProcessProtocol):
                 self.supervisor.publish(self.index, payload)
             elif kind == ANSWER:
                 self._answered(payload)
+            elif kind == READY:
+                self._ready(payload)
+            elif kind == HANDED:
+                self._handed(payload)
+
+    def _ready(self, payload: bytes) -> None:
+        try:
+            info = json.loads(payload)
+            self.version = str(info.get("version"))
+        except (ValueError, AttributeError):
+            info = {}
+        if not self.ready.called:
+            self.ready.callback(info)
+
+    def _handed(self, payload: bytes) -> None:
+        try:
+            counts = json.loads(payload)
+        except ValueError:
+            counts = {}
+        handed, self.handed = self.handed, None
+        if handed is not None:
+            handed.callback(counts)
+
+    def upgrade(self, drain_timeout: float) -> Deferred[dict[str, Any]]:
+        """Have this (old-generation) worker hand its relays on and drain the rest; fires with
+        its counts (``moved``, ``kept``) once handed, or empty if it ends first."""
+        handed: Deferred[dict[str, Any]] = Deferred()
+        self.handed = handed
+        if not self._send(UPGRADE, json.dumps({"drain_timeout": drain_timeout}).encode()):
+            self.handed = None
+            handed.callback({})
+        return handed
 
     def _send(self, kind: bytes, payload: bytes = b"") -> bool:
         try:
@@ -178,6 +234,11 @@ class WorkerProcess(ProcessProtocol):
         pending, self._pending = self._pending, {}
         for d in pending.values():
             d.callback(None)
+        if not self.ready.called:
+            self.ready.errback(WorkerEnded(describe_end(reason)))
+        handed, self.handed = self.handed, None
+        if handed is not None:
+            handed.callback({})
         self.supervisor.worker_ended(self, reason)
 
 
@@ -215,6 +276,12 @@ class Supervisor(Service):
         self.backoff = backoff
         self.publisher = publisher
         self.slots = [_Slot(index, backoff()) for index in range(1, count + 1)]
+        #: The generation the slots run; older workers still draining after an upgrade.
+        self.generation = 1
+        self.retired: list[WorkerProcess] = []
+        #: A generation starting (an upgrade), not yet serving.
+        self.starting: list[WorkerProcess] = []
+        self._next_index = count + 1
         self.restarts = 0
         self.stopping = False
         self._stopped: Deferred[None] | None = None
@@ -233,7 +300,7 @@ class Supervisor(Service):
         slot.timer = None
         if self.stopping:
             return
-        process = WorkerProcess(self, slot.index)
+        process = WorkerProcess(self, slot.index, self.generation)
         process.started_at = self.clock.seconds()
         try:
             self.spawn(process)
@@ -245,10 +312,20 @@ class Supervisor(Service):
         _log.info("worker {worker} started (pid {pid})", worker=slot.index, pid=process.pid)
 
     def worker_ended(self, process: WorkerProcess, reason: Failure) -> None:
-        slot = self.slots[process.index - 1]
-        if slot.process is process:
-            slot.process = None
         how = describe_end(reason)
+        slot = next((s for s in self.slots if s.process is process), None)
+        if slot is None:
+            # An old generation's worker that drained, or a new one that never got ready.
+            if process in self.retired:
+                self.retired.remove(process)
+            if process in self.starting:
+                self.starting.remove(process)
+            _log.info("worker {worker} (pid {pid}) of generation {generation} {how}",
+                      worker=process.index, pid=process.pid, generation=process.generation,
+                      how=how)
+            self._check_stopped()
+            return
+        slot.process = None
         lived = self.clock.seconds() - process.started_at
         if self.stopping:
             _log.info("worker {worker} (pid {pid}) {how}", worker=process.index,
@@ -287,24 +364,113 @@ class Supervisor(Service):
     # -- what the admin listener asks ----------------------------------------------------
 
     def alive(self) -> int:
+        """The workers of the serving generation running now."""
         return sum(1 for slot in self.slots if slot.process is not None)
 
+    def processes(self) -> list[WorkerProcess]:
+        """Every worker process running: the serving generation's, older ones still
+        draining, and a new one starting."""
+        serving = [slot.process for slot in self.slots if slot.process is not None]
+        return serving + self.retired + self.starting
+
     def pids(self) -> dict[int, int | None]:
-        return {s.index: s.process.pid if s.process else None for s in self.slots}
+        pids = {s.index: s.process.pid if s.process else None for s in self.slots}
+        pids.update((process.index, process.pid) for process in self.retired)
+        return pids
 
     def ask_all(self, what: str) -> Deferred[dict[int, Any]]:
+        """Every worker's answer, by index: the serving generation's and the draining ones'."""
+        indexes = [slot.index for slot in self.slots] + [p.index for p in self.retired]
         asks = [
             slot.process.ask(what, self.clock) if slot.process else succeed(None)
             for slot in self.slots
-        ]
+        ] + [process.ask(what, self.clock) for process in self.retired]
 
         def collect(results: list[tuple[bool, Any]]) -> dict[int, Any]:
             return {
-                slot.index: value if ok else None
-                for slot, (ok, value) in zip(self.slots, results, strict=True)
+                index: value if ok else None
+                for index, (ok, value) in zip(indexes, results, strict=True)
             }
 
         return DeferredList(asks, consumeErrors=True).addCallback(collect)
+
+    # -- a new generation (an upgrade, processes/generations.py) -------------------------
+
+    def start_generation(
+        self, spawn: Callable[[WorkerProcess], IProcessTransport], count: int,
+        ready_timeout: float,
+    ) -> Deferred[list[WorkerProcess]]:
+        """Start ``count`` workers with ``spawn``; fires with them once each says it is ready,
+        or fails (WorkerEnded, or a timeout) with the ones started stopped again.  Until it
+        fires, the serving generation is untouched."""
+        generation = self.generation + 1
+        started: list[WorkerProcess] = []
+        try:
+            for index in range(self._next_index, self._next_index + count):
+                process = WorkerProcess(self, index, generation)
+                process.started_at = self.clock.seconds()
+                self.spawn_one(spawn, process)
+                started.append(process)
+                self.starting.append(process)
+        except Exception as e:
+            self._abandon(started)
+            return fail(WorkerEnded(f"could not be started: {e}"))
+        self._next_index += count
+        ready = DeferredList(
+            [process.ready for process in started], fireOnOneErrback=True, consumeErrors=True
+        )
+        ready.addTimeout(ready_timeout, self.clock)
+
+        def serving(_: object) -> list[WorkerProcess]:
+            return started
+
+        def failed(failure: Failure) -> Failure:
+            self._abandon(started)
+            if isinstance(failure.value, FirstError):
+                return failure.value.subFailure
+            return failure
+
+        return ready.addCallbacks(serving, failed)
+
+    def spawn_one(
+        self, spawn: Callable[[WorkerProcess], IProcessTransport], process: WorkerProcess
+    ) -> None:
+        spawn(process)
+
+    def _abandon(self, started: list[WorkerProcess]) -> None:
+        for process in started:
+            if not process.ended:
+                process.stop(now=True)
+                self.clock.callLater(KILL_GRACE, self._kill_if_running, process)
+
+    def _kill_if_running(self, process: WorkerProcess) -> None:
+        if not process.ended:
+            process.signal("KILL")
+
+    def serve(
+        self, spawn: Callable[[WorkerProcess], IProcessTransport], workers: list[WorkerProcess]
+    ) -> list[WorkerProcess]:
+        """The new generation serves from now on: its workers take the slots (restarted with
+        ``spawn``, the new code and settings, if they end); the old ones, returned, are
+        retired: never restarted, stopped when they have drained."""
+        old: list[WorkerProcess] = []
+        for slot in self.slots:
+            if slot.timer is not None and slot.timer.active():
+                slot.timer.cancel()
+            slot.timer = None
+            if slot.process is not None:
+                old.append(slot.process)
+        for process in workers:
+            if process in self.starting:
+                self.starting.remove(process)
+        self.retired.extend(old)
+        self.generation = workers[0].generation if workers else self.generation + 1
+        self.spawn = spawn
+        self.count = len(workers)
+        self.slots = [
+            _Slot(process.index, self.backoff(), process=process) for process in workers
+        ]
+        return old
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -315,7 +481,7 @@ class Supervisor(Service):
             if slot.timer is not None and slot.timer.active():
                 slot.timer.cancel()
             slot.timer = None
-        running = [slot.process for slot in self.slots if slot.process is not None]
+        running = self.processes()
         if not running:
             return None
         _log.info(
@@ -332,23 +498,21 @@ class Supervisor(Service):
     def stop_now(self) -> None:
         """The second SIGTERM: every worker closes its relays at once."""
         _log.info("second SIGTERM: the workers close everything now")
-        for slot in self.slots:
-            if slot.process is not None:
-                slot.process.stop(now=True)
+        for process in self.processes():
+            process.stop(now=True)
 
     def kill_all(self) -> None:
         self._kill_timer = None
-        for slot in self.slots:
-            if slot.process is not None:
-                _log.warn(
-                    "worker {worker} (pid {pid}) is still running {seconds:g}s after it was"
-                    " asked to stop: killing it", worker=slot.index, pid=slot.process.pid,
-                    seconds=self.drain_timeout + KILL_GRACE,
-                )
-                slot.process.signal("KILL")
+        for process in self.processes():
+            _log.warn(
+                "worker {worker} (pid {pid}) is still running {seconds:g}s after it was"
+                " asked to stop: killing it", worker=process.index, pid=process.pid,
+                seconds=self.drain_timeout + KILL_GRACE,
+            )
+            process.signal("KILL")
 
     def _check_stopped(self) -> None:
-        if self.alive() or self._stopped is None:
+        if self.processes() or self._stopped is None:
             return
         if self._kill_timer is not None and self._kill_timer.active():
             self._kill_timer.cancel()

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import generate_latest
 from twisted.logger import (
@@ -30,6 +30,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_novnc import __version__
 from twisted_novnc._compat.twisted import read_pipe
 from twisted_novnc.config import parse_config
 from twisted_novnc.operations.admin import readiness
@@ -37,11 +38,14 @@ from twisted_novnc.processes.ipc import (
     ANSWER,
     ASK,
     CONTROL_FD,
+    HANDED,
     INIT,
     LOG,
     MESSAGES_FD,
+    READY,
     STOP,
     STOP_NOW,
+    UPGRADE,
     FrameError,
     Frames,
     WorkerInit,
@@ -50,7 +54,9 @@ from twisted_novnc.processes.ipc import (
     read_frame,
 )
 from twisted_novnc.processes.service import WorkerHandles, make_worker_service
-from twisted_novnc.reactors import IRunningReactor, installed_reactor
+from twisted_novnc.processes.upgrade import RelayAdopter, Retirement
+from twisted_novnc.reactors import IDaemonReactor, IRunningReactor, installed_reactor
+from twisted_novnc.relay.handoff import ADOPTED, DECLINED, RELAY, HandoffChannel, open_channel
 
 _log = Logger()
 
@@ -109,7 +115,65 @@ class ControlInput:
         self.handles = handles
         self.frames = Frames()
         self.stopping = False
+        #: The relay hand-off channel to the supervisor (an upgrade's relays, both ways).
+        self.handoff: HandoffChannel | None = None
+        self.retirement: Retirement | None = None
         reactor.addSystemEventTrigger("before", "shutdown", self._shutting_down)
+
+    def open_handoff(self, fd: int) -> None:
+        """Take relays handed here by an old generation, and hand ours on in an upgrade."""
+        reactor = cast(IDaemonReactor, self.reactor)
+        assert self.handles.factory is not None
+        adopter = RelayAdopter(
+            self.handles.factory, reactor, reply=self._reply,
+            accepting=lambda: not self.stopping and self.retirement is None,
+        )
+
+        def received(kind: bytes, payload: bytes, fds: list[int]) -> None:
+            if kind == RELAY:
+                adopter.received(payload, fds)
+            elif kind in (ADOPTED, DECLINED) and self.retirement is not None:
+                self.retirement.answered(kind, payload)
+
+        def lost() -> None:
+            if self.retirement is not None:
+                self.retirement.channel_lost()
+
+        self.handoff = open_channel(reactor, fd, HandoffChannel(received, lost))
+
+    def _reply(self, kind: bytes, payload: bytes) -> None:
+        if self.handoff is not None:
+            self.handoff.send(kind, payload)
+
+    def _send_relay(self, payload: bytes, fds: list[int]) -> bool:
+        return self.handoff is not None and self.handoff.send(RELAY, payload, fds)
+
+    def upgrade(self, payload: bytes) -> None:
+        """A new generation serves: stop accepting, hand the relays on, drain the rest, stop."""
+        if self.retirement is not None or self.stopping or self.handles.factory is None:
+            return
+        try:
+            drain_timeout = float(json.loads(payload)["drain_timeout"])
+        except (ValueError, KeyError, TypeError):
+            drain_timeout = self.handles.upgrade_drain_timeout
+        _log.info("a new generation serves: handing live relays on")
+        self.retirement = retirement = Retirement(
+            self.handles.factory, cast(IDaemonReactor, self.reactor),
+            self.handles.stop_accepting, self._send_relay, drain_timeout,
+            self.handles.drain.close_all,
+        )
+        retirement.start().addCallback(self._handed)
+        retirement.drained.addCallback(lambda _: self.stop())
+
+    def _handed(self, counts: tuple[int, int]) -> None:
+        moved, kept = counts
+        self.channel.send(HANDED, json.dumps({"moved": moved, "kept": kept}).encode())
+
+    def ready(self) -> None:
+        """Tell the supervisor this worker accepts, and which version it runs."""
+        self.channel.send(
+            READY, json.dumps({"version": __version__, "pid": os.getpid()}).encode()
+        )
 
     def _shutting_down(self) -> None:
         self.stopping = True
@@ -140,6 +204,8 @@ class ControlInput:
                 self.handles.drain.close_all()
             elif kind == ASK:
                 self.answer(payload)
+            elif kind == UPGRADE:
+                self.upgrade(payload)
 
     def answer(self, payload: bytes) -> None:
         try:
@@ -182,8 +248,11 @@ def run_worker(index: int) -> int:
         service, handles = make_worker_service(settings, reactor, init.secret, init.sockets)
         control = ControlInput(reactor, channel, handles)
         read_pipe(reactor, control, "control", CONTROL_FD)
+        if init.handoff_fd is not None:
+            control.open_handoff(init.handoff_fd)
         service.privilegedStartService()
         service.startService()
+        control.ready()
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         # Our own handlers, not the reactor's: a SIGTERM (say, from systemd to the whole
         # unit) and the supervisor's STOP are one stop, not a stop and a failed second one.

@@ -54,6 +54,8 @@ class RelayEnd:
 
     BROWSER = "browser"
     VM = "vm"
+    #: Handed to a process of the new generation (processes/upgrade.py): neither side closed.
+    MOVED = "moved"
 
 
 @attrs.define(eq=False)
@@ -110,6 +112,11 @@ class Relay:
         self._end(by)
         self.browser.close(code, reason)
         self.vm.close(code, reason)
+
+    def moved(self) -> None:
+        """The relay goes on in another process: stop relaying here, close nothing."""
+        if self.ended_by is None:
+            self._end(RelayEnd.MOVED)
 
     def _end(self, by: str) -> None:
         self.ended_by = by

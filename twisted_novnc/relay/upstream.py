@@ -26,7 +26,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_novnc._compat.twisted import adopt_connected_socket
+from twisted_novnc._compat.autobahn import autobahn_position, open_adopted
+from twisted_novnc._compat.twisted import (
+    TCPServerTransport,
+    adopt_connected_socket,
+    is_plain_tcp,
+)
 from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.config import UpstreamSettings
 from twisted_novnc.errors import Refusal, Refused
@@ -67,6 +72,10 @@ def tune_tcp(transport: Any) -> None:
             sock.setsockopt(level, option, value)
 
 
+#: The kinds of VM side, as a moved relay's record names them.
+UPSTREAM_TCP = "tcp"
+UPSTREAM_WEBSOCKET = "websocket"
+
 #: Bytes a VM may send (under TLS) before the relay starts; then reading pauses.
 HOLD_LIMIT = 256 * 1024
 
@@ -82,6 +91,8 @@ class TCPUpstream(TransportPeer, Protocol):
 
     #: The fast path: relay buffer sizes, and writes sent at once (StockTCPUpstream: neither).
     fast = True
+    #: What a moved relay's record calls this kind of VM side (relay/handoff.py).
+    kind = UPSTREAM_TCP
 
     def __init__(self, tls: bool = False) -> None:
         self.tls = tls
@@ -118,6 +129,18 @@ class TCPUpstream(TransportPeer, Protocol):
     def close(self, code: int, reason: str) -> None:
         self._closing = True
         self.transport.loseConnection()
+
+    def unmovable(self) -> str | None:
+        """Why this side cannot move to another process now (None: it can)."""
+        if self.tls:
+            return "TLS to the VM"
+        if self._closing or not is_plain_tcp(self.transport):
+            return "the VM's socket is closing"
+        return None
+
+    def unread(self) -> bytes:
+        """Bytes read from the VM and not relayed yet: none, raw TCP relays every read."""
+        return b""
 
     def attach(self, relay: Relay) -> None:
         """Start delivering the VM's bytes (held since connect) to the relay."""
@@ -550,6 +573,7 @@ class WebSocketUpstream(WebSocketClientProtocol):
     clock: IReactorTime | None = None
     write_timeout: float = 0
     target: Target | None = None
+    kind = UPSTREAM_WEBSOCKET
 
     def __init__(self) -> None:
         super().__init__()
@@ -623,6 +647,22 @@ class WebSocketUpstream(WebSocketClientProtocol):
                 self._flow.closing()  # a transport with a producer would not close
             self.transport.loseConnection()
 
+    def unmovable(self) -> str | None:
+        """Why this side cannot move to another process now (None: it can): under TLS, not
+        open, or in the middle of a frame or a message from the VM."""
+        if not is_plain_tcp(self.transport):
+            return "TLS to the VM"
+        if self.state != self.STATE_OPEN:
+            return "the VM's WebSocket is closing"
+        between, inside, _ = autobahn_position(self)
+        if not between or inside:
+            return "the VM is in the middle of a message"
+        return None
+
+    def unread(self) -> bytes:
+        """The VM's bytes read and not parsed yet (at most part of a frame header)."""
+        return autobahn_position(self)[2]
+
     def attach(self, relay: Relay) -> None:
         self.relay = relay
         held, self._held = self._held, []
@@ -675,16 +715,7 @@ def connect_websocket(
     host = f"[{target.host}]" if ":" in target.host else target.host
     scheme = "wss" if tls is not None else "ws"
     url = f"{scheme}://{host}:{target.port}/{suffix}" + (f"?{query}" if query else "")
-    factory = WebSocketClientFactory(url, protocols=["binary"])
-    factory.protocol = WebSocketUpstream
-    factory.setProtocolOptions(
-        openHandshakeTimeout=0,  # bounded by our own deadline
-        maxFramePayloadSize=16 * max_message_size,
-        maxMessagePayloadSize=16 * max_message_size,
-        failByDrop=False,
-        perMessageCompressionOffers=[],
-    )
-    factory.noisy = False
+    factory = websocket_client_factory(url, max_message_size)
 
     def make_protocol() -> WebSocketUpstream:
         protocol = cast(WebSocketUpstream, factory.buildProtocol(None))
@@ -700,6 +731,58 @@ def connect_websocket(
         tls=tls,
         fast=fast,
     )
+
+
+def websocket_client_factory(url: str, max_message_size: int) -> WebSocketClientFactory:
+    """The Autobahn client factory of one VM-side WebSocket, offering ``binary``."""
+    factory = WebSocketClientFactory(url, protocols=["binary"])
+    factory.protocol = WebSocketUpstream
+    factory.setProtocolOptions(
+        openHandshakeTimeout=0,  # bounded by our own deadline
+        maxFramePayloadSize=16 * max_message_size,
+        maxMessagePayloadSize=16 * max_message_size,
+        failByDrop=False,
+        perMessageCompressionOffers=[],
+    )
+    factory.noisy = False
+    return factory
+
+
+def adopt_upstream(
+    kind: str,
+    sock: socket.socket,
+    target: Target,
+    reactor: ISocketReactor,
+    fast: bool = True,
+    max_message_size: int = 1024 * 1024,
+    write_timeout: float = 0,
+) -> TCPUpstream | WebSocketUpstream:
+    """The VM side of a relay moved here from another process, on its connected socket:
+    raw TCP, or an open WebSocket to the VM's websockify (no new handshake).  ValueError
+    for a kind this version does not know."""
+    transport_class = RelayTransport if fast else TCPServerTransport
+    if kind == UPSTREAM_TCP:
+        tcp_side = (TCPUpstream if fast else StockTCPUpstream)(False)
+        transport = adopt_connected_socket(
+            transport_class, sock, tcp_side, target.host, target.port, reactor
+        )
+        tcp_side.makeConnection(transport)
+        return tcp_side
+    if kind != UPSTREAM_WEBSOCKET:
+        raise ValueError(f"an upstream of kind {kind!r}")
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    factory = websocket_client_factory(f"ws://{host}:{target.port}/", max_message_size)
+    ws_side = cast(WebSocketUpstream, factory.buildProtocol(None))
+    ws_side.clock = reactor
+    ws_side.write_timeout = write_timeout
+    ws_side.target = target
+    transport = adopt_connected_socket(
+        transport_class, sock, ws_side, target.host, target.port, reactor
+    )
+    open_adopted(ws_side, transport, "binary", server=False)
+    tune_tcp(transport)
+    ws_side.onOpen()
+    return ws_side
 
 
 def upstream_connector(

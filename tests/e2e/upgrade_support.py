@@ -1,0 +1,247 @@
+"""Relays that stream numbered records both ways, to see an upgrade lose, repeat or reorder
+nothing; and who holds which socket, asked of the kernel (``ss``)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest_twisted
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from e2e_support import CollectingProcess, within
+from required_tools import require
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+
+#: One record: its number, eight times (64 bytes); any byte lost, repeated or moved shows.
+RECORD = 64
+_NUMBER = struct.Struct("!Q")
+
+
+def record(number: int) -> bytes:
+    return _NUMBER.pack(number) * 8
+
+
+class Sequence:
+    """Checks a byte stream of records: each whole, numbered one more than the last."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.next = 0
+        self.errors: list[str] = []
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        whole = len(self.buffer) - len(self.buffer) % RECORD
+        for start in range(0, whole, RECORD):
+            chunk = bytes(self.buffer[start:start + RECORD])
+            number = _NUMBER.unpack_from(chunk)[0]
+            if chunk != record(number):
+                self.errors.append(f"a torn record after {self.next - 1}")
+            elif number != self.next:
+                self.errors.append(f"record {number} where {self.next} was due")
+            self.next = number + 1
+        del self.buffer[:whole]
+
+
+class StreamingVM(Protocol):
+    """The VM's end: sends its own records when told, checks the browser's."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = Sequence()
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        self.factory.connected.append(self)  # type: ignore[attr-defined]
+        waiting = self.factory.waiting  # type: ignore[attr-defined]
+        if waiting and len(self.factory.connected) >= waiting[0][0]:  # type: ignore[attr-defined]
+            waiting.pop(0)[1].callback(None)
+
+    def send_next(self) -> None:
+        self.transport.write(record(self.sent))  # type: ignore[union-attr]
+        self.sent += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.feed(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost = True
+
+
+class StreamingVMs(Factory):
+    protocol = StreamingVM
+
+    def __init__(self) -> None:
+        self.connected: list[StreamingVM] = []
+        self.waiting: list[tuple[int, defer.Deferred[None]]] = []
+        self.port = 0
+
+    def when_connected(self, count: int) -> defer.Deferred[None]:
+        if len(self.connected) >= count:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self.waiting.append((count, d))
+        return d
+
+
+class StreamingBrowser(WebSocketClientProtocol):
+    """The browser's end: sends its records as binary messages, checks the VM's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: defer.Deferred[None] = defer.Deferred()
+        self.closed: tuple[Any, ...] | None = None
+        self.sent = 0
+        self.received = Sequence()
+
+    def onOpen(self) -> None:
+        self.opened.callback(None)
+
+    def send_next(self) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(record(self.sent), isBinary=True)
+            self.sent += 1
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.feed(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.closed = (wasClean, code, reason)
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"closed before open: {code} {reason}"))
+
+
+@pytest_twisted.inlineCallbacks
+def streaming_vms() -> Any:
+    vms = StreamingVMs()
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(vms)
+    vms.port = port.getHost().port
+    return vms, port
+
+
+def open_browser(port: int, session_id: str) -> defer.Deferred[StreamingBrowser]:
+    factory = WebSocketClientFactory(
+        f"ws://127.0.0.1:{port}/websockify/{session_id}", protocols=["binary"]
+    )
+    factory.protocol = StreamingBrowser
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=5)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    return connectProtocol(endpoint, factory.buildProtocol(None))
+
+
+class Streams:
+    """The relays' two ends, streaming one record each way per relay every ``interval``."""
+
+    def __init__(self, browsers: list[StreamingBrowser], vms: list[StreamingVM]) -> None:
+        self.browsers = browsers
+        self.vms = vms
+        self.loop = LoopingCall(self.tick)
+
+    def tick(self) -> None:
+        for browser in self.browsers:
+            browser.send_next()
+        for vm in self.vms:
+            vm.send_next()
+
+    def start(self, interval: float = 0.05) -> None:
+        self.loop.start(interval, now=True)
+
+    def stop(self) -> None:
+        if self.loop.running:
+            self.loop.stop()
+
+    def least_received(self) -> int:
+        return min(
+            [b.received.next for b in self.browsers] + [v.received.next for v in self.vms]
+        )
+
+    def all_delivered(self) -> bool:
+        return all(b.received.next == v.sent and v.received.next == b.sent
+                   for b, v in zip(self.browsers, self.vms, strict=True))
+
+    def errors(self) -> list[str]:
+        found = []
+        for i, (b, v) in enumerate(zip(self.browsers, self.vms, strict=True)):
+            found += [f"relay {i} down: {e}" for e in b.received.errors]
+            found += [f"relay {i} up: {e}" for e in v.received.errors]
+            if b.closed is not None:
+                found.append(f"relay {i}: the browser saw a close {b.closed}")
+            if v.lost:
+                found.append(f"relay {i}: the VM's connection was lost")
+        return found
+
+
+# -- who holds which socket ------------------------------------------------------------------
+
+_USERS = re.compile(r"pid=(\d+)")
+
+
+def require_ss() -> str:
+    found = shutil.which("ss")
+    require([] if found else ["ss (Debian: apt-get install iproute2)"],
+            "the upgrade tests, which ask the kernel who holds each socket")
+    assert found is not None
+    return found
+
+
+def socket_holders(ss: str, where: Callable[[str, str], bool]) -> list[set[int]]:
+    """For each established TCP socket whose (local, peer) address ``where`` accepts, the pids
+    of the processes holding it (``ss -tnp``)."""
+    out = subprocess.run(
+        [ss, "-tnpH", "state", "established"], check=True, capture_output=True, text=True
+    ).stdout
+    holders = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        local, peer = fields[2], fields[3]
+        if where(local, peer):
+            holders.append({int(pid) for pid in _USERS.findall(line)})
+    return holders
+
+
+def port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+class CommandProcess(CollectingProcess):
+    """A command's output and exit code."""
+
+    code: int | None = None
+
+    def processEnded(self, reason: Any) -> None:
+        self.code = reason.value.exitCode
+        super().processEnded(reason)
+
+
+@pytest_twisted.inlineCallbacks
+def run_upgrade(admin_port: int, seconds: float = 120.0) -> Any:
+    """``python -m twisted_novnc upgrade --url ...``: its exit code and output."""
+    proto = CommandProcess()
+    command = [sys.executable, "-m", "twisted_novnc", "upgrade",
+               "--url", f"http://127.0.0.1:{admin_port}"]
+    reactor.spawnProcess(proto, sys.executable, command, env=None)
+    yield within(proto.ended, seconds)
+    return proto.code, proto.output
+
+
+@pytest_twisted.inlineCallbacks
+def open_relays(daemon_port: int, vms: StreamingVMs, session_ids: list[str]) -> Any:
+    """One relay per session, opened one after the other so that the n-th VM connection is
+    the n-th browser's: (browsers, their VM ends)."""
+    browsers = []
+    for n, session_id in enumerate(session_ids):
+        browser = yield open_browser(daemon_port, session_id)
+        yield within(browser.opened)
+        yield within(vms.when_connected(n + 1))
+        browsers.append(browser)
+    return browsers, list(vms.connected)
