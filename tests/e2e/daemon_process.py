@@ -114,14 +114,15 @@ def start_daemon(
     args: tuple[str, ...] = (),
     wait_for_database: bool = True,
     prefix: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ):
     """Start the daemon from a directory that is not the checkout, as a user would; fire once
     it listens (and, unless told otherwise, once it listens for session changes too).
 
     The daemon relays in the mode the ``fast_path`` fixture says (``--set novnc.fast_path``).
     ``prefix`` is a command that runs the daemon (``prefix + [twistd, ...]``), e.g. one that
-    lowers its descriptor limit first."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    lowers its descriptor limit first; ``env`` adds to its environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | (env or {})
     command = [
         *prefix, TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config),
         "--set", f"novnc.fast_path={FAST_PATH}", *args,

@@ -12,7 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest_twisted
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from e2e_support import CollectingProcess, within
 from required_tools import require
 from twisted.internet import defer, reactor
@@ -92,6 +97,34 @@ class StreamingVMs(Factory):
         return d
 
 
+class StreamingWebsockify(WebSocketServerProtocol):
+    """The VM's end behind a websockify (``[upstream] mode = websocket``): the same records,
+    as binary messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+        self.received = Sequence()
+        self.lost = False
+
+    def onConnect(self, request: Any) -> str | None:
+        return "binary" if "binary" in request.protocols else None
+
+    def onOpen(self) -> None:
+        StreamingVM.connectionMade(self)  # type: ignore[arg-type]
+
+    def send_next(self) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(record(self.sent), isBinary=True)
+            self.sent += 1
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.feed(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.lost = True
+
+
 class StreamingBrowser(WebSocketClientProtocol):
     """The browser's end: sends its records as binary messages, checks the VM's."""
 
@@ -127,6 +160,22 @@ def streaming_vms() -> Any:
     return vms, port
 
 
+@pytest_twisted.inlineCallbacks
+def streaming_websockify() -> Any:
+    """A websockify stand-in streaming records: (its factory, as ``streaming_vms``, and the
+    listening port)."""
+    factory = WebSocketServerFactory()
+    factory.protocol = StreamingWebsockify
+    # txaio's batched timer rounds deadlines down to whole seconds (see test_websocket_upstream).
+    factory.setProtocolOptions(closeHandshakeTimeout=30)
+    vms = StreamingVMs()
+    factory.connected = vms.connected
+    factory.waiting = vms.waiting
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    vms.port = port.getHost().port
+    return vms, port
+
+
 def open_browser(port: int, session_id: str) -> defer.Deferred[StreamingBrowser]:
     factory = WebSocketClientFactory(
         f"ws://127.0.0.1:{port}/websockify/{session_id}", protocols=["binary"]
@@ -157,6 +206,12 @@ class Streams:
     def stop(self) -> None:
         if self.loop.running:
             self.loop.stop()
+
+    def close(self) -> None:
+        """The browsers leave (the test is over; the daemon's drain need not wait for them)."""
+        for browser in self.browsers:
+            if browser.transport is not None:
+                browser.transport.abortConnection()
 
     def least_received(self) -> int:
         return min(
