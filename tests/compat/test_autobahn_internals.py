@@ -20,7 +20,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from twisted_novnc._compat.autobahn import AutobahnFastPath
+from twisted_novnc._compat.autobahn import AutobahnFastPath, autobahn_position, open_adopted
 from twisted_novnc.config import NovncSettings
 from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.front.protocol import FastNoVNCServerProtocol, NoVNCServerFactory
@@ -166,3 +166,48 @@ def test_the_fast_protocol_puts_the_mixin_first():
     overrides are the ones Autobahn calls."""
     mro = FastNoVNCServerProtocol.__mro__
     assert mro.index(AutobahnFastPath) < mro.index(WebSocketServerProtocol)
+
+
+MOVES = "moving relays in an upgrade (twisted_novnc._compat.autobahn)"
+MOVES_OFF = "relays then stay in the old generation and drain instead of moving"
+
+
+def test_reader_position_is_current_frame_inside_message_and_data():
+    """autobahn_position reads where the reader stands from current_frame, inside_message and
+    data, which the frame parser keeps."""
+    protocol = connected()
+    protocol.current_frame, protocol.inside_message, protocol.data = None, False, b"\x82"
+    assert autobahn_position(protocol) == (True, False, b"\x82")
+    assert all(
+        f"self.{name}" in source(WebSocketProtocol.processData)
+        for name in ("current_frame", "data")
+    ), canary.broken("autobahn", "processData() no longer keeps current_frame and data", MOVES,
+                     MOVES_OFF)
+
+
+def test_adopted_connection_is_open_without_a_handshake():
+    """open_adopted leaves a protocol open on a transport, its auto-ping armed and is_open
+    fired, with nothing written (no handshake), through _connectionMade, the open state and
+    _sendAutoPing as a successful handshake leaves them."""
+    clock = Clock()
+    gate = ReadinessGate(MemorySessionSource(), clock, 5.0, frozenset(), 5900)
+    factory = NoVNCServerFactory(
+        NovncSettings(ping_interval=5), gate, lambda *a: succeed(None), clock
+    )
+    protocol = factory.protocol()
+    protocol.factory = factory
+    transport = StringTransport()
+    open_adopted(protocol, transport, "binary", server=True)
+    assert protocol.state == WebSocketProtocol.STATE_OPEN, canary.broken(
+        "autobahn", "the open state is no longer STATE_OPEN", MOVES, MOVES_OFF
+    )
+    assert protocol.websocket_protocol_in_use == "binary"
+    assert protocol.current_frame is None and protocol.inside_message is False
+    assert protocol.autoPingPendingCall is not None, canary.broken(
+        "autobahn", "autoPingPendingCall/_sendAutoPing no longer start the keep-alive", MOVES,
+        MOVES_OFF,
+    )
+    assert protocol.is_open.called and transport.value() == b""
+    protocol.sendMessage(b"x", isBinary=True)
+    assert transport.value() == b"\x82\x01x"
+    protocol.autoPingPendingCall.cancel()

@@ -480,3 +480,31 @@ def test_process_reader_reads_an_inherited_pipe() -> Generator[Any, Any, None]:
         "twisted", "ProcessReader no longer reads a pipe for a process protocol",
         "twisted_novnc._compat.twisted.read_pipe (workers)", "run with [novnc] workers = 1",
     )
+
+
+UPGRADES = "moving relays in an upgrade (twisted_novnc._compat.twisted.take_unsent)"
+MOVES_OFF = "relays then stay in the old generation and drain instead of moving"
+
+
+@pytest_twisted.inlineCallbacks
+def test_take_unsent_empties_the_write_buffer_in_order() -> Generator[Any, Any, None]:
+    """take_unsent returns what was written and not sent, in order (both dataBuffer past
+    offset and _tempDataBuffer), and leaves the transport with nothing to write."""
+    server, peer, port = yield accept_one()
+    try:
+        transport = server.transport
+        assert compat.is_plain_tcp(transport), broken(
+            "twisted", "an accepted tcp.Server is not recognised as plain TCP", UPGRADES,
+            MOVES_OFF,
+        )
+        transport.dataBuffer, transport.offset = b"0123456789", 4
+        transport.write(b"abc")
+        transport.write(b"def")
+        assert compat.take_unsent(transport) == b"456789abcdef", broken(
+            "twisted", "dataBuffer/offset/_tempDataBuffer no longer hold the unsent bytes",
+            UPGRADES, MOVES_OFF,
+        )
+        assert queued(transport) == 0 and transport._tempDataBuffer == []
+        assert not compat.is_plain_tcp(object())
+    finally:
+        yield close(server, peer, port)

@@ -67,16 +67,16 @@ def admin_address(listen: tuple[str, ...]) -> tuple[str, Any]:
     for description in listen:
         positional, keywords = _fields(description)
         kind = positional[0].lower() if positional else ""
-        if kind in ("tcp", "tcp6") and len(positional) > 1:
-            port = int(keywords.get("port", positional[1]))
+        if kind in ("tcp", "tcp6") and (len(positional) > 1 or "port" in keywords):
+            port = int(keywords["port"] if "port" in keywords else positional[1])
             interface = keywords.get("interface", "")
             if interface in ("", "0.0.0.0"):
                 interface = "127.0.0.1" if kind == "tcp" else "::1"
             elif interface == "::":
                 interface = "::1"
             return "tcp", (interface, port)
-        if kind == "unix" and len(positional) > 1:
-            return "unix", keywords.get("address", positional[1])
+        if kind == "unix" and (len(positional) > 1 or "address" in keywords):
+            return "unix", keywords["address"] if "address" in keywords else positional[1]
     raise NoAdminEndpoint(
         "no [admin] listen endpoint of the form tcp:, tcp6: or unix: in the config: give --url,"
         " or send SIGUSR2 to the daemon's main process (kill -USR2 $(cat twistd.pid))"

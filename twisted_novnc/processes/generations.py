@@ -28,7 +28,12 @@ from twisted_novnc.front.protocol import NoVNCServerFactory
 from twisted_novnc.processes.launcher import Launcher, worker_count
 from twisted_novnc.processes.listeners import ListenerService
 from twisted_novnc.processes.sharedports import SharedSocket
-from twisted_novnc.processes.supervisor import Supervisor, WorkerEnded, WorkerProcess
+from twisted_novnc.processes.supervisor import (
+    NotReadyInTime,
+    Supervisor,
+    WorkerEnded,
+    WorkerProcess,
+)
 from twisted_novnc.processes.upgrade import (
     READY_TIMEOUT,
     Retirement,
@@ -225,12 +230,12 @@ class Upgrader(Service):
     def _not_started(self, failure: Failure) -> Failure:
         if failure.check(WorkerEnded):
             reason = f"a worker of the new generation {failure.value} before it was ready"
+        elif failure.check(NotReadyInTime):
+            reason = str(failure.value)
         elif failure.check(Exception):
             reason = f"the new generation did not start: {failure.getErrorMessage()}"
         else:
             return failure
-        if "TimeoutError" in type(failure.value).__name__ or "timed out" in reason.lower():
-            reason = (f"the new generation did not say it accepts within {READY_TIMEOUT:g}s")
         return Failure(UpgradeRefused(reason))
 
     def _finished(self, result: Any) -> Any:

@@ -27,7 +27,6 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import (
     Deferred,
     DeferredList,
-    FirstError,
     fail,
     maybeDeferred,
     succeed,
@@ -92,6 +91,10 @@ def describe_end(reason: Failure) -> str:
 
 class WorkerEnded(Exception):
     """A worker ended before it said it was ready (its exit status or signal)."""
+
+
+class NotReadyInTime(Exception):
+    """A new generation's workers did not all say they accept in time."""
 
 
 class WorkerProcess(ProcessProtocol):
@@ -416,21 +419,35 @@ class Supervisor(Service):
             self._abandon(started)
             return fail(WorkerEnded(f"could not be started: {e}"))
         self._next_index += count
-        ready = DeferredList(
+        outcome: Deferred[list[WorkerProcess]] = Deferred()
+
+        def serving(_: object) -> None:
+            if not outcome.called:
+                outcome.callback(started)
+
+        def failed(failure: Failure) -> None:
+            if not outcome.called:
+                outcome.errback(failure.value.subFailure)  # a FirstError: the first failure
+
+        def too_late() -> None:
+            if not outcome.called:
+                outcome.errback(NotReadyInTime(
+                    f"the new generation did not say it accepts within {ready_timeout:g}s"
+                ))
+
+        timer = self.clock.callLater(ready_timeout, too_late)
+        DeferredList(
             [process.ready for process in started], fireOnOneErrback=True, consumeErrors=True
-        )
-        ready.addTimeout(ready_timeout, self.clock)
+        ).addCallbacks(serving, failed)
 
-        def serving(_: object) -> list[WorkerProcess]:
-            return started
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                self._abandon(started)
+            return result
 
-        def failed(failure: Failure) -> Failure:
-            self._abandon(started)
-            if isinstance(failure.value, FirstError):
-                return failure.value.subFailure
-            return failure
-
-        return ready.addCallbacks(serving, failed)
+        return outcome.addBoth(settled)
 
     def spawn_one(
         self, spawn: Callable[[WorkerProcess], IProcessTransport], process: WorkerProcess
