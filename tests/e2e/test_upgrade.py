@@ -436,3 +436,37 @@ def test_sigusr2_upgrades_and_connections_are_accepted_throughout(
     assert upgraded.called and len(served) >= 20
     assert daemon.count("received SIGUSR2: upgrading") == 1
     assert daemon.count("generation 2 serves") == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest_twisted.inlineCallbacks
+def test_what_stays_is_closed_after_upgrade_drain_timeout(
+    daemon_factory, pg, sessions_table, vnc_server, tmp_path, workers
+):
+    """What stays in the old generation ends at upgrade_drain_timeout with a close code, never
+    a bare drop: a TLS relay gets 1001, a browser still waiting gets 4503."""
+    key, cert = self_signed(tmp_path)
+    tls = f"ssl:0:interface=127.0.0.1:privateKey={endpoint_arg(key)}:certKey={endpoint_arg(cert)}"
+    daemon = yield daemon_factory(
+        ADMIN, listen=f"tcp:0:interface=127.0.0.1 {tls}", workers=workers,
+        upgrade_drain_timeout=1,
+    )
+    if workers > 1:
+        yield within(daemon.when_logged(LISTENING_FOR_CHANGES, times=workers))
+    tls_port = int(re.findall(r"listening on 127\.0\.0\.1:(\d+) \(ssl:", daemon.output)[0])
+    tls_sid, waiting_sid = new_id(), new_id()
+    insert_ready(pg, sessions_table, tls_sid, vnc_server.port)
+    insert_session(pg, sessions_table, waiting_sid)
+    options = optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(cert.read_bytes()))
+    endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", tls_port))
+    factory = recording_client_factory(f"wss://127.0.0.1:{tls_port}/websockify/{tls_sid}")
+    secure = yield connectProtocol(endpoint, factory.buildProtocol(None))
+    yield within(secure.opened)
+    waiting = yield connect_session(daemon.port, waiting_sid)
+    yield within(daemon.when_logged(f"request {waiting_sid} .*waiting for readiness"))
+
+    code, output = yield run_upgrade(daemon.admin_port)
+    assert code == 0, output
+    assert (yield within(secure.closed))[0] == 1001
+    assert (yield within(waiting.closed))[0] == 4503
+    assert daemon.count("upgrade_drain_timeout: closing what is left") >= 1

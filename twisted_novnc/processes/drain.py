@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from twisted_novnc.errors import Refusal
 from twisted_novnc.front.protocol import NoVNCServerFactory
 from twisted_novnc.reactors import IClockFromThreads, SignalHandler
 
@@ -59,6 +60,13 @@ class DrainService(Service):
         for protocol in live:
             protocol.end_relay(1001, "server shutting down", "shutdown")
         self._timers.append(self.clock.callLater(self.grace, self._abort_all))
+
+    def close_generation(self) -> None:
+        """``[novnc] upgrade_drain_timeout`` has passed in an old generation: browsers still
+        waiting get 4503 (shutting down), live relays 1001, and the rest is aborted after a
+        grace period, as at the end of a drain."""
+        self.factory.gate.fail_all(Refusal.SHUTTING_DOWN)
+        self.close_all()
 
     def _abort_all(self) -> None:
         for protocol in list(self.factory.connections):

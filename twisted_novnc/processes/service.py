@@ -91,7 +91,7 @@ def make_service(
         )
         listener.setServiceParent(top)
         listeners.append(listener)
-    local = LocalGeneration(core.factory, listeners, core.drain.close_all)
+    local = LocalGeneration(core.factory, listeners, core.drain.close_generation)
     router = Router()
 
     def launcher(new: Settings, new_secret: bytes) -> Launcher:

@@ -160,7 +160,7 @@ class ControlInput:
         self.retirement = retirement = Retirement(
             self.handles.factory, cast(IDaemonReactor, self.reactor),
             self.handles.stop_accepting, self._send_relay, drain_timeout,
-            self.handles.drain.close_all,
+            self.handles.drain.close_generation,
         )
         retirement.start().addCallback(self._handed)
         retirement.drained.addCallback(lambda _: self.stop())
