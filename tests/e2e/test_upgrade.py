@@ -470,3 +470,29 @@ def test_what_stays_is_closed_after_upgrade_drain_timeout(
     assert (yield within(secure.closed))[0] == 1001
     assert (yield within(waiting.closed))[0] == 4503
     assert daemon.count("upgrade_drain_timeout: closing what is left") >= 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest_twisted.inlineCallbacks
+def test_relays_the_new_generation_declines_go_on_in_the_old(
+    postgres_dsn, pg, sessions_table, tmp_path, workers
+):
+    """A new generation that cannot take every relay (here: its config lowers
+    max_connections) declines the rest, and each goes on in the old generation as if nothing
+    happened; the upgrade still completes."""
+    vms, listening = yield streaming_vms()
+    daemon, _, config = yield start_with_shadow(postgres_dsn, sessions_table, tmp_path, workers)
+    try:
+        streams, _ = yield streaming_relays(daemon, pg, sessions_table, vms, 6)
+        config.write_text(config.read_text().replace(
+            "[novnc]\n", "[novnc]\nmax_connections = 1\n"
+        ))
+        code, output = yield run_upgrade(daemon.admin_port)
+        assert code == 0, output
+        assert moved_count(output) == workers  # one per new worker
+        assert f"{6 - workers} stay in the old generation" in output
+        assert daemon.count("did not take .* at max_connections\\): it goes on here") == 6 - workers
+        yield all_delivered(streams)
+    finally:
+        yield stop_daemon(daemon)
+        yield defer.maybeDeferred(listening.stopListening)

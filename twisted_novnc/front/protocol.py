@@ -493,6 +493,13 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         assert relay is not None and watch is not None and attempt is not None
         assert self._opened_at is not None
         upstream = cast(TCPUpstream | WebSocketUpstream, relay.vm)
+        # The duplicates first: if there is no descriptor left, nothing has changed yet.
+        browser_fd = os.dup(self.transport.fileno())
+        try:
+            vm_fd = os.dup(upstream.transport.fileno())
+        except OSError:
+            os.close(browser_fd)
+            raise
         target = watch.target
         now = self.factory.clock.seconds()
         unread = autobahn_position(self)[2]
@@ -518,7 +525,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             vm_unread=upstream.unread(),
             session_counted=attempt.session_counted,
         )
-        fds = [os.dup(self.transport.fileno()), os.dup(upstream.transport.fileno())]
+        fds = [browser_fd, vm_fd]
         self._moved = True
         relay.moved()
         self.factory.metrics.relay_moved_out(relay.up_bytes, relay.down_bytes)
@@ -584,6 +591,13 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     def resume_frames(self, position: FramePosition) -> None:
         """The stock path parses whole frames only: it takes relays moved between frames."""
+
+    def let_go(self) -> None:
+        """This process gives the relay up without closing anything (a failed take-over)."""
+        self._moved = True
+        if self.relay is not None:
+            self.relay.moved()
+        self._browser_left()
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -987,7 +1001,14 @@ class NoVNCServerFactory(WebSocketServerFactory):
         transport = adopt_connected_socket(
             transport_class, browser_sock, protocol, peer[0], peer[1], reactor
         )
-        protocol.adopted(moved, transport, upstream)
+        try:
+            protocol.adopted(moved, transport, upstream)
+        except BaseException:
+            # Let go of both sockets here without a shutdown: the sender goes on with them.
+            protocol.let_go()
+            upstream.transport.abortConnection()
+            transport.abortConnection()
+            raise
         return protocol
 
     def live_bytes(self) -> tuple[int, int]:

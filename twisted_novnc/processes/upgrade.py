@@ -158,7 +158,13 @@ class RelayMover:
     def _hand(self, protocol: NoVNCServerProtocol) -> None:
         self._next += 1
         ident = (os.getpid() << 32) | self._next
-        moved, fds = protocol.hand_off(ident)
+        try:
+            moved, fds = protocol.hand_off(ident)
+        except OSError as e:  # no descriptor left to duplicate its sockets: it stays
+            _log.warn("could not hand {session_id} on ({error}): it stays here",
+                      session_id=protocol.session_id, error=e)
+            self.kept += 1
+            return
         self._pending[ident] = (moved, fds)
         if not self.send(relay_message(moved), fds):
             self._declined(ident, "the new generation is gone")
@@ -292,6 +298,11 @@ class RelayAdopter:
         if not self.accepting():
             close_all(fds)
             self.reply(*answer(ident, "this process is stopping"))
+            return
+        factory = self.factory
+        if len(factory.connections) >= factory.settings.max_connections:
+            close_all(fds)
+            self.reply(*answer(ident, "this process is at max_connections"))
             return
         try:
             moved = relay_state(payload)
