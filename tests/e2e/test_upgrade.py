@@ -269,6 +269,8 @@ def test_upgrade_runs_the_code_installed_now(postgres_dsn, pg, sessions_table, t
         new = {dict(labels)["worker"] for labels in built
                if dict(labels)["version"] == "0.1.0+next"}
         assert len(new) == workers, built
+        # The main process supervises with the code it started with.
+        assert values["twisted_novnc_supervisor_build_info", (("version", "0.1.0"),)] == 1
         yield all_delivered(streams)
     finally:
         yield stop_daemon(daemon)

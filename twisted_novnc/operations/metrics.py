@@ -210,7 +210,14 @@ def supervisor_families(
     for index, pid in sorted(pids.items()):
         info.add_metric([str(index), "" if pid is None else str(pid)], 0 if pid is None else 1)
         scraped.add_metric([str(index)], 1 if answered.get(index) else 0)
-    return [workers, running, restarted, info, scraped]
+    # The supervisor's own code, which an upgrade does not change (its workers' is in their
+    # twisted_novnc_build_info, labelled by worker).
+    built = GaugeMetricFamily(
+        "twisted_novnc_supervisor_build_info", "The version the supervisor process runs.",
+        labels=["version"],
+    )
+    built.add_metric([__version__], 1)
+    return [workers, running, restarted, info, scraped, built]
 
 
 class _Families(Collector):
