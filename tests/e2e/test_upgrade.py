@@ -25,6 +25,7 @@ from e2e_support import (
     http_get,
     metric_values,
     new_id,
+    settled,
     until,
     within,
 )
@@ -38,6 +39,7 @@ from upgrade_support import (
     open_browser,
     open_relays,
     port_of,
+    record,
     require_ss,
     run_upgrade,
     socket_holders,
@@ -497,4 +499,57 @@ def test_relays_the_new_generation_declines_go_on_in_the_old(
         yield all_delivered(streams)
     finally:
         yield stop_daemon(daemon)
+        yield defer.maybeDeferred(listening.stopListening)
+
+
+def unsent(transport) -> int:
+    """Bytes a test peer's own transport still holds to write (Twisted's buffer)."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest_twisted.inlineCallbacks
+def test_bytes_in_flight_move_with_the_relay(daemon_factory, pg, sessions_table, fast_path,
+                                             workers):
+    """Both ends stop reading while megabytes are sent each way, so that the daemon holds
+    bytes written and not sent, in both directions, and on the fast path a browser frame half
+    read; after the upgrade both ends read again and every byte arrives once and in order."""
+    vms, listening = yield streaming_vms()
+    try:
+        daemon = yield start(daemon_factory, workers)
+        streams, _ = yield streaming_relays(daemon, pg, sessions_table, vms, 1)
+        streams.stop()
+        yield within(until(streams.all_delivered))
+        (browser,), (vm,) = streams.browsers, streams.vms
+        browser.transport.pauseProducing()
+        vm.transport.pauseProducing()
+        # Each end sends until its own buffer stops draining: every buffer on the way, the
+        # daemon's included, is full then (a few MB each way on loopback; at most 64 MB).
+        for _ in range(16):
+            for _ in range(64):  # up: 4 MB, as messages of 1,000 records (64,000 bytes)
+                first = browser.sent
+                browser.sendMessage(b"".join(record(first + i) for i in range(1000)),
+                                    isBinary=True)
+                browser.sent += 1000
+            yield settled(lambda: unsent(browser.transport), checks=5)
+            if unsent(browser.transport):
+                break
+        for _ in range(16):
+            for _ in range(64_000):  # down: 4 MB of records
+                vm.send_next()
+            yield settled(lambda: unsent(vm.transport), checks=5)
+            if unsent(vm.transport):
+                break
+        assert unsent(browser.transport) > 0 and unsent(vm.transport) > 0
+
+        code, output = yield run_upgrade(daemon.admin_port)
+        assert code == 0, output
+        if fast_path == "on":
+            assert moved_count(output) == 1, output
+        browser.transport.resumeProducing()
+        vm.transport.resumeProducing()
+        yield within(until(streams.all_delivered))
+        assert streams.errors() == []
+        streams.close()
+    finally:
         yield defer.maybeDeferred(listening.stopListening)
