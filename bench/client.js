@@ -22,6 +22,15 @@
 //               request is written, then records when each 101 arrives (CLOCK_MONOTONIC ns,
 //               comparable with Python's time.monotonic_ns) and whether a data frame followed;
 //               ends when all are settled or after --wait seconds
+//   upgrade     plays both ends of --conns relays: listens on 127.0.0.1:--vm-port as their VMs,
+//               opens one browser per id; each relay then carries one numbered --chunk-byte
+//               record each way every --interval ms (relays spread evenly over the interval);
+//               prints {"event":"streaming"} after the first second of it, streams until a line
+//               "stop TRIGGER_NS ANSWER_NS" on stdin (the harness's upgrade, CLOCK_MONOTONIC),
+//               waits until every record sent has arrived (at most --drain s), and reports
+//               each relay's pause (below; over records sent after the first --warmup ms),
+//               closes, lost/duplicated/reordered records, and the delays by send time
+//               (--bucket ms steps from the trigger)
 // setup and conc open connections with a minimal hand-written handshake (rawOpen) unless
 // --open ws asks for the ws library; echo always uses ws.
 // Every scenario is bounded by --timeout seconds (default 180): on expiry it prints a JSON
@@ -32,7 +41,8 @@ const WebSocket = require('ws');
 const argv = process.argv.slice(2);
 const scenario = argv[0];
 const opt = { url: null, ids: null, bytes: null, 'msg-size': null, count: null, warmup: null, conns: null,
-  parallel: 64, window: 16, hold: 600, wait: 60, timeout: 180, label: '', recv: 'fast', send: 'fast', open: 'raw' };
+  parallel: 64, window: 16, hold: 600, wait: 60, timeout: 180, label: '', recv: 'fast', send: 'fast', open: 'raw',
+  'vm-port': null, interval: 50, chunk: 32, drain: 15, bucket: 250, warmup: 1000 };
 for (let i = 1; i < argv.length; i += 2) {
   const k = argv[i].replace(/^--/, '');
   if (!(k in opt)) { console.error('unknown option ' + argv[i]); process.exit(2); }
@@ -495,9 +505,191 @@ async function ready() {
   emit({ conns: n, ok, errors: n - ok, error_kinds: kinds, opens });
 }
 
-const fns = { down, up, echo, setup, conc, streams, ready };
+
+// upgrade: relays streaming both ways at a bounded rate while the daemon upgrades. A record is
+// [relay u32][seq u32][sent at, ms f64][filler = seq & 255]; both ends are this process, so a
+// record's delay is measured on one clock. A relay's pause is its longest delay less its usual
+// (median) delay, in either direction: what its user would see as a stall.
+class Direction {
+  constructor() { this.sent = 0; this.next = 0; this.seen = new Uint8Array(256); this.unique = 0;
+    this.dups = 0; this.reordered = 0; this.torn = 0; this.delays = []; this.sentAt = []; this.arrivals = []; this.buf = null; }
+  // Whole records out of a byte stream cut anywhere (the daemon frames what it read from the VM).
+  feed(data, relay, size, t) {
+    let b = this.buf ? Buffer.concat([this.buf, data]) : data;
+    let off = 0;
+    for (; off + size <= b.length; off += size) {
+      const r = b.readUInt32BE(off), seq = b.readUInt32BE(off + 4), at = b.readDoubleBE(off + 8);
+      if (r !== relay || b[off + size - 1] !== (seq & 255)) { this.torn++; continue; }
+      if (seq >= this.seen.length) { const g = new Uint8Array(Math.max(seq + 1, this.seen.length * 2)); g.set(this.seen); this.seen = g; }
+      if (this.seen[seq]) { this.dups++; continue; }
+      this.seen[seq] = 1; this.unique++;
+      if (seq !== this.next) this.reordered++;
+      this.next = seq + 1;
+      this.delays.push(t - at); this.sentAt.push(at); this.arrivals.push(t);
+    }
+    this.buf = off < b.length ? Buffer.from(b.subarray(off)) : null;
+  }
+}
+
+function record(relay, seq, size) {
+  const b = Buffer.alloc(size, seq & 255);
+  b.writeUInt32BE(relay, 0); b.writeUInt32BE(seq, 4); b.writeDoubleBE(now(), 8);
+  return b;
+}
+
+async function upgrade() {
+  if (isTcp || !ids) throw new Error('upgrade needs a ws:// URL with {id} and --ids');
+  const n = num(opt.conns, ids.length), par = num(opt.parallel, 64), every = num(opt.interval, 50);
+  const size = Math.max(17, num(opt.chunk, 32)), vmPort = num(opt['vm-port'], 0);
+  const relays = Array.from({ length: n }, (_, i) => ({ i, ws: null, vm: null, up: new Direction(),
+    down: new Direction(), closed: null, paired: null }));
+  let ending = false;
+  // The VMs: a relay's VM end learns its relay from the first record the browser sends.
+  const server = net.createServer((sock) => {
+    sock.setNoDelay(true);
+    let rel = null, pending = null;
+    sock.on('data', (d) => {
+      const t = now();
+      if (!rel) {
+        pending = pending ? Buffer.concat([pending, d]) : d;
+        if (pending.length < 4) return;
+        const i = pending.readUInt32BE(0);
+        if (i >= n || relays[i].vm) { sock.destroy(); return; }
+        rel = relays[i]; rel.vm = sock; rel.paired();
+        d = pending; pending = null;
+      }
+      rel.up.feed(d, rel.i, size, t);
+    });
+    sock.on('error', () => {});
+    sock.on('close', () => { if (rel && !ending && !rel.closed) rel.closed = 'VM socket closed'; });
+  });
+  await new Promise((res, rej) => { server.once('error', rej); server.listen({ host: '127.0.0.1', port: vmPort, backlog: 4096 }, res); });
+  // The browsers, --parallel at a time; each sends record 0 as soon as it is open (the pairing).
+  const t0 = now();
+  let next = 0, errors = 0;
+  const errKinds = {};
+  async function opener() {
+    while (next < n) {
+      const rel = relays[next++];
+      try {
+        const paired = new Promise((r) => (rel.paired = r));
+        await new Promise((resolve, reject) => {
+          const ws = new WebSocket(urlFor(rel.i), ['binary'], { perMessageDeflate: false, maxPayload: 0, handshakeTimeout: 30000 });
+          ws.once('error', reject);
+          ws.once('unexpected-response', (req, res) => { reject(new Error('HTTP ' + res.statusCode)); ws.terminate(); });
+          ws.once('open', () => { ws.removeListener('error', reject); ws.on('error', () => {}); rel.ws = ws; resolve(); });
+          ws.on('message', (d) => rel.down.feed(Buffer.isBuffer(d) ? d : Buffer.from(d), rel.i, size, now()));
+          ws.on('close', (code) => { if (!ending && !rel.closed) rel.closed = 'close ' + code; if (rel.paired) reject(new Error('closed ' + code)); });
+        });
+        rel.ws.send(record(rel.i, rel.up.sent++, size), { binary: true });
+        const to = setTimeout(() => rel.paired(false), 30000);
+        const ok = await paired;
+        clearTimeout(to);
+        if (ok === false) throw new Error('the VM end never connected');
+      } catch (e) { errors++; const k = String(e.code || e.message || e).slice(0, 60); errKinds[k] = (errKinds[k] || 0) + 1; }
+    }
+  }
+  await Promise.all(Array.from({ length: par }, opener));
+  const openSec = (now() - t0) / 1000;
+  const live = relays.filter((r) => r.ws && r.vm);
+  if (live.length < n) {
+    emit({ error: `only ${live.length} of ${n} relays opened`, error_kinds: errKinds });
+    process.exit(1);
+  }
+  // Slot s (relay s % n, tick s / n) is due at start + s * every / n: both of its records go then.
+  const start = now() + 20;
+  let slot = 0, lagMax = 0, sends = 0;
+  const cpu0 = process.cpuUsage();
+  const pump = setInterval(() => {
+    const t = now();
+    for (; start + (slot * every) / n <= t; slot++) {
+      lagMax = Math.max(lagMax, t - (start + (slot * every) / n));
+      const rel = relays[slot % n];
+      if (rel.closed) continue;
+      rel.ws.send(record(rel.i, rel.up.sent++, size), { binary: true });
+      rel.vm.write(record(rel.i, rel.down.sent++, size));
+      sends += 2;
+    }
+  }, 2);
+  // The first second warms up (a thousand relays' first records at once): pauses count from
+  // then on, when the harness hears that the relays stream.
+  const warmup = num(opt.warmup, 1000), steady = start + warmup;
+  setTimeout(() => process.stdout.write(JSON.stringify({ event: 'streaming', relays: n, open_seconds: r3(openSec) }) + '\n'), warmup + 20);
+  const line = await new Promise((r) => {
+    let got = '';
+    process.stdin.on('data', (d) => { got += d; if (got.includes('\n')) r(got.trim()); });
+    process.stdin.once('end', () => r(got.trim()));
+  });
+  clearInterval(pump);
+  const streamedS = (now() - start) / 1000;
+  const cpu = process.cpuUsage(cpu0);
+  const [, triggerNs, answerNs] = line.split(/\s+/);
+  // hrtime is CLOCK_MONOTONIC, as Python's time.monotonic_ns: the trigger on our clock, in ms.
+  const trigger = triggerNs ? Number(BigInt(triggerNs)) / 1e6 : Infinity;
+  const answered = answerNs ? Number(BigInt(answerNs)) / 1e6 : Infinity;
+  const delivered = () => relays.every((r) => r.closed || (r.up.unique === r.up.sent && r.down.unique === r.down.sent));
+  const drainUntil = now() + num(opt.drain, 15) * 1000;
+  while (!delivered() && now() < drainUntil) await new Promise((r) => setTimeout(r, 20));
+  ending = true;
+  // Per relay: the pause (longest delay less median delay), before the trigger (the steady
+  // state) and over the whole run; the longest gap between arrivals less the interval; when
+  // the worst record was sent, against the trigger.
+  const pauses = [], base = [], gaps = [], when = [], allDelays = [];
+  // The delays by when the record was sent, in --bucket ms steps from the trigger: where the
+  // upgrade's stall sits, and how the steady state looks around it.
+  const bucket = num(opt.bucket, 250), buckets = {};
+  let lost = 0, dups = 0, reordered = 0, torn = 0, closed = 0, sentTotal = 0, over100 = 0;
+  const closeKinds = {};
+  for (const r of relays) {
+    if (r.closed) { closed++; closeKinds[r.closed] = (closeKinds[r.closed] || 0) + 1; }
+    let pause = 0, pauseBase = 0, gap = 0, worstAt = null;
+    for (const d of [r.up, r.down]) {
+      sentTotal += d.sent;
+      lost += d.sent - d.unique; dups += d.dups; reordered += d.reordered; torn += d.torn;
+      if (!d.delays.length) continue;
+      const counted = d.delays.filter((_, k) => d.sentAt[k] >= steady);
+      const sorted = Float64Array.from(counted.length ? counted : d.delays).sort();
+      const med = sorted[Math.floor(sorted.length / 2)];
+      for (let k = 0; k < d.delays.length; k++) {
+        if (d.sentAt[k] < start) continue; // the pairing record
+        const b = Math.floor((d.sentAt[k] - trigger) / bucket);
+        if (Number.isFinite(b)) (buckets[b] = buckets[b] || []).push(d.delays[k]);
+        if (d.sentAt[k] < steady) continue;
+        const p = d.delays[k] - med;
+        if (p > pause) { pause = p; worstAt = d.sentAt[k] - trigger; }
+        if (d.sentAt[k] < trigger && p > pauseBase) pauseBase = p;
+        if (k > 0 && d.sentAt[k - 1] >= steady) gap = Math.max(gap, d.arrivals[k] - d.arrivals[k - 1] - every);
+      }
+      for (const x of counted) allDelays.push(x);
+    }
+    pauses.push(pause); base.push(pauseBase); gaps.push(gap);
+    if (worstAt !== null && Number.isFinite(worstAt)) when.push(worstAt);
+    if (pause > 100) over100++;
+  }
+  for (const a of [pauses, base, gaps, when, allDelays]) a.sort((x, y) => x - y);
+  server.close();
+  for (const r of relays) { if (r.ws) r.ws.terminate(); if (r.vm) r.vm.destroy(); }
+  emit({ conns: n, ok: live.length, errors, error_kinds: errKinds, interval_ms: every, chunk: size,
+    open_seconds: r3(openSec), streamed_s: r3(streamedS), records_sent: sentTotal,
+    records_per_s: r3(sends / streamedS), client_cpu_s: r3((cpu.user + cpu.system) / 1e6), send_lag_max_ms: r3(lagMax),
+    relays_closed: closed, close_kinds: closeKinds, lost, duplicated: dups, reordered, torn,
+    delay_p50_ms: r3(pct(allDelays, 50)), delay_p99_ms: r3(pct(allDelays, 99)),
+    pause_p50_ms: r3(pct(pauses, 50)), pause_p99_ms: r3(pct(pauses, 99)), pause_max_ms: r3(pauses[pauses.length - 1] ?? null),
+    pause_over_100ms: over100,
+    baseline_pause_p50_ms: r3(pct(base, 50)), baseline_pause_p99_ms: r3(pct(base, 99)), baseline_pause_max_ms: r3(base[base.length - 1] ?? null),
+    gap_pause_p50_ms: r3(pct(gaps, 50)), gap_pause_p99_ms: r3(pct(gaps, 99)), gap_pause_max_ms: r3(gaps[gaps.length - 1] ?? null),
+    worst_sent_after_trigger_p50_ms: r3(pct(when, 50)), worst_sent_after_trigger_min_ms: r3(when[0] ?? null),
+    worst_sent_after_trigger_max_ms: r3(when[when.length - 1] ?? null),
+    timeline: Object.keys(buckets).map(Number).sort((a, b) => a - b).map((b) => {
+      const v = buckets[b].sort((x, y) => x - y);
+      return [b * bucket, v.length, r3(pct(v, 50)), r3(pct(v, 99)), r3(v[v.length - 1])];
+    }),
+    trigger_to_answer_ms: Number.isFinite(answered - trigger) ? r3(answered - trigger) : null });
+}
+
+const fns = { down, up, echo, setup, conc, streams, ready, upgrade };
 if (!fns[scenario] || !opt.url) {
-  console.error('usage: node client.js down|up|echo|setup|conc|streams|ready --url ws://...|tcp://... [--ids FILE] [options]');
+  console.error('usage: node client.js down|up|echo|setup|conc|streams|ready|upgrade --url ws://...|tcp://... [--ids FILE] [options]');
   process.exit(2);
 }
 fns[scenario]().then(() => process.exit(0), (e) => { emit({ error: String(e && e.message || e) }); process.exit(1); });

@@ -94,6 +94,56 @@ def memory_kb(pids: Iterable[int]) -> dict[str, int]:
     return {"rss_kb": rss, "pss_kb": pss, "procs": n}
 
 
+def cpu_by_pid(pids: Iterable[int]) -> dict[int, float]:
+    """User plus system CPU seconds each of these processes has used so far (live ones)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+            fields = stat[stat.rfind(")") + 2 :].split()
+            out[p] = (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User plus system CPU time these processes have used so far (live ones only)."""
+    return sum(cpu_by_pid(pids).values())
+
+
+class CpuSampler:
+    """Samples a process tree's CPU per process on a thread (every ``interval`` s), so the
+    CPU of a process that exits between two looks is still counted up to its last sample."""
+
+    def __init__(self, root: int, interval: float = 0.05) -> None:
+        self.root = root
+        self.interval = interval
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> dict[int, float]:
+        """Take a sample now; every process seen so far and its CPU seconds at its last look."""
+        seen = cpu_by_pid(process_tree(self.root))
+        with self._lock:
+            self.last.update(seen)
+            return dict(self.last)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def fd_count(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))

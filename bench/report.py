@@ -57,10 +57,23 @@ METRICS: dict[str, list[Metric]] = {
         Metric("ready_gc_ms", "GC pauses in paced phase ms (--gc-log)", False),
         Metric("burst_gc_ms", "GC pauses in burst ms (--gc-log)", False),
     ],
+    "upgrade": [
+        Metric("pause_p50_ms", "pause p50 ms", False),
+        Metric("pause_p99_ms", "pause p99 ms", False),
+        Metric("pause_max_ms", "pause max ms", False),
+        Metric("baseline_pause_p99_ms", "pause p99 before the trigger ms", False),
+        Metric("upgrade_seconds", "s until the old generation held no movable relay", False),
+        Metric("upgrade_moved", "relays moved", True),
+        Metric("relays_closed", "relays closed", False),
+        Metric("lost", "records lost", False),
+        Metric("duplicated", "records duplicated", False),
+        Metric("reordered", "records reordered", False),
+    ],
 }
 
 #: Counts are shown but not divided: a ratio of error counts means nothing.
-NO_RATIO = {"ok", "errors", "ready_errors", "burst_errors", "ready_gc_ms", "burst_gc_ms"}
+NO_RATIO = {"ok", "errors", "ready_errors", "burst_errors", "ready_gc_ms", "burst_gc_ms",
+            *(m.key for m in METRICS["upgrade"])}
 #: Rows shown only when some run measured them.
 OPTIONAL = {"ready_gc_ms", "burst_gc_ms"}
 
@@ -190,6 +203,40 @@ def targets(rows: Sequence[Row], conc_n: int) -> list[Target]:
     return out
 
 
+def upgrade_targets(rows: Sequence[Row]) -> list[Target]:
+    """Issue 12, point 7, for each worker count: the median of its rounds, and the worst
+    round for what must never happen."""
+    out = []
+    for subject, workers, pause_limit in ((WORKERS_SUBJECT, 2, 100.0), (SUBJECT, 1, 1000.0)):
+        runs = [r for r in rows if r["scenario"] == "upgrade" and r["proxy"] == subject]
+        if not runs:
+            continue
+        good = [r for r in runs if valid(r)]
+        failed = len(runs) - len(good)
+        worst = {key: max((int(r.get(key) or 0) for r in good), default=None)
+                 for key in ("relays_closed", "lost", "duplicated", "reordered", "torn")}
+        never = [k for k, v in worst.items() if v]
+        out.append(Target(
+            f"workers = {workers}: 0 relays closed, no record lost, duplicated or reordered",
+            ", ".join(f"{k} {v}" for k, v in worst.items()) + " (worst round)"
+            + (f", {failed} failed run(s)" if failed else ""),
+            bool(good) and not failed and not never))
+        for key, name, limit, unit in (
+            ("pause_p99_ms", f"workers = {workers}: pause p99 ≤ {fmt(pause_limit)} ms",
+             pause_limit, "ms"),
+            ("upgrade_seconds", f"workers = {workers}: old generation empty of movable relays"
+             " ≤ 5 s", 5.0, "s"),
+        ):
+            vals = values(rows, "upgrade", subject, key)
+            if not vals:
+                out.append(Target(name, "not measured", None))
+                continue
+            m = statistics.median(vals)
+            spread = f" ({fmt(min(vals))}-{fmt(max(vals))})" if len(vals) > 1 else ""
+            out.append(Target(name, f"{fmt(m)} {unit}{spread}", m <= limit))
+    return out
+
+
 # -- tables -------------------------------------------------------------------------------------
 
 
@@ -225,6 +272,7 @@ def summary(rows: Sequence[Row], conc_n: int) -> dict[str, Any]:
         "medians": medians,
         "ratios": ratios,
         "targets": [attrs.asdict(t) for t in targets(rows, conc_n)],
+        "upgrade_targets": [attrs.asdict(t) for t in upgrade_targets(rows)],
     }
 
 
@@ -252,13 +300,23 @@ def markdown(rows: Sequence[Row], conc_n: int, rounds: int) -> str:
             cells += ["" if m.key in NO_RATIO else fmt_ratio(ratio(rows, s, m.key, r))
                       for r in refs]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Targets (issue 6, point 2):", "", "| target | measured | met |",
-              "|---|---|---|"]
-    for t in targets(rows, conc_n):
-        verdict = {True: "yes", False: "**no**", None: "—"}[t.met]
-        lines.append(f"| {t.name} | {t.measured} | {verdict} |")
+    issue6 = targets(rows, conc_n)
+    if any(t.met is not None for t in issue6):
+        lines += ["", "Targets (issue 6, point 2):", "", "| target | measured | met |",
+                  "|---|---|---|"]
+        for t in issue6:
+            verdict = {True: "yes", False: "**no**", None: "—"}[t.met]
+            lines.append(f"| {t.name} | {t.measured} | {verdict} |")
+    upgrade = upgrade_targets(rows)
+    if upgrade:
+        lines += ["", "Targets (issue 12, point 7: the upgrade; medians over rounds, the range in"
+                  " brackets):", "", "| target | measured | met |", "|---|---|---|"]
+        for t in upgrade:
+            verdict = {True: "yes", False: "**no**", None: "—"}[t.met]
+            lines.append(f"| {t.name} | {t.measured} | {verdict} |")
     problems = [r for r in rows if r.get("error") or r.get("errors") or r.get("ready_errors")
                 or r.get("burst_errors") or r.get("daemon_log_errors")
+                or r.get("relays_closed")
                 or r.get("proxy_exited") is not None]
     if problems:
         lines += ["", "Runs with errors:", ""]
@@ -275,6 +333,8 @@ def describe(row: Row) -> str:
         if row.get(key):
             kinds = row.get(key.replace("errors", "error_kinds")) or row.get("first_error")
             parts.append(f"{key}={row[key]}" + (f" {kinds}" if kinds else ""))
+    if row.get("relays_closed"):
+        parts.append(f"relays_closed={row['relays_closed']} {row.get('close_kinds') or ''}")
     if row.get("proxy_exited") is not None:
         parts.append(f"proxy exited with {row['proxy_exited']} during the run")
     if row.get("daemon_log_errors"):

@@ -35,10 +35,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import procs
 import profiles
 import report
@@ -60,11 +63,20 @@ ROOT = HERE.parent
 BUILD = HERE / "out"
 MiB = 1 << 20
 
-SCENARIOS = ("down", "up", "echo", "setup", "conc", "streams", "ready")
+SCENARIOS = ("down", "up", "echo", "setup", "conc", "streams", "ready", "upgrade")
 PROXIES = ("ceiling-tcp", "ceiling-ws", "socat", "twisted-tcp", "websockify", "twisted_novnc",
            "twisted_novnc-2w")
-#: twisted_novnc with [novnc] workers = 2 (issue 6: streams with 2 workers); streams only.
+#: twisted_novnc with [novnc] workers = 2 (issue 6: streams with 2 workers; issue 12: the
+#: upgrade with 2 workers); streams and upgrade only.
 WORKERS_PROXY = "twisted_novnc-2w"
+#: Which proxies a scenario runs: ready and upgrade are twisted_novnc's own (socat and
+#: websockify have no readiness wait, and no upgrade: a restart closes every connection).
+ONLY = {"ready": ("twisted_novnc",), "upgrade": ("twisted_novnc", WORKERS_PROXY),
+        "streams": PROXIES}
+
+
+def eligible(scenario: str, proxy: str) -> bool:
+    return proxy in ONLY.get(scenario, [p for p in PROXIES if p != WORKERS_PROXY])
 
 
 def is_twisted_novnc(proxy: str) -> bool:
@@ -73,12 +85,26 @@ def is_twisted_novnc(proxy: str) -> bool:
 
 WEBSOCKIFY = "websockify==0.13.*"
 
+@attrs.frozen
+class Upgrade:
+    """The upgrade scenario: ``relays`` streaming one record each way every ``interval_ms``,
+    the upgrade triggered after ``before_s`` of streaming, streaming ``after_s`` more after
+    its answer."""
+
+    relays: int
+    interval_ms: int
+    before_s: float
+    after_s: float
+
+
 #: Full sizes are the issue's; --quick is a smoke test that exercises every code path.
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"down": 256 * MiB, "up": 256 * MiB, "echo": 10_000, "setup": 1000, "conc": 9000,
-             "streams": (50, 8 * MiB), "ready": 1000, "ready_rate": 200},
+             "streams": (50, 8 * MiB), "ready": 1000, "ready_rate": 200,
+             "upgrade": Upgrade(1000, 100, 5.0, 5.0)},
     "quick": {"down": 16 * MiB, "up": 16 * MiB, "echo": 1000, "setup": 100, "conc": 200,
-              "streams": (10, 2 * MiB), "ready": 100, "ready_rate": 200},
+              "streams": (10, 2 * MiB), "ready": 100, "ready_rate": 200,
+              "upgrade": Upgrade(100, 100, 2.0, 2.0)},
 }
 
 #: What twisted_novnc logs when a browser's upgrade is held (counted to know all are waiting),
@@ -299,6 +325,11 @@ class Bench:
         self.sizes = dict(SIZES["quick" if args.quick else "full"])
         if args.conc:
             self.sizes["conc"] = args.conc
+        if args.upgrade_relays or args.upgrade_interval:
+            self.sizes["upgrade"] = attrs.evolve(
+                self.sizes["upgrade"],
+                relays=args.upgrade_relays or self.sizes["upgrade"].relays,
+                interval_ms=args.upgrade_interval or self.sizes["upgrade"].interval_ms)
         self.out = Path(args.out).resolve()
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.run_dir = self.out / f"run-{stamp}-{os.getpid()}"
@@ -356,8 +387,8 @@ class Bench:
             args = [str(self.tools.target), str(mode[0]), str(port), *map(str, mode[1:])]
         return self._spawn_listening(args, port, "the target", f"{tag}-target.log")
 
-    def start_proxy(self, proxy: str, port: int, target_port: int,
-                    tag: str) -> subprocess.Popen[Any] | None:
+    def start_proxy(self, proxy: str, port: int, target_port: int, tag: str,
+                    admin_port: int | None = None) -> subprocess.Popen[Any] | None:
         if proxy.startswith("ceiling"):
             return None
         if proxy == "socat":
@@ -370,7 +401,8 @@ class Bench:
             args = [sys.executable, str(HERE / "twisted_relay.py"), str(port), str(target_port)]
         else:
             return self.start_twisted_novnc(port, target_port, tag,
-                                            workers=2 if proxy == WORKERS_PROXY else 1)
+                                            workers=2 if proxy == WORKERS_PROXY else 1,
+                                            admin_port=admin_port)
         return self._spawn_listening(args, port, proxy, f"{tag}-proxy.log")
 
     def _spawn_listening(self, args: list[str], port: int, what: str,
@@ -383,8 +415,8 @@ class Bench:
             raise BenchError(f"{what} exited ({proc.returncode}); see {log}")
         return proc
 
-    def start_twisted_novnc(self, port: int, target_port: int, tag: str,
-                            workers: int = 1) -> subprocess.Popen[Any]:
+    def start_twisted_novnc(self, port: int, target_port: int, tag: str, workers: int = 1,
+                            admin_port: int | None = None) -> subprocess.Popen[Any]:
         assert self.sessions is not None
         config = self.run_dir / f"{tag}.ini"
         # Defaults everywhere but where the daemon must find the bench's table, and the listen
@@ -406,7 +438,10 @@ class Bench:
             "port_column = vnc_port\n"
             f"notify_channel = {self.sessions.table}\n"
             # Its targets are on loopback, this very host, which the defaults refuse.
-            "[upstream]\nallowed_networks = 127.0.0.0/8\nallow_self = on\n", encoding="utf-8")
+            "[upstream]\nallowed_networks = 127.0.0.0/8\nallow_self = on\n"
+            # The upgrade scenario posts /upgrade there; the others run without one.
+            + (f"[admin]\nlisten = tcp:{admin_port}:interface=127.0.0.1\n"
+               if admin_port is not None else ""), encoding="utf-8")
         log = self.run_dir / f"{tag}-proxy.log"
         env = None
         if self.args.trace_malloc or self.args.gc_log:
@@ -444,6 +479,7 @@ class Bench:
             "conc": ["--conns", s["conc"], "--parallel", 64, "--open", self.args.client_open],
             "streams": ["--conns", s["streams"][0], "--bytes", s["streams"][1]],
             "ready": ["--wait", 60],
+            "upgrade": [],
         }[scenario]
         cmd = ["node", str(HERE / "client.js"), scenario, "--url", url, "--timeout",
                str(self.args.client_timeout), "--label", proxy, *map(str, args),
@@ -518,6 +554,67 @@ class Bench:
             result.update(fds_after_close=procs.fd_count(root),  # type: ignore[arg-type]
                           pss_after_close_mb=round(after["pss_kb"] / 1024, 1) if after else None)
         return result
+
+    def run_upgrade(self, url: str, proxy: str, ids_file: Path, vm_port: int,
+                    admin_port: int, daemon: subprocess.Popen[Any] | None) -> dict[str, Any]:
+        """Relays stream both ways; POST /upgrade on the admin listener while they do."""
+        size: Upgrade = self.sizes["upgrade"]
+        cmd = self.client_command("upgrade", url, proxy, ids_file,
+                                  ["--conns", size.relays, "--interval", size.interval_ms,
+                                   "--vm-port", vm_port])
+        cl = self.client(cmd)
+        lines = procs.LineReader(cl.stdout)  # type: ignore[arg-type]
+        out: dict[str, Any] = {}
+        try:
+            first = lines.next(self.args.client_timeout)
+            streaming = json.loads(first) if first and first.startswith("{") else {}
+            if streaming.get("event") != "streaming":
+                return {"error": f"client not streaming: {(first or '')[:300]}"}
+            # How busy the steady state keeps the daemon (cores), before the upgrade adds to
+            # it; then, from the trigger to the answer, which of its processes was busy.
+            assert daemon is not None
+            sampler = procs.CpuSampler(daemon.pid)
+            try:
+                cpu0, t0 = sum(sampler.sample().values()), time.monotonic()
+                time.sleep(size.before_s)
+                before = sampler.sample()
+                out["daemon_cores_streaming"] = round(
+                    (sum(before.values()) - cpu0) / (time.monotonic() - t0), 2)
+                trigger = time.monotonic_ns()
+                out.update(self.post_upgrade(admin_port))
+                answered = time.monotonic_ns()
+                after = sampler.sample()
+            finally:
+                sampler.stop()
+            out.update(upgrade_cpu(daemon.pid, before, after, (answered - trigger) / 1e9))
+            time.sleep(size.after_s)
+            assert cl.stdin is not None
+            cl.stdin.write(f"stop {trigger} {answered}\n")
+            cl.stdin.flush()
+            last = lines.next(120)
+            result: dict[str, Any] = json.loads(last) if last else {"error": "no result"}
+        finally:
+            procs.stop(cl, grace=10)
+        result.update(out)
+        if out.get("upgrade_error") and not result.get("error"):
+            result["error"] = f"upgrade: {out['upgrade_error']}"
+        return result
+
+    def post_upgrade(self, admin_port: int) -> dict[str, Any]:
+        """``POST /upgrade`` (what ``python -m twisted_novnc upgrade --url`` sends); it answers
+        once every movable relay has left the old generation, its ``seconds`` saying when."""
+        request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/upgrade", data=b"",
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                body = json.loads(answer.read())
+        except urllib.error.HTTPError as e:
+            return {"upgrade_error": f"HTTP {e.code}: {e.read()[:300]!r}"}
+        except (OSError, ValueError) as e:
+            return {"upgrade_error": str(e)}
+        return {"upgrade_seconds": body.get("seconds"), "upgrade_moved": body.get("moved"),
+                "upgrade_kept": body.get("kept"), "upgrade_generation": body.get("generation"),
+                "upgrade_workers": len(body.get("workers") or [])}
 
     def snapshot_memory(self, proc: subprocess.Popen[Any] | None) -> None:
         """With --trace-malloc, have the daemon write its allocations (inject/)."""
@@ -604,13 +701,21 @@ class Bench:
         while pport == tport:
             pport = procs.free_port()
         started = time.monotonic()
+        aport = None
+        if scenario == "upgrade":
+            aport = procs.free_port()
+            while aport in (tport, pport):
+                aport = procs.free_port()
         try:
-            target = self.start_backend(scenario, proxy, tport, tag)
+            # In upgrade the client is the VMs too (it times both ends of every relay).
+            if scenario != "upgrade":
+                target = self.start_backend(scenario, proxy, tport, tag)
             ids_file = burst_file = None
             if is_twisted_novnc(proxy):
                 assert self.sessions is not None
                 n = {"setup": self.sizes["setup"], "conc": self.sizes["conc"],
-                     "streams": self.sizes["streams"][0], "ready": self.sizes["ready"]}
+                     "streams": self.sizes["streams"][0], "ready": self.sizes["ready"],
+                     "upgrade": self.sizes["upgrade"].relays}
                 count = n.get(scenario, 1)
                 ids_file = self.run_dir / f"{tag}.ids"
                 ids_file.write_text("\n".join(
@@ -619,7 +724,7 @@ class Bench:
                     burst_file = self.run_dir / f"{tag}-burst.ids"
                     burst_file.write_text("\n".join(
                         self.sessions.add(count, tport, ready=False)) + "\n")
-            proxy_proc = self.start_proxy(proxy, pport, tport, tag)
+            proxy_proc = self.start_proxy(proxy, pport, tport, tag, aport)
             if proxy_proc is not None and self.args.profile and proxy == "twisted_novnc":
                 profiler = self.start_profiler(proxy_proc.pid, tag)
             url = {
@@ -635,6 +740,10 @@ class Bench:
                 assert ids_file is not None and burst_file is not None
                 result = self.run_ready(url, proxy, self.run_dir / f"{tag}-proxy.log",
                                         ids_file, burst_file)
+            elif scenario == "upgrade":
+                assert ids_file is not None and aport is not None
+                result = self.run_upgrade(url, proxy, ids_file, tport, aport,
+                                          proxy_proc)
             elif scenario == "conc":
                 result = self.run_conc(self.client_command(scenario, url, proxy, ids_file),
                                        proxy_proc)
@@ -699,13 +808,11 @@ class Bench:
         with results:
             for rnd in range(1, self.args.rounds + 1):
                 for scenario in scenarios:
-                    eligible = [p for p in proxies
-                                if (scenario != "ready" or p == "twisted_novnc")
-                                and (p != WORKERS_PROXY or scenario == "streams")]
-                    if not eligible:
+                    these = [p for p in proxies if eligible(scenario, p)]
+                    if not these:
                         continue
-                    k = (rnd - 1) % len(eligible)
-                    for proxy in eligible[k:] + eligible[:k]:
+                    k = (rnd - 1) % len(these)
+                    for proxy in these[k:] + these[:k]:
                         row = self.run_one(rnd, scenario, proxy)
                         self.rows.append(row)
                         results.write(json.dumps(row) + "\n")
@@ -856,11 +963,12 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
         f"Sizes: down/up {s['down'] // MiB} MiB, echo {s['echo']:,} x 64 B, setup "
         f"{s['setup']:,}, conc {s['conc']:,}, streams {s['streams'][0]} x "
         f"{s['streams'][1] // MiB} MiB, ready {s['ready']:,} at {s['ready_rate']}/s then "
-        f"{s['ready']:,} in one transaction. Wall time {meta['wall_s']:.0f} s.",
+        f"{s['ready']:,} in one transaction, upgrade {s['upgrade'].relays:,} relays x one "
+        f"record each way every {s['upgrade'].interval_ms} ms. Wall time {meta['wall_s']:.0f} s.",
         "",
         report.markdown(rows, s["conc"], bench.args.rounds),
     ]
-    extra = ready_details(rows) + conc_details(rows)
+    extra = ready_details(rows) + conc_details(rows) + upgrade_details(rows)
     if extra:
         lines += extra
     return "\n".join(lines)
@@ -880,6 +988,53 @@ def ready_details(rows: Sequence[dict[str, Any]]) -> list[str]:
         f"{unheld} run(s) where not every client was seen held before the first COMMIT.",
         "",
     ] if rates else []
+
+
+def upgrade_cpu(main: int, before: dict[int, float], after: dict[int, float],
+                seconds: float) -> dict[str, Any]:
+    """Cores each part of the daemon kept busy from the trigger to the answer: the main
+    process (the relay itself with workers = 1; the supervisor and router otherwise), the old
+    generation's workers, and the new generation's processes."""
+    if seconds <= 0:
+        return {}
+    old = sum(after.get(p, v) - v for p, v in before.items() if p != main)
+    new = sum(v for p, v in after.items() if p not in before)
+    return {"upgrade_cores_main": round((after.get(main, 0) - before.get(main, 0)) / seconds, 2),
+            "upgrade_cores_old_workers": round(old / seconds, 2),
+            "upgrade_cores_new": round(new / seconds, 2)}
+
+
+def upgrade_details(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per upgrade run: what the table's medians hide (the baseline, where the worst
+    record was, the client's own lateness)."""
+    runs = [r for r in rows if r["scenario"] == "upgrade" and not r.get("error")]
+    if not runs:
+        return []
+    out = ["upgrade (twisted_novnc only: socat and websockify have no upgrade, a restart closes "
+           "every connection): per run, pause = a relay's longest record delay less its median "
+           "delay, either direction; baseline = the same over records sent before the trigger:"]
+    for r in runs:
+        workers = 2 if r["proxy"] == WORKERS_PROXY else 1
+        out.append(
+            f"round {r['round']} workers = {workers}: {r.get('conns')} relays, "
+            f"{r.get('records_per_s')} records/s; pause p50/p99/max "
+            f"{r.get('pause_p50_ms')}/{r.get('pause_p99_ms')}/{r.get('pause_max_ms')} ms "
+            f"(baseline {r.get('baseline_pause_p50_ms')}/{r.get('baseline_pause_p99_ms')}/"
+            f"{r.get('baseline_pause_max_ms')}; arrival gap less interval "
+            f"{r.get('gap_pause_p50_ms')}/{r.get('gap_pause_p99_ms')}/"
+            f"{r.get('gap_pause_max_ms')}); {r.get('pause_over_100ms')} relays paused over "
+            f"100 ms; worst record sent {r.get('worst_sent_after_trigger_min_ms')} to "
+            f"{r.get('worst_sent_after_trigger_max_ms')} ms after the trigger (p50 "
+            f"{r.get('worst_sent_after_trigger_p50_ms')}); upgrade {r.get('upgrade_seconds')} s "
+            f"({r.get('upgrade_moved')} moved, {r.get('upgrade_kept')} kept), answered in "
+            f"{r.get('trigger_to_answer_ms')} ms; closed {r.get('relays_closed')}, lost "
+            f"{r.get('lost')}, duplicated {r.get('duplicated')}, reordered {r.get('reordered')}, "
+            f"torn {r.get('torn')}; daemon {r.get('daemon_cores_streaming')} cores busy while "
+            f"streaming before the trigger, from the trigger to the answer main process "
+            f"{r.get('upgrade_cores_main')}, old workers {r.get('upgrade_cores_old_workers')}, "
+            f"new generation {r.get('upgrade_cores_new')}; client CPU {r.get('client_cpu_s')} "
+            f"s over {r.get('streamed_s')} s, its send lag max {r.get('send_lag_max_ms')} ms")
+    return [out[0], "", *(f"- {line}" for line in out[1:]), ""]
 
 
 def conc_details(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -910,6 +1065,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help=f"comma list of {', '.join(PROXIES)} (default all)")
     ap.add_argument("--conc", type=int, default=0, help="idle connections for conc "
                     "(default 9000; quick 200)")
+    ap.add_argument("--upgrade-relays", type=int, default=0, help="relays streaming through "
+                    "the upgrade (default 1000; quick 100)")
+    ap.add_argument("--upgrade-interval", type=int, default=0, metavar="MS", help="each "
+                    "upgrade relay sends one record each way every MS ms (default 100)")
     ap.add_argument("--dsn", default=None, help="use this PostgreSQL (libpq DSN) instead of "
                     "a private cluster; the bench makes and drops its own table")
     ap.add_argument("--daemon-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -968,6 +1127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Each relay holds two descriptors in the daemon and the target one per connection.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.upgrade_relays and hard < 4 * args.upgrade_relays + 200:
+        print(f"[bench] warning: the hard descriptor limit {hard} is below what "
+              f"{args.upgrade_relays} relays need (both ends are the client's)", file=sys.stderr)
     if args.conc and hard < 2 * args.conc + 200:
         print(f"[bench] warning: the hard descriptor limit {hard} is below what {args.conc} "
               "relays need", file=sys.stderr)
@@ -997,7 +1159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(bench, meta)
     print(text)
     (bench.run_dir / "report.md").write_text(text, encoding="utf-8")
-    summary = {"meta": meta, "sizes": bench.sizes, **report.summary(bench.rows,
+    sizes = {k: attrs.asdict(v) if attrs.has(type(v)) else v for k, v in bench.sizes.items()}
+    summary = {"meta": meta, "sizes": sizes, **report.summary(bench.rows,
                                                                       bench.sizes["conc"]),
                "runs": bench.rows}
     (bench.run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -32,11 +32,12 @@ LIMIT = 180  # seconds; it takes about 15 here, most of it npm ci and starting P
 
 
 def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
-    """echo and ready against the real daemon: no failed run, and the report parses."""
+    """echo, ready and upgrade against the real daemon: no failed run, and the report
+    parses."""
     require([f"{tool} (Debian: apt-get install nodejs npm gcc)" for tool in MISSING], "the bench")
     summary, report = tmp_path / "summary.json", tmp_path / "report.md"
     command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
-               "twisted_novnc", "--scenarios", "echo,ready", "--out", str(tmp_path),
+               "twisted_novnc", "--scenarios", "echo,ready,upgrade", "--out", str(tmp_path),
                "--json", str(summary), "--md", str(report)]
     if os.environ.get(TEST_DSN_ENV):
         command += ["--dsn", os.environ[TEST_DSN_ENV]]
@@ -47,8 +48,8 @@ def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
     data = json.loads(summary.read_text(encoding="utf-8"))
     runs = data["runs"]
     assert sorted((r["scenario"], r["proxy"]) for r in runs) == [
-        ("echo", "twisted_novnc"), ("ready", "twisted_novnc")]
-    assert [r.get("error") for r in runs] == [None, None]
+        ("echo", "twisted_novnc"), ("ready", "twisted_novnc"), ("upgrade", "twisted_novnc")]
+    assert [r.get("error") for r in runs] == [None, None, None]
     echo = next(r for r in runs if r["scenario"] == "echo")
     assert echo["bufferutil"] is True  # the client masks natively: it is not the bottleneck
     assert 0 < data["medians"]["echo"]["p50_us"]["twisted_novnc"] <= echo["p99_us"]
@@ -58,6 +59,15 @@ def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
     assert (ready["ready_early"], ready["burst_early"]) == (0, 0)  # no 101 before its COMMIT
     assert 0 < ready["ready_p50_ms"] <= ready["ready_p99_ms"] <= ready["ready_max_ms"]
     assert ready["burst_last_ms"] > 0
+    upgrade = next(r for r in runs if r["scenario"] == "upgrade")
+    relays = data["sizes"]["upgrade"]["relays"]
+    assert upgrade["upgrade_moved"] == relays  # every relay left the old generation
+    assert (upgrade["relays_closed"], upgrade["lost"], upgrade["duplicated"],
+            upgrade["reordered"]) == (0, 0, 0, 0)
+    assert 0 <= upgrade["pause_p50_ms"] <= upgrade["pause_p99_ms"] <= upgrade["pause_max_ms"]
+    assert upgrade["upgrade_seconds"] > 0
+    assert {t["name"] for t in data["upgrade_targets"]} >= {
+        "workers = 1: pause p99 ≤ 1000 ms"}
     targets = {t["name"]: t for t in data["targets"]}
     assert isinstance(targets["ready p50 ≤ 2 ms (COMMIT → 101)"]["met"], bool)
     assert targets["down ≥ 1.0 x socat"]["met"] is None  # not measured in this run
