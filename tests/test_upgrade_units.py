@@ -117,11 +117,11 @@ def test_upgrade_message_and_handed_answer():
     sup, spawner, _, _ = supervisor(2)
     sup.startService()
     (one, one_transport), (two, _) = spawner.started
-    handed = one.upgrade(3600)
-    assert (UPGRADE, b'{"drain_timeout": 3600}') in one_transport.frames()
+    handed = one.upgrade(3600, 250.0)
+    assert (UPGRADE, b'{"drain_timeout": 3600, "move_rate": 250.0}') in one_transport.frames()
     one.childDataReceived(3, frame(HANDED, b'{"moved": 5, "kept": 1}'))
     assert result_of(handed) == {"moved": 5, "kept": 1}
-    gone = two.upgrade(1)
+    gone = two.upgrade(1, 1.0)
     two.processEnded(exited(0))
     assert result_of(gone) == {}
 
@@ -247,8 +247,8 @@ def test_channel_carries_descriptors_with_their_message():
     assert os.read(first[0], 1) == b"x"
     for fd in first + second + got[0][2] + got[2][2]:
         os.close(fd)
-    sender.transport.loseConnection()
-    receiver.transport.loseConnection()
+    sender.close()
+    receiver.close()
 
 
 # -- the browser's frame parser, stopped in one process and resumed in another -----------------

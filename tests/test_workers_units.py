@@ -640,8 +640,8 @@ def test_launcher_hands_over_sockets_and_exact_settings():
             calls.append((executable, args, childFDs))
             return "transport"
 
-        def adoptStreamConnection(self, fd, family, factory):
-            channels.append((family, factory.buildProtocol(None)))
+        def addReader(self, reader):
+            channels.append(reader)
 
     channels = []
 
@@ -656,7 +656,8 @@ def test_launcher_hands_over_sockets_and_exact_settings():
     handoff = child_fds.pop(6)  # the worker's end of its relay hand-off channel
     assert child_fds == {0: "w", 1: 1, 2: 2, 3: "r", 4: 11, 5: 12}
     assert isinstance(handoff, int)
-    assert channels == [(socket.AF_UNIX, process.channel)]
+    assert channels == [process.channel]
+    process.channel._socket.close()
     init = WorkerInit.decode(process.init)
     assert init.index == 2 and init.secret == b"key" and init.handoff_fd == 6
     assert init.sockets == (SharedSocket("tcp:0", 4, socket.AF_INET), SharedSocket("unix:/s", 5, 1))

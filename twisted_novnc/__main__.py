@@ -19,7 +19,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    # A new worker (an upgrade starts them while the old ones relay): its imports first, at
+    # the lowest CPU priority (processes/quietstart.py).
+    from twisted_novnc.processes.quietstart import import_quietly
+
+    import_quietly("twisted_novnc.processes.worker")
 
 from twisted_novnc.config import ConfigError, Settings, effective_items, parse_config, read_config
 from twisted_novnc.database.schema import schema_sql
@@ -90,7 +98,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m twisted_novnc") -
     if args.command == "worker":
         from twisted_novnc.processes.worker import run_worker
 
-        return run_worker(args.index)
+        code = run_worker(args.index)
+        # Everything is closed and every log line written (synchronously, up the pipe): the
+        # interpreter's own teardown of a large heap would only burn CPU the new generation's
+        # relays need (an old generation exits while they stream).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     try:
         settings = _settings(args.config)

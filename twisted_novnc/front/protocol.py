@@ -524,6 +524,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             vm_unsent=take_unsent(upstream.transport),
             vm_unread=upstream.unread(),
             session_counted=attempt.session_counted,
+            handed_at=now,
         )
         fds = [browser_fd, vm_fd]
         self._moved = True
@@ -577,10 +578,12 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             self._idle_seen = relay.activity
             self._idle_timer = clock.callLater(factory.settings.idle_timeout, self._idle_check)
         self.forget_handshake()
+        moving = max(0.0, now - moved.handed_at) if moved.handed_at else 0.0
+        factory.metrics.relay_move.observe(moving)
         self._log.info(
-            "adopted {session_id} from {client} (relayed {relay_seconds:.3f}s so far,"
-            " up={up_bytes} down={down_bytes})",
-            session_id=moved.session_id, client=moved.client,
+            "adopted {session_id} from {client} after {move_seconds:.3f}s on the move"
+            " (relayed {relay_seconds:.3f}s so far, up={up_bytes} down={down_bytes})",
+            session_id=moved.session_id, client=moved.client, move_seconds=moving,
             relay_seconds=moved.relay_seconds, up_bytes=moved.up_bytes,
             down_bytes=moved.down_bytes,
         )

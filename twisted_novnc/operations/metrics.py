@@ -45,6 +45,7 @@ def outcome_label(outcome: str) -> str:
 
 
 WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+MOVE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -120,6 +121,7 @@ class Metrics:
     upstream_connect: Any = attrs.field(init=False)
     database_reconnects: Any = attrs.field(init=False)
     descriptor_limit_hits: Any = attrs.field(init=False)
+    relay_move: Any = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -146,6 +148,12 @@ class Metrics:
             "Times accept() found no free descriptor (EMFILE/ENFILE): the descriptor limit, not"
             " the proxy, refused connections, and accepting paused.",
             registry=r,
+        )
+        self.relay_move = Histogram(
+            "twisted_novnc_relay_move_seconds",
+            "How long each relay taken over in an upgrade stood still: from the old process's"
+            " last read to this one's take-over.",
+            buckets=MOVE_BUCKETS, registry=r,
         )
         r.register(_LiveCollector(self))
         # process_open_fds and process_max_fds beside the limit hits; CPU and memory too.

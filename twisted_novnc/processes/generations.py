@@ -35,6 +35,7 @@ from twisted_novnc.processes.supervisor import (
     WorkerProcess,
 )
 from twisted_novnc.processes.upgrade import (
+    MOVE_RATE,
     READY_TIMEOUT,
     Retirement,
     UpgradeRefused,
@@ -189,7 +190,10 @@ class Upgrader(Service):
                 version=worker.version,
             )
         drain = settings.novnc.upgrade_drain_timeout
-        handing: list[Deferred[Any]] = [process.upgrade(drain) for process in old]
+        # The old generation shares the pace of the move (processes/upgrade.py, MOVE_RATE).
+        sources = len(old) + (1 if self.local is not None and self.retired_local is None else 0)
+        rate = MOVE_RATE / max(1, sources)
+        handing: list[Deferred[Any]] = [process.upgrade(drain, rate) for process in old]
         if self.local is not None and self.retired_local is None:
             local = self.local
             router = launcher.router
@@ -200,6 +204,7 @@ class Upgrader(Service):
 
             retirement = Retirement(
                 local.factory, self.reactor, local.stop_accepting, send, drain, local.close_all,
+                rate,
             )
             self.retired_local = retirement
             handing.append(retirement.start().addCallback(

@@ -6,9 +6,10 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import attrs
-from twisted.internet.interfaces import IProcessTransport, IReactorProcess
+from twisted.internet.interfaces import IProcessTransport, IReactorFDSet, IReactorProcess
 
 from twisted_novnc.config import Settings, settings_text
 from twisted_novnc.processes.ipc import CONTROL_FD, FIRST_SOCKET_FD, MESSAGES_FD, WorkerInit
@@ -93,4 +94,4 @@ class Launcher:
                 router.answered(kind, payload)
 
         channel = HandoffChannel(received, lost=lambda: router.target_lost(channel))
-        return open_channel(self.reactor, fd, channel)
+        return open_channel(cast(IReactorFDSet, self.reactor), fd, channel)

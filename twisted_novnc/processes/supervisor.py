@@ -168,12 +168,14 @@ class WorkerProcess(ProcessProtocol):
         if handed is not None:
             handed.callback(counts)
 
-    def upgrade(self, drain_timeout: float) -> Deferred[dict[str, Any]]:
-        """Have this (old-generation) worker hand its relays on and drain the rest; fires with
-        its counts (``moved``, ``kept``) once handed, or empty if it ends first."""
+    def upgrade(self, drain_timeout: float, move_rate: float) -> Deferred[dict[str, Any]]:
+        """Have this (old-generation) worker hand its relays on, ``move_rate`` a second at
+        most, and drain the rest; fires with its counts (``moved``, ``kept``) once handed, or
+        empty if it ends first."""
         handed: Deferred[dict[str, Any]] = Deferred()
         self.handed = handed
-        if not self._send(UPGRADE, json.dumps({"drain_timeout": drain_timeout}).encode()):
+        message = {"drain_timeout": drain_timeout, "move_rate": move_rate}
+        if not self._send(UPGRADE, json.dumps(message).encode()):
             self.handed = None
             handed.callback({})
         return handed

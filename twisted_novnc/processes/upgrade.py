@@ -52,8 +52,15 @@ from twisted_novnc.relay.handoff import (
 
 _log = Logger()
 
-#: Relays handed on per reactor turn: the first one's pause is a batch, not the whole lot.
-MOVE_BATCH = 16
+#: Relays handed on and not yet answered, at most: each relay's pause is from its hand-off to
+#: its adoption, so it waits behind at most this many others, never behind the whole lot.
+MOVE_WINDOW = 32
+#: Relays a second the whole old generation hands on, at most (each of its processes its
+#: share): moving one costs each process on its way some CPU, and at full speed the move
+#: alone would take the host's CPU from the relays that stream meanwhile (bench/RESULTS.md).
+MOVE_RATE = 500.0
+#: Relays handed on at once when the pace allows, at most.
+MOVE_BURST = 8.0
 #: How long relays that cannot move yet (in the middle of a frame) are tried again.
 MOVE_RETRY_FOR = 2.0
 MOVE_RETRY_EVERY = 0.01
@@ -90,7 +97,7 @@ def relay_state(payload: bytes) -> MovedRelay:
 
 @attrs.define(eq=False)
 class RelayMover:
-    """Hands every live relay of one process on, a batch per reactor turn.
+    """Hands every live relay of one process on, at most ``MOVE_WINDOW`` unanswered at once.
 
     A relay in the middle of a frame is tried again every ``MOVE_RETRY_EVERY`` seconds for
     ``MOVE_RETRY_FOR``; one that cannot move at all (TLS) stays.  Each relay handed on keeps
@@ -102,31 +109,48 @@ class RelayMover:
     factory: NoVNCServerFactory
     reactor: IDaemonReactor
     send: Sender
+    #: Relays a second at most (0: as fast as the window allows).
+    rate: float = MOVE_RATE
     result: Deferred[tuple[int, int]] = attrs.field(factory=Deferred, init=False)
     moved: int = attrs.field(default=0, init=False)
     kept: int = attrs.field(default=0, init=False)
     _candidates: list[NoVNCServerProtocol] = attrs.field(factory=list, init=False)
     _pending: dict[int, tuple[MovedRelay, list[int]]] = attrs.field(factory=dict, init=False)
     _next: int = attrs.field(default=0, init=False)
-    _deadline: float = attrs.field(default=0.0, init=False)
+    #: Until when relays in the middle of a frame are tried again (set once none can move).
+    _deadline: float | None = attrs.field(default=None, init=False)
+    _tokens: float = attrs.field(default=1.0, init=False)
+    _tokens_at: float = attrs.field(default=0.0, init=False)
     _call: IDelayedCall | None = attrs.field(default=None, init=False)
     _scanning: bool = attrs.field(default=False, init=False)
+    _in_pass: bool = attrs.field(default=False, init=False)
 
     def start(self) -> Deferred[tuple[int, int]]:
         # The relays open now: a browser that was waiting and opens later stays here.
         self._candidates = list(self.factory.live)
-        self._deadline = self.reactor.seconds() + MOVE_RETRY_FOR
+        self._tokens_at = self.reactor.seconds()
         self._scanning = True
         self._pass()
         return self.result
 
     def _pass(self) -> None:
         self._call = None
+        self._in_pass = True
+        try:
+            self._hand_some()
+        finally:
+            self._in_pass = False
+
+    def _hand_some(self) -> None:
+        now = self.reactor.seconds()
+        if self.rate:
+            self._tokens = min(MOVE_BURST, self._tokens + (now - self._tokens_at) * self.rate)
+            self._tokens_at = now
         handed = 0
         waiting: list[NoVNCServerProtocol] = []
         candidates, self._candidates = self._candidates, []
         for index, protocol in enumerate(candidates):
-            if handed >= MOVE_BATCH:
+            if len(self._pending) >= MOVE_WINDOW or (self.rate and self._tokens < 1):
                 waiting.extend(candidates[index:])
                 break
             if protocol not in self.factory.live:
@@ -135,25 +159,45 @@ class RelayMover:
             if why is None:
                 self._hand(protocol)
                 handed += 1
+                self._tokens -= 1
             elif "middle" in why:
                 waiting.append(protocol)  # between two frames soon
             else:
                 self.kept += 1  # TLS, or ending anyway
         self._candidates = waiting
+        if handed:
+            self._deadline = None
         if not waiting:
             self._scanning = False
             self._maybe_done()
+        elif len(self._pending) >= MOVE_WINDOW:
+            pass  # each answer makes room and goes on (answered)
+        elif self.rate and self._tokens < 1:
+            self._call = self.reactor.callLater((1 - self._tokens) / self.rate, self._pass)
         elif handed:
             self._call = self.reactor.callLater(0, self._pass)
-        elif self.reactor.seconds() < self._deadline:
-            self._call = self.reactor.callLater(MOVE_RETRY_EVERY, self._pass)
         else:
+            # Only relays in the middle of a frame are left: try them for a while.
+            if self._deadline is None:
+                self._deadline = now + MOVE_RETRY_FOR
+            if now < self._deadline:
+                self._call = self.reactor.callLater(MOVE_RETRY_EVERY, self._pass)
+                return
             self.kept += len(waiting)
             _log.info("{n} relays stayed in the middle of a frame for {seconds:g}s: they stay"
                       " in this generation", n=len(waiting), seconds=MOVE_RETRY_FOR)
             self._candidates = []
             self._scanning = False
             self._maybe_done()
+
+    def _room(self) -> None:
+        """An answer made room in the window: go on handing relays (now, not a turn later:
+        the answer's arrival is the moment to send the next)."""
+        if (
+            self._scanning and not self._in_pass and self._call is None
+            and len(self._pending) < MOVE_WINDOW
+        ):
+            self._pass()
 
     def _hand(self, protocol: NoVNCServerProtocol) -> None:
         self._next += 1
@@ -184,6 +228,7 @@ class RelayMover:
                 self._maybe_done()
         elif kind == DECLINED:
             self._declined(ident, why or "declined")
+        self._room()
 
     def channel_lost(self) -> None:
         """The way to the new generation is gone: every relay not yet answered stays here."""
@@ -227,13 +272,15 @@ class Retirement:
     send: Sender
     drain_timeout: float
     close_all: Callable[[], None]
+    #: This process's share of MOVE_RATE.
+    rate: float = MOVE_RATE
     mover: RelayMover | None = attrs.field(default=None, init=False)
     drained: Deferred[None] = attrs.field(factory=Deferred, init=False)
     _timer: IDelayedCall | None = attrs.field(default=None, init=False)
 
     def start(self) -> Deferred[tuple[int, int]]:
         self.stop_accepting()
-        self.mover = RelayMover(self.factory, self.reactor, self.send)
+        self.mover = RelayMover(self.factory, self.reactor, self.send, self.rate)
         handed = self.mover.start()
         handed.addCallback(self._handed)
         return handed

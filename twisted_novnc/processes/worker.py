@@ -54,7 +54,7 @@ from twisted_novnc.processes.ipc import (
     read_frame,
 )
 from twisted_novnc.processes.service import WorkerHandles, make_worker_service
-from twisted_novnc.processes.upgrade import RelayAdopter, Retirement
+from twisted_novnc.processes.upgrade import MOVE_RATE, RelayAdopter, Retirement
 from twisted_novnc.reactors import IDaemonReactor, IRunningReactor, installed_reactor
 from twisted_novnc.relay.handoff import ADOPTED, DECLINED, RELAY, HandoffChannel, open_channel
 
@@ -153,17 +153,26 @@ class ControlInput:
         if self.retirement is not None or self.stopping or self.handles.factory is None:
             return
         try:
-            drain_timeout = float(json.loads(payload)["drain_timeout"])
-        except (ValueError, KeyError, TypeError):
-            drain_timeout = self.handles.upgrade_drain_timeout
+            asked = json.loads(payload)
+            drain_timeout = float(asked["drain_timeout"])
+            rate = float(asked.get("move_rate", MOVE_RATE))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            drain_timeout, rate = self.handles.upgrade_drain_timeout, MOVE_RATE
         _log.info("a new generation serves: handing live relays on")
         self.retirement = retirement = Retirement(
             self.handles.factory, cast(IDaemonReactor, self.reactor),
             self.handles.stop_accepting, self._send_relay, drain_timeout,
-            self.handles.drain.close_generation,
+            self.handles.drain.close_generation, rate,
         )
         retirement.start().addCallback(self._handed)
-        retirement.drained.addCallback(lambda _: self.stop())
+        retirement.drained.addCallback(self._retired)
+
+    def _retired(self, _: object) -> None:
+        """Nothing is left here: stop, at the lowest CPU priority, so that tearing the process
+        down takes no CPU from the relays streaming in the new generation."""
+        with contextlib.suppress(OSError):
+            os.nice(19)
+        self.stop()
 
     def _handed(self, counts: tuple[int, int]) -> None:
         moved, kept = counts

@@ -6,10 +6,10 @@ the browser's frame parser stands, the bytes read and not parsed, the bytes give
 socket and not yet sent, the counters, the session and the client).
 
 :class:`HandoffChannel` carries them over a UNIX stream socket between two processes, with
-Twisted's own descriptor passing (``sendFileDescriptor`` and ``fileDescriptorReceived``).
+their descriptors (SCM_RIGHTS).
 Each message is a frame of :mod:`twisted_novnc.processes.ipc` (``<length><kind><payload>``);
-a message's descriptors are sent with the bytes that precede or begin it, so they are always
-received before the message is complete, and a message takes them from the front of the queue.
+a message's descriptors are sent with its first bytes, so they are always received before the
+message is complete, and a message takes them from the front of the queue.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IFileDescriptorReceiver
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -35,8 +33,6 @@ from twisted_novnc.front.fastpath import FramePosition
 from twisted_novnc.processes.ipc import FrameError, Frames, frame
 
 _log = Logger()
-
-_GONE = Failure(ConnectionDone())
 
 #: A relay, with its two descriptors (browser, VM).
 RELAY = b"R"
@@ -80,6 +76,9 @@ class MovedRelay:
     vm_unread: bytes = b""
     #: Whether the relay was counted under its session (max_per_session).
     session_counted: bool = True
+    #: When the old process stopped reading its sockets (its clock, the host's time): the new
+    #: one says how long the relay stood still (``twisted_novnc_relay_move_seconds``).
+    handed_at: float = 0.0
 
     def encode(self) -> bytes:
         data = attrs.asdict(self, recurse=False)
@@ -106,13 +105,27 @@ class MovedRelay:
         return cls(frame=position, **data)
 
 
-@implementer(IFileDescriptorReceiver)
-class HandoffChannel(Protocol):
-    """Messages with descriptors over a connected UNIX socket.
+#: Bytes read per ``recvmsg``, and reads per wake-up at most (then the reactor's other
+#: descriptors get their turn).
+READ_SIZE = 256 * 1024
+READS_PER_WAKEUP = 64
+#: Descriptors one ``recvmsg`` takes at most (a RELAY message carries two).
+MAX_FDS = 64
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class HandoffChannel:
+    """Messages with descriptors over a connected UNIX stream socket.
 
     ``received(kind, payload, fds)`` is called for each message, with the descriptors it
     carried (the receiver owns them: it closes them, or adopts them); ``lost()`` once the
     other process is gone.
+
+    Not Twisted's UNIX transport: it sends one descriptor per ``sendmsg`` of one byte and reads
+    once per reactor turn, so a relay's two descriptors took three turns of each busy process
+    on the way (bench/RESULTS.md, history 12).  Here a message's descriptors go with its first
+    bytes in one ``sendmsg`` (``socket.send_fds``), and a wake-up reads until the socket is
+    empty, all with the reactor's public ``addReader`` and ``addWriter``.
     """
 
     def __init__(
@@ -126,68 +139,142 @@ class HandoffChannel(Protocol):
         self._fds_per_message = fds_per_message
         self._frames = Frames()
         self._fds: deque[int] = deque()
+        #: What is still to send: (bytes, the descriptors that go with their first byte).
+        self._out: deque[tuple[memoryview, list[int]]] = deque()
+        self._socket: socket.socket | None = None
+        self._reactor: Any = None
         self.gone = False
 
+    def open(self, reactor: IReactorFDSet, sock: socket.socket) -> HandoffChannel:
+        sock.setblocking(False)
+        self._socket = sock
+        self._reactor = reactor
+        reactor.addReader(self)
+        return self
+
+    # -- sending -------------------------------------------------------------------------------
+
     def send(self, kind: bytes, payload: bytes, fds: Sequence[int] = ()) -> bool:
-        """Send one message; the descriptors are sent as they are at this moment (Twisted
-        sends them with the next bytes it writes: the caller keeps them open until the
-        receiver answers)."""
-        if self.gone or self.transport is None:
+        """Queue one message and send what the socket takes now.  The descriptors are sent
+        as they are when their bytes go: the caller keeps them open until the receiver
+        answers.  False once the channel is gone."""
+        if self.gone or self._socket is None:
             return False
-        for fd in fds:
-            self.transport.sendFileDescriptor(fd)  # type: ignore[attr-defined]
-        self.transport.write(frame(kind, payload))
-        return True
+        idle = not self._out
+        self._out.append((memoryview(frame(kind, payload)), list(fds)))
+        if idle:
+            self._flush()
+            if self._out and not self.gone:
+                self._reactor.addWriter(self)
+        return not self.gone
 
     def answered(self, kind: bytes, payload: bytes) -> None:
         """An answer about a relay, to the process that sent it (no descriptors)."""
         self.send(kind, payload)
 
-    def fileDescriptorReceived(self, descriptor: int) -> None:
-        self._fds.append(descriptor)
+    def _flush(self) -> None:
+        sock = self._socket
+        assert sock is not None
+        while self._out:
+            data, fds = self._out[0]
+            try:
+                sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._end()
+                return
+            if sent < len(data):
+                self._out[0] = (data[sent:], [])
+                if not sent:
+                    return
+            else:
+                self._out.popleft()
 
-    def dataReceived(self, data: bytes) -> None:
+    def doWrite(self) -> None:
+        self._flush()
+        if not self._out and not self.gone:
+            self._reactor.removeWriter(self)
+        return None
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def doRead(self) -> None:
+        sock = self._socket
+        if sock is None:
+            return None
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                data, fds, _flags, _address = socket.recv_fds(sock, READ_SIZE, MAX_FDS)
+            except BlockingIOError:
+                return None
+            except OSError:
+                self._end()
+                return None
+            self._fds.extend(fds)
+            if not data:
+                self._end()
+                return None
+            if not self._take(data):
+                return None
+        return None
+
+    def _take(self, data: bytes) -> bool:
         try:
             messages = self._frames.feed(data)
         except FrameError as e:
             _log.error("garbage on the relay hand-off channel ({error}): closing it", error=e)
-            assert self.transport is not None
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-            return
+            self._end()
+            return False
         for kind, payload in messages:
             wanted = self._fds_per_message(kind)
             if len(self._fds) < wanted:
                 _log.error("a hand-off message came without its descriptors: closing the"
                            " channel")
-                assert self.transport is not None
-                self.transport.abortConnection()  # type: ignore[attr-defined]
-                return
+                self._end()
+                return False
             fds = [self._fds.popleft() for _ in range(wanted)]
             self._received(kind, payload, fds)
+            if self.gone:
+                return False
+        return True
 
-    def connectionLost(self, reason: Failure = _GONE) -> None:
+    # -- the end -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel from this side."""
+        self._end()
+
+    def _end(self) -> None:
+        if self.gone:
+            return
         self.gone = True
+        if self._socket is not None:
+            self._reactor.removeReader(self)
+            self._reactor.removeWriter(self)
+            self._socket.close()
+            self._socket = None
         while self._fds:
             _close(self._fds.popleft())
+        self._out.clear()
         self._lost()
 
+    # -- IReadDescriptor / IWriteDescriptor -------------------------------------------------
 
-class _ChannelFactory(Factory):
-    def __init__(self, channel: HandoffChannel) -> None:
-        self.channel = channel
+    def fileno(self) -> int:
+        return self._socket.fileno() if self._socket is not None else -1
 
-    def buildProtocol(self, addr: Any) -> HandoffChannel:
-        return self.channel
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor dropped the socket (an error, or the reactor stopping)."""
+        self._end()
+
+    def logPrefix(self) -> str:
+        return "relay hand-off channel"
 
 
-def open_channel(reactor: Any, fd: int, channel: HandoffChannel) -> HandoffChannel:
-    """Run ``channel`` on the connected UNIX socket ``fd`` (which is closed: the reactor
-    keeps its own duplicate), with the reactor's public ``adoptStreamConnection``."""
-    try:
-        reactor.adoptStreamConnection(fd, socket.AF_UNIX, _ChannelFactory(channel))
-    finally:
-        os.close(fd)
-    return channel
+def open_channel(reactor: IReactorFDSet, fd: int, channel: HandoffChannel) -> HandoffChannel:
+    """Run ``channel`` on the connected UNIX socket ``fd``, which it takes over."""
+    return channel.open(reactor, socket.socket(fileno=fd))
 
 
 def _close(fd: int) -> None:
