@@ -26,14 +26,13 @@ the one process a service manager knows): it supervises, it does not relay, once
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -252,11 +251,6 @@ class RelayMover:
     def _maybe_done(self) -> None:
         if not self._scanning and not self._pending and not self.result.called:
             self.result.callback((self.moved, self.kept))
-
-    def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
 
 
 @attrs.define(eq=False)
@@ -485,11 +479,3 @@ def upgrade_report(
         "kept": kept,
         "seconds": round(seconds, 3),
     }
-
-
-def answered_json(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body).encode() + b"\n"
-
-
-def nothing_to_hand() -> Deferred[tuple[int, int]]:
-    return succeed((0, 0))
