@@ -177,7 +177,14 @@ def test_startup_done_freezes_only_when_started():
 
 
 def _order(top: MultiService) -> list[str]:
-    return [type(service).__name__ for service in top]
+    """Every service of the tree, depth first, in the order they start."""
+    names = []
+    for service in top:
+        if type(service) is MultiService:
+            names += _order(service)
+        else:
+            names.append(type(service).__name__)
+    return names
 
 
 def _check_order(names: list[str]) -> None:

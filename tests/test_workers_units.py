@@ -49,6 +49,7 @@ from twisted_novnc.processes.supervisor import (
     ANSWER_TIMEOUT,
     KILL_GRACE,
     STABLE_AFTER,
+    SequentialMultiService,
     Supervisor,
     WorkerProcess,
     describe_end,
@@ -611,12 +612,24 @@ def config(text: str = "") -> Any:
     )
 
 
+def services(top: Any) -> list[Any]:
+    """Every service of a tree, nested ones included."""
+    found = []
+    for service in top:
+        found.append(service)
+        if hasattr(service, "services"):
+            found += services(service)
+    return found
+
+
 def test_one_worker_is_one_process_as_before():
-    """workers = 1 (the default) builds today's tree: no supervisor, the proxy in-process."""
+    """workers = 1 (the default) builds today's tree: no supervisor, the proxy in-process; what
+    serves stops before the embedded database (a sequential tree, serving last)."""
     top = make_service(config(), MemoryReactorClock())
-    names = {type(s).__name__ for s in top}
-    assert {"DrainService", "SessionDatabaseService"} <= names
-    assert not [s for s in top if isinstance(s, Supervisor)]
+    names = {type(s).__name__ for s in services(top)}
+    assert {"DrainService", "SessionDatabaseService", "Upgrader"} <= names
+    assert not [s for s in services(top) if isinstance(s, Supervisor)]
+    assert isinstance(top, SequentialMultiService)
 
 
 def test_more_workers_make_a_supervisor():

@@ -1,7 +1,8 @@
 """The service tree twistd runs.
 
 With ``[novnc] workers = 1`` (the default): the embedded database (if any), the session store,
-the listeners and the admin listener, in one process.  With more, that process is a supervisor
+the listeners and the admin listener, in one process (the database stops last, once what
+serves has drained).  With more, that process is a supervisor
 (the embedded database, the listening sockets, the admin listener and the workers,
 :mod:`twisted_novnc.processes.supervisor`), and each worker runs the proxy itself on the shared
 sockets (:mod:`twisted_novnc.processes.worker`, which builds its tree here).
@@ -66,11 +67,15 @@ def make_service(
         _log.info("[novnc] workers = auto: {n} (one per core)", n=workers)
     if workers > 1:
         return make_supervisor_service(settings, reactor, secret, workers, overrides)
-    top = MultiService()
+    top = SequentialMultiService()
     LogService(settings.log, reactor).setServiceParent(top)
     ProcessSetupService(settings).setServiceParent(top)
     dsn = _database(settings, top)
-    core = _proxy(settings, reactor, secret, dsn, top)
+    # What serves stops (drains) before the embedded database, which it needs, and as one:
+    # after an upgrade the workers' drain runs beside this process's own (both in here).
+    serving = MultiService()
+    serving.setServiceParent(top)
+    core = _proxy(settings, reactor, secret, dsn, serving)
     upgrader: Upgrader | None = None
 
     def upgrade() -> Deferred[dict[str, Any]]:
@@ -80,7 +85,7 @@ def make_service(
     site = admin_site(core.metrics, reactor, settings.novnc.request_timeout, upgrade)
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
-        ListenerService(description, endpoint, site, "admin").setServiceParent(top)
+        ListenerService(description, endpoint, site, "admin").setServiceParent(serving)
     proxy_from = parse_networks(settings.novnc.proxy_protocol_from)
     listeners = []
     for description in settings.novnc.listen:
@@ -89,7 +94,7 @@ def make_service(
             description, endpoint, core.factory, on_port=core.guard,
             relay=settings.novnc.fast_path,
         )
-        listener.setServiceParent(top)
+        listener.setServiceParent(serving)
         listeners.append(listener)
     local = LocalGeneration(core.factory, listeners, core.drain.close_generation)
     router = Router()
@@ -101,10 +106,10 @@ def make_service(
         )
 
     upgrader = Upgrader(
-        settings, overrides, reactor, launcher, load_secret, top, local=local,
+        settings, overrides, reactor, launcher, load_secret, serving, local=local,
         supervising=lambda supervisor: serve_workers(site, supervisor, upgrade),
     )
-    upgrader.setServiceParent(top)
+    upgrader.setServiceParent(serving)
     StartupDoneService().setServiceParent(top)
     return top
 
