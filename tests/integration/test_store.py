@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from typing import Any
 
 import attrs
 import psycopg2
@@ -188,9 +189,9 @@ def test_client_leaving_while_waiting_leaves_nothing(postgres_dsn, sessions_tabl
     service.privilegedStartService()
     service.startService()
     try:
-        listener = next(s for s in service if hasattr(s, "_waitingForPort"))
+        listener = next(s for s in every_service(service) if hasattr(s, "_waitingForPort"))
         port = (yield listener._waitingForPort).getHost().port
-        gate = next(s for s in service if hasattr(s, "gate")).gate
+        gate = next(s for s in every_service(service) if hasattr(s, "gate")).gate
         assert isinstance(gate, ReadinessGate)
         before = set(reactor.getDelayedCalls())
         factory = recording_client_factory(f"ws://127.0.0.1:{port}/websockify/{uuid.uuid4()}")
@@ -209,6 +210,16 @@ def test_client_leaving_while_waiting_leaves_nothing(postgres_dsn, sessions_tabl
         assert leftover == []
     finally:
         yield service.stopService()
+
+
+def every_service(tree: Any) -> list[Any]:
+    """The services of a tree, nested groups included."""
+    found = []
+    for service in tree:
+        found.append(service)
+        if hasattr(service, "services"):
+            found += every_service(service)
+    return found
 
 
 def deferLater0() -> defer.Deferred[None]:
