@@ -56,6 +56,7 @@ from twisted_novnc.processes.supervisor import (
     restart_backoff,
 )
 from twisted_novnc.processes.worker import ControlInput, ParentChannel
+from twisted_novnc.testing import every_service
 
 # -- fakes -----------------------------------------------------------------------------------------
 
@@ -612,23 +613,13 @@ def config(text: str = "") -> Any:
     )
 
 
-def services(top: Any) -> list[Any]:
-    """Every service of a tree, nested ones included."""
-    found = []
-    for service in top:
-        found.append(service)
-        if hasattr(service, "services"):
-            found += services(service)
-    return found
-
-
 def test_one_worker_is_one_process_as_before():
     """workers = 1 (the default) builds today's tree: no supervisor, the proxy in-process; what
     serves stops before the embedded database (a sequential tree, serving last)."""
     top = make_service(config(), MemoryReactorClock())
-    names = {type(s).__name__ for s in services(top)}
+    names = {type(s).__name__ for s in every_service(top)}
     assert {"DrainService", "SessionDatabaseService", "Upgrader"} <= names
-    assert not [s for s in services(top) if isinstance(s, Supervisor)]
+    assert not [s for s in every_service(top) if isinstance(s, Supervisor)]
     assert isinstance(top, SequentialMultiService)
 
 

@@ -209,3 +209,14 @@ class MemoryPeer(TransportPeer):
     def attach(self, relay: Relay) -> None:
         """As an upstream is attached once the browser's side is open."""
         self.relay = relay
+
+
+def every_service(tree: Any) -> list[Any]:
+    """Every service of a service tree, depth first, nested groups included (the one-process
+    tree nests what serves inside the database's lifetime)."""
+    found = []
+    for service in tree:
+        found.append(service)
+        if hasattr(service, "services"):
+            found += every_service(service)
+    return found

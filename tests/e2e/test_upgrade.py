@@ -321,6 +321,33 @@ def test_broken_install_or_config_refuses_and_everything_is_still_served(
 
 # -- what stays where it is ------------------------------------------------------------------
 
+@pytest_twisted.inlineCallbacks
+def tls_relay_and_waiting_browser(
+    daemon_factory, pg, sessions_table, vnc_server, tmp_path, workers: int, **novnc
+):
+    """A daemon with a tcp: and an ssl: listener, a relay open over TLS and a browser waiting
+    for its session: (daemon, TLS port, TLS client, waiting client, the waiting session)."""
+    key, cert = self_signed(tmp_path)
+    tls = f"ssl:0:interface=127.0.0.1:privateKey={endpoint_arg(key)}:certKey={endpoint_arg(cert)}"
+    daemon = yield daemon_factory(
+        ADMIN, listen=f"tcp:0:interface=127.0.0.1 {tls}", workers=workers, **novnc
+    )
+    if workers > 1:
+        yield within(daemon.when_logged(LISTENING_FOR_CHANGES, times=workers))
+    tls_port = int(re.findall(r"listening on 127\.0\.0\.1:(\d+) \(ssl:", daemon.output)[0])
+    tls_sid, waiting_sid = new_id(), new_id()
+    insert_ready(pg, sessions_table, tls_sid, vnc_server.port)
+    insert_session(pg, sessions_table, waiting_sid)  # no VM yet: the browser waits
+    options = optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(cert.read_bytes()))
+    endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", tls_port))
+    factory = recording_client_factory(f"wss://127.0.0.1:{tls_port}/websockify/{tls_sid}")
+    secure = yield connectProtocol(endpoint, factory.buildProtocol(None))
+    yield within(secure.opened)
+    waiting = yield connect_session(daemon.port, waiting_sid)
+    yield within(daemon.when_logged(f"request {waiting_sid} .*waiting for readiness"))
+    return daemon, tls_port, secure, waiting, waiting_sid
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest_twisted.inlineCallbacks
 def test_tls_relay_and_waiting_browser_stay_and_finish(
@@ -330,29 +357,15 @@ def test_tls_relay_and_waiting_browser_stay_and_finish(
     old generation through the upgrade, and each then works and ends normally; the plain
     relay beside them moves."""
     ss = require_ss()
-    key, cert = self_signed(tmp_path)
-    tls = f"ssl:0:interface=127.0.0.1:privateKey={endpoint_arg(key)}:certKey={endpoint_arg(cert)}"
-    daemon = yield daemon_factory(
-        ADMIN, listen=f"tcp:0:interface=127.0.0.1 {tls}", workers=workers
+    daemon, tls_port, secure, waiting, waiting_sid = yield tls_relay_and_waiting_browser(
+        daemon_factory, pg, sessions_table, vnc_server, tmp_path, workers
     )
-    if workers > 1:
-        yield within(daemon.when_logged(LISTENING_FOR_CHANGES, times=workers))
-    tls_port = int(re.findall(r"listening on 127\.0\.0\.1:(\d+) \(ssl:", daemon.output)[0])
     old_pids = {daemon.pid} | set(worker_pids(daemon).values())
 
-    plain_sid, tls_sid, waiting_sid = new_id(), new_id(), new_id()
+    plain_sid = new_id()
     insert_ready(pg, sessions_table, plain_sid, vnc_server.port)
-    insert_ready(pg, sessions_table, tls_sid, vnc_server.port)
-    insert_session(pg, sessions_table, waiting_sid)  # no VM yet: the browser waits
     plain = yield connect_session(daemon.port, plain_sid)
     yield within(plain.opened)
-    options = optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(cert.read_bytes()))
-    endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", tls_port))
-    factory = recording_client_factory(f"wss://127.0.0.1:{tls_port}/websockify/{tls_sid}")
-    secure = yield connectProtocol(endpoint, factory.buildProtocol(None))
-    yield within(secure.opened)
-    waiting = yield connect_session(daemon.port, waiting_sid)
-    yield within(daemon.when_logged(f"request {waiting_sid} .*waiting for readiness"))
 
     code, output = yield run_upgrade(daemon.admin_port)
     assert code == 0, output
@@ -449,25 +462,10 @@ def test_what_stays_is_closed_after_upgrade_drain_timeout(
 ):
     """What stays in the old generation ends at upgrade_drain_timeout with a close code, never
     a bare drop: a TLS relay gets 1001, a browser still waiting gets 4503."""
-    key, cert = self_signed(tmp_path)
-    tls = f"ssl:0:interface=127.0.0.1:privateKey={endpoint_arg(key)}:certKey={endpoint_arg(cert)}"
-    daemon = yield daemon_factory(
-        ADMIN, listen=f"tcp:0:interface=127.0.0.1 {tls}", workers=workers,
+    daemon, _, secure, waiting, _ = yield tls_relay_and_waiting_browser(
+        daemon_factory, pg, sessions_table, vnc_server, tmp_path, workers,
         upgrade_drain_timeout=1,
     )
-    if workers > 1:
-        yield within(daemon.when_logged(LISTENING_FOR_CHANGES, times=workers))
-    tls_port = int(re.findall(r"listening on 127\.0\.0\.1:(\d+) \(ssl:", daemon.output)[0])
-    tls_sid, waiting_sid = new_id(), new_id()
-    insert_ready(pg, sessions_table, tls_sid, vnc_server.port)
-    insert_session(pg, sessions_table, waiting_sid)
-    options = optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(cert.read_bytes()))
-    endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", tls_port))
-    factory = recording_client_factory(f"wss://127.0.0.1:{tls_port}/websockify/{tls_sid}")
-    secure = yield connectProtocol(endpoint, factory.buildProtocol(None))
-    yield within(secure.opened)
-    waiting = yield connect_session(daemon.port, waiting_sid)
-    yield within(daemon.when_logged(f"request {waiting_sid} .*waiting for readiness"))
 
     code, output = yield run_upgrade(daemon.admin_port)
     assert code == 0, output

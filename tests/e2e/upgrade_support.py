@@ -65,10 +65,7 @@ class StreamingVM(Protocol):
         self.lost = False
 
     def connectionMade(self) -> None:
-        self.factory.connected.append(self)  # type: ignore[attr-defined]
-        waiting = self.factory.waiting  # type: ignore[attr-defined]
-        if waiting and len(self.factory.connected) >= waiting[0][0]:  # type: ignore[attr-defined]
-            waiting.pop(0)[1].callback(None)
+        joined(self.factory, self)
 
     def send_next(self) -> None:
         self.transport.write(record(self.sent))  # type: ignore[union-attr]
@@ -97,7 +94,31 @@ class StreamingVMs(Factory):
         return d
 
 
-class StreamingWebsockify(WebSocketServerProtocol):
+class RecordsOverWebSocket:
+    """A WebSocket end that sends its numbered records as binary messages and checks the
+    records it receives (one record stream per direction, whatever the message sizes)."""
+
+    sent: int
+    received: Sequence
+
+    def send_next(self) -> None:
+        if self.state == self.STATE_OPEN:  # type: ignore[attr-defined]
+            self.sendMessage(record(self.sent), isBinary=True)  # type: ignore[attr-defined]
+            self.sent += 1
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.feed(payload)
+
+
+def joined(factory: Any, end: Any) -> None:
+    """A VM end is connected: count it, and fire whoever waits for that many."""
+    factory.connected.append(end)
+    waiting = factory.waiting
+    if waiting and len(factory.connected) >= waiting[0][0]:
+        waiting.pop(0)[1].callback(None)
+
+
+class StreamingWebsockify(RecordsOverWebSocket, WebSocketServerProtocol):
     """The VM's end behind a websockify (``[upstream] mode = websocket``): the same records,
     as binary messages."""
 
@@ -111,21 +132,13 @@ class StreamingWebsockify(WebSocketServerProtocol):
         return "binary" if "binary" in request.protocols else None
 
     def onOpen(self) -> None:
-        StreamingVM.connectionMade(self)  # type: ignore[arg-type]
-
-    def send_next(self) -> None:
-        if self.state == self.STATE_OPEN:
-            self.sendMessage(record(self.sent), isBinary=True)
-            self.sent += 1
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.received.feed(payload)
+        joined(self.factory, self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.lost = True
 
 
-class StreamingBrowser(WebSocketClientProtocol):
+class StreamingBrowser(RecordsOverWebSocket, WebSocketClientProtocol):
     """The browser's end: sends its records as binary messages, checks the VM's."""
 
     def __init__(self) -> None:
@@ -137,14 +150,6 @@ class StreamingBrowser(WebSocketClientProtocol):
 
     def onOpen(self) -> None:
         self.opened.callback(None)
-
-    def send_next(self) -> None:
-        if self.state == self.STATE_OPEN:
-            self.sendMessage(record(self.sent), isBinary=True)
-            self.sent += 1
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.received.feed(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.closed = (wasClean, code, reason)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import uuid
-from typing import Any
 
 import attrs
 import psycopg2
@@ -20,7 +19,7 @@ from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.database.store import PostgresSessionStore
 from twisted_novnc.processes.service import make_service
 from twisted_novnc.session import SessionRow
-from twisted_novnc.testing import recording_client_factory
+from twisted_novnc.testing import every_service, recording_client_factory
 
 pytestmark = pytest.mark.integration
 
@@ -210,16 +209,6 @@ def test_client_leaving_while_waiting_leaves_nothing(postgres_dsn, sessions_tabl
         assert leftover == []
     finally:
         yield service.stopService()
-
-
-def every_service(tree: Any) -> list[Any]:
-    """The services of a tree, nested groups included."""
-    found = []
-    for service in tree:
-        found.append(service)
-        if hasattr(service, "services"):
-            found += every_service(service)
-    return found
 
 
 def deferLater0() -> defer.Deferred[None]:
