@@ -594,6 +594,39 @@ class UpstreamSettings:
 
 
 @attrs.frozen
+class VncSettings:
+    """``[vnc]``: the VMs' VNC credentials, which the proxy answers with (never the browser)."""
+
+    password_column: str = _setting(
+        _identifier(optional=True),
+        "",
+        "The column holding the VM's VNC password, read with the session; empty = none.",
+    )
+    username_column: str = _setting(
+        _identifier(optional=True),
+        "",
+        "The column holding the VM's VNC user name (VeNCrypt Plain schemes); empty = none.",
+    )
+    password_file: str = _setting(
+        _OPTIONAL_FILE,
+        "",
+        "A file holding one VNC password for every VM (one line; mode 0600 or 0640),"
+        " read at start and on upgrade; a row's password_column wins over it.",
+    )
+    handshake_timeout: float = _setting(
+        _SECONDS,
+        10.0,
+        "With credentials: how long the VM may take to complete the RFB opening"
+        " (version, security, authentication) before the browser gets 4522.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the proxy speaks RFB to both ends: any source of credentials is set."""
+        return bool(self.password_column or self.username_column or self.password_file)
+
+
+@attrs.frozen
 class AuthSettings:
     """``[auth]``: what a browser must show besides the session id."""
 
@@ -685,6 +718,9 @@ class Settings:
         DatabaseSettings, "The table that says where each session's VM is."
     )
     upstream: UpstreamSettings = _section(UpstreamSettings, "How the proxy connects to the VM.")
+    vnc: VncSettings = _section(
+        VncSettings, "The VMs' VNC credentials: the proxy logs in, the browser never sees them."
+    )
     auth: AuthSettings = _section(AuthSettings, "What a browser must show besides the session id.")
     web: WebSettings = _section(WebSettings, "The noVNC client's files, on the same listener.")
     admin: AdminSettings = _section(AdminSettings, "The operators' listener: metrics and health.")

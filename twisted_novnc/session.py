@@ -20,6 +20,28 @@ class SessionRow:
     expires_at: float | None = None
     #: The SHA-256 hex digest of the session's token (``[auth] token_column``), if any.
     token_digest: str | None = None
+    #: The VM's VNC password and user name (``[vnc] password_column``, ``username_column``).
+    credentials: VNCCredentials | None = None
+
+
+@attrs.frozen
+class VNCCredentials:
+    """What the proxy answers the VM's VNC server with (:mod:`twisted_novnc.vnc`).
+
+    Secrets: never in a repr, so never in a log line, an error or a metric.
+    """
+
+    password: str | None = attrs.field(default=None, repr=False)
+    username: str | None = attrs.field(default=None, repr=False)
+
+    def or_else(self, fallback: VNCCredentials | None) -> VNCCredentials:
+        """These, each missing part taken from ``fallback`` (``[vnc] password_file``)."""
+        if fallback is None:
+            return self
+        return VNCCredentials(
+            self.password if self.password is not None else fallback.password,
+            self.username if self.username is not None else fallback.username,
+        )
 
 
 @attrs.frozen
@@ -31,6 +53,7 @@ class Target:
     port: int
     expires_at: float | None = None
     token_digest: str | None = None
+    credentials: VNCCredentials | None = None
 
 
 @functools.lru_cache(maxsize=4096)

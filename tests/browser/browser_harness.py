@@ -123,7 +123,7 @@ def spawn(proto: ChildProcess, argv: list[str], **kwargs: Any) -> ChildProcess:
 
 
 class Xvnc(ChildProcess):
-    """TigerVNC's X server, with no password, listening on 127.0.0.1 only.
+    """TigerVNC's X server, listening on 127.0.0.1 only (by default with no password).
 
     It picks its own free display and writes the number to fd 3 (``-displayfd``) once clients
     may connect; ``ready`` fires when that and its "Listening ... port" line have both arrived.
@@ -137,7 +137,12 @@ class Xvnc(ChildProcess):
         self.display = ""
 
     @classmethod
-    def start(cls, executable: str, env: dict[str, str]) -> Xvnc:
+    def start(
+        cls, executable: str, env: dict[str, str], security: str = "None",
+        options: tuple[str, ...] = (),
+    ) -> Xvnc:
+        """``security`` is Xvnc's ``-SecurityTypes``; ``options`` more of its arguments (a
+        ``-PasswordFile``, say)."""
         proto = cls(free_port())
         width, height = SCREEN
         argv = [
@@ -150,7 +155,8 @@ class Xvnc(ChildProcess):
             "-interface", "127.0.0.1",
             "-localhost",
             "-nolisten", "tcp",
-            "-SecurityTypes", "None",
+            "-SecurityTypes", security,
+            *options,
             # Without it the server resets, and forgets the root's colour, when its last
             # X client leaves.
             "-noreset",

@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -115,13 +115,27 @@ def browser(browser_tools: None) -> Iterator[Browser]:
 
 
 @pytest.fixture
-def xvnc(browser_tools: None) -> Iterator[Xvnc]:
-    """A fresh Xvnc for one test, on 127.0.0.1 with no password."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.pop("DISPLAY", None)
-    proto = Xvnc.start(shutil.which("Xvnc") or "Xvnc", env)
-    try:
+def xvnc_factory(browser_tools: None) -> Iterator[Callable[..., Xvnc]]:
+    """Start Xvnc servers for one test (``Xvnc.start``'s security and options); all are
+    stopped after it."""
+    started: list[Xvnc] = []
+
+    def start(security: str = "None", options: tuple[str, ...] = ()) -> Xvnc:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        env.pop("DISPLAY", None)
+        proto = Xvnc.start(shutil.which("Xvnc") or "Xvnc", env, security, options)
+        started.append(proto)
         pytest_twisted.blockon(within(proto.ready()))
-        yield proto
+        return proto
+
+    try:
+        yield start
     finally:
-        pytest_twisted.blockon(proto.stop())
+        for proto in started:
+            pytest_twisted.blockon(proto.stop())
+
+
+@pytest.fixture
+def xvnc(xvnc_factory: Callable[..., Xvnc]) -> Xvnc:
+    """A fresh Xvnc for one test, on 127.0.0.1 with no password."""
+    return xvnc_factory()

@@ -20,7 +20,7 @@ from twisted.internet import defer, reactor
 from twisted_novnc.config import parse_config
 from twisted_novnc.database.embedded import apply_sql
 from twisted_novnc.database.store import PostgresSessionStore
-from twisted_novnc.session import SessionRow
+from twisted_novnc.session import SessionRow, VNCCredentials
 from twisted_novnc.testing import MemorySessionSource
 
 #: How long the store may take to connect and LISTEN on a busy machine.
@@ -80,23 +80,27 @@ def postgres(dsn: str, id_type: str) -> Iterator[Harness]:
     apply_sql(
         dsn,
         f'CREATE TABLE "{name}" (session_id {id_type} PRIMARY KEY, vm_ip text,'
-        " vnc_port integer, status text, expires_at timestamptz, token_digest text)",
+        " vnc_port integer, status text, expires_at timestamptz, token_digest text,"
+        " vnc_password text, vnc_user text)",
     )
     connection = psycopg2.connect(dsn)
     connection.autocommit = True
 
     def put(row: SessionRow) -> None:
+        credentials = row.credentials or VNCCredentials()
         with connection.cursor() as cursor:
             cursor.execute(
                 f'INSERT INTO "{name}" (session_id, vm_ip, vnc_port, status, expires_at,'
-                " token_digest) VALUES (%s, %s, %s, %s, to_timestamp(%s), %s)",
+                " token_digest, vnc_password, vnc_user)"
+                " VALUES (%s, %s, %s, %s, to_timestamp(%s), %s, %s, %s)",
                 (row.session_id, row.vm_ip, row.port, row.status, row.expires_at,
-                 row.token_digest),
+                 row.token_digest, credentials.password, credentials.username),
             )
 
     observer = _Listening()
     store = PostgresSessionStore(
-        settings, lambda: dsn, reactor, observer, token_column="token_digest"
+        settings, lambda: dsn, reactor, observer, token_column="token_digest",
+        password_column="vnc_password", username_column="vnc_user",
     )
     store.start()
     try:

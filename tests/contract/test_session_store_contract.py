@@ -16,7 +16,7 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from twisted_novnc.database.interfaces import ISessionSource, ITokenStore
-from twisted_novnc.session import SessionRow
+from twisted_novnc.session import SessionRow, VNCCredentials
 
 UUID = "3f1c6a52-8a4e-4a55-9f53-0f6a0f3c2a10"
 OTHER_UUID = "0b9c1d2e-3f40-4a51-8b62-7c83d94ea5f6"
@@ -68,6 +68,7 @@ def full_row(session_id: str, token: str | None = "secret") -> SessionRow:
         status="running",
         expires_at=1767225600.25,
         token_digest=digest(token) if token is not None else None,
+        credentials=VNCCredentials("vnc-pass", "vnc-user"),
     )
 
 
@@ -159,13 +160,17 @@ async def test_fetch_of_one_row_in_two_spellings_answers_it_once(harness: Harnes
 
 @pytest_twisted.ensureDeferred
 async def test_fetch_returns_every_column_as_committed(harness: Harness) -> None:
-    """vm_ip, port, status, expires_at and the token digest read back as committed, or None."""
+    """vm_ip, port, status, expires_at, the token digest and the VNC credentials read back as
+    committed, or None."""
     harness.put(full_row(UUID))
     harness.put(SessionRow(OTHER_UUID, None, None, None, None, None))
     rows = await harness.source.fetch([UUID, OTHER_UUID])
     assert rows[UUID] == SessionRow(
-        UUID, "10.0.0.5", 5901, "running", 1767225600.25, digest("secret")
+        UUID, "10.0.0.5", 5901, "running", 1767225600.25, digest("secret"),
+        VNCCredentials("vnc-pass", "vnc-user"),
     )
+    assert rows[UUID].credentials.password == "vnc-pass"
+    assert "vnc-pass" not in repr(rows[UUID])
     assert rows[OTHER_UUID] == SessionRow(OTHER_UUID, None, None, None, None, None)
 
 

@@ -86,6 +86,7 @@ def _writes_through(transport: Any) -> bool:
     """A plain TCP transport, open, with nothing queued: its socket may be written directly."""
     return (
         type(transport) in _DIRECT
+        and not transport.TLS
         and not transport._tempDataLen
         and transport.offset == len(transport.dataBuffer)
         and transport.connected
@@ -151,7 +152,7 @@ def close_now(transport: Any) -> None:
 def pending_bytes(transport: Any) -> int | None:
     """Bytes written to a plain TCP transport that the kernel has not taken yet (the same
     internals as :func:`send_now`); None for any other transport, which cannot tell."""
-    if type(transport) not in _DIRECT:
+    if type(transport) not in _DIRECT or transport.TLS:
         return None
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
@@ -159,7 +160,19 @@ def pending_bytes(transport: Any) -> int | None:
 def is_plain_tcp(transport: Any) -> bool:
     """A plain TCP transport (no TLS, no wrapper) whose buffer is known here: its socket and
     what it still has to write can be handed to another process (processes/upgrade.py)."""
-    return type(transport) in _DIRECT and transport.connected and not transport.disconnecting
+    return (
+        type(transport) in _DIRECT
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+    )
+
+
+def start_tls_client(transport: Any, creator: Any) -> None:
+    """Start TLS on a connected TCP transport, as the client, whichever way it was connected:
+    ``ITLSTransport.startTLS`` goes "the transport's own way" with ``normal``, and the relay's
+    VM sockets are connected by hand and adopted as ``tcp.Server`` (:class:`SocketConnector`)."""
+    transport.startTLS(creator, not isinstance(transport, tcp.Server))
 
 
 def take_unsent(transport: Any) -> bytes:

@@ -297,7 +297,9 @@ class ReadinessGate:
                 self._fail(key, Refused(Refusal.BAD_VM_ADDRESS, f"vm_ip {row.vm_ip!r}"))
             else:
                 port = row.port or self.default_port
-                self._succeed(key, Target(key, host, port, row.expires_at, row.token_digest))
+                self._succeed(key, Target(
+                    key, host, port, row.expires_at, row.token_digest, row.credentials
+                ))
 
     def _show_row(self, key: str, row: SessionRow) -> None:
         """Each waiter's ``on_row`` sees the row; a waiter whose check raises fails alone."""

@@ -31,16 +31,23 @@ from twisted_novnc.database.ids import INTEGER_TYPES, normalise_id
 from twisted_novnc.database.interfaces import ISessionSource, ITokenStore
 from twisted_novnc.database.schema import quote_ident
 from twisted_novnc.reactors import IStoreReactor
-from twisted_novnc.session import SessionRow
+from twisted_novnc.session import SessionRow, VNCCredentials
 
 _log = Logger()
 
-#: (id, vm_ip, port, status, expires_at, token digest) as the lookup query returns them.
-RowTuple = tuple[str, str | None, int | None, str | None, float | None, str | None]
+#: (id, vm_ip, port, status, expires_at, token digest, VNC password, VNC user name) as the
+#: lookup query returns them.
+RowTuple = tuple[
+    str, str | None, int | None, str | None, float | None, str | None, str | None, str | None
+]
 
 
 def _row(r: RowTuple) -> SessionRow:
-    return SessionRow(r[0], vm_ip=r[1], port=r[2], status=r[3], expires_at=r[4], token_digest=r[5])
+    credentials = None if r[6] is None and r[7] is None else VNCCredentials(r[6], r[7])
+    return SessionRow(
+        r[0], vm_ip=r[1], port=r[2], status=r[3], expires_at=r[4], token_digest=r[5],
+        credentials=credentials,
+    )
 
 #: libpq options for every connection: a name to find it by in pg_stat_activity, a bounded
 #: connect, and keepalives so a vanished server is noticed in seconds rather than hours.
@@ -97,6 +104,9 @@ class PostgresSessionStore:
     observer: StoreObserver | None = None
     #: ``[auth] token_column``, read with the row when set.
     token_column: str = ""
+    #: ``[vnc] password_column`` and ``username_column``, read with the row when set.
+    password_column: str = ""
+    username_column: str = ""
     id_type: str | None = None
     _pool: txpostgres.ConnectionPool | None = None
     _listener: txpostgres.Connection | None = None
@@ -232,7 +242,7 @@ class PostgresSessionStore:
             s = self.settings
             wanted = [
                 s.id_column, s.ip_column, s.port_column, s.status_column, s.expires_column,
-                self.token_column,
+                self.token_column, self.password_column, self.username_column,
             ]
             missing = [c for c in wanted if c and c not in types]
             if missing:
@@ -255,9 +265,14 @@ class PostgresSessionStore:
             else "NULL::float8"
         )
         token = f"{quote_ident(self.token_column)}::text" if self.token_column else "NULL::text"
+        secrets = ", ".join(
+            f"{quote_ident(column)}::text" if column else "NULL::text"
+            for column in (self.password_column, self.username_column)
+        )
         ident = quote_ident(s.id_column)
         self._columns = (
-            f"{ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}, {expires}, {token}"
+            f"{ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}, {expires}, {token},"
+            f" {secrets}"
         )
         return (
             f"SELECT {self._columns} FROM {quote_ident(s.table)}"

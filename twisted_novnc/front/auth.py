@@ -36,9 +36,7 @@ import argparse
 import base64
 import hashlib
 import hmac
-import os
 import re
-import stat
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -48,6 +46,7 @@ from urllib.parse import unquote_plus
 
 from twisted_novnc.errors import Refusal, Refused
 from twisted_novnc.front.paths import SESSION_ID_PATTERN
+from twisted_novnc.privatefile import PrivateFileError, read_private_file
 
 #: The query parameter that carries a token.
 TOKEN_PARAMETER = "token"
@@ -95,8 +94,8 @@ class TokenForbidden(TokenError):
     _refusal = Refusal.FORBIDDEN
 
 
-class SecretFileError(ValueError):
-    """The HMAC secret file cannot be used; the message names the file and what to do."""
+#: The HMAC secret file cannot be used; the message names the file and what to do.
+SecretFileError = PrivateFileError
 
 
 # --- hmac tokens ------------------------------------------------------------------------------
@@ -279,33 +278,11 @@ def strip_token(query_string: str) -> str:
 def read_secret(path: str) -> bytes:
     """The HMAC secret in ``path``: its bytes minus one trailing newline.
 
-    Refuses (with :class:`SecretFileError`) a missing, unreadable or non-regular file, a
-    secret shorter than 16 bytes, and a file that other users may read or write: anyone who
-    reads it can mint tokens for every session.  Group access is allowed (``0640``, owned by
-    the daemon's group).
+    Refuses (with :class:`SecretFileError`) what :func:`read_private_file` refuses (a missing,
+    unreadable or non-regular file, one that other users may read or write: anyone who reads
+    it can mint tokens for every session) and a secret shorter than 16 bytes.
     """
-    try:
-        with open(path, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise SecretFileError(f"{path}: the HMAC secret file is not a regular file")
-            if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-                raise SecretFileError(
-                    f"{path}: the HMAC secret file is accessible to all users"
-                    f" (mode {stat.S_IMODE(info.st_mode):04o}); run chmod o-rw {path}"
-                )
-            data = f.read(MAX_SECRET_BYTES + 1)
-    except OSError as e:
-        raise SecretFileError(f"{path}: cannot read the HMAC secret file: {e.strerror}") from None
-    if len(data) > MAX_SECRET_BYTES:
-        raise SecretFileError(
-            f"{path}: the HMAC secret file is larger than {MAX_SECRET_BYTES} bytes;"
-            " is it the right file?"
-        )
-    for newline in (b"\r\n", b"\n"):
-        if data.endswith(newline):
-            data = data[: -len(newline)]
-            break
+    data = read_private_file(path, "the HMAC secret file", MAX_SECRET_BYTES)
     if len(data) < MIN_SECRET_BYTES:
         raise SecretFileError(
             f"{path}: the HMAC secret must be at least {MIN_SECRET_BYTES} bytes, got {len(data)};"

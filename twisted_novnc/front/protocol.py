@@ -81,6 +81,7 @@ from twisted_novnc.relay.sending import (
 )
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import TCPUpstream, WebSocketUpstream, adopt_upstream
+from twisted_novnc.vnc.browser_greeting import BrowserGreeting
 from twisted_novnc.session import Target
 
 __all__ = [
@@ -324,7 +325,11 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         assert self._connected is not None and self.attempt is not None
         factory, target = self.factory, self._connected.target
         self._opened_at = factory.clock.seconds()
-        self.relay = Relay(target.session_id, browser=self, vm=self._connected.upstream)
+        upstream = self._connected.upstream
+        # Logged in to the VM with the session's credentials: the browser gets an RFB opening
+        # of the proxy's own, with no password to ask for (twisted_novnc.vnc).
+        greeting = BrowserGreeting() if getattr(upstream, "login", None) is not None else None
+        self.relay = Relay(target.session_id, browser=self, vm=upstream, greeting=greeting)
         self.relay.start()
         self.relay_started(self.relay)
         self._connected.upstream.attach(self.relay)
@@ -465,6 +470,8 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             return "not relaying"
         if self.state != self.STATE_OPEN:
             return "closing"
+        if relay.greeting is not None:
+            return "the browser's RFB opening is under way"
         if not is_plain_tcp(self.transport):
             return "TLS or a wrapped transport"
         between, inside, _ = autobahn_position(self)

@@ -129,6 +129,12 @@ class Metrics:
             "twisted_novnc_connections", "Browser connections ended, by outcome (close code).",
             ["outcome"], registry=r,
         )
+        self.vm_logins = Counter(
+            "twisted_novnc_vm_logins",
+            "Logins to a VM's VNC server with the session's credentials ([vnc]), by result: ok,"
+            " credentials_refused, no_security_type, not_rfb, refused, lost.",
+            ["result"], registry=r,
+        )
         self.readiness_wait = Histogram(
             "twisted_novnc_readiness_wait_seconds",
             "How long browsers waited for their session to be ready.",

@@ -26,6 +26,7 @@ from twisted_novnc.database.embedded import EmbeddedPostgresService
 from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.database.store import PostgresSessionStore
 from twisted_novnc.front.auth import SecretFileError, read_secret
+from twisted_novnc.privatefile import PrivateFileError
 from twisted_novnc.front.forwarded import parse_networks
 from twisted_novnc.front.protocol import NoVNCServerFactory
 from twisted_novnc.operations.admin import admin_site, serve_workers, supervisor_site
@@ -45,6 +46,9 @@ from twisted_novnc.reactors import IDaemonReactor
 from twisted_novnc.relay.hostaddresses import HostAddresses
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import tls_trust, upstream_connector
+from twisted_novnc.session import VNCCredentials
+from twisted_novnc.vnc.login import vencrypt_tls, with_login
+from twisted_novnc.vnc.password_file import read_vnc_password
 
 _log = Logger()
 
@@ -168,7 +172,11 @@ def _proxy(
 ) -> _Proxy:
     """The store, the readiness gate, the upstream connector and the browser-facing factory."""
     db = settings.database
-    store = PostgresSessionStore(db, dsn, reactor, token_column=settings.auth.token_column)
+    store = PostgresSessionStore(
+        db, dsn, reactor, token_column=settings.auth.token_column,
+        password_column=settings.vnc.password_column,
+        username_column=settings.vnc.username_column,
+    )
     gate = ReadinessGate(
         source=store,
         clock=reactor,
@@ -180,12 +188,19 @@ def _proxy(
     SessionDatabaseService(store, gate).setServiceParent(parent)
 
     fast = settings.novnc.fast_path
+    metrics = Metrics()
     connect = upstream_connector(
         settings.upstream, reactor, settings.novnc.max_message_size, fast=fast,
         write_timeout=settings.novnc.write_timeout,
     )
+    vnc = settings.vnc
+    if vnc.enabled:
+        connect = with_login(
+            connect, reactor, vnc.handshake_timeout, shared_credentials(settings),
+            vencrypt_tls(settings.upstream.ca_file),
+            lambda result: metrics.vm_logins.labels(result).inc(),
+        )
 
-    metrics = Metrics()
     upstream = settings.upstream
     targets = TargetPolicy(
         upstream.allowed_networks, upstream.allowed_ports,
@@ -287,15 +302,31 @@ def make_supervisor_service(
     return top
 
 
+def shared_credentials(settings: Settings) -> VNCCredentials | None:
+    """The password of ``[vnc] password_file``, if set; a bad file is a ConfigError naming the
+    key (and the file), never quoting its content."""
+    path = settings.vnc.password_file
+    if not path:
+        return None
+    try:
+        return VNCCredentials(password=read_vnc_password(path))
+    except PrivateFileError as e:
+        raise ConfigError(settings.source, "vnc", "password_file", str(e)) from None
+
+
 def load_secret(settings: Settings) -> bytes:
     """The HMAC key for ``[auth] mode = hmac``; a bad file is a ConfigError naming the key.
 
-    Also reads ``[upstream] ca_file`` once, so that a bad one stops start-up the same way.
+    Also reads ``[upstream] ca_file`` and ``[vnc] password_file`` once, so that a bad one stops
+    start-up (or an upgrade) the same way.
     """
     try:
         tls_trust(settings.upstream.tls, settings.upstream.ca_file)
+        if settings.vnc.enabled and settings.upstream.ca_file:
+            tls_trust("verify", settings.upstream.ca_file)
     except ValueError as e:
         raise ConfigError(settings.source, "upstream", "ca_file", str(e)) from None
+    shared_credentials(settings)
     if settings.auth.mode != "hmac":
         return b""
     try:

@@ -16,6 +16,13 @@ from typing import Protocol as TypingProtocol
 import attrs
 from twisted.internet.interfaces import IConsumer, IPushProducer
 
+from twisted_novnc.errors import Refusal
+from twisted_novnc.vnc.browser_greeting import BrowserGreeting, Greeted
+from twisted_novnc.vnc.vm_login import Failed, Send
+
+#: Bytes a VM may send during the browser's RFB opening (it should send none).
+VM_HELD_LIMIT = 64 * 1024
+
 
 class Peer(TypingProtocol):
     """One end of a relay."""
@@ -70,23 +77,61 @@ class Relay:
     ended_by: str | None = None
     #: Counts relayed messages; the idle check compares it between two looks.
     activity: int = 0
+    #: The proxy's own RFB opening with the browser, when it logged in to the VM itself
+    #: (twisted_novnc.vnc): until it is done nothing passes either way.
+    greeting: BrowserGreeting | None = None
+    _vm_held: list[bytes] = attrs.field(factory=list)
 
     def start(self) -> None:
         """Wire flow control both ways; the VM's first bytes were held until now."""
         self.browser.consumer.registerProducer(self.vm.producer, True)
         self.vm.consumer.registerProducer(self.browser.producer, True)
+        if self.greeting is not None:
+            self.browser.send(self.greeting.start())
 
     def from_browser(self, data: bytes) -> None:
         if self.ended_by is None:
+            if self.greeting is not None:
+                self._greet(bytes(data))
+                return
             self.up_bytes += len(data)
             self.activity += 1
             self.vm.send(data)
 
     def from_vm(self, data: bytes) -> None:
         if self.ended_by is None:
+            if self.greeting is not None:
+                self._hold_vm(bytes(data))
+                return
             self.down_bytes += len(data)
             self.activity += 1
             self.browser.send(data)
+
+    def _greet(self, data: bytes) -> None:
+        assert self.greeting is not None
+        for action in self.greeting.receive(data):
+            if isinstance(action, Send):
+                self.browser.send(action.data)
+            elif isinstance(action, Greeted):
+                # The browser's ClientInit (and anything after it) is the VM's from here on.
+                self.greeting = None
+                held, self._vm_held = self._vm_held, []
+                if action.leftover:
+                    self.from_browser(action.leftover)
+                for chunk in held:
+                    self.from_vm(chunk)
+            elif isinstance(action, Failed):
+                self.end(RelayEnd.BROWSER, action.refusal.close_code, action.refusal.reason)
+            if self.ended_by is not None:
+                return
+
+    def _hold_vm(self, data: bytes) -> None:
+        """The VM speaks before the browser's ClientInit, which RFB does not allow: hold a
+        little, end a VM that floods."""
+        self._vm_held.append(data)
+        if sum(map(len, self._vm_held)) > VM_HELD_LIMIT:
+            refusal = Refusal.VM_NOT_RFB
+            self.end(RelayEnd.VM, refusal.close_code, refusal.reason)
 
     def browser_gone(self) -> None:
         """The browser closed or vanished: let the VM's socket go too."""

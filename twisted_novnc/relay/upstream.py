@@ -31,6 +31,7 @@ from twisted_novnc._compat.twisted import (
     TCPServerTransport,
     adopt_connected_socket,
     is_plain_tcp,
+    start_tls_client,
 )
 from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.config import UpstreamSettings
@@ -94,6 +95,12 @@ class TCPUpstream(TransportPeer, Protocol):
     #: What a moved relay's record calls this kind of VM side (relay/handoff.py).
     kind = UPSTREAM_TCP
 
+    #: How the proxy logged in to the VM (twisted_novnc.vnc.login), when it did.
+    login: Any = None
+    #: Why the connection was lost, for a login that was under way.
+    lost_reason: Failure | None = None
+    _tls_started: Callable[[], None] | None = None
+
     def __init__(self, tls: bool = False) -> None:
         self.tls = tls
         #: Fires once connected (under TLS: once the VM's certificate has been accepted).
@@ -117,6 +124,16 @@ class TCPUpstream(TransportPeer, Protocol):
     def handshakeCompleted(self) -> None:
         if self.handshake is not None and not self.handshake.called:
             self.handshake.callback(self)
+        elif self._tls_started is not None:
+            started, self._tls_started = self._tls_started, None
+            started()
+
+    def start_tls(self, creator: Any, started: Callable[[], None]) -> None:
+        """Go on under TLS, as the client (VeNCrypt); ``started`` is called once the
+        handshake is done.  A relay under TLS writes through the TLS layer and never moves."""
+        self.tls = True
+        self._tls_started = started
+        start_tls_client(self.transport, creator)
 
     def _pause(self) -> None:
         self._paused = True
@@ -141,6 +158,14 @@ class TCPUpstream(TransportPeer, Protocol):
     def unread(self) -> bytes:
         """Bytes read from the VM and not relayed yet: none, raw TCP relays every read."""
         return b""
+
+    def detach(self, unread: bytes) -> None:
+        """Stop delivering to a login (twisted_novnc.vnc.login): the VM's bytes are held again,
+        ``unread`` (what the login read past its end) first."""
+        self.relay = None
+        if unread:
+            self._held.insert(0, unread)
+            self._held_bytes += len(unread)
 
     def attach(self, relay: Relay) -> None:
         """Start delivering the VM's bytes (held since connect) to the relay."""
@@ -167,6 +192,7 @@ class TCPUpstream(TransportPeer, Protocol):
                 Refused(Refusal.VM_UNREACHABLE, f"TLS to the VM failed: {reason.getErrorMessage()}")
             )
         elif self.relay is not None:
+            self.lost_reason = reason
             self.relay.vm_gone(clean=reason.check(error.ConnectionDone) is not None)
         # Both point back here (the relay's VM side; the handshake fired with this protocol):
         # without them reference counting frees the connection at once.
@@ -574,6 +600,8 @@ class WebSocketUpstream(WebSocketClientProtocol):
     write_timeout: float = 0
     target: Target | None = None
     kind = UPSTREAM_WEBSOCKET
+    #: How the proxy logged in to the VM (twisted_novnc.vnc.login), when it did.
+    login: Any = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -662,6 +690,15 @@ class WebSocketUpstream(WebSocketClientProtocol):
     def unread(self) -> bytes:
         """The VM's bytes read and not parsed yet (at most part of a frame header)."""
         return autobahn_position(self)[2]
+
+    def detach(self, unread: bytes) -> None:
+        """Stop delivering to a login (twisted_novnc.vnc.login): reading pauses until the relay
+        is attached, and ``unread`` goes to it first."""
+        self.relay = None
+        if unread:
+            self._held.insert(0, unread)
+        if self._flow is not None:
+            self._flow.pause_reading(NOT_RELAYING)
 
     def attach(self, relay: Relay) -> None:
         self.relay = relay

@@ -42,6 +42,9 @@ rfb.addEventListener('disconnect', (e) => record({ type: 'disconnect', clean: e.
 rfb.addEventListener('securityfailure',
     (e) => record({ type: 'securityfailure', status: e.detail.status, reason: e.detail.reason }));
 rfb.addEventListener('desktopname', (e) => record({ type: 'desktopname', name: e.detail.name }));
+// noVNC asks the user for a password (or user name) here: a page behind [vnc] must never.
+rfb.addEventListener('credentialsrequired',
+    (e) => record({ type: 'credentialsrequired', types: e.detail.types }));
 status.textContent = 'connecting';
 
 window.tnovnc = {
