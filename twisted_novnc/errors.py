@@ -38,6 +38,15 @@ class Refusal(enum.Enum):
     # This process has no descriptor left for the VM's socket: its limit, not the VM's fault.
     AT_CAPACITY = (4503, 503, "proxy at capacity")
     NOT_READY = (4504, 504, "session not ready in time")
+    # The RFB handshakes the proxy speaks when it holds the VM's credentials (twisted_novnc.vnc).
+    VM_CREDENTIALS_REFUSED = (4520, 502, "VM refused the credentials")
+    VM_NO_SECURITY_TYPE = (4521, 502, "VM offers no supported security type")
+    VM_NOT_RFB = (4522, 502, "VM does not speak RFB")
+    # An RFB failure before authentication (no security types, or 3.3's type 0), with the VM's
+    # reason in the log.
+    VM_REFUSED = (4523, 502, "VM refused the connection")
+    # The browser's side broke the RFB protocol.
+    BAD_RFB = (4400, 400, "bad RFB handshake")
 
     @property
     def close_code(self) -> int:
