@@ -12,8 +12,9 @@ server (``vm_login``).  The exchange, per RFC 6143:
 
 ``Greeted`` comes as soon as the browser's choice is accepted; its ``leftover`` (ClientInit and
 whatever followed) goes to the VM as is.  Anything else is ``Failed(BAD_RFB)``; a 3.8 browser
-choosing another type is first told why (SecurityResult failed, with a reason).  After the
-end, ``receive()`` ignores what it is given and returns ``[]``.
+choosing another type is first told why (SecurityResult failed, with a reason).  After
+``Failed``, ``receive()`` ignores what it is given and returns ``[]``; after ``Greeted`` it raises
+``RuntimeError``: the bytes belong to the relay, and dropping them would hang the session.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class BrowserGreeting:
 
     def receive(self, data: bytes) -> list[Action]:
         """Take bytes from the browser, cut anywhere."""
+        if isinstance(self._runner.outcome, Greeted):
+            raise RuntimeError("the greeting is over: the browser's bytes belong to the relay now")
         return self._runner.feed(data)
 
     def _greet(self) -> Script[Send | Greeted]:

@@ -71,9 +71,10 @@ _NEEDS_USER_AND_PASSWORD = frozenset({PLAIN, TLS_PLAIN, X509_PLAIN})
 
 @attrs.frozen
 class Send:
-    """Write these bytes to the peer."""
+    """Write these bytes to the peer.  Its repr gives their length only: the bytes of a Plain
+    login hold the password, and a repr ends up in logs."""
 
-    data: bytes
+    data: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
 
 
 @attrs.frozen
@@ -133,8 +134,8 @@ class HandshakeFailed(Exception):
 @attrs.define
 class ScriptRunner(Generic[A]):
     """Runs a handshake script over bytes that arrive cut anywhere: the script sees exactly the
-    reads it asked for, so its actions do not depend on the cuts.  Buffers at most one read
-    beyond what it was fed for the step under way."""
+    reads it asked for, so its actions do not depend on the cuts.  It holds only the bytes fed
+    and not yet read, and every read a script asks for is bounded."""
 
     _script: Script[A] = attrs.field(repr=False)
     _buffer: bytearray = attrs.field(factory=bytearray, repr=False)
@@ -148,6 +149,11 @@ class ScriptRunner(Generic[A]):
     @property
     def awaiting_tls(self) -> bool:
         return self.outcome is None and isinstance(self._wanted, _AwaitTLS)
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes were fed and not read yet."""
+        return len(self._buffer)
 
     def feed(self, data: bytes) -> list[A | Failed]:
         """Take bytes from the peer; the actions they cause."""
@@ -170,12 +176,7 @@ class ScriptRunner(Generic[A]):
         return self._end(Failed(failure.refusal, failure.detail))
 
     def _run(self, actions: list[A | Failed]) -> list[A | Failed]:
-        while self.outcome is None:
-            if isinstance(self._wanted, _AwaitTLS):
-                if self._buffer:
-                    actions += self.fail(HandshakeFailed(
-                        Refusal.VM_NOT_RFB, "the VM sent bytes in clear after its TLS go-ahead"))
-                break
+        while self.outcome is None and not isinstance(self._wanted, _AwaitTLS):
             if len(self._buffer) < self._wanted:
                 break
             chunk = bytes(self._buffer[: self._wanted])
@@ -271,10 +272,12 @@ class VMLogin:
         """Take bytes from the VM (decrypted, once TLS is up), cut anywhere."""
         if isinstance(self._runner.outcome, LoggedIn):
             raise RuntimeError("the login is over: the VM's bytes belong to the relay now")
-        if self._runner.awaiting_tls and data:
-            return self._runner.fail(HandshakeFailed(
+        actions = self._runner.feed(data)
+        if self._runner.awaiting_tls and self._runner.buffered:
+            # With the go-ahead read, the VM's next bytes can only be TLS, through the driver.
+            actions += self._runner.fail(HandshakeFailed(
                 Refusal.VM_NOT_RFB, "the VM sent bytes in clear after its TLS go-ahead"))
-        return self._runner.feed(data)
+        return actions
 
     def tls_started(self) -> list[Action]:
         """The driver finished the TLS handshake that ``StartTLS`` asked for."""
