@@ -33,6 +33,7 @@ from browser_harness import (
 from db_fixtures import pg_factory, sessions_table  # noqa: F401  (fixtures)
 from required_tools import require
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
@@ -115,18 +116,17 @@ def browser(browser_tools: None) -> Iterator[Browser]:
 
 
 @pytest.fixture
-def xvnc_factory(browser_tools: None) -> Iterator[Callable[..., Xvnc]]:
-    """Start Xvnc servers for one test (``Xvnc.start``'s security and options); all are
-    stopped after it."""
+def xvnc_factory(browser_tools: None) -> Iterator[Callable[..., Deferred[Xvnc]]]:
+    """Start Xvnc servers for one test (``Xvnc.start``'s security and options), each a
+    Deferred that fires once it listens; all are stopped after the test."""
     started: list[Xvnc] = []
 
-    def start(security: str = "None", options: tuple[str, ...] = ()) -> Xvnc:
+    def start(security: str = "None", options: tuple[str, ...] = ()) -> Deferred[Xvnc]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         env.pop("DISPLAY", None)
         proto = Xvnc.start(shutil.which("Xvnc") or "Xvnc", env, security, options)
         started.append(proto)
-        pytest_twisted.blockon(within(proto.ready()))
-        return proto
+        return within(proto.ready())
 
     try:
         yield start
@@ -136,6 +136,6 @@ def xvnc_factory(browser_tools: None) -> Iterator[Callable[..., Xvnc]]:
 
 
 @pytest.fixture
-def xvnc(xvnc_factory: Callable[..., Xvnc]) -> Xvnc:
+def xvnc(xvnc_factory: Callable[..., Deferred[Xvnc]]) -> Xvnc:
     """A fresh Xvnc for one test, on 127.0.0.1 with no password."""
-    return xvnc_factory()
+    return pytest_twisted.blockon(xvnc_factory())

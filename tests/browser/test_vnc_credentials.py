@@ -39,6 +39,11 @@ def xvnc_password_file(directory: Path, password: str) -> Path:
     return path
 
 
+def password_option(directory: Path) -> tuple[str, str]:
+    """Xvnc's arguments for a password file holding PASSWORD."""
+    return ("-PasswordFile", str(xvnc_password_file(directory, PASSWORD)))
+
+
 def add_password_column(postgres_dsn: str, db) -> None:  # type: ignore[no-untyped-def]
     apply_sql(postgres_dsn, f'ALTER TABLE "{db.table}" ADD COLUMN vnc_password text')
 
@@ -79,7 +84,7 @@ def test_vncauth_password_from_the_row(
     browser, web_root, xvnc_factory, daemon_factory, pg, sessions_table, postgres_dsn, tmp_path
 ):
     """Xvnc with VncAuth: the row's password logs the proxy in; noVNC shows no prompt."""
-    xvnc = xvnc_factory("VncAuth", ("-PasswordFile", str(xvnc_password_file(tmp_path, PASSWORD))))
+    xvnc = yield xvnc_factory("VncAuth", password_option(tmp_path))
     yield paint_root(xvnc, BLUE)
     add_password_column(postgres_dsn, sessions_table)
     daemon = yield daemon_factory({"vnc": {"password_column": "vnc_password"}})
@@ -95,7 +100,7 @@ def test_tlsvnc_password_from_the_file(
 ):
     """Xvnc with VeNCrypt TLSVnc (anonymous TLS, then VNC Authentication inside it): the
     password of ``[vnc] password_file`` logs the proxy in."""
-    xvnc = xvnc_factory("TLSVnc", ("-PasswordFile", str(xvnc_password_file(tmp_path, PASSWORD))))
+    xvnc = yield xvnc_factory("TLSVnc", password_option(tmp_path))
     yield paint_root(xvnc, BLUE)
     shared = tmp_path / "vnc-password"
     shared.write_text(PASSWORD + "\n")
@@ -113,10 +118,9 @@ def test_x509vnc_checks_the_certificate_against_ca_file(
     """Xvnc with VeNCrypt X509Vnc: its certificate is checked against ``[upstream]
     ca_file`` and the desktop is drawn."""
     key, cert = self_signed(tmp_path)
-    xvnc = xvnc_factory("X509Vnc", (
-        "-PasswordFile", str(xvnc_password_file(tmp_path, PASSWORD)),
-        "-X509Cert", str(cert), "-X509Key", str(key),
-    ))
+    xvnc = yield xvnc_factory(
+        "X509Vnc", (*password_option(tmp_path), "-X509Cert", str(cert), "-X509Key", str(key))
+    )
     yield paint_root(xvnc, BLUE)
     shared = tmp_path / "vnc-password"
     shared.write_text(PASSWORD)
@@ -135,7 +139,7 @@ def test_wrong_password_closes_with_4520(
 ):
     """A wrong password in the row: the page gets 4520 "VM refused the credentials", the
     daemon logs it with the session id and counts it, and does not try again."""
-    xvnc = xvnc_factory("VncAuth", ("-PasswordFile", str(xvnc_password_file(tmp_path, PASSWORD))))
+    xvnc = yield xvnc_factory("VncAuth", password_option(tmp_path))
     add_password_column(postgres_dsn, sessions_table)
     daemon = yield daemon_factory({
         "vnc": {"password_column": "vnc_password"},

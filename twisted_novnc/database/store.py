@@ -271,8 +271,8 @@ class PostgresSessionStore:
         )
         ident = quote_ident(s.id_column)
         self._columns = (
-            f"{ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}, {expires}, {token},"
-            f" {secrets}"
+            f"{ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}, {expires},"
+            f" {token}, {secrets}"
         )
         return (
             f"SELECT {self._columns} FROM {quote_ident(s.table)}"

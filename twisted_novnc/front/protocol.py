@@ -81,8 +81,8 @@ from twisted_novnc.relay.sending import (
 )
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import TCPUpstream, WebSocketUpstream, adopt_upstream
-from twisted_novnc.vnc.browser_greeting import BrowserGreeting
 from twisted_novnc.session import Target
+from twisted_novnc.vnc.browser_greeting import BrowserGreeting
 
 __all__ = [
     "SUBPROTOCOL",

@@ -122,6 +122,7 @@ class Metrics:
     database_reconnects: Any = attrs.field(init=False)
     descriptor_limit_hits: Any = attrs.field(init=False)
     relay_move: Any = attrs.field(init=False)
+    vm_logins: Any = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry

@@ -26,13 +26,13 @@ from twisted_novnc.database.embedded import EmbeddedPostgresService
 from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.database.store import PostgresSessionStore
 from twisted_novnc.front.auth import SecretFileError, read_secret
-from twisted_novnc.privatefile import PrivateFileError
 from twisted_novnc.front.forwarded import parse_networks
 from twisted_novnc.front.protocol import NoVNCServerFactory
 from twisted_novnc.operations.admin import admin_site, serve_workers, supervisor_site
 from twisted_novnc.operations.fdlimit import AcceptGuard, guard_accepts
 from twisted_novnc.operations.logs import LogService
 from twisted_novnc.operations.metrics import LiveState, Metrics
+from twisted_novnc.privatefile import PrivateFileError
 from twisted_novnc.processes.databases import EmbeddedSchemaService, SessionDatabaseService
 from twisted_novnc.processes.drain import DrainService
 from twisted_novnc.processes.generations import LocalGeneration, Upgrader

@@ -7,7 +7,7 @@ greets the browser (:class:`~twisted_novnc.vnc.browser_greeting.BrowserGreeting`
 byte passes.  VeNCrypt's TLS starts on the same TCP connection (``ITLSTransport.startTLS``),
 so a WebSocket upstream never chooses a TLS scheme.
 
-Every failure is a :class:`Refused` with its own close code (4520–4523, the refusal table),
+Every failure is a :class:`Refused` with its own close code (4520-4523, the refusal table),
 logged once by the request path and never retried: a wrong password would only lock the
 account on VNC servers that count failures.
 """
@@ -81,7 +81,6 @@ class _Login:
     target: Target
     tls: VeNCryptTLS | None
     result: Deferred[Any] = attrs.field(init=False)
-    _stage: str = "the version"
 
     def __attrs_post_init__(self) -> None:
         self.result = Deferred(self._cancel)
@@ -98,7 +97,10 @@ class _Login:
     def vm_gone(self, clean: bool) -> None:
         lost = getattr(self.upstream, "lost_reason", None)
         why = f": {lost.getErrorMessage()}" if lost is not None and not clean else ""
-        self._fail(Refused(Refusal.VM_LOST, f"closed during the RFB opening ({self._stage}){why}"))
+        for action in self.machine.connection_lost():
+            if isinstance(action, Failed):
+                self._fail(Refused(action.refusal, f"{action.detail} (the RFB opening){why}"))
+        self._fail(Refused(Refusal.VM_LOST, f"closed during the RFB opening{why}"))
 
     # the machine's actions
     def _act(self, actions: list[Any]) -> None:
@@ -106,10 +108,9 @@ class _Login:
             if self.result.called:
                 return
             if isinstance(action, Send):
-                self._stage = "security"
                 self.upstream.send(action.data)
             elif isinstance(action, StartTLS):
-                self._stage = "TLS"
+                assert self.tls is not None  # the machine asks only when told it may
                 creator = self.tls.x509(self.target.host) if action.verify else self.tls.anonymous
                 self.upstream.start_tls(creator, self._tls_started)
             elif isinstance(action, LoggedIn):
@@ -118,7 +119,6 @@ class _Login:
                 self._fail(Refused(action.refusal, action.detail))
 
     def _tls_started(self) -> None:
-        self._stage = "authentication"
         if not self.result.called:
             self._act(self.machine.tls_started())
 
@@ -160,7 +160,8 @@ def log_in(
     def timed_out(failure: Failure) -> Failure:
         if failure.check(defer.TimeoutError):
             return Failure(Refused(
-                Refusal.VM_NOT_RFB, f"no RFB opening within {timeout:g}s ({login._stage})"
+                Refusal.VM_NOT_RFB,
+                f"no RFB opening within {timeout:g}s (at {login.machine.stage})",
             ))
         return failure
 
