@@ -126,3 +126,20 @@ def test_installed_distribution_carries_the_licence():
     (licence,) = [f for f in files if f.name == "LICENSE"]
     assert "MIT License" in licence.read_text()
     assert metadata.metadata("twisted_novnc")["License"] == "MIT"
+
+
+def test_a_vnc_password_file_open_to_others_stops_start_up(tmp_path):
+    """``[vnc] password_file`` readable by others: start-up stops with one line naming the
+    config, the key and the file, and never the password."""
+    password = tmp_path / "vnc-password"
+    password.write_text("Zq9-only-here\n")
+    password.chmod(0o644)
+    config = tmp_path / "vnc.ini"
+    config.write_text(f"[vnc]\npassword_file = {password}\n")
+    result = run([TWISTD, "--pidfile=", "-n", "novnc", "--config", str(config)], tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"twisted_novnc: configuration error: {config}: [vnc] password_file:")
+    assert str(password) in lines[0] and "accessible to all users" in lines[0]
+    assert "Zq9-only-here" not in result.stderr + result.stdout
