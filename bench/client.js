@@ -11,6 +11,11 @@
 //
 // SCENARIO      what it does                                           main options
 //   down        receive --bytes from a "source" target, MiB/s           --bytes
+//   down-vnc    down after the browser's side of twisted_novnc's RFB      --bytes
+//               greeting (with [vnc] set the proxy logs in to the VM, then offers the browser
+//               RFB 3.8 with security None: "RFB 003.008\n", [1, 1], SecurityResult 0; the
+//               client answers "RFB 003.008\n", 1, then ClientInit 1); the greeting's bytes
+//               and time are not in MiB/s, which counts from ClientInit sent
 //   up          send --bytes in --msg-size messages to a "sink" target  --bytes --msg-size --window
 //               (target acks with one byte once all arrived), MiB/s
 //   echo        --count sequential --msg-size round trips, p50/p99 us   --count --msg-size --warmup
@@ -126,6 +131,11 @@ function open(url, onData, onClose) {
 // ws library instead.
 const http = require('http');
 const crypto = require('crypto');
+// A short binary message from the client, masked with the zero key (payload as is).
+function zeroMaskFrame(m) {
+  if (m.length >= 126) throw new Error('zeroMaskFrame: short messages only');
+  return Buffer.concat([Buffer.from([0x82, 0x80 | m.length, 0, 0, 0, 0]), m]);
+}
 function fastRecv(url, onBytes, onClose, wantSock) {
   return new Promise((resolve, reject) => {
     const u = new URL(url);
@@ -145,7 +155,7 @@ function fastRecv(url, onBytes, onClose, wantSock) {
         while (off < b.length) {
           if (inPayload) {
             const n = Math.min(left, b.length - off);
-            if (op !== 8 && op !== 9 && op !== 10) onBytes(n);
+            if (op !== 8 && op !== 9 && op !== 10) onBytes(n, b, off);
             off += n; left -= n;
             if (left === 0) { inPayload = false; hn = 0; need = 2; if (op === 8) { closed = true; sock.end(); } }
             continue;
@@ -170,6 +180,7 @@ function fastRecv(url, onBytes, onClose, wantSock) {
       if (head && head.length) feed(head);
       resolve({
         sock,
+        send: (m) => sock.write(zeroMaskFrame(m)),
         close: () => new Promise((r) => {
           if (sock.destroyed) return r();
           const t = setTimeout(() => { sock.destroy(); r(); }, 2000);
@@ -278,7 +289,7 @@ function rawOpen(url, onData, onClose) {
 // setup and conc open with rawOpen unless --open ws; echo always uses ws (random masks).
 const openLight = (url, onData, onClose) => (isTcp || opt.open === 'ws' ? open(url, onData, onClose) : rawOpen(url, onData, onClose));
 function openRecv(url, onBytes, onClose) {
-  return useFast ? fastRecv(url, onBytes, onClose) : open(url, (d) => onBytes(d.length), onClose);
+  return useFast ? fastRecv(url, onBytes, onClose) : open(url, (d) => onBytes(d.length, d, 0), onClose);
 }
 
 function pct(sorted, p) {
@@ -300,6 +311,44 @@ async function down() {
   c.close();
   const sec = (t1 - tOpen) / 1000;
   emit({ recv: isTcp ? undefined : (useFast ? 'fast' : 'ws'), bytes, received: got, ok: got >= bytes, seconds: r3(sec), mib_s: r3(got / MiB / sec), connect_ms: r3(tOpen - t0) });
+}
+
+// down-vnc: the proxy's RFB greeting to the browser, byte for byte, and what the browser
+// answers once each part has arrived (at 12, 14 and 18 bytes): its version, its choice of
+// security None, then ClientInit (shared = 1), after which the VM's bytes follow.
+const GREETING = Buffer.from('RFB 003.008\n\x01\x01\x00\x00\x00\x00', 'latin1');
+const ANSWERS = { 12: Buffer.from('RFB 003.008\n'), 14: Buffer.from([1]), 18: Buffer.from([1]) };
+
+async function downVnc() {
+  const bytes = num(opt.bytes, 256 * MiB);
+  let got = 0, greeted = 0, tGreeted = 0, c = null, bad = null, done;
+  const pending = [];
+  const fin = new Promise((r) => (done = r));
+  // The first bytes can arrive with the 101, before the connection object is ours.
+  const send = (m) => (c ? c.send(m) : pending.push(m));
+  const onBytes = (n, b, off) => {
+    while (greeted < GREETING.length && n > 0) {
+      if (b[off] !== GREETING[greeted]) { bad = `greeting byte ${greeted} is ${b[off]}, not ${GREETING[greeted]}`; return done(); }
+      greeted++; off++; n--;
+      if (ANSWERS[greeted]) send(ANSWERS[greeted]);
+      if (greeted === GREETING.length) tGreeted = now();
+    }
+    got += n;
+    if (got >= bytes) done();
+  };
+  const t0 = now();
+  c = await openRecv(urlFor(0), onBytes, () => done());
+  const tOpen = now();
+  for (const m of pending.splice(0)) c.send(m);
+  await fin;
+  const t1 = now();
+  c.close();
+  if (bad || greeted < GREETING.length) {
+    return emit({ error: bad || `closed after ${greeted} bytes of the greeting`, received: got });
+  }
+  const sec = (t1 - tGreeted) / 1000;
+  emit({ recv: isTcp ? undefined : (useFast ? 'fast' : 'ws'), bytes, received: got, ok: got >= bytes, seconds: r3(sec),
+    mib_s: r3(got / MiB / sec), connect_ms: r3(tOpen - t0), greeting_ms: r3(tGreeted - tOpen), greeting_bytes: greeted });
 }
 
 async function up() {
@@ -687,9 +736,9 @@ async function upgrade() {
     trigger_to_answer_ms: Number.isFinite(answered - trigger) ? r3(answered - trigger) : null });
 }
 
-const fns = { down, up, echo, setup, conc, streams, ready, upgrade };
+const fns = { down, 'down-vnc': downVnc, up, echo, setup, conc, streams, ready, upgrade };
 if (!fns[scenario] || !opt.url) {
-  console.error('usage: node client.js down|up|echo|setup|conc|streams|ready|upgrade --url ws://...|tcp://... [--ids FILE] [options]');
+  console.error('usage: node client.js down|down-vnc|up|echo|setup|conc|streams|ready|upgrade --url ws://...|tcp://... [--ids FILE] [options]');
   process.exit(2);
 }
 fns[scenario]().then(() => process.exit(0), (e) => { emit({ error: String(e && e.message || e) }); process.exit(1); });

@@ -30,6 +30,7 @@ class Metric:
 
 METRICS: dict[str, list[Metric]] = {
     "down": [Metric("mib_s", "MiB/s", True)],
+    "down-vnc": [Metric("mib_s", "MiB/s", True)],
     "up": [Metric("mib_s", "MiB/s", True)],
     "echo": [Metric("p50_us", "p50 µs", False), Metric("p99_us", "p99 µs", False)],
     "setup": [
@@ -122,6 +123,25 @@ def ratio(rows: Sequence[Row], scenario: str, key: str, ref: str,
     return statistics.median(per_round) if per_round else None
 
 
+def scenario_ratio(rows: Sequence[Row], scenario: str, ref_scenario: str, key: str,
+                   proxy: str) -> float | None:
+    """Median over rounds of ``proxy``'s ``scenario`` ÷ its ``ref_scenario``, each pair from
+    the same round: one build against itself with one thing changed (down-vnc ÷ down)."""
+    per_round = []
+    for row in rows:
+        if row["scenario"] != scenario or row["proxy"] != proxy or not valid(row):
+            continue
+        mine = number(row.get(key))
+        theirs = [
+            number(r.get(key)) for r in rows
+            if r["scenario"] == ref_scenario and r["proxy"] == proxy
+            and r["round"] == row["round"] and valid(r)
+        ]
+        if mine is not None and theirs and theirs[0]:
+            per_round.append(mine / theirs[0])
+    return statistics.median(per_round) if per_round else None
+
+
 def fmt(value: float | None) -> str:
     if value is None:
         return "—"
@@ -203,6 +223,28 @@ def targets(rows: Sequence[Row], conc_n: int) -> list[Target]:
     return out
 
 
+#: Issue 13, point 2: with credentials on, the relay after the VM login keeps today's speed.
+VNC_LIMIT = 0.95
+
+
+def vnc_targets(rows: Sequence[Row]) -> list[Target]:
+    """Issue 13, point 2, per daemon that ran down-vnc: down-vnc ÷ down of the same proxy in
+    the same round (median over rounds), and both medians."""
+    out = []
+    for subject, label in ((SUBJECT, ""), (WORKERS_SUBJECT, ", workers = 2")):
+        if not any(r["scenario"] == "down-vnc" and r["proxy"] == subject for r in rows):
+            continue
+        name = f"down-vnc ≥ {VNC_LIMIT} x down (same build{label})"
+        r = scenario_ratio(rows, "down-vnc", "down", "mib_s", subject)
+        if r is None:
+            out.append(Target(name, "not measured", None))
+            continue
+        vnc, plain = (median(rows, s, subject, "mib_s") for s in ("down-vnc", "down"))
+        out.append(Target(name, f"{fmt_ratio(r)} ({fmt(vnc)} against {fmt(plain)} MiB/s)",
+                          r >= VNC_LIMIT))
+    return out
+
+
 def upgrade_targets(rows: Sequence[Row]) -> list[Target]:
     """Issue 12, point 7, for each worker count: the median of its rounds, and the worst
     round for what must never happen."""
@@ -273,6 +315,10 @@ def summary(rows: Sequence[Row], conc_n: int) -> dict[str, Any]:
         "ratios": ratios,
         "targets": [attrs.asdict(t) for t in targets(rows, conc_n)],
         "upgrade_targets": [attrs.asdict(t) for t in upgrade_targets(rows)],
+        "vnc_targets": [attrs.asdict(t) for t in vnc_targets(rows)],
+        "vnc_ratios": {p: scenario_ratio(rows, "down-vnc", "down", "mib_s", p)
+                       for p in proxy_order(rows)
+                       if any(r["scenario"] == "down-vnc" and r["proxy"] == p for r in rows)},
     }
 
 
@@ -312,6 +358,15 @@ def markdown(rows: Sequence[Row], conc_n: int, rounds: int) -> str:
         lines += ["", "Targets (issue 12, point 7: the upgrade; medians over rounds, the range in"
                   " brackets):", "", "| target | measured | met |", "|---|---|---|"]
         for t in upgrade:
+            verdict = {True: "yes", False: "**no**", None: "—"}[t.met]
+            lines.append(f"| {t.name} | {t.measured} | {verdict} |")
+    vnc = vnc_targets(rows)
+    if vnc:
+        lines += ["", "Targets (issue 13, point 2: the relay after the VM login, `[vnc] "
+                  "password_file` set; down-vnc ÷ down of the same proxy, median of per-round "
+                  "ratios, the medians in brackets):", "", "| target | measured | met |",
+                  "|---|---|---|"]
+        for t in vnc:
             verdict = {True: "yes", False: "**no**", None: "—"}[t.met]
             lines.append(f"| {t.name} | {t.measured} | {verdict} |")
     problems = [r for r in rows if r.get("error") or r.get("errors") or r.get("ready_errors")

@@ -63,20 +63,37 @@ ROOT = HERE.parent
 BUILD = HERE / "out"
 MiB = 1 << 20
 
-SCENARIOS = ("down", "up", "echo", "setup", "conc", "streams", "ready", "upgrade")
+SCENARIOS = ("down", "down-vnc", "up", "echo", "setup", "conc", "streams", "ready", "upgrade")
 PROXIES = ("ceiling-tcp", "ceiling-ws", "socat", "twisted-tcp", "websockify", "twisted_novnc",
            "twisted_novnc-2w")
 #: twisted_novnc with [novnc] workers = 2 (issue 6: streams with 2 workers; issue 12: the
 #: upgrade with 2 workers); streams and upgrade only.
 WORKERS_PROXY = "twisted_novnc-2w"
 #: Which proxies a scenario runs: ready and upgrade are twisted_novnc's own (socat and
-#: websockify have no readiness wait, and no upgrade: a restart closes every connection).
+#: websockify have no readiness wait, and no upgrade: a restart closes every connection), and
+#: so is down-vnc (issue 13: down with [vnc] set, the proxy logging in to the VM first).
 ONLY = {"ready": ("twisted_novnc",), "upgrade": ("twisted_novnc", WORKERS_PROXY),
-        "streams": PROXIES}
+        "streams": PROXIES, "down-vnc": ("twisted_novnc", WORKERS_PROXY)}
+#: The scenario each VNC scenario is compared with, proxy by proxy in the same round: the same
+#: build with credentials off.
+VNC_REFERENCE = {"down-vnc": "down"}
 
 
-def eligible(scenario: str, proxy: str) -> bool:
+def eligible(scenario: str, proxy: str, scenarios: Sequence[str] = ()) -> bool:
+    """Whether ``proxy`` runs ``scenario`` when ``scenarios`` are asked for: down runs
+    twisted_novnc-2w too when down-vnc does, as its reference."""
+    if proxy == WORKERS_PROXY and any(VNC_REFERENCE.get(s) == scenario for s in scenarios):
+        return True
     return proxy in ONLY.get(scenario, [p for p in PROXIES if p != WORKERS_PROXY])
+
+
+def logs_in_to_vm(scenario: str) -> bool:
+    """Whether twisted_novnc runs this scenario with ``[vnc]`` set (credentials on)."""
+    return scenario in VNC_REFERENCE
+
+
+#: The VMs' VNC password in the VNC scenarios ([vnc] password_file); the target accepts any.
+VNC_PASSWORD = "bench-pw"
 
 
 def is_twisted_novnc(proxy: str) -> bool:
@@ -378,7 +395,8 @@ class Bench:
     def start_backend(self, scenario: str, proxy: str, port: int,
                       tag: str) -> subprocess.Popen[Any]:
         s = self.sizes
-        mode = {"down": ["source", s["down"]], "up": ["sink", s["up"]], "echo": ["echo"],
+        mode = {"down": ["source", s["down"]], "down-vnc": ["vncauth", s["down"]],
+                "up": ["sink", s["up"]], "echo": ["echo"],
                 "streams": ["source", s["streams"][1]]}.get(scenario, ["banner"])
         if proxy == "ceiling-ws":
             args = ["node", str(HERE / "wsserver.js"), str(mode[0]), str(port),
@@ -388,7 +406,8 @@ class Bench:
         return self._spawn_listening(args, port, "the target", f"{tag}-target.log")
 
     def start_proxy(self, proxy: str, port: int, target_port: int, tag: str,
-                    admin_port: int | None = None) -> subprocess.Popen[Any] | None:
+                    admin_port: int | None = None, vnc: bool = False,
+                    ) -> subprocess.Popen[Any] | None:
         if proxy.startswith("ceiling"):
             return None
         if proxy == "socat":
@@ -402,7 +421,7 @@ class Bench:
         else:
             return self.start_twisted_novnc(port, target_port, tag,
                                             workers=2 if proxy == WORKERS_PROXY else 1,
-                                            admin_port=admin_port)
+                                            admin_port=admin_port, vnc=vnc)
         return self._spawn_listening(args, port, proxy, f"{tag}-proxy.log")
 
     def _spawn_listening(self, args: list[str], port: int, what: str,
@@ -416,9 +435,19 @@ class Bench:
         return proc
 
     def start_twisted_novnc(self, port: int, target_port: int, tag: str, workers: int = 1,
-                            admin_port: int | None = None) -> subprocess.Popen[Any]:
+                            admin_port: int | None = None,
+                            vnc: bool = False) -> subprocess.Popen[Any]:
         assert self.sessions is not None
         config = self.run_dir / f"{tag}.ini"
+        vnc_section = ""
+        if vnc:
+            # One password for every VM, in a file only we may read (the daemon refuses
+            # anything looser): the login on, as issue 13's "credentials on".
+            secret = self.run_dir / f"{tag}-vnc-password"
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(VNC_PASSWORD + "\n")
+            vnc_section = f"[vnc]\npassword_file = {secret}\n"
         # Defaults everywhere but where the daemon must find the bench's table, and the listen
         # backlog (Twisted's default of 50 drops SYNs when a thousand clients arrive at once;
         # socat gets the same 4096).  The readiness deadline only has to outlast the scenario.
@@ -441,7 +470,7 @@ class Bench:
             "[upstream]\nallowed_networks = 127.0.0.0/8\nallow_self = on\n"
             # The upgrade scenario posts /upgrade there; the others run without one.
             + (f"[admin]\nlisten = tcp:{admin_port}:interface=127.0.0.1\n"
-               if admin_port is not None else ""), encoding="utf-8")
+               if admin_port is not None else "") + vnc_section, encoding="utf-8")
         log = self.run_dir / f"{tag}-proxy.log"
         env = None
         if self.args.trace_malloc or self.args.gc_log:
@@ -473,6 +502,7 @@ class Bench:
         s = self.sizes
         args: list[Any] = {
             "down": ["--bytes", s["down"]],
+            "down-vnc": ["--bytes", s["down"]],
             "up": ["--bytes", s["up"], "--msg-size", 65536],
             "echo": ["--count", s["echo"], "--msg-size", 64],
             "setup": ["--count", s["setup"], "--open", self.args.client_open],
@@ -724,7 +754,8 @@ class Bench:
                     burst_file = self.run_dir / f"{tag}-burst.ids"
                     burst_file.write_text("\n".join(
                         self.sessions.add(count, tport, ready=False)) + "\n")
-            proxy_proc = self.start_proxy(proxy, pport, tport, tag, aport)
+            proxy_proc = self.start_proxy(proxy, pport, tport, tag, aport,
+                                          vnc=logs_in_to_vm(scenario))
             if proxy_proc is not None and self.args.profile and proxy == "twisted_novnc":
                 profiler = self.start_profiler(proxy_proc.pid, tag)
             url = {
@@ -808,7 +839,7 @@ class Bench:
         with results:
             for rnd in range(1, self.args.rounds + 1):
                 for scenario in scenarios:
-                    these = [p for p in proxies if eligible(scenario, p)]
+                    these = [p for p in proxies if eligible(scenario, p, scenarios)]
                     if not these:
                         continue
                     k = (rnd - 1) % len(these)
@@ -960,7 +991,7 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
         lines += [note + ".", ""]
     s = bench.sizes
     lines += [
-        f"Sizes: down/up {s['down'] // MiB} MiB, echo {s['echo']:,} x 64 B, setup "
+        f"Sizes: down/down-vnc/up {s['down'] // MiB} MiB, echo {s['echo']:,} x 64 B, setup "
         f"{s['setup']:,}, conc {s['conc']:,}, streams {s['streams'][0]} x "
         f"{s['streams'][1] // MiB} MiB, ready {s['ready']:,} at {s['ready_rate']}/s then "
         f"{s['ready']:,} in one transaction, upgrade {s['upgrade'].relays:,} relays x one "

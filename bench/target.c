@@ -9,6 +9,14 @@
  *   echo    write back everything read
  *   banner  send a 12-byte VNC-like banner "RFB 003.008\n", then read and discard to EOF
  *           (used for connection-setup and idle-connection scenarios)
+ *   vncauth an RFB 3.8 server with VNC Authentication in front of `source` (the down-vnc
+ *           scenario: twisted_novnc logs in with [vnc] password_file): send "RFB 003.008\n",
+ *           read the client's 12-byte version, offer one security type (u8 1, u8 2), read the
+ *           client's choice (must be 2), send a 16-byte challenge, read the 16-byte response
+ *           and ACCEPT ANY RESPONSE (no DES here: the bench measures the relay after the
+ *           login; the DES is tested against vncpasswd and a real Xvnc in tests/), send
+ *           SecurityResult OK (u32 0), read ClientInit (1 byte, the browser's, passed on by
+ *           the proxy), then act as `source` for BYTES (where a real server sends ServerInit)
  *
  * Prints "LISTENING <port>" on stdout once bound.  On SIGTERM/SIGINT prints a JSON line
  * with totals (connections, bytes_in, bytes_out) and exits.
@@ -28,7 +36,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
-enum { M_SOURCE, M_SINK, M_ECHO, M_BANNER };
+enum { M_SOURCE, M_SINK, M_ECHO, M_BANNER, M_VNCAUTH };
 static int mode;
 static long long nbytes = 256LL << 20;
 static atomic_llong conns, bytes_in, bytes_out;
@@ -40,6 +48,30 @@ static int write_all(int fd, const char *p, size_t n) {
         if (w < 0) { if (errno == EINTR) continue; return -1; }
         p += w; n -= (size_t)w; atomic_fetch_add(&bytes_out, w);
     }
+    return 0;
+}
+
+/* Read exactly n bytes; -1 on EOF or error. */
+static int read_exact(int fd, char *p, size_t n) {
+    while (n) {
+        ssize_t r = recv(fd, p, n, 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return -1;
+        atomic_fetch_add(&bytes_in, r);
+        p += r; n -= (size_t)r;
+    }
+    return 0;
+}
+
+/* The server's side of an RFB 3.8 opening with VNC Authentication, up to ClientInit; 0 when
+ * the client went through it (any response to the challenge is accepted: see the top). */
+static int vnc_login(int fd, char *buf) {
+    static const char challenge[16] = "bench-challenge";
+    if (write_all(fd, "RFB 003.008\n", 12) < 0 || read_exact(fd, buf, 12) < 0) return -1;
+    if (memcmp(buf, "RFB 003.", 8) != 0) return -1;
+    if (write_all(fd, "\x01\x02", 2) < 0 || read_exact(fd, buf, 1) < 0 || buf[0] != 2) return -1;
+    if (write_all(fd, challenge, 16) < 0 || read_exact(fd, buf, 16) < 0) return -1;
+    if (write_all(fd, "\0\0\0\0", 4) < 0 || read_exact(fd, buf, 1) < 0) return -1;
     return 0;
 }
 
@@ -62,7 +94,12 @@ static void *handle(void *arg) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     atomic_fetch_add(&conns, 1);
-    if (mode == M_SOURCE) {
+    if (mode == M_VNCAUTH && vnc_login(fd, buf) < 0) {
+        close(fd);
+        free(buf);
+        return NULL;
+    }
+    if (mode == M_SOURCE || mode == M_VNCAUTH) {
         memset(buf, 'x', BUFSZ);
         long long left = nbytes;
         while (left > 0) {
@@ -104,11 +141,12 @@ static volatile sig_atomic_t stop;
 static void on_sig(int s) { (void)s; stop = 1; }
 
 int main(int argc, char **argv) {
-    if (argc < 3) { fprintf(stderr, "usage: target source|sink|echo|banner PORT [BYTES]\n"); return 2; }
+    if (argc < 3) { fprintf(stderr, "usage: target source|sink|echo|banner|vncauth PORT [BYTES]\n"); return 2; }
     if (!strcmp(argv[1], "source")) mode = M_SOURCE;
     else if (!strcmp(argv[1], "sink")) { mode = M_SINK; nbytes = 0; }
     else if (!strcmp(argv[1], "echo")) mode = M_ECHO;
     else if (!strcmp(argv[1], "banner")) mode = M_BANNER;
+    else if (!strcmp(argv[1], "vncauth")) mode = M_VNCAUTH;
     else { fprintf(stderr, "bad mode\n"); return 2; }
     int port = atoi(argv[2]);
     if (argc > 3) nbytes = atoll(argv[3]);

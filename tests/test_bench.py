@@ -32,13 +32,13 @@ LIMIT = 180  # seconds; it takes about 15 here, most of it npm ci and starting P
 
 
 def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
-    """echo, ready and upgrade against the real daemon: no failed run, and the report
-    parses."""
+    """echo, ready, upgrade, and down beside down-vnc (the VM login on) against the real
+    daemon: no failed run, and the report parses."""
     require([f"{tool} (Debian: apt-get install nodejs npm gcc)" for tool in MISSING], "the bench")
     summary, report = tmp_path / "summary.json", tmp_path / "report.md"
     command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
-               "twisted_novnc", "--scenarios", "echo,ready,upgrade", "--out", str(tmp_path),
-               "--json", str(summary), "--md", str(report)]
+               "twisted_novnc", "--scenarios", "down,down-vnc,echo,ready,upgrade",
+               "--out", str(tmp_path), "--json", str(summary), "--md", str(report)]
     if os.environ.get(TEST_DSN_ENV):
         command += ["--dsn", os.environ[TEST_DSN_ENV]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT, cwd=ROOT,
@@ -48,8 +48,18 @@ def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
     data = json.loads(summary.read_text(encoding="utf-8"))
     runs = data["runs"]
     assert sorted((r["scenario"], r["proxy"]) for r in runs) == [
-        ("echo", "twisted_novnc"), ("ready", "twisted_novnc"), ("upgrade", "twisted_novnc")]
-    assert [r.get("error") for r in runs] == [None, None, None]
+        ("down", "twisted_novnc"), ("down-vnc", "twisted_novnc"), ("echo", "twisted_novnc"),
+        ("ready", "twisted_novnc"), ("upgrade", "twisted_novnc")]
+    assert [r.get("error") for r in runs] == [None] * 5
+    down, down_vnc = (next(r for r in runs if r["scenario"] == s) for s in ("down", "down-vnc"))
+    for run in (down, down_vnc):
+        assert run["received"] >= data["sizes"]["down"] and run["mib_s"] > 0
+    # The proxy's greeting (18 bytes) was the browser's part, not counted as relayed data.
+    assert down_vnc["greeting_bytes"] == 18
+    assert down_vnc["received"] == data["sizes"]["down"]
+    vnc = {t["name"]: t for t in data["vnc_targets"]}
+    assert isinstance(vnc["down-vnc ≥ 0.95 x down (same build)"]["met"], bool)
+    assert data["vnc_ratios"]["twisted_novnc"] > 0
     echo = next(r for r in runs if r["scenario"] == "echo")
     assert echo["bufferutil"] is True  # the client masks natively: it is not the bottleneck
     assert 0 < data["medians"]["echo"]["p50_us"]["twisted_novnc"] <= echo["p99_us"]
@@ -73,6 +83,7 @@ def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
     assert targets["down ≥ 1.0 x socat"]["met"] is None  # not measured in this run
 
     text = report.read_text(encoding="utf-8")
+    assert "| down-vnc ≥ 0.95 x down (same build) |" in text
     header = next(line for line in text.splitlines() if line.startswith("| scenario |"))
     assert header.split("|")[3].strip() == "twisted_novnc"
     row = next(line for line in text.splitlines() if line.startswith("| echo | p50"))
