@@ -31,7 +31,8 @@ def _get(site: AdminSite, path: str) -> tuple[int, dict]:
 
 
 def _ready_site(clock: Clock) -> AdminSite:
-    metrics = Metrics(live=LiveState(database_reachable=lambda: True, listen_connected=lambda: True))
+    live = LiveState(database_reachable=lambda: True, listen_connected=lambda: True)
+    metrics = Metrics(live=live)
     return admin_site(metrics, clock)
 
 
