@@ -90,7 +90,7 @@ def _console(dsn: str, command: str) -> list[dict]:
         with conn.cursor() as cur:
             cur.execute(command)
             names = [c.name for c in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
     finally:
         conn.close()
 
