@@ -1,8 +1,9 @@
 """The service tree twistd runs.
 
 With ``[novnc] workers = 1`` (the default): the embedded database (if any), the session store,
-the listeners and the admin listener, in one process (the database stops last, once what
-serves has drained).  With more, that process is a supervisor
+the listeners and the admin listener, in one process.  It stops in order: ``/readyz`` turns
+503 while everything serves on for ``[novnc] drain_delay``, what serves drains, then the
+database stops, and the admin listener last.  With more, that process is a supervisor
 (the embedded database, the listening sockets, the admin listener and the workers,
 :mod:`twisted_novnc.processes.supervisor`), and each worker runs the proxy itself on the shared
 sockets (:mod:`twisted_novnc.processes.worker`, which builds its tree here).
@@ -134,11 +135,10 @@ def _notice(
     admin: list[ListenerService], top: MultiService,
 ) -> None:
     """The last child before StartupDoneService (which stops at once), so the first to stop:
-    /readyz turns 503, and the rest waits
-    ``[novnc] drain_delay`` (when an admin listener exists to tell a load balancer)."""
-    ShutdownNotice([site] if admin else [], settings.novnc.drain_delay, reactor).setServiceParent(
-        top
-    )
+    /readyz turns 503, and the rest waits ``[novnc] drain_delay`` (when an admin listener
+    exists to tell a load balancer)."""
+    notice = ShutdownNotice([site] if admin else [], settings.novnc.drain_delay, reactor)
+    notice.setServiceParent(top)
 
 
 def _with_dsn(settings: Settings, dsn: str, listen_dsn: str) -> Settings:
@@ -283,8 +283,9 @@ def make_supervisor_service(
     """The supervisor of ``workers`` processes: the embedded database, the listening sockets
     (made here, accepted on only by the workers), the admin listener, and the workers.
 
-    It stops in order: its sockets close (the workers' copies stay until each stops
-    accepting), the workers drain, and only then does the embedded database stop.
+    It stops in order: ``/readyz`` turns 503 while the workers serve on for ``[novnc]
+    drain_delay``, its sockets close (the workers' copies stay until each stops accepting),
+    the workers drain, only then does the embedded database stop, and the admin listener last.
     """
     top = SequentialMultiService()
     LogService(settings.log, reactor).setServiceParent(top)
