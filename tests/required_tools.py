@@ -36,3 +36,16 @@ def require_haproxy() -> str:
     require([] if installed else [f"{HAPROXY} (Debian: apt-get install haproxy)"],
             "the tests through a real HAProxy")
     return HAPROXY
+
+
+#: Debian's PgBouncer (apt-get install pgbouncer), which tests/e2e/test_pgbouncer.py puts
+#: between the daemon and PostgreSQL in transaction mode.
+PGBOUNCER = "/usr/sbin/pgbouncer"
+
+
+def require_pgbouncer() -> str:
+    """The PgBouncer binary's path; skip (fail under CI) when it is not installed."""
+    installed = os.access(PGBOUNCER, os.X_OK)
+    require([] if installed else [f"{PGBOUNCER} (Debian: apt-get install pgbouncer)"],
+            "the tests through a real PgBouncer")
+    return PGBOUNCER

@@ -674,6 +674,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("novnc", "reject"): st.sampled_from(["close", "http"]),
     ("novnc", "max_message_size"): st.integers(1024, 64 * 1024 * 1024),
     ("novnc", "drain_timeout"): st.floats(0.001, 1e6),
+    ("novnc", "drain_delay"): st.one_of(st.just(0.0), st.floats(0.001, 1e6)),
     ("novnc", "upgrade_drain_timeout"): st.floats(0.001, 1e6),
     ("novnc", "trusted_proxies"): st.lists(
         st.sampled_from(["10.0.0.0/8", "127.0.0.1/32", "192.168.1.0/24", "::1/128"]),
@@ -698,6 +699,8 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("novnc", "ping_timeout"): st.integers(2, 3600),
     ("novnc", "fast_path"): st.booleans(),
     ("database", "dsn"): st.one_of(st.just("embedded"), one_line),
+    # Only empty: any other value must agree with dsn (test_listen_dsn_agrees_with_dsn).
+    ("database", "listen_dsn"): st.just(""),
     ("database", "table"): identifier | st.builds("{}.{}".format, identifier, identifier),
     ("database", "id_column"): identifier,
     ("database", "ip_column"): identifier,
@@ -832,6 +835,36 @@ def test_loopback_network_needs_allow_self() -> None:
     )
     assert settings.upstream.allow_self is True
     assert parse_config("").upstream.allow_self is False
+
+
+@pytest.mark.parametrize(
+    ("dsn", "listen_dsn"),
+    [("host=pooler port=6432", "embedded"), ("embedded", "host=db"), ("", "embedded")],
+)
+def test_listen_dsn_agrees_with_dsn(dsn: str, listen_dsn: str) -> None:
+    """listen_dsn = embedded only with dsn = embedded, and nothing else with it: LISTEN must
+    watch the database the sessions are read from."""
+    err = error_for(f"[database]\ndsn = {dsn}\nlisten_dsn = {listen_dsn}\n")
+    assert (err.section, err.key) == ("database", "listen_dsn")
+
+
+@pytest.mark.parametrize(
+    ("dsn", "listen_dsn"),
+    [("host=pooler port=6432 dbname=app", "host=db dbname=app"), ("embedded", "embedded"),
+     ("embedded", ""), ("host=db", "")],
+)
+def test_listen_dsn_accepted(dsn: str, listen_dsn: str) -> None:
+    """A direct listen_dsn beside a pooler's dsn, or embedded twice, or empty, is accepted."""
+    settings = parse_config(f"[database]\ndsn = {dsn}\nlisten_dsn = {listen_dsn}\n")
+    assert settings.database.listen_dsn == listen_dsn
+
+
+def test_drain_delay_may_be_zero() -> None:
+    """drain_delay = 0 (drain at once) is accepted, unlike the timeouts; a negative is not."""
+    assert parse_one("novnc", "drain_delay", "0") == 0.0
+    assert parse_one("novnc", "drain_delay", "0.0") == 0.0
+    assert parse_one("novnc", "drain_delay", "2.5") == 2.5
+    assert error_for("[novnc]\ndrain_delay = -1\n").key == "drain_delay"
 
 
 def test_haproxy_listener_needs_proxy_protocol_from() -> None:

@@ -328,6 +328,8 @@ def test_restart_only_keys_are_named():
     moved_listener = parse_config("[novnc]\nlisten = tcp:6081\n[log]\nformat = json\n")
     assert restart_only_keys(old, same) == []
     assert restart_only_keys(old, moved_listener) == ["[novnc] listen", "[log]"]
+    direct = parse_config("[novnc]\nlisten = tcp:6080\n[database]\nlisten_dsn = embedded\n")
+    assert restart_only_keys(old, direct) == ["[database] listen_dsn"]
 
 
 def test_reread_refuses_an_invalid_or_restart_only_config(tmp_path: Path):

@@ -117,6 +117,13 @@ def _format_seconds(value: float) -> str:
 _SECONDS = Kind(_parse_seconds, _format_seconds, "a number of seconds greater than 0")
 
 
+def _parse_seconds_or_zero(text: str) -> float:
+    return 0.0 if _DECIMAL.fullmatch(text) and float(text) == 0 else _parse_seconds(text)
+
+
+_SECONDS_OR_ZERO = Kind(_parse_seconds_or_zero, _format_seconds, "a number of seconds, or 0")
+
+
 def _parse_networks(text: str) -> tuple[str, ...]:
     networks = []
     for word in text.split():
@@ -326,6 +333,13 @@ _DSN = Kind(
     redact=mask_dsn,
 )
 
+_OPTIONAL_DSN = Kind(
+    _verbatim,
+    _format_lines,
+    "empty, ``embedded`` (with ``dsn = embedded``), or a libpq connection string or URI",
+    redact=mask_dsn,
+)
+
 
 # --- the schema -------------------------------------------------------------------------------
 
@@ -388,6 +402,13 @@ class NovncSettings:
         _SECONDS,
         10.0,
         "On SIGTERM, how long live relays may go on before they are closed with 1001.",
+    )
+    drain_delay: float = _setting(
+        _SECONDS_OR_ZERO,
+        5.0,
+        "On SIGTERM, how long /readyz answers 503 while new browsers are still accepted and"
+        " served (a load balancer's time to notice) before the drain starts; only with an"
+        " [admin] listener (nothing else could notice); 0 = drain at once.",
     )
     upgrade_drain_timeout: float = _setting(
         _SECONDS,
@@ -489,6 +510,12 @@ class DatabaseSettings:
         "embedded",
         "The database: embedded = a private PostgreSQL cluster under embedded_dir; anything"
         " else is a libpq connection string or URI, used as written.",
+    )
+    listen_dsn: str = _setting(
+        _OPTIONAL_DSN,
+        "",
+        "The database for the LISTEN connection alone, when dsn goes through a pooler in"
+        " transaction mode (PgBouncer): a direct connection to the same database; empty = dsn.",
     )
     table: str = _setting(
         _identifier(qualified=True),
@@ -878,6 +905,13 @@ def _check_together(settings: Settings, source: str) -> None:
         raise ConfigError(source, "auth", "secret_file", "required when mode = hmac")
     if auth.one_time and auth.mode != "column":
         raise ConfigError(source, "auth", "one_time", "only applies to mode = column")
+    db = settings.database
+    if (db.listen_dsn == "embedded") != (db.dsn == "embedded") and db.listen_dsn:
+        raise ConfigError(
+            source, "database", "listen_dsn",
+            "embedded only with dsn = embedded, and only embedded (or empty) then: LISTEN must"
+            " see the commits of the database the sessions are read from",
+        )
     upstream = settings.upstream
     if not upstream.allow_self:
         for network in upstream.allowed_networks:

@@ -89,7 +89,11 @@ def write_config(  # type: ignore[no-untyped-def]
     upstream.setdefault("allowed_networks", "127.0.0.0/8")
     upstream.setdefault("allow_self", "on")
     sections["upstream"] = upstream
-    options = {"listen": "tcp:0:interface=127.0.0.1", "readiness_timeout": 20, **novnc}
+    # No [novnc] drain_delay unless a test asks: a stop waits for no load balancer here.
+    options = {
+        "listen": "tcp:0:interface=127.0.0.1", "readiness_timeout": 20, "drain_delay": 0,
+        **novnc,
+    }
     lines = ["[novnc]"] + [f"{k} = {v}" for k, v in options.items()]
     extra_db = sections.pop("database", {})
     lines += [

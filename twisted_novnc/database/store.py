@@ -3,6 +3,13 @@
 All SQL the daemon runs at request time lives here.  Queries run on a small pool; notifications
 arrive on one dedicated LISTEN connection that never runs a query of its own, so a slow lookup
 can never delay a NOTIFY.
+
+The pool may go through a pooler in transaction mode (PgBouncer): each query is one statement in
+autocommit (txpostgres' connections are asynchronous psycopg2 ones, always in autocommit), with
+its parameters bound by psycopg2 on the client (no server-side prepared statement), and nothing
+on a pooled connection sets session state (no SET, LISTEN, temporary table or advisory lock).
+LISTEN is session state: its connection is a direct one (``[database] listen_dsn``), and so is
+the column-type lookup that runs on it.
 """
 
 from __future__ import annotations
@@ -119,6 +126,9 @@ class PostgresSessionStore:
     _all_pool_connections: list[Any] = attrs.field(factory=list)
     _first_connects: list[Deferred[bool]] = attrs.field(factory=list)
     _listen_delays: Iterator[float] = attrs.field(factory=lambda: jittered_backoff(1.0, 30.0))
+    #: LISTEN's own DSN (``[database] listen_dsn``: direct, when ``dsn`` is a pooler's); None =
+    #: the same as ``dsn``.
+    listen_dsn: Callable[[], str] | None = None
 
     @property
     def is_listening(self) -> bool:
@@ -157,7 +167,8 @@ class PostgresSessionStore:
         self._listener.detector.on_death = self._listen_lost
         self._listener.detector.addRecoveryHandler(self._listen)
         self._listener.addNotifyObserver(self._notify_received)
-        self._connect(self._listener, dsn, "twisted_novnc-listen").addCallback(
+        listen_dsn = self.listen_dsn() if self.listen_dsn is not None else dsn
+        self._connect(self._listener, listen_dsn, "twisted_novnc-listen").addCallback(
             lambda connected: self._listen() if connected else None
         )
 

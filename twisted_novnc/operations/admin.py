@@ -152,13 +152,38 @@ class Readyz(_JSONResource):
 
 
 class AdminSite(Site):
-    """A Site whose connections are :class:`AdminChannel`: each request has a deadline."""
+    """A Site whose connections are :class:`AdminChannel`: each request has a deadline.
+
+    Once the process shuts down (:attr:`shutting_down`, set by
+    :class:`~twisted_novnc.processes.drain.ShutdownNotice`) ``/readyz`` answers 503 whatever the
+    database or the workers say, so that a load balancer sends new browsers elsewhere while
+    this process still serves them during ``[novnc] drain_delay``.
+    """
 
     protocol = AdminChannel  # type: ignore[assignment]
 
     def __init__(self, root: IResource, reactor: IReactorTime, request_timeout: float) -> None:
         super().__init__(root, reactor=reactor, timeout=IDLE_TIMEOUT)
         self.request_timeout = request_timeout
+        self.shutting_down = False
+
+    def getResourceFor(self, request: Request) -> IResource:
+        readyz = (request.postpath or [])[:1] == [b"readyz"]
+        resource: IResource = super().getResourceFor(request)
+        return ShuttingDown() if self.shutting_down and readyz else resource
+
+
+class ShuttingDown(Resource):
+    """``/readyz`` once the process shuts down: 503, whatever else holds."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setResponseCode(503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        body = {"ready": False, "shutting_down": True, "reason": "shutting down"}
+        return json.dumps(body).encode() + b"\n"
 
 
 #: Starts an upgrade: fires with its report, or fails with the reason it was refused.
@@ -214,13 +239,21 @@ def _site(
     reactor: IReactorTime,
     request_timeout: float,
     upgrade: UpgradeTrigger | None = None,
-) -> Site:
+) -> AdminSite:
     """The admin listener's pages; no tracebacks or per-request log lines."""
-    root = _root(metrics, healthz, readyz, upgrade)
-    site = AdminSite(root, reactor, request_timeout)
+    return _quiet(AdminSite(_root(metrics, healthz, readyz, upgrade), reactor, request_timeout))
+
+
+def _quiet(site: AdminSite) -> AdminSite:
     site.noisy = False
     site.displayTracebacks = False
     return site
+
+
+def unserved_site(reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT) -> AdminSite:
+    """An admin site with no pages yet (404): :func:`serve_workers` gives it its pages once
+    what they show exists, so that its listener can be made first (and stop last)."""
+    return _quiet(AdminSite(Resource(), reactor, request_timeout))
 
 
 class MetricsPage(Resource):
@@ -258,7 +291,7 @@ def _header(request: Request, name: bytes) -> str:
 def admin_site(
     metrics: Metrics, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT,
     upgrade: UpgradeTrigger | None = None,
-) -> Site:
+) -> AdminSite:
     """The admin listener of a process that serves browsers itself."""
     return _site(
         MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics), reactor,
@@ -376,17 +409,6 @@ class WorkersHealthz(Resource):
         request.setHeader(b"content-type", content_type)
         request.setHeader(b"cache-control", b"no-store")
         return body
-
-
-def supervisor_site(
-    pool: WorkerPool, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT,
-    upgrade: UpgradeTrigger | None = None,
-) -> Site:
-    """The admin listener of a supervisor of ``[novnc] workers``."""
-    return _site(
-        WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool), reactor,
-        request_timeout, upgrade,
-    )
 
 
 def serve_workers(site: Site, pool: WorkerPool, upgrade: UpgradeTrigger | None) -> None:

@@ -1,4 +1,6 @@
-"""On shutdown, live relays get ``[novnc] drain_timeout`` seconds before they are closed."""
+"""On shutdown: first ``/readyz`` turns 503 while the process serves on for ``[novnc]
+drain_delay`` seconds (a load balancer's time to notice), then live relays get ``[novnc]
+drain_timeout`` seconds before they are closed."""
 
 from __future__ import annotations
 
@@ -14,9 +16,64 @@ from twisted.logger import Logger
 
 from twisted_novnc.errors import Refusal
 from twisted_novnc.front.protocol import NoVNCServerFactory
+from twisted_novnc.operations.admin import AdminSite
 from twisted_novnc.reactors import IClockFromThreads, SignalHandler
 
 _log = Logger()
+
+
+@attrs.define(eq=False)
+class ShutdownNotice(Service):
+    """The first service to stop: ``/readyz`` turns 503 on every admin site at once, and the
+    rest of the tree stops only ``delay`` seconds later.
+
+    Meanwhile everything serves as before (new browsers are accepted and relayed), so a load
+    balancer checking ``/readyz`` has marked this process down, and sends new browsers to
+    another, before its listeners close.  Without an admin site nothing could notice: no
+    delay.  A second SIGTERM ends the delay at once.
+    """
+
+    sites: list[AdminSite]
+    delay: float
+    clock: IClockFromThreads
+    _timer: IDelayedCall | None = None
+    _waiting: Deferred[None] | None = None
+    _previous_handler: SignalHandler = None
+
+    def stopService(self) -> Deferred[None] | None:
+        Service.stopService(self)
+        for site in self.sites:
+            site.shutting_down = True
+        if not self.sites or self.delay <= 0:
+            return None
+        _log.info(
+            "shutting down: /readyz answers 503; new browsers are still served for {delay:g}s"
+            " ([novnc] drain_delay), then the drain starts",
+            delay=self.delay,
+        )
+        self._waiting = Deferred()
+        self._timer = self.clock.callLater(self.delay, self.end_delay)
+        call = getattr(self.clock, "callFromThread", None)  # None: a test clock
+        if call is not None and threading.current_thread() is threading.main_thread():
+
+            def again(signum: int, frame: FrameType | None) -> None:
+                _log.info("second SIGTERM: draining now")
+                call(self.end_delay)
+
+            self._previous_handler = signal.signal(signal.SIGTERM, again)
+        return self._waiting
+
+    def end_delay(self) -> None:
+        """The delay is over (or cut short): the rest of the tree stops, draining."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
 
 
 @attrs.define(eq=False)

@@ -1,8 +1,9 @@
 """The service tree twistd runs.
 
 With ``[novnc] workers = 1`` (the default): the embedded database (if any), the session store,
-the listeners and the admin listener, in one process (the database stops last, once what
-serves has drained).  With more, that process is a supervisor
+the listeners and the admin listener, in one process.  It stops in order: ``/readyz`` turns
+503 while everything serves on for ``[novnc] drain_delay``, what serves drains, then the
+database stops, and the admin listener last.  With more, that process is a supervisor
 (the embedded database, the listening sockets, the admin listener and the workers,
 :mod:`twisted_novnc.processes.supervisor`), and each worker runs the proxy itself on the shared
 sockets (:mod:`twisted_novnc.processes.worker`, which builds its tree here).
@@ -28,13 +29,13 @@ from twisted_novnc.database.store import PostgresSessionStore
 from twisted_novnc.front.auth import SecretFileError, read_secret
 from twisted_novnc.front.forwarded import parse_networks
 from twisted_novnc.front.protocol import NoVNCServerFactory
-from twisted_novnc.operations.admin import admin_site, serve_workers, supervisor_site
+from twisted_novnc.operations.admin import AdminSite, admin_site, serve_workers, unserved_site
 from twisted_novnc.operations.fdlimit import AcceptGuard, guard_accepts
 from twisted_novnc.operations.logs import LogService
 from twisted_novnc.operations.metrics import LiveState, Metrics
 from twisted_novnc.privatefile import PrivateFileError
 from twisted_novnc.processes.databases import EmbeddedSchemaService, SessionDatabaseService
-from twisted_novnc.processes.drain import DrainService
+from twisted_novnc.processes.drain import DrainService, ShutdownNotice
 from twisted_novnc.processes.generations import LocalGeneration, Upgrader
 from twisted_novnc.processes.launcher import Launcher, worker_count
 from twisted_novnc.processes.listeners import ListenerService, listen_endpoint
@@ -74,22 +75,22 @@ def make_service(
     top = SequentialMultiService()
     LogService(settings.log, reactor).setServiceParent(top)
     ProcessSetupService(settings).setServiceParent(top)
-    dsn = _database(settings, top)
-    # What serves stops (drains) before the embedded database, which it needs, and as one:
-    # after an upgrade the workers' drain runs beside this process's own (both in here).
-    serving = MultiService()
-    serving.setServiceParent(top)
-    core = _proxy(settings, reactor, secret, dsn, serving)
     upgrader: Upgrader | None = None
 
     def upgrade() -> Deferred[dict[str, Any]]:
         assert upgrader is not None
         return upgrader.upgrade()
 
-    site = admin_site(core.metrics, reactor, settings.novnc.request_timeout, upgrade)
-    for description in settings.admin.listen:
-        endpoint = serverFromString(reactor, description)
-        ListenerService(description, endpoint, site, "admin").setServiceParent(serving)
+    metrics = Metrics()
+    site = admin_site(metrics, reactor, settings.novnc.request_timeout, upgrade)
+    # The admin listener stops last: /readyz says 503 (not "connection refused") until the end.
+    admin = _admin_listeners(settings, reactor, site, top)
+    dsn, listen_dsn = _database(settings, top)
+    # What serves stops (drains) before the embedded database, which it needs, and as one:
+    # after an upgrade the workers' drain runs beside this process's own (both in here).
+    serving = MultiService()
+    serving.setServiceParent(top)
+    core = _proxy(settings, reactor, secret, dsn, listen_dsn, serving, metrics)
     proxy_from = parse_networks(settings.novnc.proxy_protocol_from)
     listeners = []
     for description in settings.novnc.listen:
@@ -105,7 +106,8 @@ def make_service(
 
     def launcher(new: Settings, new_secret: bytes) -> Launcher:
         return Launcher(
-            reactor, sockets=local.sockets, settings=lambda: _with_dsn(new, dsn()),
+            reactor, sockets=local.sockets,
+            settings=lambda: _with_dsn(new, dsn(), listen_dsn()),
             secret=new_secret, router=router,
         )
 
@@ -114,24 +116,54 @@ def make_service(
         supervising=lambda supervisor: serve_workers(site, supervisor, upgrade),
     )
     upgrader.setServiceParent(serving)
+    _notice(settings, reactor, site, admin, top)
     StartupDoneService().setServiceParent(top)
     return top
 
 
-def _with_dsn(settings: Settings, dsn: str) -> Settings:
-    """Settings for a worker: the database's DSN as known now (the embedded cluster's)."""
-    return attrs.evolve(settings, database=attrs.evolve(settings.database, dsn=dsn))
+def _admin_listeners(
+    settings: Settings, reactor: IDaemonReactor, site: AdminSite, parent: MultiService
+) -> list[ListenerService]:
+    """The ``[admin] listen`` endpoints serving ``site``."""
+    listeners = []
+    for description in settings.admin.listen:
+        endpoint = serverFromString(reactor, description)
+        listener = ListenerService(description, endpoint, site, "admin")
+        listener.setServiceParent(parent)
+        listeners.append(listener)
+    return listeners
 
 
-def _database(settings: Settings, parent: MultiService) -> Callable[[], str]:
-    """The database's DSN, as a callable: the embedded cluster's is known once it runs."""
+def _notice(
+    settings: Settings, reactor: IDaemonReactor, site: AdminSite,
+    admin: list[ListenerService], top: MultiService,
+) -> None:
+    """The last child before StartupDoneService (which stops at once), so the first to stop:
+    /readyz turns 503, and the rest waits ``[novnc] drain_delay`` (when an admin listener
+    exists to tell a load balancer)."""
+    notice = ShutdownNotice([site] if admin else [], settings.novnc.drain_delay, reactor)
+    notice.setServiceParent(top)
+
+
+def _with_dsn(settings: Settings, dsn: str, listen_dsn: str) -> Settings:
+    """Settings for a worker: the database's DSNs as known now (the embedded cluster's)."""
+    database = attrs.evolve(settings.database, dsn=dsn, listen_dsn=listen_dsn)
+    return attrs.evolve(settings, database=database)
+
+
+def _database(
+    settings: Settings, parent: MultiService
+) -> tuple[Callable[[], str], Callable[[], str]]:
+    """The DSNs of the queries and of LISTEN, as callables: the embedded cluster's is known
+    once it runs.  LISTEN's is ``[database] listen_dsn`` (a direct connection beside a
+    pooler), else the same as the queries'."""
     db = settings.database
     if db.dsn != "embedded":
-        return lambda: db.dsn
+        return (lambda: db.dsn), (lambda: db.listen_dsn or db.dsn)
     embedded = EmbeddedPostgresService(db.embedded_dir)
     embedded.setServiceParent(parent)
     EmbeddedSchemaService(embedded, settings).setServiceParent(parent)
-    return lambda: embedded.dsn
+    return (lambda: embedded.dsn), (lambda: embedded.dsn)
 
 
 @attrs.define(eq=False)
@@ -168,12 +200,14 @@ def _proxy(
     reactor: IDaemonReactor,
     secret: bytes,
     dsn: Callable[[], str],
+    listen_dsn: Callable[[], str],
     parent: MultiService,
+    metrics: Metrics | None = None,
 ) -> _Proxy:
     """The store, the readiness gate, the upstream connector and the browser-facing factory."""
     db = settings.database
     store = PostgresSessionStore(
-        db, dsn, reactor, token_column=settings.auth.token_column,
+        db, dsn, reactor, token_column=settings.auth.token_column, listen_dsn=listen_dsn,
         password_column=settings.vnc.password_column,
         username_column=settings.vnc.username_column,
     )
@@ -188,7 +222,7 @@ def _proxy(
     SessionDatabaseService(store, gate).setServiceParent(parent)
 
     fast = settings.novnc.fast_path
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     connect = upstream_connector(
         settings.upstream, reactor, settings.novnc.max_message_size, fast=fast,
         write_timeout=settings.novnc.write_timeout,
@@ -235,7 +269,8 @@ def make_worker_service(
     """
     top = MultiService()
     ProcessSetupService(settings, warn=False).setServiceParent(top)
-    core = _proxy(settings, reactor, secret, lambda: settings.database.dsn, top)
+    db = settings.database
+    core = _proxy(settings, reactor, secret, lambda: db.dsn, lambda: db.listen_dsn or db.dsn, top)
     proxy_from = parse_networks(settings.novnc.proxy_protocol_from)
     listeners = []
     for shared in sockets:
@@ -261,43 +296,51 @@ def make_supervisor_service(
     """The supervisor of ``workers`` processes: the embedded database, the listening sockets
     (made here, accepted on only by the workers), the admin listener, and the workers.
 
-    It stops in order: its sockets close (the workers' copies stay until each stops
-    accepting), the workers drain, and only then does the embedded database stop.
+    It stops in order: ``/readyz`` turns 503 while the workers serve on for ``[novnc]
+    drain_delay``, its sockets close (the workers' copies stay until each stops accepting),
+    the workers drain, only then does the embedded database stop, and the admin listener last.
     """
     top = SequentialMultiService()
     LogService(settings.log, reactor).setServiceParent(top)
     ProcessSetupService(settings, relays=False).setServiceParent(top)
-    dsn = _database(settings, top)
+    upgrader: Upgrader | None = None
+
+    def upgrade() -> Deferred[dict[str, Any]]:
+        assert upgrader is not None
+        return upgrader.upgrade()
+
+    site = unserved_site(reactor, settings.novnc.request_timeout)  # its pages: below
+    # The admin listener stops last: /readyz says 503 (not "connection refused") until the end.
+    admin = _admin_listeners(settings, reactor, site, top)
+    dsn, listen_dsn = _database(settings, top)
     listeners = [(description, ListeningReactor(reactor)) for description in settings.novnc.listen]
 
     launcher = Launcher(
         reactor,
         sockets=lambda: [sharing.shared(description) for description, sharing in listeners],
-        settings=lambda: _with_dsn(settings, dsn()),
+        settings=lambda: _with_dsn(settings, dsn(), listen_dsn()),
         secret=secret,
     )
     supervisor = Supervisor(workers, launcher.spawn, reactor, settings.novnc.drain_timeout)
     supervisor.setServiceParent(top)
 
     def new_launcher(new: Settings, new_secret: bytes) -> Launcher:
-        return attrs.evolve(launcher, settings=lambda: _with_dsn(new, dsn()), secret=new_secret)
+        return attrs.evolve(
+            launcher, settings=lambda: _with_dsn(new, dsn(), listen_dsn()), secret=new_secret
+        )
 
     upgrader = Upgrader(
         settings, dict(overrides or {}), reactor, new_launcher, load_secret, top,
         supervisor=supervisor,
     )
     upgrader.setServiceParent(top)
-    site = supervisor_site(
-        supervisor, reactor, settings.novnc.request_timeout, upgrade=upgrader.upgrade
-    )
-    for description in settings.admin.listen:
-        endpoint = serverFromString(reactor, description)
-        ListenerService(description, endpoint, site, "admin").setServiceParent(top)
+    serve_workers(site, supervisor, upgrade)
     never_accepts = Factory.forProtocol(Protocol)
     never_accepts.noisy = False
     for description, sharing in listeners:
         endpoint = serverFromString(sharing, description)
         ListenerService(description, endpoint, never_accepts).setServiceParent(top)
+    _notice(settings, reactor, site, admin, top)
     StartupDoneService().setServiceParent(top)
     return top
 

@@ -440,6 +440,7 @@ def restart_only_keys(old: Settings, new: Settings) -> list[str]:
         "[novnc] listen": (old.novnc.listen, new.novnc.listen),
         "[admin] listen": (old.admin.listen, new.admin.listen),
         "[database] dsn": (old.database.dsn, new.database.dsn),
+        "[database] listen_dsn": (old.database.listen_dsn, new.database.listen_dsn),
         "[database] embedded_dir": (old.database.embedded_dir, new.database.embedded_dir),
         "[log]": (old.log, new.log),
     }
