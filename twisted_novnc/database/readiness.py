@@ -90,6 +90,8 @@ class ReadinessGate:
     _retry_call: IDelayedCall | None = None
     _retry_ids: set[str] = attrs.field(factory=set)
     _retry_delays: Any = attrs.field(factory=lambda: jittered_backoff(0.05, 2.0))
+    #: A lookup failed since the last one that answered: its retries are not logged again.
+    _lookups_failing: bool = False
     _in_flight: bool = False
     #: How many waiters there are (``waiting`` is asked on every new connection).
     _waiting: int = 0
@@ -178,7 +180,7 @@ class ReadinessGate:
 
     def not_listening(self) -> None:
         _log.warn("not listening for session changes; {n} waiters keep their deadline",
-                  n=self.waiting)
+                  event="listen_lost", n=self.waiting)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -230,6 +232,7 @@ class ReadinessGate:
 
     def _apply(self, rows: dict[str, SessionRow], batch: set[str]) -> None:
         self._retry_delays = jittered_backoff(0.05, 2.0)
+        self._lookups_failing = False
         for key in batch:
             if key in self._waiters:
                 self._judge(key, rows.get(key))
@@ -312,7 +315,10 @@ class ReadinessGate:
                 waiter.deferred.errback(failure)
 
     def _read_failed(self, failure: Any, batch: set[str]) -> None:
-        _log.warn("session lookup failed: {error}", error=failure.getErrorMessage())
+        if not self._lookups_failing:  # once until a lookup answers, not once per retry
+            self._lookups_failing = True
+            _log.warn("session lookup failed: {error}; retrying",
+                      event="session_lookup_failed", error=failure.getErrorMessage())
         for key in batch:
             if key in self._waiters:
                 self._seen[key] = _Seen.DATABASE_ERROR

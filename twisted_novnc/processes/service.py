@@ -49,6 +49,24 @@ from twisted_novnc.relay.upstream import tls_trust, upstream_connector
 _log = Logger()
 
 
+class DaemonTree(SequentialMultiService):
+    """The top of the tree twistd runs, its log service first.
+
+    As twistd adds it to its application, it offers the application the log's observer
+    (:meth:`LogService.offer_to`): twistd then starts logging to it, so that with ``[log]
+    format = json`` its very first line is JSON already.
+    """
+
+    def __init__(self, log: LogService) -> None:
+        super().__init__()
+        self.log = log
+        log.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        self.log.offer_to(parent)
+
+
 def make_service(
     settings: Settings,
     reactor: IDaemonReactor,
@@ -64,11 +82,10 @@ def make_service(
     overrides = dict(overrides or {})
     workers = worker_count(settings.novnc.workers)
     if settings.novnc.workers is None:
-        _log.info("[novnc] workers = auto: {n} (one per core)", n=workers)
+        _log.info("[novnc] workers = auto: {n} (one per core)", event="workers_auto", n=workers)
     if workers > 1:
         return make_supervisor_service(settings, reactor, secret, workers, overrides)
-    top = SequentialMultiService()
-    LogService(settings.log, reactor).setServiceParent(top)
+    top = DaemonTree(LogService(settings.log, reactor))
     ProcessSetupService(settings).setServiceParent(top)
     dsn = _database(settings, top)
     # What serves stops (drains) before the embedded database, which it needs, and as one:
@@ -82,7 +99,10 @@ def make_service(
         assert upgrader is not None
         return upgrader.upgrade()
 
-    site = admin_site(core.metrics, reactor, settings.novnc.request_timeout, upgrade)
+    site = admin_site(
+        core.metrics, reactor, settings.novnc.request_timeout, upgrade,
+        access_log=settings.log.admin_access,
+    )
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
         ListenerService(description, endpoint, site, "admin").setServiceParent(serving)
@@ -249,8 +269,7 @@ def make_supervisor_service(
     It stops in order: its sockets close (the workers' copies stay until each stops
     accepting), the workers drain, and only then does the embedded database stop.
     """
-    top = SequentialMultiService()
-    LogService(settings.log, reactor).setServiceParent(top)
+    top = DaemonTree(LogService(settings.log, reactor))
     ProcessSetupService(settings, relays=False).setServiceParent(top)
     dsn = _database(settings, top)
     listeners = [(description, ListeningReactor(reactor)) for description in settings.novnc.listen]
@@ -273,7 +292,8 @@ def make_supervisor_service(
     )
     upgrader.setServiceParent(top)
     site = supervisor_site(
-        supervisor, reactor, settings.novnc.request_timeout, upgrade=upgrader.upgrade
+        supervisor, reactor, settings.novnc.request_timeout, upgrade=upgrader.upgrade,
+        access_log=settings.log.admin_access,
     )
     for description in settings.admin.listen:
         endpoint = serverFromString(reactor, description)
