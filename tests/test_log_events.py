@@ -17,7 +17,7 @@ from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from twisted_novnc.config import LogSettings
-from twisted_novnc.database.readiness import ReadinessGate
+from twisted_novnc.database.readiness import LOOKUP_LOG_INTERVAL, ReadinessGate
 from twisted_novnc.database.store import _Health
 from twisted_novnc.operations.admin import admin_site
 from twisted_novnc.operations.logs import LogService, event_as_json, event_name
@@ -198,12 +198,13 @@ class _FailingSource(MemorySessionSource):
         return super().fetch(ids)
 
 
-def test_failing_lookups_are_logged_once_until_one_answers(logged):
-    """The gate retries a failing lookup with backoff: one line for the failure, not one per
-    retry; after a lookup answers, the next failure is said again."""
+def test_failing_lookups_are_logged_once_a_minute_at_most(logged):
+    """The gate retries a failing lookup with backoff: one line for the failures, not one per
+    retry (nor per pool connection still reconnecting after a lookup answered); a minute on,
+    a failure is said again."""
     clock = Clock()
     source = _FailingSource()
-    gate = ReadinessGate(source, clock, 30, frozenset({"ended"}), 5900)
+    gate = ReadinessGate(source, clock, 300, frozenset({"ended"}), 5900)
     waiting = gate.when_ready("s1")
     clock.advance(0)
     for _ in range(10):
@@ -218,6 +219,10 @@ def test_failing_lookups_are_logged_once_until_one_answers(logged):
     source.down = True
     gate.recheck("s1")
     clock.advance(0)
+    assert failed() == 1
+    clock.advance(LOOKUP_LOG_INTERVAL)
+    gate.recheck("s1")
+    clock.advance(2)
     assert failed() == 2
     waiting.cancel()
     waiting.addErrback(lambda _: None)

@@ -52,7 +52,8 @@ def test_json_event_keeps_plain_fields_only():
     record = json.loads(event_as_json(event))
     assert record == {
         "time": 1.5, "level": "info", "event": "connection_closed",
-        "namespace": "twisted_novnc.front.protocol", "message": "closed s1: 1000", "session_id": "s1", "outcome": "1000", "up_bytes": 3,
+        "namespace": "twisted_novnc.front.protocol", "message": "closed s1: 1000",
+        "session_id": "s1", "outcome": "1000", "up_bytes": 3,
     }
 
 

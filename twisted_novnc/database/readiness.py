@@ -26,6 +26,10 @@ from twisted_novnc.session import SessionRow, Target, parse_vm_ip
 
 _log = Logger()
 
+#: Seconds between two ``session lookup failed`` lines: an outage is logged by the store
+#: (once), and its failed lookups and their retries once a minute at most.
+LOOKUP_LOG_INTERVAL = 60.0
+
 
 class _Seen(enum.Enum):
     """What the last read said about a session, which decides the code at the deadline."""
@@ -90,8 +94,9 @@ class ReadinessGate:
     _retry_call: IDelayedCall | None = None
     _retry_ids: set[str] = attrs.field(factory=set)
     _retry_delays: Any = attrs.field(factory=lambda: jittered_backoff(0.05, 2.0))
-    #: A lookup failed since the last one that answered: its retries are not logged again.
-    _lookups_failing: bool = False
+    #: When a failed lookup was last logged (its retries, and the failures of the other pool
+    #: connections while they reconnect, are not logged again within LOOKUP_LOG_INTERVAL).
+    _lookup_logged_at: float | None = None
     _in_flight: bool = False
     #: How many waiters there are (``waiting`` is asked on every new connection).
     _waiting: int = 0
@@ -232,7 +237,6 @@ class ReadinessGate:
 
     def _apply(self, rows: dict[str, SessionRow], batch: set[str]) -> None:
         self._retry_delays = jittered_backoff(0.05, 2.0)
-        self._lookups_failing = False
         for key in batch:
             if key in self._waiters:
                 self._judge(key, rows.get(key))
@@ -315,8 +319,10 @@ class ReadinessGate:
                 waiter.deferred.errback(failure)
 
     def _read_failed(self, failure: Any, batch: set[str]) -> None:
-        if not self._lookups_failing:  # once until a lookup answers, not once per retry
-            self._lookups_failing = True
+        now = self.clock.seconds()
+        last = self._lookup_logged_at
+        if last is None or now - last >= LOOKUP_LOG_INTERVAL:  # not once per retry
+            self._lookup_logged_at = now
             _log.warn("session lookup failed: {error}; retrying",
                       event="session_lookup_failed", error=failure.getErrorMessage())
         for key in batch:
