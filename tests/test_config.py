@@ -738,6 +738,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ),
     ("log", "format"): st.sampled_from(["text", "json"]),
     ("log", "file"): one_line,
+    ("log", "admin_access"): st.booleans(),
 }
 
 

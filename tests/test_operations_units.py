@@ -35,9 +35,11 @@ def test_readyz_needs_database_and_listen():
 
 
 def test_json_event_keeps_plain_fields_only():
-    """A JSON log line has time, level, message and the event's plain fields, nothing else."""
+    """A JSON log line has time, level, event name, message and the event's plain fields,
+    nothing else."""
     event = {
         "log_format": "closed {session_id}: {outcome}",
+        "event": "connection_closed",
         "log_level": LogLevel.info,
         "log_namespace": "twisted_novnc.front.protocol",
         "log_time": 1.5,
@@ -49,8 +51,9 @@ def test_json_event_keeps_plain_fields_only():
     }
     record = json.loads(event_as_json(event))
     assert record == {
-        "time": 1.5, "level": "info", "namespace": "twisted_novnc.front.protocol",
-        "message": "closed s1: 1000", "session_id": "s1", "outcome": "1000", "up_bytes": 3,
+        "time": 1.5, "level": "info", "event": "connection_closed",
+        "namespace": "twisted_novnc.front.protocol", "message": "closed s1: 1000",
+        "session_id": "s1", "outcome": "1000", "up_bytes": 3,
     }
 
 

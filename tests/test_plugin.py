@@ -140,6 +140,7 @@ def test_a_vnc_password_file_open_to_others_stops_start_up(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"twisted_novnc: configuration error: {config}: [vnc] password_file:")
+    expected = f"twisted_novnc: configuration error: {config}: [vnc] password_file:"
+    assert lines[0].startswith(expected)
     assert str(password) in lines[0] and "accessible to all users" in lines[0]
     assert "Zq9-only-here" not in result.stderr + result.stdout

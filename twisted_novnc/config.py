@@ -725,12 +725,19 @@ class LogSettings:
     format: str = _setting(
         _choice("text", "json"),
         "text",
-        "text = twistd's lines; json = one JSON object per line, for log shippers.",
+        "text = twistd's lines; json = one JSON object per line from the first, each with"
+        " an event name, for log shippers.",
     )
     file: str = _setting(
         _OPTIONAL_FILE,
         "",
         "A file to write the log to, reopened on SIGHUP; empty = twistd's own log.",
+    )
+    admin_access: bool = _setting(
+        _SWITCH,
+        False,
+        "Log one line per admin listener request (/metrics, /healthz, /readyz); off = none,"
+        " so that scrapes and health checks do not fill the log.",
     )
 
 

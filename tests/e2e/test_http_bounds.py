@@ -117,7 +117,7 @@ def test_max_per_ip_counts_plain_http_downloads(daemon_factory, web_root):
     yield within(other.lost)
     held[0].transport.abortConnection()
     yield within(held[0].lost)
-    yield within(daemon.when_logged(r"closed .*: http_200", times=2))
+    yield within(daemon.when_logged(r"http GET \S+ 200 from", times=2))
     served = yield exchange(daemon.port, get("/vnc.html"))
     assert served.startswith(b"HTTP/1.1 200 OK")
     held[1].transport.abortConnection()

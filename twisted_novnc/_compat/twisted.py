@@ -214,7 +214,7 @@ def check_transport_internals() -> list[str]:
         _log.warn(
             "Twisted {version}: a transport has no {missing}: relaying through"
             " transport.write instead of writing to sockets directly (slower; see README,"
-            " 'Private internals')",
+            " 'Private internals')", event="direct_writes_off",
             version=__version__, missing=", ".join(missing),
         )
     return missing

@@ -225,7 +225,8 @@ class EmbeddedPostgres:
             self._socket_dir, self._owned = running.socket_dir, False
             self._dsn = _make_dsn(running.socket_dir, running.port)
             _log.info("reusing the PostgreSQL cluster already running in {data_dir} "
-                      "(pid {pid})", data_dir=self.data_dir, pid=running.pid)
+                      "(pid {pid})",
+                      event="database_cluster_reused", data_dir=self.data_dir, pid=running.pid)
             return self._dsn
         if not os.path.exists(os.path.join(self.data_dir, "PG_VERSION")):
             self._initdb()
@@ -253,7 +254,8 @@ class EmbeddedPostgres:
                 self._fail(result, log_since=log_start)
             if self._socket_dir is not None and self.socket_dir_fixed is None:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
-            _log.info("stopped the PostgreSQL cluster in {data_dir}", data_dir=self.data_dir)
+            _log.info("stopped the PostgreSQL cluster in {data_dir}",
+                      event="database_cluster_stopped", data_dir=self.data_dir)
         self._dsn = self._socket_dir = None
         self._owned = False
 
@@ -277,7 +279,8 @@ class EmbeddedPostgres:
         result = self._run(args, timeout=300)
         if result.returncode != 0:
             self._fail(result)
-        _log.info("created a PostgreSQL cluster in {data_dir}", data_dir=self.data_dir)
+        _log.info("created a PostgreSQL cluster in {data_dir}",
+                  event="database_cluster_created", data_dir=self.data_dir)
 
     def _pg_ctl_start(self, socket_dir: str) -> None:
         settings = {"listen_addresses": "", "port": str(PORT),
@@ -292,6 +295,7 @@ class EmbeddedPostgres:
         if result.returncode != 0:
             self._fail(result, log_since=log_start)
         _log.info("started the PostgreSQL cluster in {data_dir} on {socket_dir}",
+                  event="database_cluster_started",
                   data_dir=self.data_dir, socket_dir=socket_dir)
 
     def _running_postmaster(self) -> PostmasterPid | None:
@@ -320,6 +324,7 @@ class EmbeddedPostgres:
                     )
                 return info
         _log.warn("removing the stale {pid_file} (it names no postmaster of this directory)",
+                  event="database_stale_pid_file",
                   pid_file=pid_file)
         os.unlink(pid_file)
         return None
@@ -370,7 +375,7 @@ class EmbeddedPostgres:
         _log.warn(
             "the {user!r} user cannot enter a directory above {configured} (a private"
             " directory); the embedded cluster lives in {target} instead ({configured} links"
-            " to it)",
+            " to it)", event="database_directory_private",
             user=self.system_user, configured=self.data_dir, target=target,
         )
         return target
@@ -482,6 +487,7 @@ class EmbeddedPostgresService(Service):
         dsn = self.embedded.start()
         _log.info(
             "PostgreSQL cluster in {data_dir} (log {log_file}){adopted}, dsn {dsn!r}",
+            event="database_cluster_ready",
             data_dir=self.embedded.data_dir, log_file=self.embedded.log_file, dsn=dsn,
             adopted="" if self.embedded.owned else ", already running: left running at stop",
         )

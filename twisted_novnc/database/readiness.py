@@ -26,6 +26,10 @@ from twisted_novnc.session import SessionRow, Target, parse_vm_ip
 
 _log = Logger()
 
+#: Seconds between two ``session lookup failed`` lines: an outage is logged by the store
+#: (once), and its failed lookups and their retries once a minute at most.
+LOOKUP_LOG_INTERVAL = 60.0
+
 
 class _Seen(enum.Enum):
     """What the last read said about a session, which decides the code at the deadline."""
@@ -90,6 +94,9 @@ class ReadinessGate:
     _retry_call: IDelayedCall | None = None
     _retry_ids: set[str] = attrs.field(factory=set)
     _retry_delays: Any = attrs.field(factory=lambda: jittered_backoff(0.05, 2.0))
+    #: When a failed lookup was last logged (its retries, and the failures of the other pool
+    #: connections while they reconnect, are not logged again within LOOKUP_LOG_INTERVAL).
+    _lookup_logged_at: float | None = None
     _in_flight: bool = False
     #: How many waiters there are (``waiting`` is asked on every new connection).
     _waiting: int = 0
@@ -178,7 +185,7 @@ class ReadinessGate:
 
     def not_listening(self) -> None:
         _log.warn("not listening for session changes; {n} waiters keep their deadline",
-                  n=self.waiting)
+                  event="listen_lost", n=self.waiting)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -314,7 +321,12 @@ class ReadinessGate:
                 waiter.deferred.errback(failure)
 
     def _read_failed(self, failure: Any, batch: set[str]) -> None:
-        _log.warn("session lookup failed: {error}", error=failure.getErrorMessage())
+        now = self.clock.seconds()
+        last = self._lookup_logged_at
+        if last is None or now - last >= LOOKUP_LOG_INTERVAL:  # not once per retry
+            self._lookup_logged_at = now
+            _log.warn("session lookup failed: {error}; retrying",
+                      event="session_lookup_failed", error=failure.getErrorMessage())
         for key in batch:
             if key in self._waiters:
                 self._seen[key] = _Seen.DATABASE_ERROR

@@ -82,7 +82,8 @@ class StoreObserver(Protocol):
 
 @attrs.define
 class _Health:
-    """Says once that the database is unreachable (and again only if the reason changes)."""
+    """Says once per outage that the database is unreachable, and once that it is back: not
+    once per connection or per retry, however the reason changes meanwhile."""
 
     down_reason: str | None = None
     #: Called each time a dead connection is re-established (for the reconnect counter).
@@ -90,13 +91,14 @@ class _Health:
 
     def down(self, error: str) -> None:
         error = " ".join(error.split())
-        if error != self.down_reason:
-            _log.warn("database unreachable: {error}; retrying", error=error)
-            self.down_reason = error
+        if self.down_reason is None:
+            _log.warn("database unreachable: {error}; retrying",
+                      event="database_unreachable", error=error)
+        self.down_reason = error
 
     def up(self) -> None:
         if self.down_reason is not None:
-            _log.info("database reachable again")
+            _log.info("database reachable again", event="database_reachable")
             self.down_reason = None
 
 
@@ -202,7 +204,7 @@ class PostgresSessionStore:
             self._listening = True
             self._listen_delays = jittered_backoff(1.0, 30.0)
             _log.info(
-                "listening for session changes on channel {channel}",
+                "listening for session changes on channel {channel}", event="listening_for_changes",
                 channel=self.settings.notify_channel,
             )
             if self.observer is not None:
@@ -215,7 +217,8 @@ class PostgresSessionStore:
     def _listen_failed(self, f: Any) -> None:
         if self._stopped:
             return
-        _log.error("cannot listen for session changes: {error}", error=f.getErrorMessage())
+        _log.error("cannot listen for session changes: {error}",
+                   event="listen_failed", error=f.getErrorMessage())
         if f.check(psycopg2.InterfaceError, psycopg2.OperationalError):
             return  # the connection's detector reconnects, then calls _listen again
         # The connection is fine but the table is not (yet): look again later.

@@ -238,7 +238,7 @@ class Attempt:
             return self
         self._deadline = self.started + pipeline.settings.readiness_timeout
         _log.info(
-            "request {session_id} from {client}: waiting for readiness",
+            "request {session_id} from {client}: waiting for readiness", event="request_waiting",
             session_id=self.session_id,
             client=self.client,
         )
@@ -353,6 +353,7 @@ class Attempt:
         pipeline.metrics.readiness_wait.observe(now - self.started)
         _log.info(
             "session {session_id} ready after {wait_seconds:.3f}s: connecting to {host}:{port}",
+            event="session_ready",
             session_id=target.session_id,
             client=self.client,
             wait_seconds=now - self.started,
@@ -383,7 +384,8 @@ class Attempt:
         if isinstance(failure.value, Refused):
             log_refusal("refused", failure.value, self.session_id, self.client)
             return failure
-        _log.failure("unexpected error serving {path}", failure, path=self.request.path)
+        _log.failure("unexpected error serving {path}", failure,
+                     event="request_error", path=self.request.path)
         refused = Refused(Refusal.VM_UNREACHABLE, failure.getErrorMessage())
         log_refusal("refused", refused, self.session_id, self.client)
         return Failure(refused)

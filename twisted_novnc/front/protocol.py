@@ -14,9 +14,11 @@ Two protocol classes relay the same way to the outside:
   (:mod:`twisted_novnc.relay.sending`), through Autobahn's internals, all of them in
   :mod:`twisted_novnc._compat.autobahn`.
 
-Each connection logs one event per step of its life (request and waiting, ready, upstream
-connected and relay open, closed) with the same keys: ``session_id``, ``client``, and at the
-end ``outcome``, ``wait_seconds``, ``relay_seconds``, ``up_bytes``, ``down_bytes``.
+Each WebSocket connection logs one event per step of its life (request and waiting, ready,
+upstream connected and relay open, closed) with the same keys: ``session_id``, ``client``, and
+at the end ``outcome``, ``wait_seconds``, ``relay_seconds``, ``up_bytes``, ``down_bytes``.  A
+connection that is no WebSocket upgrade is a plain HTTP request, logged and counted as one
+(:mod:`twisted_novnc.front.plainhttp`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from twisted_novnc.front.pipeline import (
     Pipeline,
     log_refusal,
 )
+from twisted_novnc.front.plainhttp import PlainRequest, request_ended, request_line
 from twisted_novnc.front.requesthead import (
     MAX_HEAD,
     BadHead,
@@ -155,6 +158,9 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     _unfinished: str | None = None
     #: A plain HTTP answer ([web] root) on its way, and the address it is counted under.
     _download: web.Download | None = None
+    #: The connection's request when it is no WebSocket upgrade (logged as an HTTP request).
+    _plain: PlainRequest | None = None
+    _accepted_at: float = 0.0
     _web_client: str | None = None
     #: Reading paused while the browser's write buffer is full; the write timeout (onOpen on).
     _flow: ConnectionFlow | None = None
@@ -175,6 +181,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._accepted_at = self.factory.clock.seconds()
         self.factory.connections.add(self)
         self._request_timer = self.factory.clock.callLater(
             self.factory.settings.request_timeout, self._request_too_slow
@@ -202,16 +209,42 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             check_head(self._head[:end])
         except BadHead as bad:
             self._head_read()
+            end = head_end(self._head) if bad.status != 431 else None
+            self._plain = PlainRequest(
+                self._client_of(self._head[:end] if end else None),
+                *request_line(self._head), status=bad.status,
+            )
             self._head = None
             self._answer_and_close(bad.status, f"HTTP/1.1 {bad.status} {bad.reason}\r\n"
                                    "Connection: close\r\n\r\n".encode())
             return
         buffered, self._head = self._head, None
         self._early_bytes = len(buffered) - end
-        if self.factory.web_root and not _is_upgrade(buffered[:end]):
-            self._serve_file(buffered[:end])
-            return
+        if not _is_upgrade(buffered[:end]):
+            self._plain = PlainRequest(self._client_of(buffered[:end]), *request_line(buffered))
+            if self.factory.web_root:
+                self._serve_file(buffered[:end])
+                return
+            # Autobahn answers it (426, or 400): failHandshake below takes the status.
         self.websocket_data(buffered)
+
+    def _client_of(self, head: bytes | None) -> str:
+        """The client's address: the peer's (the PROXY header's, behind ``haproxy:``), or
+        from a trusted proxy the one its forwarding header names, when the head is whole."""
+        peer = getattr(self.transport.getPeer(), "host", "unix")
+        if head is None:
+            return str(peer)
+        return client_address(
+            peer, header_fields(head), self.factory.pipeline.trusted_proxies,
+            self.factory.settings.forwarded_header,
+        )
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """Autobahn refuses the request with an HTTP status: remember which."""
+        self._http_status = code
+        if self._plain is not None:
+            self._plain.status = code
+        super().failHandshake(reason, code, responseHeaders)
 
     def _head_read(self) -> None:
         """The request head is in (or the connection is gone): no longer an unfinished one."""
@@ -228,22 +261,20 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self._head_refused = True
         self._cancel_request_timer()
         method, target = head.split(b" ", 2)[:2]
-        peer = getattr(self.transport.getPeer(), "host", "unix")
-        client = client_address(
-            peer, header_fields(head), factory.pipeline.trusted_proxies,
-            factory.settings.forwarded_header,
-        )
+        assert self._plain is not None
+        client = self._plain.client
         limits = factory.limits
         limits.add(limits.per_ip, client, +1)
         self._web_client = client
         if limits.per_ip[client] > factory.settings.max_per_ip:
             too_many = Refusal.TOO_MANY
             self._log.info("refused file request from {client}: {status} {reason} (max_per_ip)",
-                           client=client, status=too_many.http_status, reason=too_many.reason)
+                           event="file_refused", client=client, status=too_many.http_status,
+                           reason=too_many.reason)
             answer = web.refusal(too_many.http_status, too_many.reason)
         else:
             answer = web.answer(factory.web_root, target.decode("ascii"), method.decode())
-        self._http_status = answer.status
+        self._plain.status = answer.status
         self._download = web.Download(
             answer, self.transport, factory.clock, factory.web_send_timeout, peer=client
         )
@@ -256,7 +287,6 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     def _answer_and_close(self, status: int, answer: bytes) -> None:
         """Answer in plain HTTP and read nothing more from this connection."""
         self._head_refused = True
-        self._http_status = status
         self._cancel_request_timer()
         self.transport.write(answer)
         self.transport.loseConnection()
@@ -264,6 +294,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     def _request_too_slow(self) -> None:
         self._request_timer = None
         self._log.info("dropping {peer}: no complete request in {timeout:g}s",
+                       event="request_timeout",
                        peer=self.peer, timeout=self.factory.settings.request_timeout)
         self.transport.abortConnection()
 
@@ -276,6 +307,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
     # Autobahn documents a Deferred result for onConnect; its annotation omits it.
     def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:  # type: ignore[override]
         self._cancel_request_timer()
+        self._plain = None  # a WebSocket upgrade after all (Autobahn's reading of the head)
         self.attempt = attempt = self.factory.pipeline.start(
             BrowserRequest(
                 path=request.path,
@@ -349,7 +381,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         assert ready_at is not None
         self._log.info(
             "upstream connected {session_id} {host}:{port} in {connect_seconds:.3f}s:"
-            " relay open from {client} after {wait_seconds:.3f}s",
+            " relay open from {client} after {wait_seconds:.3f}s", event="relay_open",
             session_id=self.session_id,
             client=self.client,
             host=target.host,
@@ -399,7 +431,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         if self.relay is None or self.relay.ended_by is not None:
             return
         if self.relay.activity == self._idle_seen:
-            self._log.info("idle {session_id} from {client}: closing",
+            self._log.info("idle {session_id} from {client}: closing", event="relay_idle",
                            session_id=self.session_id, client=self.client)
             self.end_relay(Refusal.IDLE.close_code, Refusal.IDLE.reason, "idle")
             return
@@ -590,6 +622,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self._log.info(
             "adopted {session_id} from {client} after {move_seconds:.3f}s on the move"
             " (relayed {relay_seconds:.3f}s so far, up={up_bytes} down={down_bytes})",
+            event="relay_adopted",
             session_id=moved.session_id, client=moved.client, move_seconds=moving,
             relay_seconds=moved.relay_seconds, up_bytes=moved.up_bytes,
             down_bytes=moved.down_bytes,
@@ -645,7 +678,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self._write_timed_out = True
         self._log.info(
             "dropping {session_id} from {client}: took no byte in {timeout}s"
-            " ({pending} bytes pending)",
+            " ({pending} bytes pending)", event="browser_write_timeout",
             session_id=self.session_id, client=self.client,
             timeout=self.factory.settings.write_timeout,
             pending="unknown" if pending is None else pending,
@@ -714,6 +747,13 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         """The last lifecycle event, and the metrics of the whole connection."""
         factory = self.factory
         end = factory.clock.seconds()
+        if self._plain is None and self._head is not None:
+            # No whole request head ever came: no WebSocket, an HTTP request without one.
+            self._plain = PlainRequest(self._client_of(None))
+        if self._plain is not None:
+            request_ended(self._plain, end - self._accepted_at, factory.metrics)
+            self.connection_ended()
+            return
         outcome = self.outcome()
         relay = self.relay
         up = relay.up_bytes if relay is not None else 0
@@ -729,7 +769,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         if self._moved:
             self._log.info(
                 "moved {session_id} from {client} to the new generation after"
-                " {relay_seconds:.3f}s: up={up_bytes} down={down_bytes}",
+                " {relay_seconds:.3f}s: up={up_bytes} down={down_bytes}", event="relay_moved",
                 session_id=self.session_id, client=self.client, relay_seconds=relayed,
                 up_bytes=up, down_bytes=down,
             )
@@ -740,6 +780,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self._log.info(
             "closed {session_id} from {client}: {outcome} waited={wait_seconds:.3f}s"
             " relayed={relay_seconds:.3f}s up={up_bytes} down={down_bytes}",
+            event="connection_closed",
             session_id=self.session_id,
             client=self.client,
             outcome=outcome,
@@ -931,9 +972,10 @@ class NoVNCServerFactory(WebSocketServerFactory):
         """Say which path relays, once, when the first listener starts."""
         super().startFactory()
         if self.fast_path:
-            _log.info("relaying on the fast path ([novnc] fast_path = on)")
+            _log.info("relaying on the fast path ([novnc] fast_path = on)", event="relay_path")
         else:
-            _log.info("relaying on the stock path, public APIs only ([novnc] fast_path = off)")
+            _log.info("relaying on the stock path, public APIs only ([novnc] fast_path = off)",
+                      event="relay_path")
 
     def buildProtocol(self, addr: Any) -> Any:
         if len(self.connections) >= self.settings.max_connections:
@@ -941,6 +983,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
             if now - self._full_logged >= 1:
                 self._full_logged = now
                 _log.warn("max_connections ({n}) reached: closing new connections",
+                          event="max_connections",
                           n=self.settings.max_connections)
             return ClosedAtAccept()
         host = getattr(addr, "host", None)
@@ -952,6 +995,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
                 self._unfinished_logged = now
                 _log.warn("{peer} has max_per_ip ({n}) connections still sending their"
                           " request head: closing its new connections",
+                          event="max_unfinished_heads",
                           n=self.settings.max_per_ip, peer=host)
             return ClosedAtAccept()
         protocol = super().buildProtocol(addr)

@@ -170,6 +170,7 @@ class Download:
     def _too_slow(self) -> None:
         self._timer = None
         _log.info("dropping {peer}: took no data of its download in {timeout:g}s",
+                  event="download_timeout",
                   peer=self.peer, timeout=self.timeout)
         self._close_file()
         self.transport.abortConnection()

@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -95,6 +96,7 @@ class AdminChannel(HTTPChannel):
         self._deadline = None
         transport: Any = self.transport
         _log.info("admin: dropping {peer}: no whole request in {timeout:g}s",
+                  event="admin_request_timeout",
                   peer=getattr(transport.getPeer(), "host", "-"),
                   timeout=self.factory.request_timeout)
         transport.abortConnection()
@@ -162,15 +164,33 @@ class AdminSite(Site):
 
     protocol = AdminChannel  # type: ignore[assignment]
 
-    def __init__(self, root: IResource, reactor: IReactorTime, request_timeout: float) -> None:
+    def __init__(
+        self, root: IResource, reactor: IReactorTime, request_timeout: float,
+        access_log: bool = False,
+    ) -> None:
         super().__init__(root, reactor=reactor, timeout=IDLE_TIMEOUT)
         self.request_timeout = request_timeout
+        self.access_log = access_log
         self.shutting_down = False
 
     def getResourceFor(self, request: Request) -> IResource:
         readyz = (request.postpath or [])[:1] == [b"readyz"]
         resource: IResource = super().getResourceFor(request)
         return ShuttingDown() if self.shutting_down and readyz else resource
+
+    def log(self, request: http.Request) -> None:
+        """One ``admin_request`` line per request with ``[log] admin_access = on``, else none:
+        scrapes and health checks every few seconds would bury everything else."""
+        if not self.access_log:
+            return
+        address = request.getClientAddress()
+        _log.info(
+            "admin {method} {path} {status} from {client}", event="admin_request",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            status=request.code,
+            client=getattr(address, "host", "unix"),
+        )
 
 
 class ShuttingDown(Resource):
@@ -239,9 +259,11 @@ def _site(
     reactor: IReactorTime,
     request_timeout: float,
     upgrade: UpgradeTrigger | None = None,
+    access_log: bool = False,
 ) -> AdminSite:
-    """The admin listener's pages; no tracebacks or per-request log lines."""
-    return _quiet(AdminSite(_root(metrics, healthz, readyz, upgrade), reactor, request_timeout))
+    """The admin listener's pages; no tracebacks, and access lines only if asked for."""
+    root = _root(metrics, healthz, readyz, upgrade)
+    return _quiet(AdminSite(root, reactor, request_timeout, access_log))
 
 
 def _quiet(site: AdminSite) -> AdminSite:
@@ -250,10 +272,12 @@ def _quiet(site: AdminSite) -> AdminSite:
     return site
 
 
-def unserved_site(reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT) -> AdminSite:
+def unserved_site(
+    reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT, access_log: bool = False
+) -> AdminSite:
     """An admin site with no pages yet (404): :func:`serve_workers` gives it its pages once
     what they show exists, so that its listener can be made first (and stop last)."""
-    return _quiet(AdminSite(Resource(), reactor, request_timeout))
+    return _quiet(AdminSite(Resource(), reactor, request_timeout, access_log))
 
 
 class MetricsPage(Resource):
@@ -290,12 +314,12 @@ def _header(request: Request, name: bytes) -> str:
 
 def admin_site(
     metrics: Metrics, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT,
-    upgrade: UpgradeTrigger | None = None,
+    upgrade: UpgradeTrigger | None = None, access_log: bool = False,
 ) -> AdminSite:
     """The admin listener of a process that serves browsers itself."""
     return _site(
         MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics), reactor,
-        request_timeout, upgrade,
+        request_timeout, upgrade, access_log,
     )
 
 
@@ -342,7 +366,8 @@ class _Answering(Resource):
             request.finish()
 
         def failed(failure: Any) -> None:
-            _log.failure("admin {path} failed", failure, path=request.path.decode("latin-1"))
+            _log.failure("admin {path} failed", failure,
+                         event="admin_error", path=request.path.decode("latin-1"))
             if not gone:
                 request.setResponseCode(500)
                 request.finish()

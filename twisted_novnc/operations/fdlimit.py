@@ -63,19 +63,20 @@ def raise_descriptor_limit(
     """
     soft, hard = getrlimit(resource.RLIMIT_NOFILE)
     if soft == hard or (hard != resource.RLIM_INFINITY and soft > hard):
-        _log.info("descriptor limit (RLIMIT_NOFILE): {soft} (the hard limit)", soft=soft)
+        _log.info("descriptor limit (RLIMIT_NOFILE): {soft} (the hard limit)",
+                  event="descriptor_limit", soft=soft)
         return DescriptorLimit(soft, soft, hard)
     try:
         setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError) as e:
         _log.warn(
             "descriptor limit (RLIMIT_NOFILE): cannot raise the soft limit {soft} to the hard"
-            " limit {hard}: {error}", soft=soft, hard=hard, error=e,
+            " limit {hard}: {error}", event="descriptor_limit", soft=soft, hard=hard, error=e,
         )
         return DescriptorLimit(soft, soft, hard)
     _log.info(
         "descriptor limit (RLIMIT_NOFILE): soft limit raised from {before} to {soft} (the hard"
-        " limit)", before=soft, soft=hard,
+        " limit)", event="descriptor_limit", before=soft, soft=hard,
     )
     return DescriptorLimit(soft, hard, hard)
 
@@ -94,11 +95,13 @@ def check_capacity(limit: DescriptorLimit, max_connections: int, reserve: int) -
             " descriptors each), below [novnc] max_connections = {max_connections}: beyond that"
             " the limit, not the proxy, refuses connections.  Raise the hard limit (ulimit -Hn,"
             " LimitNOFILE= in the systemd unit) or run more [novnc] workers.",
+            event="descriptor_capacity",
             limit=limit.soft, capacity=capacity, max_connections=max_connections,
         )
     else:
         _log.info(
-            "descriptor limit {limit}: room for about {capacity} relays", limit=limit.soft,
+            "descriptor limit {limit}: room for about {capacity} relays",
+            event="descriptor_capacity", limit=limit.soft,
             capacity=capacity,
         )
     return capacity
@@ -191,7 +194,7 @@ class AcceptGuard:
             "{what} is refusing new connections, not the proxy: accept() failed with {error}"
             " {times} time(s) since the last report; accepting pauses for {pause:g}s at a time"
             " until descriptors are free.  Raise the limit (LimitNOFILE=, ulimit -n) or run"
-            " more [novnc] workers.",
+            " more [novnc] workers.", event="descriptors_exhausted",
             what=what, error=errno.errorcode[code], times=self._unlogged, pause=self.pause,
         )
         self._unlogged = 0
@@ -207,7 +210,8 @@ class AcceptGuard:
             return
         _log.info(
             "descriptors are free again: accepting connections ({seconds:.1f}s after the"
-            " descriptor limit was reached)", seconds=self.clock.seconds() - self._paused_since,
+            " descriptor limit was reached)",
+            event="descriptors_free", seconds=self.clock.seconds() - self._paused_since,
         )
         self._paused_since = None
 

@@ -1,8 +1,16 @@
 """``[log]``: JSON lines or text, to twistd's log or to a file that SIGHUP reopens.
 
-twistd sets up its own log observer before the plugin runs.  When ``[log]`` asks for anything
-but its defaults, this service takes the log over: it removes twistd's observers from the
-global publisher and writes every event of level info and above itself.
+When ``[log]`` asks for anything but its defaults, this service writes the log itself, every
+event of level info and above, from the first line on: twistd asks its application for a log
+observer before it logs anything (its ``ILogObserver`` component), and the top of the tree
+offers this service's as the tree is added to it (:meth:`LogService.offer_to`), so twistd's
+own lines and everything logged while the tree was built are written as ``[log]`` says.
+Where no application asks (twistd's ``--logger``, a tree started by hand), the service takes
+the log over as it starts: it removes the other observers from the global publisher.
+
+Every JSON line has an ``event`` key, a stable machine name: the daemon's own events name
+themselves (``_log.info(..., event="relay_open")``; README.rst lists them); others are named
+by :func:`event_name`.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -26,6 +35,7 @@ from twisted.logger import (
     formatTime,
     globalLogPublisher,
 )
+from twisted.python.components import Componentized
 
 from twisted_novnc._compat.twisted import is_twistd_text_observer, log_observers
 from twisted_novnc.config import LogSettings
@@ -34,11 +44,44 @@ from twisted_novnc.config import LogSettings
 _INTERNAL = {"log_logger", "log_source", "log_io", "log_legacy", "log_trace", "log_failure"}
 
 
+#: Lines of Twisted's own that every start and stop of twistd writes, by their format.
+FOREIGN_EVENTS = {
+    "twistd {version} ({exe} {pyVersion}) starting up.": "twistd_starting",
+    "reactor class: {reactor}.": "twistd_reactor",
+    "Server Shut Down.": "twistd_stopped",
+    "Main loop terminated.": "reactor_stopped",
+}
+
+
+def event_name(event: dict[str, Any]) -> str:
+    """The event's stable machine name: its own ``event`` key (every line of the daemon's
+    has one); else one of :data:`FOREIGN_EVENTS`; ``output`` for text written to stdout or
+    stderr, ``python_warning`` for a Python warning, ``failure`` for a traceback; else
+    ``<package>_log`` after the logging library's package (``twisted_log``, ``autobahn_log``,
+    ``txpostgres_log``)."""
+    name = event.get("event")
+    if isinstance(name, str) and name:
+        return name
+    log_format = event.get("log_format")
+    if isinstance(log_format, str) and log_format in FOREIGN_EVENTS:
+        return FOREIGN_EVENTS[log_format]
+    if "log_io" in event:
+        return "output"
+    if "warning" in event and "category" in event:
+        return "python_warning"
+    if "log_failure" in event:
+        return "failure"
+    namespace = str(event.get("log_namespace") or "")
+    return (namespace.split(".", 1)[0] or "unknown") + "_log"
+
+
 def event_as_json(event: dict[str, Any]) -> str:
-    """One event as one JSON object: time, level, namespace, message and its plain fields."""
+    """One event as one JSON object: time, level, event name, namespace, message and its
+    plain fields."""
     record: dict[str, Any] = {
         "time": event.get("log_time"),
         "level": getattr(event.get("log_level"), "name", None),
+        "event": event_name(event),
         "namespace": event.get("log_namespace"),
         "message": formatEvent(event),
     }
@@ -176,6 +219,7 @@ class LogService(Service):
         self.reactor = reactor
         self._file: IO[str] | None = None
         self._observer: Any = None
+        self._taken = False
         self._previous_hup: Any = None
         self._format = event_as_json if settings.format == "json" else event_as_text
 
@@ -192,20 +236,41 @@ class LogService(Service):
         Service.startService(self)
         self._take_over()
 
+    def observer(self) -> ILogObserver:
+        """The observer that writes the log as ``[log]`` says (made, its file opened, once)."""
+        if self._observer is None:
+            self._open()
+            predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+            self._observer = FilteringLogObserver(self._write, [predicate])  # type: ignore[arg-type]
+        return self._observer
+
+    def offer_to(self, application: object) -> bool:
+        """Give twistd's application this log's observer, which twistd then logs to from its
+        first line on; whether it was given (only when ``[log]`` takes the log over, to an
+        application that has none yet)."""
+        if not self.takes_over or not isinstance(application, Componentized):
+            return False
+        if application.getComponent(ILogObserver, None) is not None:
+            return False
+        application.setComponent(ILogObserver, self.observer())
+        return True
+
     def _take_over(self) -> None:
         if not self.takes_over:
             speed_up_twistd_text_observer()
             return
-        if self._observer is not None:
+        if self._taken:
             return
-        self._open()
-        predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-        self._observer = FilteringLogObserver(self._write, [predicate])  # type: ignore[arg-type]
-        # The only handle there is on twistd's observers; without this every line would be
-        # written twice, once in twistd's format.
-        for observer in log_observers(globalLogPublisher):
-            globalLogPublisher.removeObserver(observer)
-        globalLogPublisher.addObserver(self._observer)
+        self._taken = True
+        ours = self.observer()
+        # The only handle there is on other observers (twistd's, when it was not given ours);
+        # without this every line would be written twice, once in twistd's format.
+        observers = log_observers(globalLogPublisher)
+        for observer in observers:
+            if observer is not ours:
+                globalLogPublisher.removeObserver(observer)
+        if ours not in observers:
+            globalLogPublisher.addObserver(ours)
         if self.settings.file and threading.current_thread() is threading.main_thread():
             self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
 

@@ -47,6 +47,14 @@ def outcome_label(outcome: str) -> str:
 WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 MOVE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+HTTP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def status_label(status: int | None) -> str:
+    """The ``status`` label of a plain HTTP request: the status answered (they are ours, a
+    bounded set), or ``none`` for a connection that ended before any answer (no whole
+    request head: a port scan, a timeout, a client that gave up)."""
+    return "none" if status is None else str(status)
 
 
 @attrs.define(eq=False)
@@ -117,6 +125,8 @@ class Metrics:
     moved_in_up_bytes: int = 0
     moved_in_down_bytes: int = 0
     connections: Any = attrs.field(init=False)
+    http_requests: Any = attrs.field(init=False)
+    http_duration: Any = attrs.field(init=False)
     readiness_wait: Any = attrs.field(init=False)
     upstream_connect: Any = attrs.field(init=False)
     database_reconnects: Any = attrs.field(init=False)
@@ -127,7 +137,9 @@ class Metrics:
     def __attrs_post_init__(self) -> None:
         r = self.registry
         self.connections = Counter(
-            "twisted_novnc_connections", "Browser connections ended, by outcome (close code).",
+            "twisted_novnc_connections",
+            "WebSocket connections ended, by outcome (close code, or the HTTP status that"
+            " refused the upgrade).",
             ["outcome"], registry=r,
         )
         self.vm_logins = Counter(
@@ -135,6 +147,17 @@ class Metrics:
             "Logins to a VM's VNC server with the session's credentials ([vnc]), by result: ok,"
             " credentials_refused, no_security_type, not_rfb, refused, lost.",
             ["result"], registry=r,
+        )
+        self.http_requests = Counter(
+            "twisted_novnc_http_requests",
+            "Plain HTTP requests on the WebSocket listener (files of [web] root, malformed or"
+            " non-upgrade requests), by the status answered (none: no whole request).",
+            ["status"], registry=r,
+        )
+        self.http_duration = Histogram(
+            "twisted_novnc_http_request_duration_seconds",
+            "How long each plain HTTP request held its connection, from accept to close.",
+            buckets=HTTP_BUCKETS, registry=r,
         )
         self.readiness_wait = Histogram(
             "twisted_novnc_readiness_wait_seconds",
@@ -165,6 +188,11 @@ class Metrics:
         r.register(_LiveCollector(self))
         # process_open_fds and process_max_fds beside the limit hits; CPU and memory too.
         ProcessCollector(registry=r)
+
+    def http_request(self, status: int | None, seconds: float) -> None:
+        """A plain HTTP request's connection ended: counted apart from WebSocket outcomes."""
+        self.http_requests.labels(status_label(status)).inc()
+        self.http_duration.observe(seconds)
 
     def relay_closed(self, up_bytes: int, down_bytes: int) -> None:
         self.closed_up_bytes += up_bytes

@@ -51,7 +51,7 @@ class EmbeddedSchemaService(Service):
             "  {command}\nthen open ws://<listen address>{path}.  A VNC server on this host"
             " is on loopback, outside the default [upstream] allowed_networks: start with"
             " --set upstream.allowed_networks=127.0.0.1/32 --set upstream.allow_self=on"
-            " (make run ARGS=...) to reach it.",
+            " (make run ARGS=...) to reach it.", event="database_hint",
             port=self.settings.novnc.target_port,
             path=self.settings.novnc.path.replace("{session_id}", "<session_id>"),
             command=self.embedded.embedded.psql_command(

@@ -98,6 +98,7 @@ class DrainService(Service):
             return None
         _log.info(
             "draining: {live} live relays may go on for {timeout:g}s ({total} connections open)",
+            event="drain_started",
             live=len(self.factory.live),
             timeout=self.timeout,
             total=len(self.factory.connections),
@@ -113,7 +114,8 @@ class DrainService(Service):
         """Close every live relay with 1001 now; abort whatever is left after a grace period."""
         live = list(self.factory.live)
         if live:
-            _log.info("closing {n} live relays: shutting down", n=len(live))
+            _log.info("closing {n} live relays: shutting down",
+                      event="drain_closing_relays", n=len(live))
         for protocol in live:
             protocol.end_relay(1001, "server shutting down", "shutdown")
         self._timers.append(self.clock.callLater(self.grace, self._abort_all))
@@ -135,7 +137,7 @@ class DrainService(Service):
         reactor = self.clock
 
         def again(signum: int, frame: FrameType | None) -> None:
-            _log.info("second SIGTERM: closing everything now")
+            _log.info("second SIGTERM: closing everything now", event="drain_forced")
             reactor.callFromThread(self.close_all)
 
         self._previous_handler = signal.signal(signal.SIGTERM, again)
@@ -148,5 +150,5 @@ class DrainService(Service):
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
-        _log.info("drained")
+        _log.info("drained", event="drained")
         return result

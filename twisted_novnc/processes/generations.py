@@ -120,7 +120,7 @@ class Upgrader(Service):
             self._previous_handler = None
 
     def _signalled(self) -> None:
-        _log.info("received SIGUSR2: upgrading")
+        _log.info("received SIGUSR2: upgrading", event="upgrade_signal")
         self.upgrade().addErrback(lambda failure: None)  # logged by upgrade() itself
 
     # -- the upgrade -------------------------------------------------------------------------
@@ -146,7 +146,7 @@ class Upgrader(Service):
         count = worker_count(settings.novnc.workers)
         _log.info(
             "upgrade: starting a new generation of {count} worker(s) with the code installed"
-            " now and {source}", count=count, source=self.source,
+            " now and {source}", event="upgrade_started", count=count, source=self.source,
         )
         launcher = self.launcher(settings, secret)
         supervisor = self._supervisor(launcher)
@@ -185,7 +185,7 @@ class Upgrader(Service):
         for worker in workers:
             _log.info(
                 "upgrade: worker {worker} (pid {pid}) of generation {generation} accepts,"
-                " running twisted_novnc {version}",
+                " running twisted_novnc {version}", event="upgrade_worker_ready",
                 worker=worker.index, pid=worker.pid, generation=worker.generation,
                 version=worker.version,
             )
@@ -224,7 +224,7 @@ class Upgrader(Service):
             _log.info(
                 "upgrade complete: generation {generation} serves ({workers} worker(s));"
                 " {moved} relays moved, {kept} stay in the old generation until they end"
-                " (in {seconds:.3f}s)",
+                " (in {seconds:.3f}s)", event="upgrade_complete",
                 generation=generation, workers=len(workers), moved=moved, kept=kept,
                 seconds=body["seconds"],
             )
@@ -247,13 +247,14 @@ class Upgrader(Service):
         self._busy = False
         if isinstance(result, Failure) and result.check(UpgradeRefused):
             _log.error("upgrade refused: {reason}; the running generation serves on,"
-                       " untouched", reason=result.getErrorMessage())
+                       " untouched", event="upgrade_refused", reason=result.getErrorMessage())
         elif isinstance(result, Failure):
-            _log.failure("upgrade failed", result)
+            _log.failure("upgrade failed", result, event="upgrade_failed")
         return result
 
     def _refused(self, refused: UpgradeRefused) -> Deferred[dict[str, Any]]:
         _log.error("upgrade refused: {reason}; the running generation serves on, untouched",
+                   event="upgrade_refused",
                    reason=str(refused))
         return fail(refused)
 

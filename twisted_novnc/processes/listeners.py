@@ -78,7 +78,7 @@ class ListenerService(StreamServerEndpointService):
         self.port = port
         host = port.getHost()
         _log.info(
-            "{role}{verb} {host}:{port} ({description})",
+            "{role}{verb} {host}:{port} ({description})", event="listening",
             role=f"{self.role} " if self.role else "",
             verb=self.verb,
             host=getattr(host, "host", host),
@@ -171,6 +171,7 @@ class PeerCheckingFactory:
             _log.warn(
                 "closed a connection from {peer} on {description}: not in [novnc]"
                 " proxy_protocol_from, so it may not send a PROXY header ({refused} so far)",
+                event="proxy_header_refused",
                 peer=host, description=self.description, refused=self.refused,
             )
         return None  # the port closes the socket

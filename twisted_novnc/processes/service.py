@@ -54,6 +54,24 @@ from twisted_novnc.vnc.password_file import read_vnc_password
 _log = Logger()
 
 
+class DaemonTree(SequentialMultiService):
+    """The top of the tree twistd runs, its log service first.
+
+    As twistd adds it to its application, it offers the application the log's observer
+    (:meth:`LogService.offer_to`): twistd then starts logging to it, so that with ``[log]
+    format = json`` its very first line is JSON already.
+    """
+
+    def __init__(self, log: LogService) -> None:
+        super().__init__()
+        self.log = log
+        log.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        self.log.offer_to(parent)
+
+
 def make_service(
     settings: Settings,
     reactor: IDaemonReactor,
@@ -69,11 +87,10 @@ def make_service(
     overrides = dict(overrides or {})
     workers = worker_count(settings.novnc.workers)
     if settings.novnc.workers is None:
-        _log.info("[novnc] workers = auto: {n} (one per core)", n=workers)
+        _log.info("[novnc] workers = auto: {n} (one per core)", event="workers_auto", n=workers)
     if workers > 1:
         return make_supervisor_service(settings, reactor, secret, workers, overrides)
-    top = SequentialMultiService()
-    LogService(settings.log, reactor).setServiceParent(top)
+    top = DaemonTree(LogService(settings.log, reactor))
     ProcessSetupService(settings).setServiceParent(top)
     upgrader: Upgrader | None = None
 
@@ -82,7 +99,10 @@ def make_service(
         return upgrader.upgrade()
 
     metrics = Metrics()
-    site = admin_site(metrics, reactor, settings.novnc.request_timeout, upgrade)
+    site = admin_site(
+        metrics, reactor, settings.novnc.request_timeout, upgrade,
+        access_log=settings.log.admin_access,
+    )
     # The admin listener stops last: /readyz says 503 (not "connection refused") until the end.
     admin = _admin_listeners(settings, reactor, site, top)
     dsn, listen_dsn = _database(settings, top)
@@ -300,8 +320,7 @@ def make_supervisor_service(
     drain_delay``, its sockets close (the workers' copies stay until each stops accepting),
     the workers drain, only then does the embedded database stop, and the admin listener last.
     """
-    top = SequentialMultiService()
-    LogService(settings.log, reactor).setServiceParent(top)
+    top = DaemonTree(LogService(settings.log, reactor))
     ProcessSetupService(settings, relays=False).setServiceParent(top)
     upgrader: Upgrader | None = None
 
@@ -309,7 +328,8 @@ def make_supervisor_service(
         assert upgrader is not None
         return upgrader.upgrade()
 
-    site = unserved_site(reactor, settings.novnc.request_timeout)  # its pages: below
+    # Its pages: below, once the supervisor exists.
+    site = unserved_site(reactor, settings.novnc.request_timeout, settings.log.admin_access)
     # The admin listener stops last: /readyz says 503 (not "connection refused") until the end.
     admin = _admin_listeners(settings, reactor, site, top)
     dsn, listen_dsn = _database(settings, top)

@@ -63,7 +63,7 @@ class ProcessSetupService(Service):
         if self._done:
             return
         self._done = True
-        _log.info("running {versions}", versions=describe())
+        _log.info("running {versions}", event="versions", versions=describe())
         disable_created_metrics()
         if self.warn:
             warn_about(self.settings)
@@ -104,9 +104,10 @@ def warn_about(settings: Settings) -> None:
     """Start-up warnings about settings that are allowed but rarely what anyone wants."""
     if settings.auth.mode == "none":
         _log.warn("[auth] mode = none: the session id is the only capability; anyone who"
-                  " learns one can connect to its VM")
+                  " learns one can connect to its VM", event="auth_none_warning")
     if not settings.novnc.allowed_origins.patterns:
-        _log.warn("[novnc] allowed_origins is empty: pages of any origin may connect")
+        _log.warn("[novnc] allowed_origins is empty: pages of any origin may connect",
+                  event="origins_open_warning")
 
 
 def log_nvx() -> bool:
@@ -115,8 +116,9 @@ def log_nvx() -> bool:
     from autobahn.websocket import USES_NVX
 
     if USES_NVX:
-        _log.info("Autobahn NVX native masking: in use")
+        _log.info("Autobahn NVX native masking: in use", event="nvx")
     else:
         _log.warn("Autobahn NVX native masking: NOT in use (pure-Python unmasking is about 70x"
-                  " slower); install autobahn with its native extension, unset AUTOBAHN_USE_NVX=0")
+                  " slower); install autobahn with its native extension, unset AUTOBAHN_USE_NVX=0",
+                  event="nvx")
     return bool(USES_NVX)

@@ -136,7 +136,8 @@ class WorkerProcess(ProcessProtocol):
         try:
             frames = self._frames.feed(data)
         except FrameError as e:
-            _log.error("worker {worker} sent garbage ({error}): killing it", worker=self.index,
+            _log.error("worker {worker} sent garbage ({error}): killing it",
+                       event="worker_garbage", worker=self.index,
                        error=e)
             self.signal("KILL")
             return
@@ -229,7 +230,8 @@ class WorkerProcess(ProcessProtocol):
             answer = json.loads(payload)
             d = self._pending.pop(answer["id"], None)
         except (ValueError, KeyError, TypeError):
-            _log.warn("worker {worker} sent an unreadable answer", worker=self.index)
+            _log.warn("worker {worker} sent an unreadable answer",
+                      event="worker_bad_answer", worker=self.index)
             return
         if d is not None:
             d.callback(answer.get("body"))
@@ -297,7 +299,7 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         Service.startService(self)
-        _log.info("starting {count} worker processes", count=self.count)
+        _log.info("starting {count} worker processes", event="workers_starting", count=self.count)
         for slot in self.slots:
             self._start(slot)
 
@@ -310,11 +312,13 @@ class Supervisor(Service):
         try:
             self.spawn(process)
         except Exception:
-            _log.failure("could not start worker {worker}", worker=slot.index)
+            _log.failure("could not start worker {worker}",
+                         event="worker_start_failed", worker=slot.index)
             self._restart_later(slot, "could not be started", 0.0, pid=None)
             return
         slot.process = process
-        _log.info("worker {worker} started (pid {pid})", worker=slot.index, pid=process.pid)
+        _log.info("worker {worker} started (pid {pid})",
+                  event="worker_started", worker=slot.index, pid=process.pid)
 
     def worker_ended(self, process: WorkerProcess, reason: Failure) -> None:
         how = describe_end(reason)
@@ -326,6 +330,7 @@ class Supervisor(Service):
             if process in self.starting:
                 self.starting.remove(process)
             _log.info("worker {worker} (pid {pid}) of generation {generation} {how}",
+                      event="worker_ended",
                       worker=process.index, pid=process.pid, generation=process.generation,
                       how=how)
             self._check_stopped()
@@ -333,7 +338,8 @@ class Supervisor(Service):
         slot.process = None
         lived = self.clock.seconds() - process.started_at
         if self.stopping:
-            _log.info("worker {worker} (pid {pid}) {how}", worker=process.index,
+            _log.info("worker {worker} (pid {pid}) {how}",
+                      event="worker_ended", worker=process.index,
                       pid=process.pid, how=how)
             self._check_stopped()
             return
@@ -347,7 +353,9 @@ class Supervisor(Service):
         self.restarts += 1
         _log.warn(
             "worker {worker} (pid {pid}) {how} after {lived:.1f}s; restarting it in"
-            " {delay:.1f}s", worker=slot.index, pid=pid, how=how, lived=lived, delay=delay,
+            " {delay:.1f}s",
+            event="worker_restarting", worker=slot.index, pid=pid, how=how, lived=lived,
+            delay=delay,
         )
         slot.timer = self.clock.callLater(delay, self._start, slot)
 
@@ -356,7 +364,8 @@ class Supervisor(Service):
         try:
             event = decode_event(payload)
         except ValueError:
-            _log.warn("worker {worker} sent an unreadable log event", worker=index)
+            _log.warn("worker {worker} sent an unreadable log event",
+                      event="worker_bad_log_event", worker=index)
             return
         event["worker"] = index
         system = event.get("log_system")
@@ -505,6 +514,7 @@ class Supervisor(Service):
             return None
         _log.info(
             "stopping {n} workers: each drains its live relays for up to {timeout:g}s",
+            event="workers_stopping",
             n=len(running), timeout=self.drain_timeout,
         )
         self._stopped = Deferred()
@@ -516,7 +526,7 @@ class Supervisor(Service):
 
     def stop_now(self) -> None:
         """The second SIGTERM: every worker closes its relays at once."""
-        _log.info("second SIGTERM: the workers close everything now")
+        _log.info("second SIGTERM: the workers close everything now", event="workers_forced")
         for process in self.processes():
             process.stop(now=True)
 
@@ -525,7 +535,8 @@ class Supervisor(Service):
         for process in self.processes():
             _log.warn(
                 "worker {worker} (pid {pid}) is still running {seconds:g}s after it was"
-                " asked to stop: killing it", worker=process.index, pid=process.pid,
+                " asked to stop: killing it",
+                event="worker_killed", worker=process.index, pid=process.pid,
                 seconds=self.drain_timeout + KILL_GRACE,
             )
             process.signal("KILL")
@@ -540,7 +551,7 @@ class Supervisor(Service):
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
         stopped, self._stopped = self._stopped, None
-        _log.info("all workers stopped")
+        _log.info("all workers stopped", event="workers_stopped")
         stopped.callback(None)
 
     def _install_second_sigterm(self) -> None:
@@ -576,4 +587,4 @@ def _stop_next(_: None, service: IService) -> Deferred[None]:
 
 
 def _stop_failed(failure: Failure) -> None:
-    _log.failure("while stopping a service", failure)
+    _log.failure("while stopping a service", failure, event="stop_error")

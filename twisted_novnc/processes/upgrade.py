@@ -184,7 +184,8 @@ class RelayMover:
                 return
             self.kept += len(waiting)
             _log.info("{n} relays stayed in the middle of a frame for {seconds:g}s: they stay"
-                      " in this generation", n=len(waiting), seconds=MOVE_RETRY_FOR)
+                      " in this generation",
+                      event="relays_mid_frame", n=len(waiting), seconds=MOVE_RETRY_FOR)
             self._candidates = []
             self._scanning = False
             self._maybe_done()
@@ -205,6 +206,7 @@ class RelayMover:
             moved, fds = protocol.hand_off(ident)
         except OSError as e:  # no descriptor left to duplicate its sockets: it stays
             _log.warn("could not hand {session_id} on ({error}): it stays here",
+                      event="relay_hand_off_failed",
                       session_id=protocol.session_id, error=e)
             self.kept += 1
             return
@@ -217,7 +219,8 @@ class RelayMover:
         try:
             ident, why = read_answer(payload)
         except (ValueError, KeyError, TypeError):
-            _log.warn("an unreadable answer about a moved relay: ignored")
+            _log.warn("an unreadable answer about a moved relay: ignored",
+                      event="upgrade_bad_answer")
             return
         if kind == ADOPTED:
             entry = self._pending.pop(ident, None)
@@ -240,11 +243,13 @@ class RelayMover:
             return
         moved, fds = entry
         _log.warn("the new generation did not take {session_id} ({why}): it goes on here",
+                  event="relay_not_taken",
                   session_id=moved.session_id, why=why)
         try:
             self.factory.adopt(moved, fds[0], fds[1], self.reactor)
         except Exception:
-            _log.failure("could not take {session_id} up again", session_id=moved.session_id)
+            _log.failure("could not take {session_id} up again",
+                         event="relay_take_back_failed", session_id=moved.session_id)
         self.kept += 1
         self._maybe_done()
 
@@ -285,6 +290,7 @@ class Retirement:
         _log.info(
             "upgrade: {moved} relays moved to the new generation, {kept} stay here;"
             " {left} connections left to drain (for up to {timeout:g}s)",
+            event="upgrade_relays_moved",
             moved=moved, kept=kept, left=left, timeout=self.drain_timeout,
         )
         if not self.factory.connections:
@@ -298,14 +304,16 @@ class Retirement:
 
     def _time_up(self) -> None:
         self._timer = None
-        _log.info("upgrade_drain_timeout: closing what is left of the old generation")
+        _log.info("upgrade_drain_timeout: closing what is left of the old generation",
+                  event="upgrade_drain_timeout")
         self.close_all()
 
     def _done(self, _: object) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        _log.info("the old generation's connections have all ended")
+        _log.info("the old generation's connections have all ended",
+                  event="upgrade_old_generation_ended")
         if not self.drained.called:
             self.drained.callback(None)
 
@@ -334,7 +342,7 @@ class RelayAdopter:
             ident = relay_ident(payload)
         except struct.error:
             close_all(fds)
-            _log.warn("an unreadable relay hand-off: ignored")
+            _log.warn("an unreadable relay hand-off: ignored", event="upgrade_bad_hand_off")
             return
         if not self.accepting():
             close_all(fds)
@@ -354,7 +362,8 @@ class RelayAdopter:
         try:
             self.factory.adopt(moved, fds[0], fds[1], self.reactor)
         except Exception as e:
-            _log.failure("could not take over {session_id}", session_id=moved.session_id)
+            _log.failure("could not take over {session_id}",
+                         event="relay_take_over_failed", session_id=moved.session_id)
             self.reply(*answer(ident, str(e) or type(e).__name__))
             return
         self.reply(*answer(ident))

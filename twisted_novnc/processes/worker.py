@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, cast
 
@@ -34,6 +35,7 @@ from twisted_novnc import __version__
 from twisted_novnc._compat.twisted import read_pipe
 from twisted_novnc.config import parse_config
 from twisted_novnc.operations.admin import readiness
+from twisted_novnc.operations.logs import event_as_json
 from twisted_novnc.processes.ipc import (
     ANSWER,
     ASK,
@@ -67,12 +69,14 @@ class ParentChannel:
 
     Writes block, as a daemon's writes to its log file do, so nothing logged during shutdown
     is lost and frames never interleave (threads log too, hence the lock).  Once the pipe is
-    broken (the supervisor is gone) log lines go to stderr instead.
+    broken (the supervisor is gone) log lines go to stderr instead, in the format ``[log]
+    format`` says once the settings are in (:attr:`formatter`).
     """
 
     def __init__(self, fd: int = MESSAGES_FD) -> None:
         self.fd = fd
         self.broken = False
+        self.formatter: Callable[[dict[str, Any]], str | None] = formatEventAsClassicLogText
         self._lock = threading.Lock()
         # Room for bursts, so that a busy supervisor rarely makes a worker wait.
         with contextlib.suppress(AttributeError, OSError):
@@ -99,7 +103,8 @@ class ParentChannel:
         stderr = sys.__stderr__
         if stderr is not None:
             with contextlib.suppress(OSError, ValueError):
-                stderr.write(formatEventAsClassicLogText(event) or "")
+                text = self.formatter(event)
+                stderr.write(text.rstrip("\n") + "\n" if text else "")
 
     __call__ = observe
 
@@ -158,7 +163,7 @@ class ControlInput:
             rate = float(asked.get("move_rate", MOVE_RATE))
         except (ValueError, KeyError, TypeError, AttributeError):
             drain_timeout, rate = self.handles.upgrade_drain_timeout, MOVE_RATE
-        _log.info("a new generation serves: handing live relays on")
+        _log.info("a new generation serves: handing live relays on", event="worker_handing_on")
         self.retirement = retirement = Retirement(
             self.handles.factory, cast(IDaemonReactor, self.reactor),
             self.handles.stop_accepting, self._send_relay, drain_timeout,
@@ -194,19 +199,21 @@ class ControlInput:
             self.reactor.stop()
 
     def signalled(self, signum: int, frame: FrameType | None) -> None:
-        _log.info("received {signal}: stopping", signal=signal.Signals(signum).name)
+        _log.info("received {signal}: stopping",
+                  event="worker_signalled", signal=signal.Signals(signum).name)
         self.reactor.callFromThread(self.stop)
 
     def childDataReceived(self, name: str, data: bytes) -> None:
         try:
             frames = self.frames.feed(data)
         except FrameError as e:
-            _log.error("garbage from the supervisor ({error}): stopping", error=e)
+            _log.error("garbage from the supervisor ({error}): stopping",
+                       event="supervisor_garbage", error=e)
             self.stop()
             return
         for kind, payload in frames:
             if kind == STOP:
-                _log.info("asked to stop by the supervisor")
+                _log.info("asked to stop by the supervisor", event="worker_stopping")
                 self.stop()
             elif kind == STOP_NOW:
                 self.stop()
@@ -221,7 +228,8 @@ class ControlInput:
             question = json.loads(payload)
             question.get("what")
         except (ValueError, AttributeError):
-            _log.warn("an unreadable question from the supervisor: ignored")
+            _log.warn("an unreadable question from the supervisor: ignored",
+                      event="supervisor_bad_question")
             return
         body: Any = None
         if question.get("what") == "metrics":
@@ -233,7 +241,7 @@ class ControlInput:
 
     def childConnectionLost(self, name: str, reason: Failure) -> None:
         if not self.stopping:
-            _log.warn("the supervisor is gone (its pipe closed): stopping")
+            _log.warn("the supervisor is gone (its pipe closed): stopping", event="supervisor_gone")
             self.stop()
 
 
@@ -252,6 +260,8 @@ def run_worker(index: int) -> int:
             raise FrameError(f"expected the settings first, got {kind!r}")
         init = WorkerInit.decode(payload)
         settings = parse_config(init.settings, init.source)
+        if settings.log.format == "json":
+            channel.formatter = event_as_json
 
         reactor = installed_reactor()
         service, handles = make_worker_service(settings, reactor, init.secret, init.sockets)
@@ -271,7 +281,7 @@ def run_worker(index: int) -> int:
     except EOFError:
         return 1
     except BaseException:
-        _log.failure("worker {worker} could not start", worker=index)
+        _log.failure("worker {worker} could not start", event="worker_start_failed", worker=index)
         return 1
     # Every Twisted reactor's run() takes it; IReactorCore does not declare it.
     reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]

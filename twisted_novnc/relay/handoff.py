@@ -223,14 +223,15 @@ class HandoffChannel:
         try:
             messages = self._frames.feed(data)
         except FrameError as e:
-            _log.error("garbage on the relay hand-off channel ({error}): closing it", error=e)
+            _log.error("garbage on the relay hand-off channel ({error}): closing it",
+                       event="handoff_garbage", error=e)
             self._end()
             return False
         for kind, payload in messages:
             wanted = self._fds_per_message(kind)
             if len(self._fds) < wanted:
                 _log.error("a hand-off message came without its descriptors: closing the"
-                           " channel")
+                           " channel", event="handoff_no_descriptors")
                 self._end()
                 return False
             fds = [self._fds.popleft() for _ in range(wanted)]

@@ -73,5 +73,5 @@ class HostAddresses:
         except OSError:
             _log.failure(
                 "Could not read this host's interface addresses; keeping the last list"
-                " (refusing every address until one is read)"
+                " (refusing every address until one is read)", event="host_addresses_unreadable"
             )

@@ -531,6 +531,7 @@ class _Connect:
         if f.check(error.ConnectError) and f.value.osError in OUT_OF_DESCRIPTORS:
             _log.warn("no file descriptor left to connect to {where} ({error}): this process's"
                       " descriptor limit, not the VM, refused the connection",
+                      event="upstream_no_descriptor",
                       where=where, error=f.getErrorMessage())
             result.errback(Refused(Refusal.AT_CAPACITY, f"{where}: {f.getErrorMessage()}"))
             return
@@ -724,7 +725,7 @@ class WebSocketUpstream(WebSocketClientProtocol):
         target = self.target
         _log.info(
             "dropping the VM of {session_id} at {vm}: took no byte in {timeout}s"
-            " ({pending} bytes pending)",
+            " ({pending} bytes pending)", event="vm_write_timeout",
             session_id=target.session_id if target is not None else "?",
             vm=f"{target.host}:{target.port}" if target is not None else "?",
             timeout=self.write_timeout,
