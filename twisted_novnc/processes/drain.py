@@ -49,7 +49,7 @@ class ShutdownNotice(Service):
         _log.info(
             "shutting down: /readyz answers 503; new browsers are still served for {delay:g}s"
             " ([novnc] drain_delay), then the drain starts",
-            delay=self.delay,
+            event="drain_delay_started", delay=self.delay,
         )
         self._waiting = Deferred()
         self._timer = self.clock.callLater(self.delay, self.end_delay)
@@ -57,7 +57,7 @@ class ShutdownNotice(Service):
         if call is not None and threading.current_thread() is threading.main_thread():
 
             def again(signum: int, frame: FrameType | None) -> None:
-                _log.info("second SIGTERM: draining now")
+                _log.info("second SIGTERM: draining now", event="drain_delay_cut")
                 call(self.end_delay)
 
             self._previous_handler = signal.signal(signal.SIGTERM, again)
