@@ -15,8 +15,10 @@ import pytest
 import pytest_twisted
 from db_fixtures import insert_ready
 from e2e_support import connect_session, http_get, metric_values, new_id, within
+from test_upgrade import moved_count
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
+from upgrade_support import run_upgrade
 
 from twisted_novnc.database.embedded import apply_sql
 from twisted_novnc.vnc.vncauth import vnc_auth_response
@@ -208,3 +210,39 @@ def test_each_login_failure_has_its_close_code_and_metric(
     assert values["twisted_novnc_connections_total", (("outcome", str(code)),)] == 1
     assert vm.connections == 1
     assert "not-" + PASSWORD not in daemon.output
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_logged_in_relay_moves_in_an_upgrade_one_mid_greeting_stays(
+    daemon_factory, pg, sessions_table, postgres_dsn, vnc_factory
+):
+    """After the opening a VNC Authentication relay is plain bytes both ways and moves to the
+    new generation; one whose browser is still in the proxy's opening stays, and finishes
+    it there.  Both go on working."""
+    vm, port = vnc_factory()
+    add_password_column(postgres_dsn, sessions_table)
+    daemon = yield daemon_factory(
+        {"vnc": {"password_column": "vnc_pw"}, "admin": {"listen": "tcp:0:interface=127.0.0.1"}}
+    )
+    open_sid, greeting_sid = new_id(), new_id()
+    for sid in (open_sid, greeting_sid):
+        insert_ready(pg, sessions_table, sid, port)
+        set_password(sessions_table, pg, sid, PASSWORD)
+    relaying = yield connect_session(daemon.port, open_sid)
+    yield greet(relaying)
+    greeting = yield connect_session(daemon.port, greeting_sid)
+    yield within(greeting.when_received(len(PROXY_GREETING)))  # and says nothing yet
+
+    code, output = yield run_upgrade(daemon.admin_port)
+    assert code == 0, output
+    assert moved_count(output) == 1 and "1 stay in the old generation" in output, output
+
+    before = len(relaying.received)
+    relaying.sendMessage(b"after the move", isBinary=True)
+    yield within(relaying.when_received(before + len(b"after the move")))
+    yield greet(greeting)
+    greeting.sendMessage(b"old generation", isBinary=True)
+    yield within(greeting.when_received(len(PROXY_GREETING) + 6 + len(SERVER_INIT) + 14))
+    for client in (relaying, greeting):
+        client.sendClose(1000)
+        assert (yield within(client.closed)) == (1000, None)
