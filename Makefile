@@ -10,10 +10,13 @@ PYTEST_ARGS ?=
 #                 it does not need (no pytest, mypy or websockify)
 #   .venv-lowest  the floors of setup.cfg's ranges (requirements/lowest.txt): make test-lowest
 #   .venv-tools   pip-tools (requirements/tools.txt), which writes the locks: make lock
+#   .venv-build   setuptools and wheel (requirements/build.txt, from pyproject.toml's
+#                 build-system): make wheel, as the Containerfile builds it
 VENV ?= .venv
 RUN_VENV ?= .venv-run
 LOWEST_VENV ?= .venv-lowest
 TOOLS_VENV ?= .venv-tools
+BUILD_VENV ?= .venv-build
 PY := $(VENV)/bin/python
 
 # The project goes in as a regular (not editable) install: it is the one that puts
@@ -21,7 +24,8 @@ PY := $(VENV)/bin/python
 # are the lock's, already there.
 SOURCES := setup.cfg pyproject.toml $(wildcard twisted_novnc/*.py twisted_novnc/*/*.py) twisted/plugins/twisted_novnc_plugin.py
 
-.PHONY: run test test-fast test-lowest lint venv run-venv lowest-venv browser-deps lock lock-tools clean
+.PHONY: run test test-fast test-lowest lint venv run-venv lowest-venv browser-deps lock lock-tools clean \
+	wheel
 
 # $(call fresh-venv,DIR,LOCK): DIR made anew, holding exactly what LOCK pins.  A changed lock
 # rebuilds the venv, so nothing an older lock brought stays behind.  --require-hashes: pip
@@ -60,6 +64,10 @@ $(TOOLS_VENV)/.locked: requirements/tools.txt
 	$(call fresh-venv,$(TOOLS_VENV),$<)
 	touch $@
 
+$(BUILD_VENV)/.locked: requirements/build.txt
+	$(call fresh-venv,$(BUILD_VENV),$<)
+	touch $@
+
 venv: $(VENV)/.installed
 run-venv: $(RUN_VENV)/.installed
 lowest-venv: $(LOWEST_VENV)/.installed
@@ -77,6 +85,13 @@ $(BROWSER_DIR)/node_modules/.installed: $(BROWSER_DIR)/package.json $(BROWSER_DI
 	fi
 
 browser-deps: $(BROWSER_DIR)/node_modules/.installed
+
+# dist/twisted_novnc-<version>-py3-none-any.whl, built with the locked build backend only
+# (--no-build-isolation: nothing fetched at build time).  Install it in a venv of its own:
+#   pip install --require-hashes -r requirements/runtime.txt && pip install --no-deps dist/*.whl
+wheel: $(BUILD_VENV)/.locked
+	rm -rf build dist
+	$(BUILD_VENV)/bin/python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
 
 # ARGS: extra options, e.g.
 #   ARGS='--set upstream.allowed_networks=127.0.0.1/32 --set upstream.allow_self=on'
@@ -121,10 +136,12 @@ lock: $(TOOLS_VENV)/.locked
 	$(TOOLS_VENV)/bin/python requirements/floors.py setup.cfg requirements/test.txt \
 	    > requirements/lowest.in
 	$(PIP_COMPILE) $(LOCK_UPGRADE) -o requirements/lowest.txt requirements/lowest.in
+	$(PIP_COMPILE) $(LOCK_UPGRADE) --build-deps-for wheel --only-build-deps \
+	    -o requirements/build.txt pyproject.toml
 
 # The lock tool's own lock: after changing the pin in requirements/tools.in.
 lock-tools: $(TOOLS_VENV)/.locked
 	$(PIP_COMPILE) -o requirements/tools.txt requirements/tools.in
 
 clean:
-	rm -rf $(VENV) $(RUN_VENV) $(LOWEST_VENV) $(TOOLS_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(RUN_VENV) $(LOWEST_VENV) $(TOOLS_VENV) $(BUILD_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "requirements"
-LOCKS = ["runtime.txt", "test.txt", "lowest.txt", "tools.txt"]
+LOCKS = ["runtime.txt", "test.txt", "lowest.txt", "tools.txt", "build.txt"]
 
 # Libraries whose private internals the code uses: their ranges stop below the next major.
 INTERNALS_USED = ["twisted", "autobahn", "txpostgres"]
