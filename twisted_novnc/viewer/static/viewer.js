@@ -65,6 +65,7 @@ function websocketUrl() {
 }
 
 let attempts = 0; // reconnections since the last desktop shown
+let cause = null; // why those began: {words, why} of the close that began them
 let ticker = null;
 let endedHere = null; // a message of the page's own, when it closed the connection itself
 
@@ -100,16 +101,23 @@ function closed(code, reason) {
         return;
     }
     const retry = RECONNECT.has(code) || (code === 1006 && attempts > 0);
-    if (retry && attempts < MAX_ATTEMPTS) {
-        attempts += 1;
-        const delay = Math.min(FIRST_DELAY_MS * 2 ** (attempts - 1), MAX_DELAY_MS);
-        // Up to a quarter less, so that many pages closed at once do not come back at once.
-        const wait = delay * (1 - Math.random() / 4);
-        show(words, `${why} Reconnecting (attempt ${attempts} of ${MAX_ATTEMPTS})…`);
-        setTimeout(connect, wait);
+    if (!retry) {
+        show(words, why);
         return;
     }
-    show(words, retry ? `${why} Gave up after ${attempts} attempts: reload to try again.` : why);
+    // What the user reads stays the close that began the reconnections (1001, 4503), not
+    // the 1006 of an attempt made while the proxy was still away.
+    cause = attempts === 0 ? { words, why } : cause;
+    if (attempts >= MAX_ATTEMPTS) {
+        show(cause.words, `${cause.why} Gave up after ${attempts} attempts: reload to try again.`);
+        return;
+    }
+    attempts += 1;
+    const delay = Math.min(FIRST_DELAY_MS * 2 ** (attempts - 1), MAX_DELAY_MS);
+    show(cause.words,
+         `${cause.words} ${cause.why} Reconnecting (attempt ${attempts} of ${MAX_ATTEMPTS})…`);
+    // Up to a quarter less, so that many pages closed at once do not all come back at once.
+    setTimeout(connect, delay * (1 - Math.random() / 4));
 }
 
 function connect() {
@@ -121,6 +129,7 @@ function connect() {
     rfb.scaleViewport = true;
     rfb.addEventListener('connect', () => {
         attempts = 0;
+        cause = null;
         stopWaiting();
         show('', '');
         status.hidden = true;
