@@ -242,3 +242,14 @@ def test_the_snippet_imports_what_novnc_exports():
     importmap = re.search(r'<script type="importmap">\s*(\{.*?\})\s*</script>', page, re.S)
     assert importmap is not None
     assert json.loads(importmap[1])["imports"] == {"@novnc/novnc": "/novnc/" + target[2:]}
+
+
+def test_the_viewer_docs_render():
+    """docs/viewer.rst is plain reST with one title: docutils reads it without a warning."""
+    import docutils.core
+
+    text = (ROOT / "docs" / "viewer.rst").read_text(encoding="utf-8")
+    tree = docutils.core.publish_doctree(
+        text, settings_overrides={"report_level": 2, "halt_level": 2, "warning_stream": False}
+    )
+    assert tree["title"] == "The viewer page"
