@@ -8,6 +8,7 @@ Every wait is on the page's own text, a page event or a log line, bounded.
 
 from __future__ import annotations
 
+import os
 import signal
 import uuid
 from urllib.parse import urlencode
@@ -18,6 +19,9 @@ from browser_harness import SCREEN, within
 from db_fixtures import insert_ready, insert_session
 from test_novnc import BLUE, EVERYWHERE, GREEN, paint_root
 from test_viewer import viewer_messages
+from twisted.internet import reactor
+
+from twisted_novnc.front.auth import mint_token
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.integration]
 
@@ -70,6 +74,36 @@ def test_the_viewer_url_draws_the_desktop(browser, xvnc, daemon_factory, pg, ses
         yield page.close()
     yield within(daemon.when_logged(rf"http GET /vnc/{sid} 200 from 127\.0\.0\.1"))
     yield within(daemon.when_logged(r"http GET /viewer/novnc/core/rfb\.js 200"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_token_in_the_url_opens_the_session(
+    browser, xvnc, daemon_factory, pg, sessions_table, tmp_path
+):
+    """With [auth] mode = hmac the page passes its URL's token on: a minted one draws, none
+    gets 4401's message; the token is nowhere in the daemon's log."""
+    secret = b"secret-" + uuid.uuid4().hex.encode()
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(secret + b"\n")
+    os.chmod(secret_file, 0o600)
+    yield paint_root(xvnc, BLUE)
+    daemon = yield daemon_factory({"auth": {"mode": "hmac", "secret_file": str(secret_file)}})
+    sid = str(uuid.uuid4())
+    insert_ready(pg, sessions_table, sid, xvnc.rfb_port)
+    token = mint_token(secret, sid, int(reactor.seconds()) + 60)
+
+    page = yield browser.open(viewer_url(daemon.port, sid, token))
+    bare = yield browser.open(viewer_url(daemon.port, sid))
+    try:
+        yield page.wait_for(shows(EVERYWHERE, BLUE))
+        yield bare.wait_for(f"{text_of('detail')}.startsWith('Close code 4401')")
+        assert (yield bare.evaluate(text_of("message"))) == MESSAGES[4401]
+        no_policy_violation(page)
+    finally:
+        yield page.close()
+        yield bare.close()
+    yield within(daemon.when_logged(f"closed {sid}", times=2))
+    assert token not in daemon.output and token.split(".")[-1] not in daemon.output
 
 
 @pytest_twisted.inlineCallbacks
