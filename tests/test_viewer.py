@@ -12,7 +12,10 @@ import re
 import textwrap
 from pathlib import Path
 
+import docutils.core
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_front import SID, Wired
 from test_http_requests import _count, _requests, logged  # noqa: F401  (fixture)
 from twisted.internet.address import IPv4Address
@@ -145,6 +148,23 @@ def test_nothing_else_is_served(target):
         w.leave()
 
 
+@given(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=80))
+def test_no_target_reaches_past_the_static_files(target):
+    """Whatever the request-target, the viewer answers the page, a file under static/, or
+    404 (the template and the package's code are never a file it sends)."""
+    viewer = Viewer("/websockify/{session_id}")
+    target = "/" + target
+    if not viewer.claims(target):
+        return
+    found = viewer.answer(target, "GET")
+    if found.file is None:
+        assert found.status in (404, 405)
+        return
+    with found.file as f:
+        name = getattr(f, "name", None)
+    assert name is None or Path(name).resolve().is_relative_to(VIEWER_DIR / "static")
+
+
 @pytest.mark.parametrize("target", ["/vnc/", "/vnc/a/b", "/vnc/a%2fb", "/vncx/a", "/vnc.html"])
 def test_other_paths_are_not_the_viewers(target):
     """What is no session page or viewer file is answered as without the viewer (426)."""
@@ -246,8 +266,6 @@ def test_the_snippet_imports_what_novnc_exports():
 
 def test_the_viewer_docs_render():
     """docs/viewer.rst is plain reST with one title: docutils reads it without a warning."""
-    import docutils.core
-
     text = (ROOT / "docs" / "viewer.rst").read_text(encoding="utf-8")
     tree = docutils.core.publish_doctree(
         text, settings_overrides={"report_level": 2, "halt_level": 2, "warning_stream": False}
