@@ -733,6 +733,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("auth", "max_token_age"): st.floats(0.001, 1e9),
     ("web", "root"): st.sampled_from(["", "/usr/share/novnc"]),
     ("web", "send_timeout"): st.floats(0.001, 1e6),
+    ("web", "viewer"): st.booleans(),
     ("admin", "listen"): st.one_of(
         st.just(()), st.lists(endpoint, min_size=1, max_size=2, unique=True).map(tuple)
     ),

@@ -693,7 +693,8 @@ class AuthSettings:
 
 @attrs.frozen
 class WebSettings:
-    """``[web]``: the noVNC client's files, served on the WebSocket listener."""
+    """``[web]``: the viewer page and the noVNC client's files, served on the WebSocket
+    listener."""
 
     root: str = _setting(
         _OPTIONAL_FILE,
@@ -704,6 +705,12 @@ class WebSettings:
         _SECONDS,
         30.0,
         "How long a client may take no data of a file it asked for before it is dropped.",
+    )
+    viewer: bool = _setting(
+        _SWITCH,
+        True,
+        "Serve the viewer page shipped with the package (noVNC 1.7.0) on the listener:"
+        " http://host:port/vnc/<session_id>?token=...; off = no page.",
     )
 
 

@@ -53,8 +53,17 @@ const ops = {
     async evaluate({ page, expression }) {
         return pages.get(page).evaluate(expression);
     },
+    // Polled from here with evaluate (the DevTools protocol's, which the page's
+    // Content-Security-Policy does not govern): waitForFunction evals the expression inside
+    // the page, which a policy without 'unsafe-eval' (the viewer page's) refuses.
     async wait({ page, expression, timeout }) {
-        await pages.get(page).waitForFunction(expression, undefined, { timeout, polling: 50 });
+        const end = Date.now() + timeout;
+        while (!(await pages.get(page).evaluate(expression))) {
+            if (Date.now() > end) {
+                throw new Error(`timed out after ${timeout} ms`);
+            }
+            await new Promise((resolve) => setTimeout(resolve, 50));
+        }
         return true;
     },
     async click({ page, selector, x, y, button }) {

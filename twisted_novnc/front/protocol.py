@@ -71,6 +71,7 @@ from twisted_novnc.front.requesthead import (
     head_end,
     header_fields,
 )
+from twisted_novnc.front.viewer import Viewer
 from twisted_novnc.operations.metrics import Metrics, outcome_label
 from twisted_novnc.reactors import ISocketReactor
 from twisted_novnc.relay.flow import PEER_FULL, ConnectionFlow
@@ -222,7 +223,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self._early_bytes = len(buffered) - end
         if not _is_upgrade(buffered[:end]):
             self._plain = PlainRequest(self._client_of(buffered[:end]), *request_line(buffered))
-            if self.factory.web_root:
+            if self._answers_itself(buffered[:end]):
                 self._serve_file(buffered[:end])
                 return
             # Autobahn answers it (426, or 400): failHandshake below takes the status.
@@ -253,10 +254,17 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             limits.add(self.factory.unfinished, self._unfinished, -1)
             self._unfinished = None
 
+    def _answers_itself(self, head: bytes) -> bool:
+        """Whether a plain request is the viewer's or for [web] root; else Autobahn's 426."""
+        viewer = self.factory.viewer
+        target = head.split(b" ", 2)[1].decode("ascii")
+        return bool(self.factory.web_root) or (viewer is not None and viewer.claims(target))
+
     def _serve_file(self, head: bytes) -> None:
-        """A plain GET on the WebSocket listener: a file of [web] root (the noVNC client),
-        sent under back-pressure, counted under its client's address with its WebSockets
-        (``max_per_ip``) until the connection is gone."""
+        """A plain GET on the WebSocket listener: the viewer's page or file ([web] viewer),
+        else a file of [web] root (the noVNC client), sent under back-pressure, counted under
+        its client's address with its WebSockets (``max_per_ip``) until the connection is
+        gone."""
         factory = self.factory
         self._head_refused = True
         self._cancel_request_timer()
@@ -272,6 +280,8 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
                            event="file_refused", client=client, status=too_many.http_status,
                            reason=too_many.reason)
             answer = web.refusal(too_many.http_status, too_many.reason)
+        elif factory.viewer is not None and factory.viewer.claims(target.decode("ascii")):
+            answer = factory.viewer.answer(target.decode("ascii"), method.decode())
         else:
             answer = web.answer(factory.web_root, target.decode("ascii"), method.decode())
         self._plain.status = answer.status
@@ -886,6 +896,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
         tokens: ITokenStore | None = None,
         fast_path: bool = True,
         web_send_timeout: float = WebSettings().send_timeout,
+        viewer: Viewer | None = None,
     ) -> None:
         # Autobahn's own Server header would name its version to every scanner.
         super().__init__(server="twisted_novnc", reactor=clock)
@@ -895,6 +906,8 @@ class NoVNCServerFactory(WebSocketServerFactory):
         self.metrics = metrics if metrics is not None else Metrics()
         self.web_root = web_root
         self.web_send_timeout = web_send_timeout
+        #: The viewer page and its files ([web] viewer), or None when it is off.
+        self.viewer = viewer
         self.fast_path = fast_path
         self.pipeline = Pipeline(
             settings,

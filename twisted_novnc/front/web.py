@@ -12,6 +12,7 @@ takes nothing for ``[web] send_timeout`` is dropped, and the file is closed on e
 
 from __future__ import annotations
 
+import io
 import mimetypes
 import os
 from typing import IO, Any
@@ -61,10 +62,11 @@ class Answer:
     size: int = 0
 
 
-def answer(root: str, target: str, method: str) -> Answer:
-    """The answer to a plain HTTP request (the connection closes after it)."""
+def answer(root: str, target: str, method: str, headers: str = "") -> Answer:
+    """The answer to a plain HTTP request (the connection closes after it); ``headers``
+    (lines ending in CRLF) are added to a 200."""
     if method not in ("GET", "HEAD"):
-        return _status(405, "Method Not Allowed", extra="Allow: GET, HEAD\r\n")
+        return not_allowed()
     try:
         path = resolve(root, target)
     except UnicodeDecodeError:
@@ -85,15 +87,35 @@ def answer(root: str, target: str, method: str) -> Answer:
     kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
     if path.endswith((".js", ".mjs")):
         kind = "text/javascript"
-    head = (
+    return Answer(200, _ok_head(kind, size, headers), None if method == "HEAD" else f, size)
+
+
+def content(body: bytes, kind: str, method: str, headers: str = "") -> Answer:
+    """A body made in memory (the viewer's page), answered and sent as a file would be."""
+    if method not in ("GET", "HEAD"):
+        return not_allowed()
+    file = None if method == "HEAD" else io.BytesIO(body)
+    return Answer(200, _ok_head(kind, len(body), headers), file, len(body))
+
+
+def not_allowed() -> Answer:
+    return _status(405, "Method Not Allowed", extra="Allow: GET, HEAD\r\n")
+
+
+def not_found() -> Answer:
+    return _status(404, "Not Found")
+
+
+def _ok_head(kind: str, size: int, headers: str) -> bytes:
+    return (
         "HTTP/1.1 200 OK\r\n"
         f"Content-Type: {kind}\r\n"
         f"Content-Length: {size}\r\n"
         "X-Content-Type-Options: nosniff\r\n"
         "Cache-Control: no-cache\r\n"
+        f"{headers}"
         "Connection: close\r\n\r\n"
     ).encode()
-    return Answer(200, head, None if method == "HEAD" else f, size)
 
 
 def refusal(status: int, reason: str) -> Answer:

@@ -29,6 +29,7 @@ from twisted_novnc.database.store import PostgresSessionStore
 from twisted_novnc.front.auth import SecretFileError, read_secret
 from twisted_novnc.front.forwarded import parse_networks
 from twisted_novnc.front.protocol import NoVNCServerFactory
+from twisted_novnc.front.viewer import Viewer
 from twisted_novnc.operations.admin import AdminSite, admin_site, serve_workers, unserved_site
 from twisted_novnc.operations.fdlimit import AcceptGuard, guard_accepts
 from twisted_novnc.operations.logs import LogService
@@ -264,6 +265,7 @@ def _proxy(
         settings.novnc, gate, connect, reactor, metrics, settings.auth, secret, targets,
         web_root=settings.web.root, tokens=store, fast_path=fast,
         web_send_timeout=settings.web.send_timeout,
+        viewer=Viewer(settings.novnc.path) if settings.web.viewer else None,
     )
     metrics.live = LiveState(
         connections_open=lambda: len(factory.connections),
