@@ -201,8 +201,8 @@ def with_login(
             counted("ok")
             _log.info(
                 "logged in to the VM of {session_id} with {security} (RFB {version})",
-                event="vm_logged_in", session_id=target.session_id, security=upstream.login.security,
-                version=upstream.login.version,
+                event="vm_logged_in", session_id=target.session_id,
+                security=upstream.login.security, version=upstream.login.version,
             )
             return upstream
 
