@@ -268,7 +268,11 @@ class EmbeddedPostgres:
         if not os.path.exists(os.path.join(self.data_dir, "PG_VERSION")):
             self._initdb()
         socket_dir = self._prepare_socket_dir()
-        self._pg_ctl_start(socket_dir)
+        try:
+            self._pg_ctl_start(socket_dir)
+        except BaseException:
+            self._remove_socket_dir(socket_dir)
+            raise
         self._socket_dir, self._owned = socket_dir, True
         self._dsn = _make_dsn(socket_dir, PORT)
         return self._dsn
@@ -283,6 +287,8 @@ class EmbeddedPostgres:
                                 "stop"], timeout=90)
             if result.returncode != 0 and self._status() == 0:
                 self._fail(result, log_since=log_start)
+            if self._socket_dir is not None:
+                self._remove_socket_dir(self._socket_dir)
             _log.info("stopped the PostgreSQL cluster in {data_dir}",
                       event="database_cluster_stopped", data_dir=self.data_dir)
         self._dsn = self._socket_dir = None
@@ -299,6 +305,12 @@ class EmbeddedPostgres:
         moves it beside the relocated data directory)."""
         return self.socket_dir_fixed or stable_socket_dir(self.data_dir,
                                                           self.socket_fallback_parent)
+
+    def _remove_socket_dir(self, socket_dir: str) -> None:
+        """Tidy up after a stop: the directory goes, its path stays the next start's."""
+        if self.socket_dir_fixed is None:
+            with contextlib.suppress(OSError):
+                os.rmdir(socket_dir)
 
     # -- the steps -------------------------------------------------------------------------
 
