@@ -112,6 +112,7 @@ class Child(protocol.ProcessProtocol):
         self.on_line = on_line
         self.ended: defer.Deferred[int | None] = defer.Deferred()
         self._partial: dict[int, str] = {}
+        self._stopping: defer.Deferred[Any] | None = None
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         text = self._partial.get(childFD, "") + data.decode("utf-8", "replace")
@@ -128,7 +129,8 @@ class Child(protocol.ProcessProtocol):
 
     def stop(self, clock: IReactorTime) -> defer.Deferred[int | None]:
         """SIGTERM, then SIGKILL after STOP_LIMIT; fires once the process has exited."""
-        if not self.ended.called and self.transport is not None:
+        if self._stopping is None and not self.ended.called and self.transport is not None:
+            self._stopping = self.ended
             with contextlib.suppress(error.ProcessExitedAlready, OSError):
                 self.transport.signalProcess("TERM")
             timer = clock.callLater(STOP_LIMIT, self._kill)
@@ -166,7 +168,7 @@ class Demo:
     config: str
     settings: Settings
     daemon_args: Sequence[str] = ()
-    out: Callable[[str], None] = print
+    out: Callable[[str], None] = attrs.field(default=lambda line: print(line, flush=True))
     rfb_port: int = attrs.field(factory=free_port)
     session_id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     url: str | None = None

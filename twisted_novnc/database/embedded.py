@@ -324,7 +324,7 @@ class EmbeddedPostgres:
         if self.socket_dir_fixed is not None:
             self._give_to_cluster_user(socket_dir)
             return socket_dir
-        if socket_dir.startswith(self.socket_fallback_parent.rstrip(os.sep) + os.sep):
+        if socket_dir != self.data_dir.rstrip(os.sep) + SOCKET_SUFFIX:
             _log.warn("the socket path beside {data_dir} is too long for a Unix socket"
                       " ({limit} bytes); the cluster's socket is in {socket_dir} instead",
                       event="database_socket_fallback", data_dir=self.data_dir,
