@@ -16,7 +16,7 @@ import attrs
 
 from twisted_novnc.config import Settings
 from twisted_novnc.database.schema import quote_ident, quote_literal
-from twisted_novnc.operations.upgrade_command import _fields
+from twisted_novnc.operations.upgrade_command import endpoint_fields
 
 #: The viewer page's path on the WebSocket listener.
 VIEWER_PATH = "/vnc/{session_id}"
@@ -65,9 +65,10 @@ class SessionHint:
         if not self.on_this_host:
             networks = " ".join(str(n) for n in settings.upstream.allowed_networks)
             lines.append(
-                f"The session's {db.ip_column} must be in [upstream] allowed_networks ({networks});"
-                " a VNC server on this host is on loopback, outside them: run make demo, or start"
-                " with --set upstream.allowed_networks=127.0.0.1/32 --set upstream.allow_self=on"
+                f"The session's {db.ip_column} must be in [upstream] allowed_networks"
+                f" ({networks}); a VNC server on this host is on loopback, outside them: run"
+                " make demo (in a checkout), or start with --set"
+                " upstream.allowed_networks=127.0.0.1/32 --set upstream.allow_self=on"
                 f" (make run ARGS=...) and give the session {db.ip_column} 127.0.0.1."
             )
         return "\n".join(lines)
@@ -96,7 +97,7 @@ def listener_base(settings: Settings) -> tuple[str, str] | None:
     a browser on this host can open directly; None when there is none (``unix:``,
     ``haproxy:`` or ``systemd:`` only).  A wildcard interface is reached on loopback."""
     for description in settings.novnc.listen:
-        positional, keywords = _fields(description)
+        positional, keywords = endpoint_fields(description)
         kind = positional[0].lower() if positional else ""
         if kind not in ("tcp", "tcp6", "ssl") or not (len(positional) > 1 or "port" in keywords):
             continue
