@@ -4,6 +4,7 @@ and URL work as printed for the settings the daemon runs with."""
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 from twisted.internet.testing import EventLoggingObserver
@@ -148,3 +149,17 @@ def test_the_schema_service_logs_the_hint_as_one_database_hint_event(monkeypatch
     text = event["hint"]
     session_id = text.split("/vnc/")[1].split()[0]
     assert f"VALUES ('{session_id}', '10.0.0.5')" in text
+
+
+def test_the_readme_quotes_the_hint_as_the_daemon_prints_it() -> None:
+    """README.rst's example of make run's output is the hint for the sample config (its
+    first line, and the URL line with the README's session id), so the two cannot drift."""
+    readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text(encoding="utf-8")
+    sample = Path(__file__).resolve().parent.parent / "etc" / "twisted-novnc.ini"
+    s = parse_config(sample.read_text(encoding="utf-8"), str(sample))
+    text = session_hint(s, SID).text(psql, s)
+    first, _, rest = text.partition("\n")
+    assert f"    {first}\n" in readme
+    url_line = next(line for line in rest.splitlines() if line.startswith("then open "))
+    assert f"    {url_line}\n" in readme
+    assert session_hint(s, SID).insert_sql in readme
