@@ -24,7 +24,7 @@ PY := $(VENV)/bin/python
 # are the lock's, already there.
 SOURCES := setup.cfg pyproject.toml $(wildcard twisted_novnc/*.py twisted_novnc/*/*.py) twisted/plugins/twisted_novnc_plugin.py
 
-.PHONY: run test test-fast test-lowest lint venv run-venv lowest-venv browser-deps lock lock-tools clean \
+.PHONY: run demo docs test test-fast test-lowest lint venv run-venv lowest-venv browser-deps lock lock-tools clean \
 	wheel
 
 # $(call fresh-venv,DIR,LOCK): DIR made anew, holding exactly what LOCK pins.  A changed lock
@@ -96,7 +96,19 @@ wheel: $(BUILD_VENV)/.locked
 # ARGS: extra options, e.g.
 #   ARGS='--set upstream.allowed_networks=127.0.0.1/32 --set upstream.allow_self=on'
 run: run-venv
+	@if command -v Xvnc >/dev/null; then \
+	    echo "make run: Xvnc is installed: make demo shows a desktop in the browser"; fi
 	$(RUN_VENV)/bin/twistd --pidfile= -n novnc --config $(CONFIG) $(ARGS)
+
+# A local desktop (Xvnc on 127.0.0.1), the daemon and a session pointing at the desktop; prints
+# http://127.0.0.1:<port>/vnc/<session_id>.  Ctrl-C stops all three.  ARGS go to the daemon.
+demo: run-venv
+	$(RUN_VENV)/bin/python -m twisted_novnc.demo --config $(CONFIG) $(ARGS)
+
+# The manual (docs/), warnings as errors; tests/test_docs.py builds it the same way.
+DOCS_BUILD ?= docs/_build/html
+docs: venv
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs $(DOCS_BUILD)
 
 test: venv browser-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -144,4 +156,5 @@ lock-tools: $(TOOLS_VENV)/.locked
 	$(PIP_COMPILE) -o requirements/tools.txt requirements/tools.in
 
 clean:
-	rm -rf $(VENV) $(RUN_VENV) $(LOWEST_VENV) $(TOOLS_VENV) $(BUILD_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(RUN_VENV) $(LOWEST_VENV) $(TOOLS_VENV) $(BUILD_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache \
+	    docs/_build

@@ -92,7 +92,7 @@ def test_start_creates_cluster_and_answers(make_cluster: MakeCluster) -> None:
     info = os.stat(cluster.data_dir)
     assert stat.S_IMODE(info.st_mode) == 0o700
     assert info.st_uid == cluster_uid()
-    assert os.path.dirname(cluster.socket_dir) == "/tmp"
+    assert cluster.socket_dir == cluster.data_dir + "-socket"  # beside it, on every start
     assert query_one(dsn, "SELECT 6 * 7") == 42
     assert query_one(dsn, "SHOW listen_addresses") == ""
     assert query_one(dsn, "SHOW fsync") == "off"
@@ -198,24 +198,19 @@ def test_initdb_failure_names_command_and_output(make_cluster: MakeCluster) -> N
 
 
 @pytest.mark.integration
-def test_start_failure_names_command_and_log(
-    make_cluster: MakeCluster, scratch_dir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_start_failure_names_command_and_log(make_cluster: MakeCluster) -> None:
     """A server that will not start raises with the pg_ctl command and the log's tail."""
     cluster = make_cluster()
     cluster.start()
     cluster.stop()
     with open(os.path.join(cluster.data_dir, "postgresql.conf"), "a") as conf:
         conf.write("no_such_setting = 1\n")
-    socket_parent = os.path.join(scratch_dir, "sockets")
-    os.mkdir(socket_parent, 0o711)
-    monkeypatch.setattr(embedded, "SOCKET_PARENT", socket_parent)
     with pytest.raises(EmbeddedPostgresError) as caught:
         cluster.start()
     message = str(caught.value)
     assert "/pg_ctl -D " + cluster.data_dir in message
     assert 'unrecognized configuration parameter "no_such_setting"' in message
-    assert os.listdir(socket_parent) == []  # the failed start's socket directory is gone
+    assert not os.path.exists(cluster.planned_socket_dir())  # the failed start's is gone
 
 
 @pytest.mark.integration
@@ -317,3 +312,86 @@ def test_cluster_in_a_private_directory_still_starts(scratch_dir: str) -> None:
         stops.callback(again.stop)
         assert query_one(again.start(), "SELECT count(*) FROM kept") == 0
         assert again.data_dir == first.data_dir
+
+
+# --- the stable socket directory ------------------------------------------------------------
+
+
+def test_socket_dir_is_beside_the_data_dir() -> None:
+    """var/postgres gets var/postgres-socket: a path that is the same on every start."""
+    assert embedded.stable_socket_dir("/srv/app/var/postgres") == "/srv/app/var/postgres-socket"
+    assert embedded.stable_socket_dir("/srv/app/var/postgres/") == "/srv/app/var/postgres-socket"
+    cluster = EmbeddedPostgres("/srv/app/var/postgres")
+    assert cluster.planned_socket_dir() == "/srv/app/var/postgres-socket"
+
+
+def test_too_deep_a_data_dir_falls_back_to_a_stable_short_path() -> None:
+    """A socket path over 107 bytes cannot exist: the socket goes to /tmp/tnovnc-<hash of the
+    data directory>, the same for the same directory, different for another."""
+    deep = "/srv/" + "d" * 100 + "/var/postgres"
+    fallback = embedded.stable_socket_dir(deep)
+    assert fallback.startswith("/tmp/tnovnc-") and len(fallback) == len("/tmp/tnovnc-") + 16
+    assert embedded.stable_socket_dir(deep) == fallback
+    assert embedded.stable_socket_dir(deep + "2") != fallback
+    assert embedded.fits_socket_path(fallback)
+    # The limit itself: 107 bytes fit, 108 do not.
+    at_limit = "/" + "x" * (107 - len("/.s.PGSQL.5432") - 1)
+    assert embedded.fits_socket_path(at_limit)
+    assert not embedded.fits_socket_path(at_limit + "x")
+
+
+def test_no_short_enough_path_is_refused_clearly() -> None:
+    """When even the fallback's parent is too deep, start-up says so instead of failing in
+    PostgreSQL's log."""
+    deep = "/srv/" + "d" * 100 + "/var/postgres"
+    with pytest.raises(EmbeddedPostgresError, match="longer than a Unix socket allows"):
+        embedded.stable_socket_dir(deep, fallback_parent="/" + "p" * 100)
+
+
+def test_a_fallback_someone_else_made_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback's name is predictable: a symbolic link planted there is never used."""
+    parent = tmp_path / "p"
+    parent.mkdir()
+    deep = str(tmp_path / ("d" * 110) / "postgres")
+    cluster = EmbeddedPostgres(deep, socket_fallback_parent=str(parent))
+    planted = cluster.planned_socket_dir()
+    assert planted.startswith(str(parent))
+    os.symlink(str(tmp_path), planted)
+    monkeypatch.setattr(EmbeddedPostgres, "_cluster_user", lambda self: None)
+    with pytest.raises(EmbeddedPostgresError, match="is not a directory of this user's"):
+        cluster._prepare_socket_dir()
+
+
+@pytest.mark.integration
+def test_socket_path_and_dsn_are_the_same_on_every_start(make_cluster: MakeCluster) -> None:
+    """A restart keeps the DSN (and so a saved psql line): the socket lives beside the data
+    directory, not in a fresh temporary directory."""
+    first = make_cluster()
+    dsn = first.start()
+    first.stop()
+    second = make_cluster()
+    assert second.start() == dsn
+    assert second.socket_dir == second.data_dir + "-socket"
+    assert os.path.exists(embedded.socket_file(second.socket_dir))
+    info = os.stat(second.socket_dir)
+    assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == cluster_uid()
+
+
+@pytest.mark.integration
+def test_a_deep_data_dir_starts_on_the_fallback(scratch_dir: str) -> None:
+    """A data directory too deep for a socket beside it still starts, on the fallback, and
+    again on the same one."""
+    deep = os.path.join(scratch_dir, "d" * 90, "postgres")
+    os.makedirs(os.path.dirname(deep))
+    fallback_parent = os.path.join(scratch_dir, "s")
+    os.mkdir(fallback_parent, 0o711)
+    with ExitStack() as stops:
+        cluster = EmbeddedPostgres(deep, durable=False, socket_fallback_parent=fallback_parent)
+        stops.callback(cluster.stop)
+        dsn = cluster.start()
+        assert cluster.socket_dir.startswith(fallback_parent + os.sep)
+        assert query_one(dsn, "SELECT 1") == 1
+        cluster.stop()
+        assert cluster.start() == dsn

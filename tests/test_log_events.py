@@ -26,7 +26,7 @@ from twisted_novnc.processes.service import DaemonTree
 from twisted_novnc.testing import MemorySessionSource
 
 PACKAGE = Path(__file__).resolve().parent.parent / "twisted_novnc"
-README = PACKAGE.parent / "README.rst"
+EVENT_LIST = PACKAGE.parent / "docs" / "operations.rst"
 LEVELS = {"debug", "info", "warn", "error", "critical", "failure"}
 NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -66,12 +66,12 @@ def test_every_log_call_names_its_event():
             assert NAME.fullmatch(event.value), where
 
 
-def test_the_readme_lists_every_event_name():
-    """README's list of event names holds every constant name the code logs."""
+def test_the_docs_list_every_event_name():
+    """docs/operations.rst's list of event names holds every constant name the code logs."""
     names = {
         event.value for _, event in _log_calls() if isinstance(event, ast.Constant)
     } | {"refused", "revoked"}
-    text = README.read_text(encoding="utf-8")
+    text = EVENT_LIST.read_text(encoding="utf-8")
     missing = sorted(name for name in names if f"``{name}``" not in text)
     assert missing == []
 

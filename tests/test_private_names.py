@@ -18,7 +18,7 @@ What counts as a use (each one is a place a library release can break the daemon
 
 The scan works on names, not types: a library private that happens to share its name with one
 of ours is not seen, and public-named internals (a port's ``transport`` class, a transport's
-``dataBuffer``) are fenced by review; README.rst, "Private internals", lists them all.
+``dataBuffer``) are fenced by review; docs/installing.rst, "Private internals", lists them all.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each key is declared once, as a field of its section's record, with its parser, default and help
 line; ``SCHEMA`` is built from those fields, so the parser, the sample ``etc/twisted-novnc.ini``,
-the README's "Configuration" section (both checked by tests) and ``check-config`` cannot drift
+docs/configuration.rst (both checked by tests) and ``check-config`` cannot drift
 apart.
 
 To add a key, add one ``_setting(...)`` field to its record.  To add a section, write a record of

@@ -12,8 +12,8 @@ FAST_PATH_OFF = "run with [novnc] fast_path = off"
 
 
 def broken(dist: str, what: str, used_by: str, fallback: str = FAST_PATH_OFF) -> str:
-    """``"Twisted 27.1.0: <what>: <used_by> relies on it; <fallback>; see README ..."``."""
+    """``"Twisted 27.1.0: <what>: <used_by> relies on it; <fallback>; see docs/..."``."""
     return (
         f"{_NAMES[dist]} {version(dist)}: {what}: {used_by} relies on it; {fallback};"
-        " see README, 'Private internals' and 'Upgrading a dependency'"
+        " see docs/installing.rst, 'Private internals' and 'Upgrading a dependency'"
     )

@@ -213,8 +213,8 @@ def check_transport_internals() -> list[str]:
 
         _log.warn(
             "Twisted {version}: a transport has no {missing}: relaying through"
-            " transport.write instead of writing to sockets directly (slower; see README,"
-            " 'Private internals')", event="direct_writes_off",
+            " transport.write instead of writing to sockets directly (slower; see"
+            " docs/installing.rst, 'Private internals')", event="direct_writes_off",
             version=__version__, missing=", ".join(missing),
         )
     return missing

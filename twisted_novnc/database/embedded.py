@@ -1,22 +1,26 @@
 """The private PostgreSQL cluster behind ``dsn = embedded`` (and the test suite's throwaway one).
 
-The cluster listens only on a Unix socket in a fresh, private directory under /tmp (a socket
-path must fit in about 107 bytes, which a deep data directory would not), and trusts local
-connections, so nothing outside this machine can ever reach it.  ``initdb`` refuses to run as
-root: when we are root, every PostgreSQL program runs as the ``postgres`` system user instead.
+The cluster listens only on a Unix socket in a private directory beside its data directory
+(``var/postgres-socket`` for ``var/postgres``), the same on every start, so the DSN and the psql
+line a user saved keep working; and it trusts local connections, so nothing outside this
+machine can ever reach it.  A socket path must fit in 107 bytes: when the data directory is too
+deep for that, the socket goes to a directory under /tmp named after it (as stable).
+``initdb`` refuses to run as root: when we are root, every PostgreSQL program runs as the
+``postgres`` system user instead.
 
 Everything here blocks: it runs before the reactor (twistd start-up) or in a test's set-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pwd
 import shlex
 import shutil
+import stat
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import closing
 from typing import NoReturn
@@ -33,6 +37,9 @@ VERSIONED_BINDIRS = "/usr/lib/postgresql"
 PORT = 5432
 SUPERUSER = "postgres"
 SOCKET_PARENT = "/tmp"
+#: The longest Unix socket path PostgreSQL accepts (sun_path holds 108 bytes with the NUL).
+MAX_SOCKET_PATH = 107
+SOCKET_SUFFIX = "-socket"
 #: Where a root-run cluster lives when its configured directory is inside one the cluster's
 #: user cannot enter (a checkout in a private home or mktemp -d directory).
 RELOCATED_PARENT = "/var/lib/twisted-novnc"
@@ -163,6 +170,35 @@ def _make_dsn(socket_dir: str, port: int) -> str:
     return f"host={socket_dir} port={port} user={SUPERUSER} dbname=postgres"
 
 
+def socket_file(socket_dir: str, port: int = PORT) -> str:
+    """The path of the server's socket in ``socket_dir``, as PostgreSQL names it."""
+    return os.path.join(socket_dir, f".s.PGSQL.{port}")
+
+
+def fits_socket_path(socket_dir: str, port: int = PORT) -> bool:
+    """Whether a socket in ``socket_dir`` has a path short enough for a Unix socket."""
+    return len(os.fsencode(socket_file(socket_dir, port))) <= MAX_SOCKET_PATH
+
+
+def stable_socket_dir(data_dir: str, fallback_parent: str = SOCKET_PARENT) -> str:
+    """Where the cluster of ``data_dir`` puts its socket, the same on every start.
+
+    Beside the data directory (``var/postgres`` -> ``var/postgres-socket``), or, when that
+    path is too long for a Unix socket, ``<fallback_parent>/tnovnc-<hash of data_dir>``.
+    """
+    beside = _absolute(data_dir).rstrip(os.sep) + SOCKET_SUFFIX
+    if fits_socket_path(beside):
+        return beside
+    digest = hashlib.sha256(os.fsencode(_absolute(data_dir))).hexdigest()[:16]
+    fallback = os.path.join(fallback_parent, f"tnovnc-{digest}")
+    if not fits_socket_path(fallback):
+        raise EmbeddedPostgresError(
+            f"no socket path short enough for the cluster in {data_dir}: {beside} and "
+            f"{fallback} are both longer than a Unix socket allows ({MAX_SOCKET_PATH} bytes)"
+        )
+    return fallback
+
+
 @attrs.define(eq=False)
 class EmbeddedPostgres:
     """One private cluster in ``data_dir``: created on first start, reused while running.
@@ -176,9 +212,10 @@ class EmbeddedPostgres:
     durable: bool = True
     bindir: str | None = None
     system_user: str = "postgres"
-    #: Use this socket directory (kept on stop) instead of a fresh one, so that the DSN stays
-    #: the same across restarts; fault-injection tests restart a cluster under a live daemon.
+    #: Use this socket directory instead of the one :func:`stable_socket_dir` names.
     socket_dir_fixed: str | None = None
+    #: Where the socket goes when the data directory is too deep for one beside it.
+    socket_fallback_parent: str = SOCKET_PARENT
     #: Where the cluster lives instead when ``data_dir`` is out of the cluster user's reach.
     relocated_parent: str = RELOCATED_PARENT
     _dsn: str | None = attrs.field(default=None, init=False)
@@ -230,13 +267,11 @@ class EmbeddedPostgres:
             return self._dsn
         if not os.path.exists(os.path.join(self.data_dir, "PG_VERSION")):
             self._initdb()
-        socket_dir = self.socket_dir_fixed or tempfile.mkdtemp(prefix="tnovnc-", dir=SOCKET_PARENT)
+        socket_dir = self._prepare_socket_dir()
         try:
-            self._give_to_cluster_user(socket_dir)
             self._pg_ctl_start(socket_dir)
         except BaseException:
-            if self.socket_dir_fixed is None:
-                shutil.rmtree(socket_dir, ignore_errors=True)
+            self._remove_socket_dir(socket_dir)
             raise
         self._socket_dir, self._owned = socket_dir, True
         self._dsn = _make_dsn(socket_dir, PORT)
@@ -252,8 +287,8 @@ class EmbeddedPostgres:
                                 "stop"], timeout=90)
             if result.returncode != 0 and self._status() == 0:
                 self._fail(result, log_since=log_start)
-            if self._socket_dir is not None and self.socket_dir_fixed is None:
-                shutil.rmtree(self._socket_dir, ignore_errors=True)
+            if self._socket_dir is not None:
+                self._remove_socket_dir(self._socket_dir)
             _log.info("stopped the PostgreSQL cluster in {data_dir}",
                       event="database_cluster_stopped", data_dir=self.data_dir)
         self._dsn = self._socket_dir = None
@@ -265,7 +300,48 @@ class EmbeddedPostgres:
         psql = shutil.which("psql") or bindir_psql
         return f"{shlex.quote(psql)} -X {shlex.quote(self.dsn)} -c {shlex.quote(sql)}"
 
+    def planned_socket_dir(self) -> str:
+        """The socket directory the next start() uses (before a root-run relocation, which
+        moves it beside the relocated data directory)."""
+        return self.socket_dir_fixed or stable_socket_dir(self.data_dir,
+                                                          self.socket_fallback_parent)
+
+    def _remove_socket_dir(self, socket_dir: str) -> None:
+        """Tidy up after a stop: the directory goes, its path stays the next start's."""
+        if self.socket_dir_fixed is None:
+            with contextlib.suppress(OSError):
+                os.rmdir(socket_dir)
+
     # -- the steps -------------------------------------------------------------------------
+
+    def _prepare_socket_dir(self) -> str:
+        """Make (or check) the stable socket directory: ours, private, not a symbolic link.
+
+        The fallback under /tmp has a name anyone can predict, so one that someone else made
+        first is refused rather than used.
+        """
+        socket_dir = self.planned_socket_dir()
+        if self.socket_dir_fixed is not None:
+            self._give_to_cluster_user(socket_dir)
+            return socket_dir
+        if socket_dir != self.data_dir.rstrip(os.sep) + SOCKET_SUFFIX:
+            _log.warn("the socket path beside {data_dir} is too long for a Unix socket"
+                      " ({limit} bytes); the cluster's socket is in {socket_dir} instead",
+                      event="database_socket_fallback", data_dir=self.data_dir,
+                      limit=MAX_SOCKET_PATH, socket_dir=socket_dir)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(socket_dir, mode=0o700)
+        info = os.lstat(socket_dir)
+        user = self._cluster_user()
+        owners = {os.geteuid()} | ({user.pw_uid} if user is not None else set())
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid not in owners:
+            raise EmbeddedPostgresError(
+                f"{socket_dir} (the embedded cluster's socket directory) is not a directory"
+                " of this user's: remove it, or set [database] embedded_dir elsewhere"
+            )
+        os.chmod(socket_dir, 0o700)
+        self._give_to_cluster_user(socket_dir)
+        return socket_dir
 
     def _initdb(self) -> None:
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)

@@ -9,8 +9,8 @@ Where no application asks (twistd's ``--logger``, a tree started by hand), the s
 the log over as it starts: it removes the other observers from the global publisher.
 
 Every JSON line has an ``event`` key, a stable machine name: the daemon's own events name
-themselves (``_log.info(..., event="relay_open")``; README.rst lists them); others are named
-by :func:`event_name`.
+themselves (``_log.info(..., event="relay_open")``; docs/operations.rst lists them); others
+are named by :func:`event_name`.
 """
 
 from __future__ import annotations

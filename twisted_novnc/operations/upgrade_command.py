@@ -39,7 +39,7 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _fields(description: str) -> tuple[list[str], dict[str, str]]:
+def endpoint_fields(description: str) -> tuple[list[str], dict[str, str]]:
     """An endpoint string's positional and keyword fields (``\\:`` escapes a colon)."""
     parts: list[str] = []
     current = ""
@@ -65,7 +65,7 @@ def admin_address(listen: tuple[str, ...]) -> tuple[str, Any]:
     """Where to reach the first reachable ``[admin] listen`` endpoint: ``("tcp", (host,
     port))`` or ``("unix", path)``.  A wildcard interface is reached on loopback."""
     for description in listen:
-        positional, keywords = _fields(description)
+        positional, keywords = endpoint_fields(description)
         kind = positional[0].lower() if positional else ""
         if kind in ("tcp", "tcp6") and (len(positional) > 1 or "port" in keywords):
             port = int(keywords["port"] if "port" in keywords else positional[1])

@@ -3,6 +3,8 @@ cluster's schema."""
 
 from __future__ import annotations
 
+import uuid
+
 import attrs
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -13,6 +15,7 @@ from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.database.schema import schema_sql
 from twisted_novnc.database.store import PostgresSessionStore
 from twisted_novnc.errors import Refusal
+from twisted_novnc.processes.hint import session_hint
 
 _log = Logger()
 
@@ -44,18 +47,6 @@ class EmbeddedSchemaService(Service):
     def startService(self) -> None:
         Service.startService(self)
         apply_sql(self.embedded.dsn, schema_sql(self.settings.database))
-        table = self.settings.database.table
-        db = self.settings.database
-        _log.info(
-            "embedded database ready; add a session (its VM at 10.0.0.5:{port}) with:\n"
-            "  {command}\nthen open ws://<listen address>{path}.  A VNC server on this host"
-            " is on loopback, outside the default [upstream] allowed_networks: start with"
-            " --set upstream.allowed_networks=127.0.0.1/32 --set upstream.allow_self=on"
-            " (make run ARGS=...) to reach it.", event="database_hint",
-            port=self.settings.novnc.target_port,
-            path=self.settings.novnc.path.replace("{session_id}", "<session_id>"),
-            command=self.embedded.embedded.psql_command(
-                f"INSERT INTO {table} ({db.id_column}, {db.ip_column}) "
-                "VALUES (gen_random_uuid(), '10.0.0.5') RETURNING session_id"
-            ),
-        )
+        hint = session_hint(self.settings, str(uuid.uuid4()))
+        _log.info("{hint}", event="database_hint", hint=hint.text(
+            self.embedded.embedded.psql_command, self.settings))
