@@ -262,7 +262,7 @@ class PostgresSessionStore:
             if missing:
                 raise SchemaMismatch(
                     f"table {s.table} has no column {', '.join(missing)}"
-                    " (see [database] in the config)"
+                    " (see [database], [auth] token_column and [vnc] in the config)"
                 )
             self.id_type = types[s.id_column]
             self._select = self._build_select()
