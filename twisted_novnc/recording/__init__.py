@@ -1,0 +1,1 @@
+"""Session recording (``[record]``): what each browser saw, kept for an audit and played back."""
