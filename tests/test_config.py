@@ -144,6 +144,13 @@ VALID = [
     ("database", "pool_size", "1", 1),
     ("database", "pool_size", "64", 64),
     ("database", "embedded_dir", "/var/lib/novnc/pg", "/var/lib/novnc/pg"),
+    ("record", "dir", "/var/lib/novnc/recordings", "/var/lib/novnc/recordings"),
+    ("record", "mode", "all", "all"),
+    ("record", "record_column", "record_me", "record_me"),
+    ("record", "input", "on", True),
+    ("record", "max_bytes", "1", 1),
+    ("record", "max_total_bytes", "0", 0),
+    ("record", "max_total_bytes", "1099511627776", 1 << 40),
 ]
 
 
@@ -204,7 +211,22 @@ INVALID = [
     ("database", "pool_size", "65", "must be from 1 to 64, got 65"),
     ("database", "embedded_dir", "", "must not be empty"),
     ("database", "embedded_dir", "var\n  postgres", "must be one line"),
+    ("record", "dir", "a\n  b", "must be one line"),
+    ("record", "mode", "some", "must be one of all, column"),
+    ("record", "record_column", "record me", "must be an SQL name"),
+    ("record", "input", "yes", "must be on or off"),
+    ("record", "max_bytes", "0", "must be from 1 to"),
+    ("record", "max_bytes", "1GiB", "expected a whole number"),
+    ("record", "max_total_bytes", "-1", "expected a whole number"),
 ]
+
+
+def test_record_column_required_with_mode_column() -> None:
+    """[record] mode = column without record_column names the missing key."""
+    err = error_for("[record]\nmode = column\n")
+    assert str(err) == "test.ini: [record] record_column: required when mode = column"
+    settings = parse_config("[record]\nmode = column\nrecord_column = rec\n")
+    assert (settings.record.mode, settings.record.record_column) == ("column", "rec")
 
 
 @pytest.mark.parametrize(("section", "key", "text", "problem"), INVALID)
@@ -740,6 +762,13 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("log", "format"): st.sampled_from(["text", "json"]),
     ("log", "file"): one_line,
     ("log", "admin_access"): st.booleans(),
+    ("record", "dir"): st.sampled_from(["", "/var/lib/novnc/recordings"]),
+    # Only all: column needs record_column (test_record_column_required_with_mode_column).
+    ("record", "mode"): st.just("all"),
+    ("record", "record_column"): st.one_of(st.just(""), identifier),
+    ("record", "input"): st.booleans(),
+    ("record", "max_bytes"): st.integers(1, 1 << 60),
+    ("record", "max_total_bytes"): st.integers(0, 1 << 60),
 }
 
 

@@ -748,6 +748,57 @@ class LogSettings:
     )
 
 
+#: ``[record] max_bytes``'s default: one recording's payload stops at 1 GiB.
+DEFAULT_RECORD_MAX_BYTES = 1 << 30
+#: The largest byte count a ``[record]`` limit may name (an exabyte: a typo, not a disk).
+_MAX_BYTE_COUNT = 1 << 60
+
+
+@attrs.frozen
+class RecordSettings:
+    """``[record]``: what each relay's browser saw, written to a file for audit and playback."""
+
+    dir: str = _setting(
+        _OPTIONAL_FILE,
+        "",
+        "The directory recordings are written to (created 0700; refused at start if group or"
+        " others have any permission on it); empty = nothing is recorded.",
+    )
+    mode: str = _setting(
+        _choice("all", "column"),
+        "all",
+        "all = every relay is recorded; column = only sessions whose record_column is true.",
+    )
+    record_column: str = _setting(
+        _identifier(optional=True),
+        "",
+        "With mode = column: a boolean column of the sessions table, read with the session.",
+    )
+    input: bool = _setting(
+        _SWITCH,
+        False,
+        "Also record what the browser sent (keystrokes, pointer); off by default because"
+        " keystrokes include passwords.",
+    )
+    max_bytes: int = _setting(
+        _integer(1, _MAX_BYTE_COUNT),
+        DEFAULT_RECORD_MAX_BYTES,
+        "The most payload bytes one recording holds; beyond it the recording stops (the"
+        " session goes on).",
+    )
+    max_total_bytes: int = _setting(
+        _integer(0, _MAX_BYTE_COUNT),
+        0,
+        "The most bytes the directory may hold; beyond it new recordings are refused (never"
+        " sessions); 0 = no limit but the disk.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is recorded at all."""
+        return bool(self.dir)
+
+
 @attrs.frozen
 class Settings:
     """Everything the daemon is configured with, and the file it came from."""
@@ -766,6 +817,9 @@ class Settings:
     web: WebSettings = _section(WebSettings, "The noVNC client's files, on the same listener.")
     admin: AdminSettings = _section(AdminSettings, "The operators' listener: metrics and health.")
     log: LogSettings = _section(LogSettings, "Where the log goes, and in which format.")
+    record: RecordSettings = _section(
+        RecordSettings, "Recordings of what each browser saw, for audit and playback."
+    )
     source: str = "<defaults>"
 
 
@@ -935,6 +989,9 @@ def _check_together(settings: Settings, source: str) -> None:
                     f"{network} is loopback, which is this host: every address in it would be"
                     " refused; set [upstream] allow_self = on to reach the proxy's own host",
                 )
+    record = settings.record
+    if record.mode == "column" and not record.record_column:
+        raise ConfigError(source, "record", "record_column", "required when mode = column")
     novnc = settings.novnc
     if not novnc.proxy_protocol_from:
         for description in novnc.listen:
