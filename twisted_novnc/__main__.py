@@ -12,6 +12,12 @@
   upgrade [--config FILE | --url URL] [--timeout SECONDS]
       upgrade the running daemon (its admin listener's POST /upgrade) and wait: exit 0 once
       complete, 1 with the reason when refused or failed, 2 when the daemon cannot be asked
+  recordings list [--config FILE | --dir DIR] [--json]
+      one line per recording of [record] dir, newest first: name, session, client, start,
+      duration, bytes, outcome, complete or cut
+  recordings export FILE [-o OUT] [--format novnc|json]
+      write a recording as noVNC's playback file (VNC_frame_data, websockify --record's
+      format) or as JSON (metadata and records, payloads in base64); 2 when FILE is not one
   worker --index N
       (internal) one of the [novnc] workers processes, started by the daemon itself
 """
@@ -34,6 +40,8 @@ from twisted_novnc.database.schema import schema_sql
 from twisted_novnc.front.auth import add_mint_token_arguments, run_mint_token
 from twisted_novnc.operations.upgrade_command import add_arguments as add_upgrade_arguments
 from twisted_novnc.operations.upgrade_command import run as run_upgrade
+from twisted_novnc.recording.cli import add_arguments as add_recordings_arguments
+from twisted_novnc.recording.cli import run as run_recordings
 from twisted_novnc.versions import describe
 
 
@@ -71,6 +79,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m twisted_novnc") -
         "upgrade", help="upgrade the running daemon without downtime, and wait for the outcome"
     )
     add_upgrade_arguments(upgrade)
+    recordings = commands.add_parser(
+        "recordings", help="list the recordings of [record] dir, or export one"
+    )
+    add_recordings_arguments(recordings)
     worker = commands.add_parser(
         "worker", help="(internal) one of the [novnc] workers, started by the daemon itself"
     )
@@ -95,6 +107,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m twisted_novnc") -
                 print(f"twisted_novnc: configuration error: {e}", file=sys.stderr)
                 return 2
         return run_upgrade(args, listen)
+    if args.command == "recordings":
+        return run_recordings(args)
     if args.command == "worker":
         from twisted_novnc.processes.worker import run_worker
 

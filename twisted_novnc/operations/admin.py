@@ -1,4 +1,5 @@
-"""The operators' listener: ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz``.
+"""The operators' listener: ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz``, and
+``/recordings/`` (the recordings of ``[record] dir`` and their player: recording/playback.py).
 
 ``/healthz`` answers while the process runs; ``/readyz`` answers 200 only while the database is
 reachable and LISTEN is active, so a load balancer sends browsers only to an instance that
@@ -36,6 +37,7 @@ from twisted_novnc.operations.metrics import (
     supervisor_families,
     worker_families,
 )
+from twisted_novnc.recording.playback import recordings_resource
 
 _log = Logger()
 
@@ -241,12 +243,14 @@ class UpgradePage(Resource):
 
 
 def _root(
-    metrics: IResource, healthz: IResource, readyz: IResource, upgrade: UpgradeTrigger | None
+    metrics: IResource, healthz: IResource, readyz: IResource, upgrade: UpgradeTrigger | None,
+    recordings: IResource,
 ) -> Resource:
     root = Resource()
     root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", healthz)
     root.putChild(b"readyz", readyz)
+    root.putChild(b"recordings", recordings)
     if upgrade is not None:
         root.putChild(b"upgrade", UpgradePage(upgrade))
     return root
@@ -260,9 +264,12 @@ def _site(
     request_timeout: float,
     upgrade: UpgradeTrigger | None = None,
     access_log: bool = False,
+    recordings_dir: str = "",
 ) -> AdminSite:
     """The admin listener's pages; no tracebacks, and access lines only if asked for."""
-    root = _root(metrics, healthz, readyz, upgrade)
+    root = _root(
+        metrics, healthz, readyz, upgrade, recordings_resource(recordings_dir, reactor)
+    )
     return _quiet(AdminSite(root, reactor, request_timeout, access_log))
 
 
@@ -314,12 +321,13 @@ def _header(request: Request, name: bytes) -> str:
 
 def admin_site(
     metrics: Metrics, reactor: IReactorTime, request_timeout: float = REQUEST_TIMEOUT,
-    upgrade: UpgradeTrigger | None = None, access_log: bool = False,
+    upgrade: UpgradeTrigger | None = None, access_log: bool = False, recordings_dir: str = "",
 ) -> AdminSite:
-    """The admin listener of a process that serves browsers itself."""
+    """The admin listener of a process that serves browsers itself; ``recordings_dir`` is
+    ``[record] dir`` (empty: recording is off, ``/recordings/`` says so)."""
     return _site(
         MetricsPage(metrics.registry), Healthz(metrics), Readyz(metrics), reactor,
-        request_timeout, upgrade, access_log,
+        request_timeout, upgrade, access_log, recordings_dir,
     )
 
 
@@ -436,8 +444,11 @@ class WorkersHealthz(Resource):
         return body
 
 
-def serve_workers(site: Site, pool: WorkerPool, upgrade: UpgradeTrigger | None) -> None:
+def serve_workers(
+    site: Site, pool: WorkerPool, upgrade: UpgradeTrigger | None, recordings_dir: str = ""
+) -> None:
     """Have a process's admin site show its workers from now on (``workers = 1`` after its
-    first upgrade: the main process supervises, it no longer relays)."""
+    first upgrade: the main process supervises, it no longer relays).  The recordings are
+    files in ``recordings_dir``, which the supervisor reads itself."""
     site.resource = _root(WorkersMetrics(pool), WorkersHealthz(pool), WorkersReadyz(pool),
-                          upgrade)
+                          upgrade, recordings_resource(recordings_dir, site.reactor))

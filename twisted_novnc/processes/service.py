@@ -102,7 +102,7 @@ def make_service(
     metrics = Metrics()
     site = admin_site(
         metrics, reactor, settings.novnc.request_timeout, upgrade,
-        access_log=settings.log.admin_access,
+        access_log=settings.log.admin_access, recordings_dir=settings.record.dir,
     )
     # The admin listener stops last: /readyz says 503 (not "connection refused") until the end.
     admin = _admin_listeners(settings, reactor, site, top)
@@ -134,7 +134,7 @@ def make_service(
 
     upgrader = Upgrader(
         settings, overrides, reactor, launcher, load_secret, serving, local=local,
-        supervising=lambda supervisor: serve_workers(site, supervisor, upgrade),
+        supervising=lambda pool: serve_workers(site, pool, upgrade, settings.record.dir),
     )
     upgrader.setServiceParent(serving)
     _notice(settings, reactor, site, admin, top)
@@ -356,7 +356,7 @@ def make_supervisor_service(
         supervisor=supervisor,
     )
     upgrader.setServiceParent(top)
-    serve_workers(site, supervisor, upgrade)
+    serve_workers(site, supervisor, upgrade, settings.record.dir)
     never_accepts = Factory.forProtocol(Protocol)
     never_accepts.noisy = False
     for description, sharing in listeners:
