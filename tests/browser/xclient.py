@@ -3,6 +3,10 @@
 ``xclient.py paint '#3366cc'`` sets the root window's background colour and exits (the X server
 must run with ``-noreset`` to keep it once the client is gone).
 
+``xclient.py pattern '#cc3333'`` draws a known picture on the root window over its background:
+rectangles of fixed colours (the first one of that colour) and a band of stripes in many colours,
+and exits.
+
 ``xclient.py record '#22aa44'`` maps a window of that colour over the whole screen, gives it the
 input focus itself (there is no window manager to do it), prints ``{"type": "ready", ...}`` and
 then one JSON line per key or button press it receives, until it is killed.
@@ -46,6 +50,26 @@ def paint(d: display.Display, colour: str) -> None:
     d.sync()
 
 
+#: What ``pattern`` draws besides its first rectangle: (x, y, width, height, colour).
+PATTERN = [
+    (20, 20, 100, 60, "#22aa44"),
+    (40, 150, 60, 60, "#ffffff"),
+]
+
+
+def pattern(d: display.Display, colour: str) -> None:
+    screen = d.screen()
+    root = screen.root
+    rectangles = [(180, 40, 120, 80, colour), *PATTERN]
+    for x, y, width, height, fill in rectangles:
+        root.fill_rectangle(root.create_gc(foreground=pixel(screen, fill)), x, y, width, height)
+    # Stripes of many colours, so that the picture is not all flat fills.
+    for i in range(64):
+        fill = f"#{(i * 4) % 256:02x}{(255 - i * 4) % 256:02x}{(i * 37) % 256:02x}"
+        root.fill_rectangle(root.create_gc(foreground=pixel(screen, fill)), 120 + i * 3, 150, 3, 70)
+    d.sync()
+
+
 def record(d: display.Display, colour: str) -> None:
     screen = d.screen()
     width, height = screen.width_in_pixels, screen.height_in_pixels
@@ -84,6 +108,8 @@ def main(argv: list[str]) -> int:
     d = display.Display()
     if command == "paint":
         paint(d, colour)
+    elif command == "pattern":
+        pattern(d, colour)
     elif command == "record":
         record(d, colour)
     else:
