@@ -231,6 +231,10 @@ def _proxy(
         db, dsn, reactor, token_column=settings.auth.token_column, listen_dsn=listen_dsn,
         password_column=settings.vnc.password_column,
         username_column=settings.vnc.username_column,
+        record_column=(
+            settings.record.record_column
+            if settings.record.enabled and settings.record.mode == "column" else ""
+        ),
     )
     gate = ReadinessGate(
         source=store,
