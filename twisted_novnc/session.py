@@ -22,6 +22,9 @@ class SessionRow:
     token_digest: str | None = None
     #: The VM's VNC password and user name (``[vnc] password_column``, ``username_column``).
     credentials: VNCCredentials | None = None
+    #: ``[record] record_column``: whether to record this session's relays; None when the
+    #: column is not configured (or NULL).
+    record: bool | None = None
 
 
 @attrs.frozen
@@ -54,6 +57,8 @@ class Target:
     expires_at: float | None = None
     token_digest: str | None = None
     credentials: VNCCredentials | None = None
+    #: The row's ``[record] record_column``, None when not configured.
+    record: bool | None = None
 
 
 @functools.lru_cache(maxsize=4096)

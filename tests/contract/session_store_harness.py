@@ -81,7 +81,7 @@ def postgres(dsn: str, id_type: str) -> Iterator[Harness]:
         dsn,
         f'CREATE TABLE "{name}" (session_id {id_type} PRIMARY KEY, vm_ip text,'
         " vnc_port integer, status text, expires_at timestamptz, token_digest text,"
-        " vnc_password text, vnc_user text)",
+        " vnc_password text, vnc_user text, record boolean)",
     )
     connection = psycopg2.connect(dsn)
     connection.autocommit = True
@@ -91,16 +91,16 @@ def postgres(dsn: str, id_type: str) -> Iterator[Harness]:
         with connection.cursor() as cursor:
             cursor.execute(
                 f'INSERT INTO "{name}" (session_id, vm_ip, vnc_port, status, expires_at,'
-                " token_digest, vnc_password, vnc_user)"
-                " VALUES (%s, %s, %s, %s, to_timestamp(%s), %s, %s, %s)",
+                " token_digest, vnc_password, vnc_user, record)"
+                " VALUES (%s, %s, %s, %s, to_timestamp(%s), %s, %s, %s, %s)",
                 (row.session_id, row.vm_ip, row.port, row.status, row.expires_at,
-                 row.token_digest, credentials.password, credentials.username),
+                 row.token_digest, credentials.password, credentials.username, row.record),
             )
 
     observer = _Listening()
     store = PostgresSessionStore(
         settings, lambda: dsn, reactor, observer, token_column="token_digest",
-        password_column="vnc_password", username_column="vnc_user",
+        password_column="vnc_password", username_column="vnc_user", record_column="record",
     )
     store.start()
     try:

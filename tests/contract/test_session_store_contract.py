@@ -69,6 +69,7 @@ def full_row(session_id: str, token: str | None = "secret") -> SessionRow:
         expires_at=1767225600.25,
         token_digest=digest(token) if token is not None else None,
         credentials=VNCCredentials("vnc-pass", "vnc-user"),
+        record=True,
     )
 
 
@@ -160,14 +161,14 @@ async def test_fetch_of_one_row_in_two_spellings_answers_it_once(harness: Harnes
 
 @pytest_twisted.ensureDeferred
 async def test_fetch_returns_every_column_as_committed(harness: Harness) -> None:
-    """vm_ip, port, status, expires_at, the token digest and the VNC credentials read back as
-    committed, or None."""
+    """vm_ip, port, status, expires_at, the token digest, the VNC credentials and the record
+    flag read back as committed, or None."""
     harness.put(full_row(UUID))
     harness.put(SessionRow(OTHER_UUID, None, None, None, None, None))
     rows = await harness.source.fetch([UUID, OTHER_UUID])
     assert rows[UUID] == SessionRow(
         UUID, "10.0.0.5", 5901, "running", 1767225600.25, digest("secret"),
-        VNCCredentials("vnc-pass", "vnc-user"),
+        VNCCredentials("vnc-pass", "vnc-user"), record=True,
     )
     assert rows[UUID].credentials.password == "vnc-pass"
     assert "vnc-pass" not in repr(rows[UUID])

@@ -305,7 +305,8 @@ class ReadinessGate:
             else:
                 port = row.port or self.default_port
                 self._succeed(key, Target(
-                    key, host, port, row.expires_at, row.token_digest, row.credentials
+                    key, host, port, row.expires_at, row.token_digest, row.credentials,
+                    row.record,
                 ))
 
     def _show_row(self, key: str, row: SessionRow) -> None:

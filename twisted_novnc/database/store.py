@@ -42,10 +42,11 @@ from twisted_novnc.session import SessionRow, VNCCredentials
 
 _log = Logger()
 
-#: (id, vm_ip, port, status, expires_at, token digest, VNC password, VNC user name) as the
-#: lookup query returns them.
+#: (id, vm_ip, port, status, expires_at, token digest, VNC password, VNC user name, record) as
+#: the lookup query returns them.
 RowTuple = tuple[
-    str, str | None, int | None, str | None, float | None, str | None, str | None, str | None
+    str, str | None, int | None, str | None, float | None, str | None, str | None, str | None,
+    bool | None,
 ]
 
 
@@ -53,7 +54,7 @@ def _row(r: RowTuple) -> SessionRow:
     credentials = None if r[6] is None and r[7] is None else VNCCredentials(r[6], r[7])
     return SessionRow(
         r[0], vm_ip=r[1], port=r[2], status=r[3], expires_at=r[4], token_digest=r[5],
-        credentials=credentials,
+        credentials=credentials, record=r[8],
     )
 
 #: libpq options for every connection: a name to find it by in pg_stat_activity, a bounded
@@ -116,6 +117,8 @@ class PostgresSessionStore:
     #: ``[vnc] password_column`` and ``username_column``, read with the row when set.
     password_column: str = ""
     username_column: str = ""
+    #: ``[record] record_column``, read with the row when set.
+    record_column: str = ""
     id_type: str | None = None
     _pool: txpostgres.ConnectionPool | None = None
     _listener: txpostgres.Connection | None = None
@@ -257,12 +260,14 @@ class PostgresSessionStore:
             wanted = [
                 s.id_column, s.ip_column, s.port_column, s.status_column, s.expires_column,
                 self.token_column, self.password_column, self.username_column,
+                self.record_column,
             ]
             missing = [c for c in wanted if c and c not in types]
             if missing:
                 raise SchemaMismatch(
                     f"table {s.table} has no column {', '.join(missing)}"
-                    " (see [database], [auth] token_column and [vnc] in the config)"
+                    " (see [database], [auth] token_column, [vnc] and [record] record_column"
+                    " in the config)"
                 )
             self.id_type = types[s.id_column]
             self._select = self._build_select()
@@ -283,10 +288,14 @@ class PostgresSessionStore:
             f"{quote_ident(column)}::text" if column else "NULL::text"
             for column in (self.password_column, self.username_column)
         )
+        record = (
+            f"{quote_ident(self.record_column)}::boolean" if self.record_column
+            else "NULL::boolean"
+        )
         ident = quote_ident(s.id_column)
         self._columns = (
             f"{ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}, {expires},"
-            f" {token}, {secrets}"
+            f" {token}, {secrets}, {record}"
         )
         return (
             f"SELECT {self._columns} FROM {quote_ident(s.table)}"

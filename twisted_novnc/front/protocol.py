@@ -74,6 +74,7 @@ from twisted_novnc.front.requesthead import (
 from twisted_novnc.front.viewer import Viewer
 from twisted_novnc.operations.metrics import Metrics, outcome_label
 from twisted_novnc.reactors import ISocketReactor
+from twisted_novnc.recording.recorder import Recorder
 from twisted_novnc.relay.flow import PEER_FULL, ConnectionFlow
 from twisted_novnc.relay.handoff import MovedRelay
 from twisted_novnc.relay.relay import Relay, TransportPeer
@@ -372,6 +373,11 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         # of the proxy's own, with no password to ask for (twisted_novnc.vnc).
         greeting = BrowserGreeting() if getattr(upstream, "login", None) is not None else None
         self.relay = Relay(target.session_id, browser=self, vm=upstream, greeting=greeting)
+        if factory.recorder is not None:
+            # Before start: the proxy's own RFB opening is what the browser sees first.
+            self.relay.recording = factory.recorder.begin(
+                target.session_id, self.client, target.record
+            )
         self.relay.start()
         self.relay_started(self.relay)
         self._connected.upstream.attach(self.relay)
@@ -574,6 +580,7 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             vm_unread=upstream.unread(),
             session_counted=attempt.session_counted,
             handed_at=now,
+            recording=relay.recording.moved() if relay.recording is not None else None,
         )
         fds = [browser_fd, vm_fd]
         self._moved = True
@@ -613,6 +620,9 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             moved.session_id, browser=self, vm=upstream, up_bytes=moved.up_bytes,
             down_bytes=moved.down_bytes, activity=moved.activity,
         )
+        if moved.recording is not None and factory.recorder is not None:
+            # The same file, appended to: one recording, however many processes it crossed.
+            relay.recording = factory.recorder.resume(moved.recording)
         factory.metrics.relay_moved_in(moved.up_bytes, moved.down_bytes)
         relay.start()
         self.relay_started(relay)
@@ -650,6 +660,8 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
         self._moved = True
         if self.relay is not None:
             self.relay.moved()
+            if self.relay.recording is not None:
+                self.relay.recording.let_go()
         self._browser_left()
 
     # -- the end ---------------------------------------------------------------------------------
@@ -787,6 +799,8 @@ class NoVNCServerProtocol(TransportPeer, WebSocketServerProtocol):  # type: igno
             return
         if relay is not None:
             factory.metrics.relay_closed(up, down)
+            if relay.recording is not None:
+                relay.recording.finish(outcome, up, down)
         self._log.info(
             "closed {session_id} from {client}: {outcome} waited={wait_seconds:.3f}s"
             " relayed={relay_seconds:.3f}s up={up_bytes} down={down_bytes}",
@@ -897,6 +911,7 @@ class NoVNCServerFactory(WebSocketServerFactory):
         fast_path: bool = True,
         web_send_timeout: float = WebSettings().send_timeout,
         viewer: Viewer | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         # Autobahn's own Server header would name its version to every scanner.
         super().__init__(server="twisted_novnc", reactor=clock)
@@ -908,6 +923,8 @@ class NoVNCServerFactory(WebSocketServerFactory):
         self.web_send_timeout = web_send_timeout
         #: The viewer page and its files ([web] viewer), or None when it is off.
         self.viewer = viewer
+        #: Records each relay (``[record]``), or None when nothing is recorded.
+        self.recorder = recorder
         self.fast_path = fast_path
         self.pipeline = Pipeline(
             settings,

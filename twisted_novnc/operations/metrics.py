@@ -133,6 +133,9 @@ class Metrics:
     descriptor_limit_hits: Any = attrs.field(init=False)
     relay_move: Any = attrs.field(init=False)
     vm_logins: Any = attrs.field(init=False)
+    recordings: Any = attrs.field(init=False)
+    recordings_stopped: Any = attrs.field(init=False)
+    recorded_bytes: Any = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -184,6 +187,23 @@ class Metrics:
             "How long each relay taken over in an upgrade stood still: from the old process's"
             " last read to this one's take-over.",
             buckets=MOVE_BUCKETS, registry=r,
+        )
+        self.recordings = Counter(
+            "twisted_novnc_recordings",
+            "Recordings ([record]) by result: started, resumed (a relay moved here by an"
+            " upgrade), refused (the directory at max_total_bytes).",
+            ["result"], registry=r,
+        )
+        self.recordings_stopped = Counter(
+            "twisted_novnc_recordings_stopped",
+            "Recordings stopped before their relay ended (the session went on), by reason:"
+            " max_bytes, backlog, disk_full, io_error.",
+            ["reason"], registry=r,
+        )
+        self.recorded_bytes = Counter(
+            "twisted_novnc_recorded_bytes",
+            "Bytes written to recording files (records' heads included).",
+            registry=r,
         )
         r.register(_LiveCollector(self))
         # process_open_fds and process_max_fds beside the limit hits; CPU and memory too.

@@ -10,7 +10,7 @@ from types import FrameType
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -91,11 +91,23 @@ class DrainService(Service):
     grace: float = 3.0
     _timers: list[IDelayedCall] = attrs.field(factory=list)
     _previous_handler: SignalHandler = None
+    _draining: bool = False
+    _waiting: list[Deferred[None]] = attrs.field(factory=list)
+
+    def when_drained(self) -> Deferred[None]:
+        """Fires once a drain under way is over (at once when none is): what must outlive
+        the relays (the recorder's end records) waits here."""
+        if not self._draining:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
 
     def stopService(self) -> Deferred[None] | None:
         Service.stopService(self)
         if not self.factory.connections:
             return None
+        self._draining = True
         _log.info(
             "draining: {live} live relays may go on for {timeout:g}s ({total} connections open)",
             event="drain_started",
@@ -151,4 +163,8 @@ class DrainService(Service):
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
         _log.info("drained", event="drained")
+        self._draining = False
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
         return result

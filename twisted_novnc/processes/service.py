@@ -45,6 +45,12 @@ from twisted_novnc.processes.startup import ProcessSetupService, StartupDoneServ
 from twisted_novnc.processes.supervisor import SequentialMultiService, Supervisor
 from twisted_novnc.processes.upgrade import Router
 from twisted_novnc.reactors import IDaemonReactor
+from twisted_novnc.recording.recorder import (
+    Recorder,
+    RecorderService,
+    ThreadWriter,
+    prepare_directory,
+)
 from twisted_novnc.relay.hostaddresses import HostAddresses
 from twisted_novnc.relay.targets import TargetPolicy
 from twisted_novnc.relay.upstream import tls_trust, upstream_connector
@@ -231,6 +237,10 @@ def _proxy(
         db, dsn, reactor, token_column=settings.auth.token_column, listen_dsn=listen_dsn,
         password_column=settings.vnc.password_column,
         username_column=settings.vnc.username_column,
+        record_column=(
+            settings.record.record_column
+            if settings.record.enabled and settings.record.mode == "column" else ""
+        ),
     )
     gate = ReadinessGate(
         source=store,
@@ -261,11 +271,16 @@ def _proxy(
         upstream.allowed_networks, upstream.allowed_ports,
         host=None if upstream.allow_self else HostAddresses(reactor),
     )
+    recorder = (
+        Recorder(settings.record, reactor, ThreadWriter(reactor), metrics)
+        if settings.record.enabled else None
+    )
     factory = NoVNCServerFactory(
         settings.novnc, gate, connect, reactor, metrics, settings.auth, secret, targets,
         web_root=settings.web.root, tokens=store, fast_path=fast,
         web_send_timeout=settings.web.send_timeout,
         viewer=Viewer(settings.novnc.path) if settings.web.viewer else None,
+        recorder=recorder,
     )
     metrics.live = LiveState(
         connections_open=lambda: len(factory.connections),
@@ -277,6 +292,10 @@ def _proxy(
     )
     store.on_reconnect(metrics.database_reconnects.inc)
     drain = DrainService(factory, settings.novnc.drain_timeout, reactor)
+    if recorder is not None:
+        # Before the drain: a MultiService stops its children last first, so the drain has
+        # begun when the recorder's stop waits for it to end.
+        RecorderService(recorder, drain.when_drained).setServiceParent(parent)
     drain.setServiceParent(parent)
     return _Proxy(factory, metrics, drain, reactor)
 
@@ -392,6 +411,7 @@ def load_secret(settings: Settings) -> bytes:
     except ValueError as e:
         raise ConfigError(settings.source, "upstream", "ca_file", str(e)) from None
     shared_credentials(settings)
+    prepare_directory(settings.record, settings.source)
     if settings.auth.mode != "hmac":
         return b""
     try:

@@ -79,6 +79,9 @@ class MovedRelay:
     #: When the old process stopped reading its sockets (its clock, the host's time): the new
     #: one says how long the relay stood still (``twisted_novnc_relay_move_seconds``).
     handed_at: float = 0.0
+    #: The relay's recording as the old process left it (``[record]``: path, header,
+    #: recorded bytes, stopped), or None.  A default, since an older generation sends none.
+    recording: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
         data = attrs.asdict(self, recurse=False)

@@ -10,7 +10,7 @@ kernel pushes back on the VM.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 import attrs
@@ -19,6 +19,9 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted_novnc.errors import Refusal
 from twisted_novnc.vnc.browser_greeting import BrowserGreeting, Greeted
 from twisted_novnc.vnc.vm_login import Failed, Send
+
+if TYPE_CHECKING:
+    from twisted_novnc.recording.recorder import Recording
 
 #: Bytes a VM may send during the browser's RFB opening (it should send none).
 VM_HELD_LIMIT = 64 * 1024
@@ -80,6 +83,9 @@ class Relay:
     #: The proxy's own RFB opening with the browser, when it logged in to the VM itself
     #: (twisted_novnc.vnc): until it is done nothing passes either way.
     greeting: BrowserGreeting | None = None
+    #: Where what the browser saw (and sent) is recorded (``[record]``), or None: then the
+    #: relay's path costs one ``is None`` per chunk.
+    recording: Recording | None = None
     _vm_held: list[bytes] = attrs.field(factory=list)
 
     def start(self) -> None:
@@ -87,16 +93,21 @@ class Relay:
         self.browser.consumer.registerProducer(self.vm.producer, True)
         self.vm.consumer.registerProducer(self.browser.producer, True)
         if self.greeting is not None:
-            self.browser.send(self.greeting.start())
+            self._to_browser(self.greeting.start())
 
     def from_browser(self, data: bytes) -> None:
         if self.ended_by is None:
+            if self.recording is not None:
+                self.recording.up(data)
             if self.greeting is not None:
                 self._greet(bytes(data))
                 return
-            self.up_bytes += len(data)
-            self.activity += 1
-            self.vm.send(data)
+            self._to_vm(data)
+
+    def _to_vm(self, data: bytes) -> None:
+        self.up_bytes += len(data)
+        self.activity += 1
+        self.vm.send(data)
 
     def from_vm(self, data: bytes) -> None:
         if self.ended_by is None:
@@ -105,19 +116,27 @@ class Relay:
                 return
             self.down_bytes += len(data)
             self.activity += 1
+            if self.recording is not None:
+                self.recording.down(data)
             self.browser.send(data)
+
+    def _to_browser(self, data: bytes) -> None:
+        """The proxy's own bytes to the browser (its RFB opening): recorded, not counted."""
+        if self.recording is not None:
+            self.recording.down(data)
+        self.browser.send(data)
 
     def _greet(self, data: bytes) -> None:
         assert self.greeting is not None
         for action in self.greeting.receive(data):
             if isinstance(action, Send):
-                self.browser.send(action.data)
+                self._to_browser(action.data)
             elif isinstance(action, Greeted):
                 # The browser's ClientInit (and anything after it) is the VM's from here on.
                 self.greeting = None
                 held, self._vm_held = self._vm_held, []
                 if action.leftover:
-                    self.from_browser(action.leftover)
+                    self._to_vm(action.leftover)
                 for chunk in held:
                     self.from_vm(chunk)
             elif isinstance(action, Failed):
