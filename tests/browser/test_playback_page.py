@@ -14,9 +14,11 @@ import pytest
 import pytest_twisted
 from browser_harness import SCREEN, XClient, within
 from db_fixtures import insert_ready
-from rfb_recording import RecordingProxy
 from test_novnc import BLUE, EVERYWHERE, paint_root
 from test_viewer_page import no_policy_violation, shows, viewer_url
+from twisted.internet import defer, reactor, task
+
+from twisted_novnc.recording.format import SUFFIX, read_info
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.integration]
 
@@ -43,6 +45,18 @@ def player_url(admin_port: int, name: str, speed: str) -> str:
     return f"http://127.0.0.1:{admin_port}/recordings/{quote(name)}?speed={speed}"
 
 
+@defer.inlineCallbacks
+def complete_recording(directory):  # type: ignore[no-untyped-def]
+    """The directory's one recording once its end record is written (the recorder's thread
+    writes it just after the relay closes): checked every 50 ms; the caller bounds the wait."""
+    while True:
+        found = [p for p in directory.iterdir() if p.name.endswith(SUFFIX)]
+        if len(found) == 1 and read_info(str(found[0])).complete:
+            return found[0]
+        assert len(found) <= 1, found
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
 def seek_to(position: str) -> str:
     """A page expression: move the position bar and let go (its ``change`` event)."""
     return (
@@ -61,17 +75,18 @@ def test_the_player_ends_on_the_live_canvas(
     yield paint_root(xvnc, BLUE)
     directory = tmp_path / "recordings"
     directory.mkdir(mode=0o700)
-    proxy = RecordingProxy(directory, xvnc.rfb_port)
-    vnc_port = yield proxy.listen()
     daemon = yield daemon_factory(
         {"record": {"dir": str(directory)}, "admin": {"listen": "tcp:0:interface=127.0.0.1"}}
     )
     sid = str(uuid.uuid4())
-    insert_ready(pg, sessions_table, sid, vnc_port)
+    insert_ready(pg, sessions_table, sid, xvnc.rfb_port)
 
     live = yield browser.open(viewer_url(daemon.port, sid))
     try:
         yield live.wait_for(shows(EVERYWHERE, BLUE))
+        # Two seconds of the plain desktop first, so that at real speed the player is still
+        # playing when the test pauses it (a length for the recording, not a wait for anything).
+        yield live.evaluate("new Promise((resolve) => setTimeout(() => resolve(true), 2000))")
         client = XClient.run(xvnc, "pattern", "#cc3333")
         assert (yield within(client.ended)) == 0, client.output
         yield live.wait_for(shows([(240, 80)], RED))
@@ -82,8 +97,10 @@ def test_the_player_ends_on_the_live_canvas(
         no_policy_violation(live)
     finally:
         yield live.close()
-    path = yield within(proxy.when_recorded())
-    yield proxy.listening.stopListening()
+    yield within(daemon.when_logged(f"closed {sid}"))
+    path = yield within(complete_recording(directory))
+    info = read_info(str(path))
+    assert info.header.session_id == sid and info.complete and not info.stopped, info
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
 
     listing = yield browser.open(f"http://127.0.0.1:{daemon.admin_port}/recordings/")
@@ -92,7 +109,7 @@ def test_the_player_ends_on_the_live_canvas(
         links = yield listing.evaluate(
             "Array.from(document.querySelectorAll('#recordings a'), (a) => a.textContent)"
         )
-        assert links == ["recorded"]
+        assert links == [sid]
         yield fast.wait_for(f"{STATE} === 'ended'")
         assert (yield fast.evaluate(CANVAS_DIGEST)) == final
         no_policy_violation(fast)
@@ -107,6 +124,7 @@ def test_the_player_ends_on_the_live_canvas(
         yield slow.evaluate("document.getElementById('play').click() ?? true")
         yield slow.wait_for(f"{STATE} === 'paused'")
         paused_at = yield slow.evaluate(POSITION)
+        assert 0 < paused_at < info.last_ms
         # Nothing happens while paused: the position half a second later is the same.
         later = yield slow.evaluate(
             f"new Promise((resolve) => setTimeout(() => resolve({POSITION}), 500))"
