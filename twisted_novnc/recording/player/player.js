@@ -31,6 +31,9 @@ const bar = document.getElementById('position');
 const timeLabel = document.getElementById('time');
 const meta = document.getElementById('meta');
 
+// While the position bar is held, playback does not move it under the pointer.
+let dragging = false;
+
 const name = decodeURIComponent(location.pathname.slice(location.pathname.lastIndexOf('/') + 1));
 
 // The recording: its header, the D records (offsets into the file), notes and end.
@@ -239,6 +242,9 @@ class Player {
 
     show() {
         body.dataset.position = String(Math.round(this.position));
+        if (dragging) {
+            return;
+        }
         bar.value = String(Math.round(this.position));
         timeLabel.textContent = `${seconds(this.position)} / ${seconds(this.rec.lastMs)}`;
     }
@@ -358,9 +364,13 @@ async function main() {
     speedSelect.addEventListener('change', () => player.setSpeed(speedSelect.value));
     playButton.addEventListener('click', () => (player.playing ? player.pause() : player.play()));
     bar.addEventListener('input', () => {
+        dragging = true;
         timeLabel.textContent = `${seconds(Number(bar.value))} / ${seconds(rec.lastMs)}`;
     });
-    bar.addEventListener('change', () => player.seek(Number(bar.value)));
+    bar.addEventListener('change', () => {
+        dragging = false;
+        player.seek(Number(bar.value));
+    });
     player.fresh();
     player.show();
     player.start();
