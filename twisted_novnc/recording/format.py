@@ -257,6 +257,14 @@ def read_info(path: str) -> RecordingInfo:
             elif record.kind == NOTE:
                 with contextlib.suppress(ValueError):
                     stopped = decode_json(record).get("stopped") or stopped
+            elif record.kind == END:
+                # Whole, but its trailing length was cut: the end is known all the same.
+                with contextlib.suppress(ValueError, TypeError):
+                    ending = Ending(**decode_json(record))
+                    return RecordingInfo(
+                        path, header, ending, last_ms, size, ending.recorded_bytes,
+                        ending.stopped,
+                    )
         return RecordingInfo(path, header, None, last_ms, size, recorded, stopped)
 
 
