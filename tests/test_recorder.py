@@ -6,10 +6,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -27,6 +30,7 @@ from twisted_novnc.recording.recorder import (
     Recorder,
     RecorderService,
     Recording,
+    ThreadWriter,
     prepare_directory,
 )
 from twisted_novnc.relay.relay import Relay
@@ -383,3 +387,25 @@ def test_a_relay_without_recording_is_untouched(tmp_path: Path) -> None:
     relay.from_vm(b"abc")
     relay.from_browser(b"de")
     assert (browser.transport.value(), vm.transport.value()) == (b"abc", b"de")
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_thread_writer_runs_jobs_in_order_off_the_reactor_thread():
+    """Jobs run one at a time, in order, on one thread that is not the reactor's; run_now
+    waits for every job before it; stop fires once all are done."""
+    writer = ThreadWriter(reactor)
+    writer.start()
+    seen: list[tuple[int, str]] = []
+
+    def job(n: int) -> int:
+        seen.append((n, threading.current_thread().name))
+        return n
+
+    results = [writer.run(lambda n=n: job(n)) for n in range(5)]
+    assert writer.run_now(lambda: job(5), 10.0) == 5
+    assert [n for n, _ in seen] == list(range(6))
+    assert {name for _, name in seen} != {threading.current_thread().name}
+    assert len({name for _, name in seen}) == 1
+    got = yield defer.gatherResults(results)
+    assert got == list(range(5))
+    yield writer.stop()
