@@ -330,3 +330,30 @@ def test_an_upgrade_moves_the_recording_with_its_relay(
     info = read_info(str(path))
     assert info.ending is not None and info.ending.outcome == "1000"
     assert info.recorded_bytes == len(client.received)
+
+
+@pytest_twisted.inlineCallbacks
+def test_each_worker_records_its_relays(
+    daemon_factory, pg, sessions_table, vnc_server, tmp_path
+):
+    """With [novnc] workers = 2 each worker records the relays it serves (one file per
+    relay, whole), and the metrics carry the worker's label."""
+    directory = tmp_path / "rec"
+    daemon = yield daemon_factory(recorded(directory), workers=2)
+    yield within(daemon.when_logged("listening for session changes", times=2))
+    clients = []
+    for _ in range(6):
+        _, client = yield echo_session(daemon, pg, sessions_table, vnc_server, [b"w"])
+        clients.append(client)
+    for n, client in enumerate(clients):
+        yield close(client, daemon, n + 1)
+    paths = files(directory)
+    assert len(paths) == 6
+    for path in paths:
+        yield until(lambda path=path: complete(path))
+    values = yield metrics(daemon)
+    started = sum(
+        values.get(("twisted_novnc_recordings_total", (("result", "started"), ("worker", w))), 0)
+        for w in ("1", "2")
+    )
+    assert started == 6
