@@ -4,6 +4,7 @@ disk job at once, and the relay's hooks into it."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import threading
@@ -33,6 +34,7 @@ from twisted_novnc.recording.recorder import (
     ThreadWriter,
     prepare_directory,
 )
+from twisted_novnc.relay.handoff import MovedRelay
 from twisted_novnc.relay.relay import Relay
 from twisted_novnc.testing import MemoryPeer
 from twisted_novnc.vnc.browser_greeting import BrowserGreeting
@@ -409,3 +411,19 @@ def test_the_thread_writer_runs_jobs_in_order_off_the_reactor_thread():
     got = yield defer.gatherResults(results)
     assert got == list(range(5))
     yield writer.stop()
+
+
+def test_a_moved_relay_carries_its_recording_and_an_old_sender_none(tmp_path: Path) -> None:
+    """The recording's state travels in MovedRelay; a record from an older generation,
+    without the field, still decodes (recording None)."""
+    recorder, _, _ = make(tmp_path)
+    recording = begin(recorder)
+    state = recording.moved()
+    moved = MovedRelay(
+        1, "s1", "10.0.0.5", 5900, None, "192.0.2.7", "tcp", None, True, 1, 2, 3, 0.5, 1.0,
+        recording=state,
+    )
+    assert MovedRelay.decode(moved.encode()) == moved
+    old = json.loads(moved.encode())
+    del old["recording"]
+    assert MovedRelay.decode(json.dumps(old).encode()).recording is None

@@ -18,6 +18,13 @@ from db_fixtures import insert_ready
 from e2e_support import connect_session, http_get, metric_values, new_id, until, within
 from required_tools import require
 from test_upgrade import moved_count
+from test_vnc_login import (  # noqa: F401  (vnc_factory: a fixture)
+    PASSWORD,
+    add_password_column,
+    greet,
+    set_password,
+    vnc_factory,
+)
 from upgrade_support import run_upgrade
 
 from twisted_novnc.database.embedded import apply_sql
@@ -357,3 +364,31 @@ def test_each_worker_records_its_relays(
         for w in ("1", "2")
     )
     assert started == 6
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_proxys_own_opening_is_recorded_as_the_browser_saw_it(
+    daemon_factory, pg, sessions_table, postgres_dsn, vnc_factory, tmp_path  # noqa: F811
+):
+    """With [vnc] credentials the browser's RFB opening is the proxy's, not the VM's: the
+    file's D payloads are still exactly what the browser received, greeting included, and
+    the U payloads what it sent."""
+    vm, port = vnc_factory()
+    add_password_column(postgres_dsn, sessions_table)
+    directory = tmp_path / "rec"
+    daemon = yield daemon_factory({
+        **recorded(directory, input="on"), "vnc": {"password_column": "vnc_pw"},
+    })
+    sid = new_id()
+    insert_ready(pg, sessions_table, sid, port)
+    set_password(sessions_table, pg, sid, PASSWORD)
+    client = yield connect_session(daemon.port, sid)
+    yield greet(client)
+    client.sendMessage(b"frame", isBinary=True)
+    yield within(client.when_received(len(client.received) + 5))
+    yield close(client, daemon)
+    (path,) = files(directory)
+    yield until(lambda: complete(path))
+    assert b"".join(payloads(path, DOWN)) == bytes(client.received)
+    assert b"".join(payloads(path, UP)) == b"RFB 003.008\n\x01\x01frame"
+    assert PASSWORD.encode() not in path.read_bytes()
