@@ -4,12 +4,16 @@ disk job at once, and the relay's hooks into it."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -27,8 +31,10 @@ from twisted_novnc.recording.recorder import (
     Recorder,
     RecorderService,
     Recording,
+    ThreadWriter,
     prepare_directory,
 )
+from twisted_novnc.relay.handoff import MovedRelay
 from twisted_novnc.relay.relay import Relay
 from twisted_novnc.testing import MemoryPeer
 from twisted_novnc.vnc.browser_greeting import BrowserGreeting
@@ -383,3 +389,41 @@ def test_a_relay_without_recording_is_untouched(tmp_path: Path) -> None:
     relay.from_vm(b"abc")
     relay.from_browser(b"de")
     assert (browser.transport.value(), vm.transport.value()) == (b"abc", b"de")
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_thread_writer_runs_jobs_in_order_off_the_reactor_thread():
+    """Jobs run one at a time, in order, on one thread that is not the reactor's; run_now
+    waits for every job before it; stop fires once all are done."""
+    writer = ThreadWriter(reactor)
+    writer.start()
+    seen: list[tuple[int, str]] = []
+
+    def job(n: int) -> int:
+        seen.append((n, threading.current_thread().name))
+        return n
+
+    results = [writer.run(lambda n=n: job(n)) for n in range(5)]
+    assert writer.run_now(lambda: job(5), 10.0) == 5
+    assert [n for n, _ in seen] == list(range(6))
+    assert {name for _, name in seen} != {threading.current_thread().name}
+    assert len({name for _, name in seen}) == 1
+    got = yield defer.gatherResults(results)
+    assert got == list(range(5))
+    yield writer.stop()
+
+
+def test_a_moved_relay_carries_its_recording_and_an_old_sender_none(tmp_path: Path) -> None:
+    """The recording's state travels in MovedRelay; a record from an older generation,
+    without the field, still decodes (recording None)."""
+    recorder, _, _ = make(tmp_path)
+    recording = begin(recorder)
+    state = recording.moved()
+    moved = MovedRelay(
+        1, "s1", "10.0.0.5", 5900, None, "192.0.2.7", "tcp", None, True, 1, 2, 3, 0.5, 1.0,
+        recording=state,
+    )
+    assert MovedRelay.decode(moved.encode()) == moved
+    old = json.loads(moved.encode())
+    del old["recording"]
+    assert MovedRelay.decode(json.dumps(old).encode()).recording is None

@@ -18,6 +18,13 @@ from db_fixtures import insert_ready
 from e2e_support import connect_session, http_get, metric_values, new_id, until, within
 from required_tools import require
 from test_upgrade import moved_count
+from test_vnc_login import (  # noqa: F401  (vnc_factory: a fixture)
+    PASSWORD,
+    add_password_column,
+    greet,
+    set_password,
+    vnc_factory,
+)
 from upgrade_support import run_upgrade
 
 from twisted_novnc.database.embedded import apply_sql
@@ -45,6 +52,21 @@ def recorded(directory: Path, **keys: object) -> dict[str, Any]:
 
 def files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
+
+
+def only_file(directory: Path, daemon: Any) -> Path:
+    """The one recording in ``directory`` (the daemon's output says why when there is not)."""
+    found = files(directory)
+    assert len(found) == 1, daemon.output[-5000:]
+    return found[0]
+
+
+def recorded_bytes(path: Path) -> int:
+    """The payload bytes whole in the file so far (-1 while its header is not written)."""
+    try:
+        return read_info(str(path)).recorded_bytes
+    except (OSError, ValueError):
+        return -1
 
 
 def payloads(path: Path, kind: bytes) -> list[bytes]:
@@ -109,9 +131,7 @@ def test_the_file_holds_what_the_client_received(
     sent = [b"hello", b"x" * 70000, b"bye"]
     sid, client = yield echo_session(daemon, pg, sessions_table, vnc_server, sent)
     yield close(client, daemon)
-    found = files(directory)
-    assert len(found) == 1, daemon.output
-    path = found[0]
+    path = only_file(directory, daemon)
     yield until(lambda: complete(path))
     assert (path.stat().st_mode & 0o777) == 0o600
     assert b"".join(payloads(path, DOWN)) == bytes(client.received)
@@ -145,7 +165,7 @@ def test_mode_column_records_only_rows_that_say_so(
         yield close(client, daemon, n + 1)
         if not flag:
             assert files(directory) == []
-    (path,) = files(directory)
+    path = only_file(directory, daemon)
     assert read_info(str(path)).header.session_id == sid
 
 
@@ -161,7 +181,7 @@ def test_max_bytes_stops_the_file_and_the_session_goes_on(
         daemon, pg, sessions_table, vnc_server, [b"a" * 80, b"b" * 80, b"after the stop"]
     )
     yield close(client, daemon)
-    (path,) = files(directory)
+    path = only_file(directory, daemon)
     yield until(lambda: complete(path))
     assert b"".join(payloads(path, DOWN)) == bytes(client.received)[:100]
     assert notes(path) == [{"stopped": "max_bytes"}]
@@ -253,7 +273,7 @@ def test_a_full_disk_stops_the_recording_not_the_session(
     assert f"recording of {sid} stopped (disk_full" in daemon.output
     values = yield metrics(daemon)
     assert values["twisted_novnc_recordings_stopped_total", (("reason", "disk_full"),)] == 1
-    (path,) = files(directory)
+    path = only_file(directory, daemon)
     info = read_info(str(path))
     assert info.ending is None
     assert bytes(client.received).startswith(b"".join(payloads(path, DOWN)))
@@ -296,10 +316,10 @@ def test_kill_9_leaves_a_file_readable_up_to_the_last_flush(
     daemon = yield daemon_factory(recorded(directory))
     sent = [b"k" * 3000, b"l" * 3000]
     _, client = yield echo_session(daemon, pg, sessions_table, vnc_server, sent)
-    (path,) = files(directory)
+    path = only_file(directory, daemon)
     received = len(client.received)
     # The flush comes within a second: wait for the file to hold every byte received.
-    yield until(lambda: read_info(str(path)).recorded_bytes >= received)
+    yield until(lambda: recorded_bytes(path) >= received)
     os.kill(daemon.pid, signal.SIGKILL)
     yield within(daemon.ended)
     info = read_info(str(path))
@@ -323,10 +343,65 @@ def test_an_upgrade_moves_the_recording_with_its_relay(
     yield within(client.when_received(len(RFB_BANNER) + len(b"before") + len(b"after")))
     client.sendClose(1000)
     yield within(client.closed)
-    (path,) = files(directory)
+    path = only_file(directory, daemon)
     yield until(lambda: complete(path))
     assert b"".join(payloads(path, DOWN)) == bytes(client.received)
     assert [list(note) for note in notes(path)] == [["moved"]]
     info = read_info(str(path))
     assert info.ending is not None and info.ending.outcome == "1000"
     assert info.recorded_bytes == len(client.received)
+
+
+@pytest_twisted.inlineCallbacks
+def test_each_worker_records_its_relays(
+    daemon_factory, pg, sessions_table, vnc_server, tmp_path
+):
+    """With [novnc] workers = 2 each worker records the relays it serves (one file per
+    relay, whole), and the metrics carry the worker's label."""
+    directory = tmp_path / "rec"
+    daemon = yield daemon_factory(recorded(directory), workers=2)
+    yield within(daemon.when_logged("listening for session changes", times=2))
+    clients = []
+    for _ in range(6):
+        _, client = yield echo_session(daemon, pg, sessions_table, vnc_server, [b"w"])
+        clients.append(client)
+    for n, client in enumerate(clients):
+        yield close(client, daemon, n + 1)
+    paths = files(directory)
+    assert len(paths) == 6
+    for path in paths:
+        yield until(lambda path=path: complete(path))
+    values = yield metrics(daemon)
+    started = sum(
+        values.get(("twisted_novnc_recordings_total", (("result", "started"), ("worker", w))), 0)
+        for w in ("1", "2")
+    )
+    assert started == 6
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_proxys_own_opening_is_recorded_as_the_browser_saw_it(
+    daemon_factory, pg, sessions_table, postgres_dsn, vnc_factory, tmp_path  # noqa: F811
+):
+    """With [vnc] credentials the browser's RFB opening is the proxy's, not the VM's: the
+    file's D payloads are still exactly what the browser received, greeting included, and
+    the U payloads what it sent."""
+    vm, port = vnc_factory()
+    add_password_column(postgres_dsn, sessions_table)
+    directory = tmp_path / "rec"
+    daemon = yield daemon_factory({
+        **recorded(directory, input="on"), "vnc": {"password_column": "vnc_pw"},
+    })
+    sid = new_id()
+    insert_ready(pg, sessions_table, sid, port)
+    set_password(sessions_table, pg, sid, PASSWORD)
+    client = yield connect_session(daemon.port, sid)
+    yield greet(client)
+    client.sendMessage(b"frame", isBinary=True)
+    yield within(client.when_received(len(client.received) + 5))
+    yield close(client, daemon)
+    path = only_file(directory, daemon)
+    yield until(lambda: complete(path))
+    assert b"".join(payloads(path, DOWN)) == bytes(client.received)
+    assert b"".join(payloads(path, UP)) == b"RFB 003.008\n\x01\x01frame"
+    assert PASSWORD.encode() not in path.read_bytes()

@@ -14,9 +14,10 @@ recording complete up to its last flush::
 
 Kinds: ``D`` bytes the browser received (the RFB stream as the browser saw it, the proxy's own
 opening included), ``U`` bytes the browser sent (only with ``input = on``), ``N`` a note (JSON:
-the recording stopped early, or the relay moved to another process), ``E`` the end.  A file
-without an end record ended with its process (a crash, ``kill -9``): every whole record before
-the cut is good, and the cut one is ignored.
+``{"stopped": reason}`` when the recording stopped early, ``{"moved": pid}`` where the relay
+moved to another process), ``E`` the end.  A file without an end record ended with its process
+(a crash, ``kill -9``) or with an I/O error: every whole record before the cut is good, and the
+cut one is ignored.  (docs/recording.rst says the same, for operators.)
 
 The metadata (:class:`RecordingInfo`) comes from the header and the end record, without
 reading the payloads; only a file without an end record has its record headers walked.

@@ -406,7 +406,8 @@ class Recording:
                       session_id=self.header.session_id, timeout=MOVE_FLUSH_TIMEOUT)
             return None
         self._written(result, 0)
-        if self.failed:
+        # (Every earlier job is done: the sink says whether one of them failed.)
+        if self.failed or self._sink.failed:
             return None
         return {
             "path": self.path,
@@ -460,8 +461,10 @@ class Recorder:
     _timer: LoopingCall | None = None
     _refused_logged_at: float | None = None
     _refused_since_log: int = 0
+    _started: bool = False
 
     def start(self) -> None:
+        self._started = True
         self.writer.start()
         self._timer = LoopingCall(self.tick)
         self._timer.clock = self.clock
@@ -574,6 +577,9 @@ class Recorder:
         for recording in list(self._live):
             recording.abandon()
         self._live.clear()
+        if not self._started:
+            return succeed(None)
+        self._started = False
         return self.writer.stop()
 
 

@@ -102,9 +102,12 @@ class Relay:
             if self.greeting is not None:
                 self._greet(bytes(data))
                 return
-            self._to_vm(data)
+            self.up_bytes += len(data)
+            self.activity += 1
+            self.vm.send(data)
 
     def _to_vm(self, data: bytes) -> None:
+        """The browser's bytes after its greeting (already recorded)."""
         self.up_bytes += len(data)
         self.activity += 1
         self.vm.send(data)
