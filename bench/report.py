@@ -31,14 +31,23 @@ class Metric:
 METRICS: dict[str, list[Metric]] = {
     "down": [Metric("mib_s", "MiB/s", True)],
     "down-vnc": [Metric("mib_s", "MiB/s", True)],
+    "down-rec": [Metric("mib_s", "MiB/s", True)],
     "up": [Metric("mib_s", "MiB/s", True)],
     "echo": [Metric("p50_us", "p50 µs", False), Metric("p99_us", "p99 µs", False)],
+    "echo-rec": [Metric("p50_us", "p50 µs", False), Metric("p99_us", "p99 µs", False)],
     "setup": [
         Metric("conn_per_s", "conn/s", True),
         Metric("setup_p50_ms", "open→first byte p50 ms", False),
         Metric("setup_p99_ms", "open→first byte p99 ms", False),
     ],
     "conc": [
+        Metric("ok", "held", True),
+        Metric("errors", "errors", False),
+        Metric("pss_kb_per_conn", "PSS KB/conn", False),
+        Metric("rss_kb_per_conn", "RSS KB/conn", False),
+        Metric("open_seconds", "s to open all", False),
+    ],
+    "conc-rec": [
         Metric("ok", "held", True),
         Metric("errors", "errors", False),
         Metric("pss_kb_per_conn", "PSS KB/conn", False),
@@ -245,6 +254,52 @@ def vnc_targets(rows: Sequence[Row]) -> list[Target]:
     return out
 
 
+#: Issue 14, point 4: what recording may cost (down-rec ÷ down at least, echo-rec's p99 ÷
+#: echo's at most), the same build in the same round.
+RECORD_DOWN_LIMIT = 0.8
+RECORD_ECHO_LIMIT = 1.2
+
+
+def record_targets(rows: Sequence[Row]) -> list[Target]:
+    """Issue 14, point 4: recording on against the same build with it off, per round (median
+    over rounds, the medians in brackets), and the memory a recorded relay adds."""
+    out = []
+
+    def ran(scenario: str) -> bool:
+        return any(r["scenario"] == scenario and r["proxy"] == SUBJECT for r in rows)
+
+    if ran("down-rec"):
+        name = f"down-rec ≥ {RECORD_DOWN_LIMIT} x down (same build)"
+        r = scenario_ratio(rows, "down-rec", "down", "mib_s", SUBJECT)
+        on, off = (median(rows, s, SUBJECT, "mib_s") for s in ("down-rec", "down"))
+        out.append(Target(name, "not measured", None) if r is None else Target(
+            name, f"{fmt_ratio(r)} ({fmt(on)} against {fmt(off)} MiB/s)", r >= RECORD_DOWN_LIMIT))
+    if ran("echo-rec"):
+        name = f"echo-rec p99 ≤ {RECORD_ECHO_LIMIT} x echo p99 (same build)"
+        r = scenario_ratio(rows, "echo-rec", "echo", "p99_us", SUBJECT)
+        on, off = (median(rows, s, SUBJECT, "p99_us") for s in ("echo-rec", "echo"))
+        out.append(Target(name, "not measured", None) if r is None else Target(
+            name, f"{fmt_ratio(r)} ({fmt(on)} against {fmt(off)} µs)", r <= RECORD_ECHO_LIMIT))
+    if ran("conc-rec"):
+        extra = [
+            on - off
+            for row in rows
+            if row["scenario"] == "conc-rec" and row["proxy"] == SUBJECT and valid(row)
+            for on in [number(row.get("pss_kb_per_conn"))]
+            for off in [number(next((
+                r.get("pss_kb_per_conn") for r in rows
+                if r["scenario"] == "conc" and r["proxy"] == SUBJECT
+                and r["round"] == row["round"] and valid(r)), None))]
+            if on is not None and off is not None
+        ]
+        on, off = (median(rows, s, SUBJECT, "pss_kb_per_conn") for s in ("conc-rec", "conc"))
+        out.append(Target(
+            "memory per recorded relay (conc-rec minus conc PSS per connection; reported)",
+            "not measured" if not extra else
+            f"{fmt(statistics.median(extra))} KB ({fmt(on)} against {fmt(off)} KB)", None))
+    return out
+
+
 def upgrade_targets(rows: Sequence[Row]) -> list[Target]:
     """Issue 12, point 7, for each worker count: the median of its rounds, and the worst
     round for what must never happen."""
@@ -316,6 +371,7 @@ def summary(rows: Sequence[Row], conc_n: int) -> dict[str, Any]:
         "targets": [attrs.asdict(t) for t in targets(rows, conc_n)],
         "upgrade_targets": [attrs.asdict(t) for t in upgrade_targets(rows)],
         "vnc_targets": [attrs.asdict(t) for t in vnc_targets(rows)],
+        "record_targets": [attrs.asdict(t) for t in record_targets(rows)],
         "vnc_ratios": {p: scenario_ratio(rows, "down-vnc", "down", "mib_s", p)
                        for p in proxy_order(rows)
                        if any(r["scenario"] == "down-vnc" and r["proxy"] == p for r in rows)},
@@ -369,7 +425,16 @@ def markdown(rows: Sequence[Row], conc_n: int, rounds: int) -> str:
         for t in vnc:
             verdict = {True: "yes", False: "**no**", None: "—"}[t.met]
             lines.append(f"| {t.name} | {t.measured} | {verdict} |")
-    problems = [r for r in rows if r.get("error") or r.get("errors") or r.get("ready_errors")
+    recording = record_targets(rows)
+    if recording:
+        lines += ["", "Targets (issue 14, point 4: recording on, `[record] dir` set with `input "
+                  "= on`, against the same build with it off; median of per-round ratios, the "
+                  "medians in brackets):", "", "| target | measured | met |", "|---|---|---|"]
+        for t in recording:
+            verdict = {True: "yes", False: "**no**", None: "—"}[t.met]
+            lines.append(f"| {t.name} | {t.measured} | {verdict} |")
+    problems = [r for r in rows if r.get("error") or r.get("recordings_stopped")
+                or r.get("errors") or r.get("ready_errors")
                 or r.get("burst_errors") or r.get("daemon_log_errors")
                 or r.get("relays_closed")
                 or r.get("proxy_exited") is not None]
@@ -390,6 +455,8 @@ def describe(row: Row) -> str:
             parts.append(f"{key}={row[key]}" + (f" {kinds}" if kinds else ""))
     if row.get("relays_closed"):
         parts.append(f"relays_closed={row['relays_closed']} {row.get('close_kinds') or ''}")
+    if row.get("recordings_stopped"):
+        parts.append(f"a recording stopped early: {row['recordings_stopped']}")
     if row.get("proxy_exited") is not None:
         parts.append(f"proxy exited with {row['proxy_exited']} during the run")
     if row.get("daemon_log_errors"):

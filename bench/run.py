@@ -53,6 +53,7 @@ try:
     from twisted_novnc.config import parse_config
     from twisted_novnc.database.embedded import EmbeddedPostgres, apply_sql
     from twisted_novnc.database.schema import quote_ident, schema_sql
+    from twisted_novnc.recording.format import RecordingInfo, list_recordings
 except ImportError as e:  # pragma: no cover - a message instead of a traceback
     sys.exit(f"bench/run.py runs in the project's virtualenv ({e}): use `make bench` or "
              "`.venv/bin/python bench/run.py`")
@@ -63,7 +64,8 @@ ROOT = HERE.parent
 BUILD = HERE / "out"
 MiB = 1 << 20
 
-SCENARIOS = ("down", "down-vnc", "up", "echo", "setup", "conc", "streams", "ready", "upgrade")
+SCENARIOS = ("down", "down-vnc", "down-rec", "up", "echo", "echo-rec", "setup", "conc", "conc-rec",
+             "streams", "ready", "upgrade")
 PROXIES = ("ceiling-tcp", "ceiling-ws", "socat", "twisted-tcp", "websockify", "twisted_novnc",
            "twisted_novnc-2w")
 #: twisted_novnc with [novnc] workers = 2 (issue 6: streams with 2 workers; issue 12: the
@@ -73,10 +75,25 @@ WORKERS_PROXY = "twisted_novnc-2w"
 #: websockify have no readiness wait, and no upgrade: a restart closes every connection), and
 #: so is down-vnc (issue 13: down with [vnc] set, the proxy logging in to the VM first).
 ONLY = {"ready": ("twisted_novnc",), "upgrade": ("twisted_novnc", WORKERS_PROXY),
-        "streams": PROXIES, "down-vnc": ("twisted_novnc", WORKERS_PROXY)}
+        "streams": PROXIES, "down-vnc": ("twisted_novnc", WORKERS_PROXY),
+        "down-rec": ("twisted_novnc",), "echo-rec": ("twisted_novnc",),
+        "conc-rec": ("twisted_novnc",)}
 #: The scenario each VNC scenario is compared with, proxy by proxy in the same round: the same
 #: build with credentials off.
 VNC_REFERENCE = {"down-vnc": "down"}
+#: The recording scenarios (issue 14, point 4): the same build with ``[record] dir`` set,
+#: each compared with the scenario it varies, in the same round.
+RECORD_REFERENCE = {"down-rec": "down", "echo-rec": "echo", "conc-rec": "conc"}
+
+
+def base_scenario(scenario: str) -> str:
+    """What the load client and the target do: a variant runs its reference's."""
+    return VNC_REFERENCE.get(scenario, RECORD_REFERENCE.get(scenario, scenario))
+
+
+def records(scenario: str) -> bool:
+    """Whether twisted_novnc runs this scenario with ``[record]`` set (recording on)."""
+    return scenario in RECORD_REFERENCE
 
 
 def eligible(scenario: str, proxy: str, scenarios: Sequence[str] = ()) -> bool:
@@ -397,7 +414,8 @@ class Bench:
         s = self.sizes
         mode = {"down": ["source", s["down"]], "down-vnc": ["vncauth", s["down"]],
                 "up": ["sink", s["up"]], "echo": ["echo"],
-                "streams": ["source", s["streams"][1]]}.get(scenario, ["banner"])
+                "streams": ["source", s["streams"][1]]}.get(
+            scenario if scenario in VNC_REFERENCE else base_scenario(scenario), ["banner"])
         if proxy == "ceiling-ws":
             args = ["node", str(HERE / "wsserver.js"), str(mode[0]), str(port),
                     *map(str, mode[1:])]
@@ -406,7 +424,7 @@ class Bench:
         return self._spawn_listening(args, port, "the target", f"{tag}-target.log")
 
     def start_proxy(self, proxy: str, port: int, target_port: int, tag: str,
-                    admin_port: int | None = None, vnc: bool = False,
+                    admin_port: int | None = None, vnc: bool = False, record: bool = False,
                     ) -> subprocess.Popen[Any] | None:
         if proxy.startswith("ceiling"):
             return None
@@ -421,8 +439,11 @@ class Bench:
         else:
             return self.start_twisted_novnc(port, target_port, tag,
                                             workers=2 if proxy == WORKERS_PROXY else 1,
-                                            admin_port=admin_port, vnc=vnc)
+                                            admin_port=admin_port, vnc=vnc, record=record)
         return self._spawn_listening(args, port, proxy, f"{tag}-proxy.log")
+
+    def recordings_dir(self, tag: str) -> Path:
+        return self.run_dir / f"{tag}-recordings"
 
     def _spawn_listening(self, args: list[str], port: int, what: str,
                          log: str) -> subprocess.Popen[Any]:
@@ -436,7 +457,7 @@ class Bench:
 
     def start_twisted_novnc(self, port: int, target_port: int, tag: str, workers: int = 1,
                             admin_port: int | None = None,
-                            vnc: bool = False) -> subprocess.Popen[Any]:
+                            vnc: bool = False, record: bool = False) -> subprocess.Popen[Any]:
         assert self.sessions is not None
         config = self.run_dir / f"{tag}.ini"
         vnc_section = ""
@@ -448,6 +469,9 @@ class Bench:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(VNC_PASSWORD + "\n")
             vnc_section = f"[vnc]\npassword_file = {secret}\n"
+        if record:
+            # Recording on, the browser's own bytes too: the most a recording writes.
+            vnc_section += f"[record]\ndir = {self.recordings_dir(tag)}\ninput = on\n"
         # Defaults everywhere but where the daemon must find the bench's table, and the listen
         # backlog (Twisted's default of 50 drops SYNs when a thousand clients arrive at once;
         # socat gets the same 4096).  The readiness deadline only has to outlast the scenario.
@@ -510,8 +534,9 @@ class Bench:
             "streams": ["--conns", s["streams"][0], "--bytes", s["streams"][1]],
             "ready": ["--wait", 60],
             "upgrade": [],
-        }[scenario]
-        cmd = ["node", str(HERE / "client.js"), scenario, "--url", url, "--timeout",
+        }[base_scenario(scenario) if scenario in RECORD_REFERENCE else scenario]
+        client_scenario = base_scenario(scenario) if scenario in RECORD_REFERENCE else scenario
+        cmd = ["node", str(HERE / "client.js"), client_scenario, "--url", url, "--timeout",
                str(self.args.client_timeout), "--label", proxy, *map(str, args),
                *map(str, extra)]
         if ids is not None:
@@ -744,6 +769,7 @@ class Bench:
             if is_twisted_novnc(proxy):
                 assert self.sessions is not None
                 n = {"setup": self.sizes["setup"], "conc": self.sizes["conc"],
+                     "conc-rec": self.sizes["conc"],
                      "streams": self.sizes["streams"][0], "ready": self.sizes["ready"],
                      "upgrade": self.sizes["upgrade"].relays}
                 count = n.get(scenario, 1)
@@ -755,7 +781,8 @@ class Bench:
                     burst_file.write_text("\n".join(
                         self.sessions.add(count, tport, ready=False)) + "\n")
             proxy_proc = self.start_proxy(proxy, pport, tport, tag, aport,
-                                          vnc=logs_in_to_vm(scenario))
+                                          vnc=logs_in_to_vm(scenario),
+                                          record=records(scenario))
             if proxy_proc is not None and self.args.profile and proxy == "twisted_novnc":
                 profiler = self.start_profiler(proxy_proc.pid, tag)
             url = {
@@ -775,7 +802,7 @@ class Bench:
                 assert ids_file is not None and aport is not None
                 result = self.run_upgrade(url, proxy, ids_file, tport, aport,
                                           proxy_proc)
-            elif scenario == "conc":
+            elif base_scenario(scenario) == "conc":
                 result = self.run_conc(self.client_command(scenario, url, proxy, ids_file),
                                        proxy_proc)
             else:
@@ -793,12 +820,25 @@ class Bench:
             procs.stop(target, grace=5)
             if is_twisted_novnc(proxy):
                 self.scan_daemon_log(self.run_dir / f"{tag}-proxy.log", row)
+                if records(scenario):
+                    self.count_recordings(self.recordings_dir(tag), row)
                 if self.args.gc_log:
                     gc_pauses(self.run_dir / f"{tag}-gc.log", row)
                 if self.sessions is not None:
                     self.sessions.clear()
         row["wall_s"] = round(time.monotonic() - started, 1)
         return row
+
+    def count_recordings(self, directory: Path, row: dict[str, Any]) -> None:
+        """What the recording scenarios wrote, checked against what was relayed (a recording
+        that stopped early would flatter the figures), then deleted: 256 MiB a round."""
+        infos = [i for i in list_recordings(str(directory)) if isinstance(i, RecordingInfo)]
+        row["recordings"] = len(infos)
+        row["recorded_bytes"] = sum(i.recorded_bytes for i in infos)
+        stopped = sorted({i.stopped for i in infos if i.stopped})
+        if stopped:
+            row["recordings_stopped"] = ", ".join(stopped)
+        shutil.rmtree(directory, ignore_errors=True)
 
     def scan_daemon_log(self, log: Path, row: dict[str, Any]) -> None:
         try:

@@ -32,12 +32,14 @@ LIMIT = 180  # seconds; it takes about 15 here, most of it npm ci and starting P
 
 
 def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
-    """echo, ready, upgrade, and down beside down-vnc (the VM login on) against the real
-    daemon: no failed run, and the report parses."""
+    """echo, ready, upgrade, conc, and down beside down-vnc (the VM login on), with down, echo
+    and conc again recording (issue 14) against the real daemon: no failed run, every
+    recording whole, and the report parses."""
     require([f"{tool} (Debian: apt-get install nodejs npm gcc)" for tool in MISSING], "the bench")
     summary, report = tmp_path / "summary.json", tmp_path / "report.md"
     command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
-               "twisted_novnc", "--scenarios", "down,down-vnc,echo,ready,upgrade",
+               "twisted_novnc", "--scenarios",
+               "down,down-vnc,down-rec,echo,echo-rec,conc,conc-rec,ready,upgrade",
                "--out", str(tmp_path), "--json", str(summary), "--md", str(report)]
     if os.environ.get(TEST_DSN_ENV):
         command += ["--dsn", os.environ[TEST_DSN_ENV]]
@@ -47,10 +49,11 @@ def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
 
     data = json.loads(summary.read_text(encoding="utf-8"))
     runs = data["runs"]
+    scenarios = ["conc", "conc-rec", "down", "down-rec", "down-vnc", "echo", "echo-rec",
+                 "ready", "upgrade"]
     assert sorted((r["scenario"], r["proxy"]) for r in runs) == [
-        ("down", "twisted_novnc"), ("down-vnc", "twisted_novnc"), ("echo", "twisted_novnc"),
-        ("ready", "twisted_novnc"), ("upgrade", "twisted_novnc")]
-    assert [r.get("error") for r in runs] == [None] * 5
+        (s, "twisted_novnc") for s in scenarios]
+    assert [r.get("error") for r in runs] == [None] * len(scenarios)
     down, down_vnc = (next(r for r in runs if r["scenario"] == s) for s in ("down", "down-vnc"))
     for run in (down, down_vnc):
         assert run["received"] >= data["sizes"]["down"] and run["mib_s"] > 0
@@ -60,6 +63,20 @@ def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
     vnc = {t["name"]: t for t in data["vnc_targets"]}
     assert isinstance(vnc["down-vnc ≥ 0.95 x down (same build)"]["met"], bool)
     assert data["vnc_ratios"]["twisted_novnc"] > 0
+    # Recording on: every relay recorded, whole (none stopped early), the browser's side too.
+    recorded = {r["scenario"]: r for r in runs if r["scenario"].endswith("-rec")}
+    assert recorded["down-rec"]["recordings"] == 1
+    assert recorded["down-rec"]["recorded_bytes"] >= data["sizes"]["down"]
+    assert recorded["echo-rec"]["recordings"] == 1
+    assert recorded["echo-rec"]["recorded_bytes"] >= 2 * 64 * data["sizes"]["echo"]
+    assert recorded["conc-rec"]["recordings"] == data["sizes"]["conc"]
+    assert not any(r.get("recordings_stopped") for r in recorded.values())
+    record_targets = {t["name"]: t for t in data["record_targets"]}
+    assert isinstance(record_targets["down-rec ≥ 0.8 x down (same build)"]["met"], bool)
+    assert isinstance(record_targets["echo-rec p99 ≤ 1.2 x echo p99 (same build)"]["met"], bool)
+    assert "KB" in record_targets[
+        "memory per recorded relay (conc-rec minus conc PSS per connection; reported)"][
+        "measured"]
     echo = next(r for r in runs if r["scenario"] == "echo")
     assert echo["bufferutil"] is True  # the client masks natively: it is not the bottleneck
     assert 0 < data["medians"]["echo"]["p50_us"]["twisted_novnc"] <= echo["p99_us"]
@@ -84,6 +101,7 @@ def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
 
     text = report.read_text(encoding="utf-8")
     assert "| down-vnc ≥ 0.95 x down (same build) |" in text
+    assert "| down-rec ≥ 0.8 x down (same build) |" in text
     header = next(line for line in text.splitlines() if line.startswith("| scenario |"))
     assert header.split("|")[3].strip() == "twisted_novnc"
     row = next(line for line in text.splitlines() if line.startswith("| echo | p50"))
