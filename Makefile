@@ -22,7 +22,10 @@ PY := $(VENV)/bin/python
 # The project goes in as a regular (not editable) install: it is the one that puts
 # twisted/plugins/twisted_novnc_plugin.py where twistd finds it.  --no-deps: its dependencies
 # are the lock's, already there.
-SOURCES := setup.cfg pyproject.toml $(wildcard twisted_novnc/*.py twisted_novnc/*/*.py) twisted/plugins/twisted_novnc_plugin.py
+# The package data too (the viewer page, the player, the vendored noVNC): a changed page
+# reinstalls like a changed module.
+SOURCES := setup.cfg pyproject.toml $(wildcard twisted_novnc/*.py twisted_novnc/*/*.py) twisted/plugins/twisted_novnc_plugin.py \
+	$(shell find twisted_novnc/viewer twisted_novnc/recording/player -type f -not -name '*.pyc')
 
 .PHONY: run demo docs test test-fast test-lowest lint venv run-venv lowest-venv browser-deps lock lock-tools clean \
 	wheel

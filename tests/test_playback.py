@@ -189,3 +189,29 @@ def test_the_supervisor_serves_the_directory_itself(recordings):
     serve_workers(site, Pool(), None, str(directory))
     code, _, body = get(site, "/recordings/?format=json")
     assert code == 200 and len(json.loads(body)["recordings"]) == 4
+
+
+def test_canary_novnc_internals_the_player_uses():
+    """The player's fenced use of noVNC's private names (player.js, ``display``) still
+    matches the vendored noVNC: RFB's ``_flushing`` and ``_display``, Display's ``pending()``
+    and ``flush()``; a noVNC update that renames them fails here, naming which."""
+    core = os.path.join(NOVNC_DIR, "core")
+    with open(os.path.join(core, "rfb.js"), encoding="utf-8") as f:
+        rfb = f.read()
+    with open(os.path.join(core, "display.js"), encoding="utf-8") as f:
+        display = f.read()
+    missing = [
+        name for name, found in (
+            ("RFB._flushing", "this._flushing = false;" in rfb),
+            ("RFB._display", "this._display = new Display(" in rfb),
+            ("Display.pending()", "\n    pending() {" in display),
+            ("Display.flush()", "\n    flush() {" in display),
+        ) if not found
+    ]
+    assert not missing, f"vendored noVNC lacks what player.js's display fence uses: {missing}"
+    with open(os.path.join(PLAYER_DIR, "player.js"), encoding="utf-8") as f:
+        player = f.read()
+    fence_start = player.index("const display = {")
+    fence_end = player.index("\n};\n", fence_start)
+    outside = player[:fence_start] + player[fence_end:]
+    assert "._flushing" not in outside and "._display" not in outside

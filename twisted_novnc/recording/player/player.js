@@ -8,9 +8,8 @@
 // data-position the position in milliseconds: the browser tests wait on them.  A query
 // ?speed=1|2|4|8|max picks the starting speed.
 //
-// noVNC's private names used, as its own tests/playback.js uses them: rfb._flushing and
-// rfb._display.flush()/pending(), to let the display catch up when feeding faster than real
-// time and to know when the last frame is on the canvas.
+// noVNC's private names are used only in `display` below (as noVNC's own tests/playback.js
+// uses them), checked against the vendored copy by a canary in tests/test_playback.py.
 import RFB from '../novnc/core/rfb.js';
 
 const MAGIC = 'TNOVNC-REC 1\n';
@@ -164,6 +163,37 @@ function nextTurn(ms = 0) {
     return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
+// The only place noVNC's private names are used (RFB's flushing flag, its display's pending()
+// and flush()): feeding faster than real time waits while RFB has paused its message loop for the
+// display to catch up, and the end is declared once the last frame is on the canvas.  Without
+// them (a noVNC that renamed them) the public path: RFB queues what it is fed and draws it in
+// its own time, and the end waits a few animation frames instead.
+const display = {
+    known(rfb) {
+        return typeof rfb._flushing === 'boolean' && rfb._display !== undefined
+            && typeof rfb._display.pending === 'function'
+            && typeof rfb._display.flush === 'function';
+    },
+    // Whether RFB stopped taking messages until the display catches up.
+    busy(rfb) {
+        return display.known(rfb) && rfb._flushing;
+    },
+    // Whether everything fed is drawn.
+    drawn(rfb) {
+        return !display.known(rfb) || (!rfb._flushing && !rfb._display.pending());
+    },
+    // Until the display has drawn what it holds.
+    async catchUp(rfb) {
+        if (display.known(rfb)) {
+            await rfb._display.flush();
+        } else {
+            for (let i = 0; i < 3; i++) {
+                await new Promise((resolve) => requestAnimationFrame(resolve));
+            }
+        }
+    },
+};
+
 class Player {
     constructor(rec) {
         this.rec = rec;
@@ -210,10 +240,13 @@ class Player {
     // Until the display has drawn everything it was given.
     async settle(generation) {
         for (let i = 0; i < 1000 && generation === this.generation; i++) {
-            if (!this.rfb._flushing && !this.rfb._display.pending()) {
+            if (display.drawn(this.rfb)) {
+                if (!display.known(this.rfb)) {
+                    await display.catchUp(this.rfb);
+                }
                 return;
             }
-            await this.rfb._display.flush();
+            await display.catchUp(this.rfb);
         }
     }
 
@@ -224,12 +257,12 @@ class Player {
                && frames[this.index].ms <= ms) {
             const until = performance.now() + SLICE_MS;
             while (this.index < frames.length && frames[this.index].ms <= ms
-                   && performance.now() < until && !this.rfb._flushing) {
+                   && performance.now() < until && !display.busy(this.rfb)) {
                 this.feedOne();
             }
             this.position = this.index > 0 ? frames[this.index - 1].ms : 0;
             this.show();
-            if (this.rfb._flushing) {
+            if (display.busy(this.rfb)) {
                 await this.settle(generation);
             } else {
                 await nextTurn();
