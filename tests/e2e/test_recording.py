@@ -54,8 +54,14 @@ def files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
 
 
-def only_file(directory: Path, daemon: Any) -> Path:
-    """The one recording in ``directory`` (the daemon's output says why when there is not)."""
+@pytest_twisted.inlineCallbacks
+def only_file(directory: Path, daemon: Any) -> Any:
+    """The one recording in ``directory``, once the writer thread has created it (the
+    daemon's output says why when none comes, or more than one)."""
+    try:
+        yield until(lambda: files(directory))
+    except TimeoutError:
+        pytest.fail(f"no recording in {directory}:\n{daemon.output[-5000:]}")
     found = files(directory)
     assert len(found) == 1, daemon.output[-5000:]
     return found[0]
@@ -131,7 +137,7 @@ def test_the_file_holds_what_the_client_received(
     sent = [b"hello", b"x" * 70000, b"bye"]
     sid, client = yield echo_session(daemon, pg, sessions_table, vnc_server, sent)
     yield close(client, daemon)
-    path = only_file(directory, daemon)
+    path = yield only_file(directory, daemon)
     yield until(lambda: complete(path))
     assert (path.stat().st_mode & 0o777) == 0o600
     assert b"".join(payloads(path, DOWN)) == bytes(client.received)
@@ -165,7 +171,7 @@ def test_mode_column_records_only_rows_that_say_so(
         yield close(client, daemon, n + 1)
         if not flag:
             assert files(directory) == []
-    path = only_file(directory, daemon)
+    path = yield only_file(directory, daemon)
     assert read_info(str(path)).header.session_id == sid
 
 
@@ -181,7 +187,7 @@ def test_max_bytes_stops_the_file_and_the_session_goes_on(
         daemon, pg, sessions_table, vnc_server, [b"a" * 80, b"b" * 80, b"after the stop"]
     )
     yield close(client, daemon)
-    path = only_file(directory, daemon)
+    path = yield only_file(directory, daemon)
     yield until(lambda: complete(path))
     assert b"".join(payloads(path, DOWN)) == bytes(client.received)[:100]
     assert notes(path) == [{"stopped": "max_bytes"}]
@@ -273,7 +279,7 @@ def test_a_full_disk_stops_the_recording_not_the_session(
     assert f"recording of {sid} stopped (disk_full" in daemon.output
     values = yield metrics(daemon)
     assert values["twisted_novnc_recordings_stopped_total", (("reason", "disk_full"),)] == 1
-    path = only_file(directory, daemon)
+    path = yield only_file(directory, daemon)
     info = read_info(str(path))
     assert info.ending is None
     assert bytes(client.received).startswith(b"".join(payloads(path, DOWN)))
@@ -316,7 +322,7 @@ def test_kill_9_leaves_a_file_readable_up_to_the_last_flush(
     daemon = yield daemon_factory(recorded(directory))
     sent = [b"k" * 3000, b"l" * 3000]
     _, client = yield echo_session(daemon, pg, sessions_table, vnc_server, sent)
-    path = only_file(directory, daemon)
+    path = yield only_file(directory, daemon)
     received = len(client.received)
     # The flush comes within a second: wait for the file to hold every byte received.
     yield until(lambda: recorded_bytes(path) >= received)
@@ -343,7 +349,7 @@ def test_an_upgrade_moves_the_recording_with_its_relay(
     yield within(client.when_received(len(RFB_BANNER) + len(b"before") + len(b"after")))
     client.sendClose(1000)
     yield within(client.closed)
-    path = only_file(directory, daemon)
+    path = yield only_file(directory, daemon)
     yield until(lambda: complete(path))
     assert b"".join(payloads(path, DOWN)) == bytes(client.received)
     assert [list(note) for note in notes(path)] == [["moved"]]
@@ -400,7 +406,7 @@ def test_the_proxys_own_opening_is_recorded_as_the_browser_saw_it(
     client.sendMessage(b"frame", isBinary=True)
     yield within(client.when_received(len(client.received) + 5))
     yield close(client, daemon)
-    path = only_file(directory, daemon)
+    path = yield only_file(directory, daemon)
     yield until(lambda: complete(path))
     assert b"".join(payloads(path, DOWN)) == bytes(client.received)
     assert b"".join(payloads(path, UP)) == b"RFB 003.008\n\x01\x01frame"
