@@ -149,12 +149,18 @@ def test_notify_arrives_only_at_commit(store, pg_factory, sessions_table):
     yield store.observer.when_notified(sid)
 
 
+@pytest.mark.parametrize("column", ["ip_column", "record_column"])
 @pytest_twisted.inlineCallbacks
-def test_missing_column_keeps_store_unready(postgres_dsn, sessions_table):
-    """A config naming a column the table lacks never listens, and says why in the log."""
+def test_missing_column_keeps_store_unready(postgres_dsn, sessions_table, column):
+    """A config naming a column the table lacks ([database] ip_column, or [record]
+    record_column) never listens, and says why in the log."""
     from twisted.logger import globalLogPublisher
 
-    broken = attrs.evolve(sessions_table, ip_column="no_such_column")
+    broken, extra = sessions_table, {}
+    if column == "ip_column":
+        broken = attrs.evolve(sessions_table, ip_column="no_such_column")
+    else:
+        extra = {"record_column": "no_such_column"}
     seen: defer.Deferred[dict] = defer.Deferred()
 
     def observe(event):
@@ -164,7 +170,7 @@ def test_missing_column_keeps_store_unready(postgres_dsn, sessions_table):
 
     globalLogPublisher.addObserver(observe)
     observer = RecordingObserver()
-    store = PostgresSessionStore(broken, lambda: postgres_dsn, reactor, observer)
+    store = PostgresSessionStore(broken, lambda: postgres_dsn, reactor, observer, **extra)
     try:
         store.start()
         event = yield seen.addTimeout(LIMIT, reactor)
