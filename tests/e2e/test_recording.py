@@ -264,6 +264,24 @@ def test_a_read_only_directory_stops_the_recording_not_the_session(
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_directory_read_only_at_start_is_a_warning_not_a_refusal(
+    daemon_factory, pg, sessions_table, vnc_server, tmpfs
+):
+    """A directory already read-only when the daemon starts: one warning naming it, the
+    daemon serves, each recording fails on its own (io_error)."""
+    directory = tmpfs("ro-at-start", "1m")
+    remounted = _mount("-o", "remount,ro", str(directory))
+    assert remounted.returncode == 0, remounted.stderr
+    daemon = yield daemon_factory(recorded(directory))
+    assert f"recording directory {directory} is not writable" in daemon.output
+    sid, client = yield echo_session(daemon, pg, sessions_table, vnc_server, [b"served"])
+    yield close(client, daemon)
+    yield within(daemon.when_logged(f"recording of {sid} stopped"))
+    values = yield metrics(daemon)
+    assert values["twisted_novnc_recordings_stopped_total", (("reason", "io_error"),)] == 1
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_full_disk_stops_the_recording_not_the_session(
     daemon_factory, pg, sessions_table, vnc_server, tmpfs
 ):
