@@ -67,11 +67,18 @@ InThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 
 def in_threads(reactor: object) -> InThread:
-    """The reactor's thread pool when it has one; inline otherwise (a test's fake reactor)."""
-    if IReactorThreads.providedBy(reactor):
-        pool = reactor.getThreadPool()
-        return lambda call: deferToThreadPool(reactor, pool, call)
-    return lambda call: maybeDeferred(call)
+    """The reactor's thread pool when it has one; inline otherwise (a test's fake reactor).
+
+    Asked at the first call, not when the site is built: building the daemon changes nothing
+    outside it (tests/test_side_effects.py), and zope caches what it learns on the class.
+    """
+
+    def run(call: Callable[[], Any]) -> Deferred[Any]:
+        if IReactorThreads.providedBy(reactor):
+            return deferToThreadPool(reactor, reactor.getThreadPool(), call)
+        return maybeDeferred(call)
+
+    return run
 
 
 def is_recording_name(name: str) -> bool:
