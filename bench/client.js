@@ -833,4 +833,7 @@ if (!fns[scenario] || !opt.url) {
   console.error('usage: node client.js down|down-vnc|up|echo|setup|conc|streams|ready|upgrade|soak --url ws://...|tcp://... [--ids FILE] [options]');
   process.exit(2);
 }
-fns[scenario]().then(() => process.exit(0), (e) => { emit({ error: String(e && e.message || e) }); process.exit(1); });
+// Exit once stdout is flushed: a result line longer than the pipe's 64 KiB (scale's opens)
+// would otherwise be cut short by the exit.
+const exitAfterFlush = (code) => process.stdout.write('', () => process.exit(code));
+fns[scenario]().then(() => exitAfterFlush(0), (e) => { emit({ error: String(e && e.message || e) }); exitAfterFlush(1); });
