@@ -139,7 +139,10 @@ def test_quick_scale_and_soak(tmp_path: Path) -> None:
         assert p["db_connections"] > 0 and p["db_cpu_us_per_commit"] >= 0
 
     n = soak["soak_n"]
-    assert soak["soak_client"] == soak["soak_daemon"]
+    # The daemon may have read a VM's reset as its clean close (1000, as served).
+    moved = soak["soak_vm_cuts_seen_clean"]
+    assert soak["soak_daemon"]["served"] == soak["soak_client"]["served"] + moved
+    assert soak["soak_daemon"]["cut"] == soak["soak_client"]["cut"] - moved
     client = soak["soak_client"]
     # A served session may be refused (4503) if the database stays down past the deadline.
     assert (client["served"] + client["refused"], client["cut"], client["other"]) == (
