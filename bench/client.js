@@ -27,6 +27,15 @@
 //               request is written, then records when each 101 arrives (CLOCK_MONOTONIC ns,
 //               comparable with Python's time.monotonic_ns) and whether a data frame followed;
 //               ends when all are settled or after --wait seconds
+//   soak        --conns connections through one daemon, --parallel in flight: each opens, sends
+//               --bytes (16 KiB messages) to an echo target and reads them back, then closes;
+//               one in ten names an unknown session (a fresh UUID; refused, own pool of
+//               --unknown-parallel, as each waits for the daemon's deadline), one in ten is cut
+//               mid-relay, alternately by the browser (socket destroyed after a quarter came
+//               back) and by the VM (a --cut-ids session, whose target closes after 16 KiB);
+//               prints {"event":"progress","done":N} every --progress connections and the tally;
+//               after --pause-at connections it lets every one end, prints {"event":"paused"}
+//               and waits for a line on stdin (the harness samples the idle daemon)
 //   upgrade     plays both ends of --conns relays: listens on 127.0.0.1:--vm-port as their VMs,
 //               opens one browser per id; each relay then carries one numbered --chunk-byte
 //               record each way every --interval ms (relays spread evenly over the interval);
@@ -47,7 +56,8 @@ const argv = process.argv.slice(2);
 const scenario = argv[0];
 const opt = { url: null, ids: null, bytes: null, 'msg-size': null, count: null, warmup: null, conns: null,
   parallel: 64, window: 16, hold: 600, wait: 60, timeout: 180, label: '', recv: 'fast', send: 'fast', open: 'raw',
-  'vm-port': null, interval: 50, chunk: 32, drain: 15, bucket: 250, warmup: 1000 };
+  'vm-port': null, interval: 50, chunk: 32, drain: 15, bucket: 250, warmup: 1000,
+  'cut-ids': null, 'unknown-parallel': 256, progress: 10000, 'pause-at': null };
 for (let i = 1; i < argv.length; i += 2) {
   const k = argv[i].replace(/^--/, '');
   if (!(k in opt)) { console.error('unknown option ' + argv[i]); process.exit(2); }
@@ -61,12 +71,19 @@ const now = () => Number(process.hrtime.bigint()) / 1e6; // ms
 // Whether ws masks/unmasks with bufferutil's native code (the client's ceiling depends on it).
 let nativeMask = false;
 try { nativeMask = /native code/.test(require('bufferutil').mask.toString()); } catch (e) { nativeMask = false; }
-const ids = opt.ids ? require('fs').readFileSync(opt.ids, 'utf8').split('\n').map((x) => x.trim()).filter(Boolean) : null;
+// An ids line is "ID" or "ID PORT": with a port, that connection goes to that port instead of
+// the URL's (scale: one client, many daemons).
+const idLines = opt.ids ? require('fs').readFileSync(opt.ids, 'utf8').split('\n').map((x) => x.trim()).filter(Boolean).map((x) => x.split(/\s+/)) : null;
+const ids = idLines ? idLines.map((x) => x[0]) : null;
+const idPorts = idLines ? idLines.map((x) => x[1] || null) : null;
 // The URL of connection i: "{id}" names that connection's session.
 function urlFor(i) {
   if (!opt.url.includes('{id}')) return opt.url;
   if (!ids || !ids.length) throw new Error('the URL holds {id} but no --ids file was given');
-  return opt.url.replace('{id}', encodeURIComponent(ids[i % ids.length]));
+  const url = opt.url.replace('{id}', encodeURIComponent(ids[i % ids.length]));
+  const port = idPorts[i % ids.length];
+  if (!port) return url;
+  const u = new URL(url); u.port = port; return u.toString();
 }
 function emit(obj) {
   process.stdout.write(JSON.stringify(Object.assign({ scenario, transport: isTcp ? 'tcp' : 'ws', label: opt.label || undefined, bufferutil: nativeMask }, obj)) + '\n');
@@ -736,9 +753,87 @@ async function upgrade() {
     trigger_to_answer_ms: Number.isFinite(answered - trigger) ? r3(answered - trigger) : null });
 }
 
-const fns = { down, 'down-vnc': downVnc, up, echo, setup, conc, streams, ready, upgrade };
+// soak: a long run of short relays; what each connection ended as, by what the client saw.
+const cutIds = opt['cut-ids'] ? require('fs').readFileSync(opt['cut-ids'], 'utf8').split('\n').map((x) => x.trim()).filter(Boolean) : null;
+function soakKind(i) {
+  if (i % 10 === 3) return 'unknown';
+  if (i % 10 === 7) return Math.floor(i / 10) % 2 ? 'cut_vm' : 'cut_browser';
+  return 'serve';
+}
+function soakOne(i, bytes, payload) {
+  const kind = soakKind(i);
+  const sid = kind === 'unknown' ? crypto.randomUUID() : kind === 'cut_vm' ? cutIds[i % cutIds.length] : ids[i % ids.length];
+  const url = opt.url.replace('{id}', sid);
+  return new Promise((resolve) => {
+    let got = 0, done = false, conn = null;
+    const finish = (o) => { if (!done) { done = true; clearTimeout(t); resolve(o); } };
+    const t = setTimeout(() => { if (conn) conn.destroy(); finish('timeout ' + kind); }, 30000);
+    const onData = (d) => {
+      got += d.length;
+      if (kind === 'cut_browser' && got >= bytes / 4) { conn.destroy(); finish('cut_browser'); }
+      else if (kind === 'serve' && got >= bytes) conn.close().then(() => finish(got === bytes ? 'served' : 'too many bytes'));
+    };
+    const onClose = (code) => {
+      // Refused after the 101 (unknown session at the deadline, database unavailable).
+      if (got === 0 && (code === 4404 || code === 4503 || code === 4504)) finish('refused_' + code);
+      else if (kind === 'cut_vm') finish('cut_vm');
+      else if (!(kind === 'serve' && got >= bytes)) finish('closed ' + code + ' ' + kind);
+    };
+    rawOpen(url, onData, onClose).then((c) => {
+      conn = c;
+      for (let off = 0; off < bytes; off += 16384) c.send(payload.subarray(off, Math.min(bytes, off + 16384)));
+    }, (e) => {
+      const m = /^HTTP (\d+)/.exec(e.message);
+      finish(m ? 'refused_' + m[1] : 'error ' + (e.code || e.message) + ' ' + kind);
+    });
+  });
+}
+async function soak() {
+  if (isTcp || !ids || !cutIds) throw new Error('soak needs a ws:// URL with {id}, --ids and --cut-ids');
+  const n = num(opt.conns, 1000), bytes = num(opt.bytes, 65536), every = num(opt.progress, 10000);
+  const payload = Buffer.alloc(bytes, 's');
+  const tally = {}, t0 = now();
+  let done = 0;
+  const count = (o) => {
+    tally[o] = (tally[o] || 0) + 1;
+    if (++done % every === 0 || done === n) process.stdout.write(JSON.stringify({ event: 'progress', done }) + '\n');
+  };
+  // Two pools: unknown sessions wait out the daemon's deadline, the rest take milliseconds.
+  let nextServe = 0, nextUnknown = 0;
+  let limit = 0;
+  const take = (unknown) => {
+    for (;;) {
+      const i = unknown ? nextUnknown : nextServe;
+      if (i >= limit) return null;
+      if (unknown) nextUnknown++; else nextServe++;
+      if ((soakKind(i) === 'unknown') === unknown) return i;
+    }
+  };
+  const worker = async (unknown) => { for (let i = take(unknown); i !== null; i = take(unknown)) count(await soakOne(i, bytes, payload)); };
+  // Up to --pause-at, then (every connection ended) {"event":"paused"} and a line on stdin
+  // before the rest: the harness measures the idle daemon there and at the end.
+  const pauseAt = Math.min(n, num(opt['pause-at'], n));
+  for (const end of pauseAt < n ? [pauseAt, n] : [n]) {
+    limit = end;
+    await Promise.all([
+      ...Array.from({ length: num(opt.parallel, 64) }, () => worker(false)),
+      ...Array.from({ length: num(opt['unknown-parallel'], 256) }, () => worker(true)),
+    ]);
+    if (end < n) {
+      process.stdout.write(JSON.stringify({ event: 'paused', done }) + '\n');
+      await new Promise((r) => process.stdin.once('data', r));
+    }
+  }
+  const sec = (now() - t0) / 1000;
+  emit({ conns: n, tally, seconds: r3(sec), conn_per_s: r3(n / sec) });
+}
+
+const fns = { soak, down, 'down-vnc': downVnc, up, echo, setup, conc, streams, ready, upgrade };
 if (!fns[scenario] || !opt.url) {
-  console.error('usage: node client.js down|down-vnc|up|echo|setup|conc|streams|ready|upgrade --url ws://...|tcp://... [--ids FILE] [options]');
+  console.error('usage: node client.js down|down-vnc|up|echo|setup|conc|streams|ready|upgrade|soak --url ws://...|tcp://... [--ids FILE] [options]');
   process.exit(2);
 }
-fns[scenario]().then(() => process.exit(0), (e) => { emit({ error: String(e && e.message || e) }); process.exit(1); });
+// Exit once stdout is flushed: a result line longer than the pipe's 64 KiB (scale's opens)
+// would otherwise be cut short by the exit.
+const exitAfterFlush = (code) => process.stdout.write('', () => process.exit(code));
+fns[scenario]().then(() => exitAfterFlush(0), (e) => { emit({ error: String(e && e.message || e) }); exitAfterFlush(1); });

@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,10 +49,15 @@ import report
 
 try:
     import psycopg2
+    from prometheus_client.parser import text_string_to_metric_families
 
     import twisted_novnc
     from twisted_novnc.config import parse_config
-    from twisted_novnc.database.embedded import EmbeddedPostgres, apply_sql
+    from twisted_novnc.database.embedded import (
+        EmbeddedPostgres,
+        apply_sql,
+        read_postmaster_pid,
+    )
     from twisted_novnc.database.schema import quote_ident, schema_sql
     from twisted_novnc.recording.format import RecordingInfo, list_recordings
 except ImportError as e:  # pragma: no cover - a message instead of a traceback
@@ -65,7 +71,9 @@ BUILD = HERE / "out"
 MiB = 1 << 20
 
 SCENARIOS = ("down", "down-vnc", "down-rec", "up", "echo", "echo-rec", "setup", "conc", "conc-rec",
-             "streams", "ready", "upgrade")
+             "streams", "ready", "upgrade", "scale")
+#: Run only when asked for by name (--scenarios soak): hours at its default size.
+ON_REQUEST = ("soak",)
 PROXIES = ("ceiling-tcp", "ceiling-ws", "socat", "twisted-tcp", "websockify", "twisted_novnc",
            "twisted_novnc-2w")
 #: twisted_novnc with [novnc] workers = 2 (issue 6: streams with 2 workers; issue 12: the
@@ -77,7 +85,7 @@ WORKERS_PROXY = "twisted_novnc-2w"
 ONLY = {"ready": ("twisted_novnc",), "upgrade": ("twisted_novnc", WORKERS_PROXY),
         "streams": PROXIES, "down-vnc": ("twisted_novnc", WORKERS_PROXY),
         "down-rec": ("twisted_novnc",), "echo-rec": ("twisted_novnc",),
-        "conc-rec": ("twisted_novnc",)}
+        "conc-rec": ("twisted_novnc",), "scale": ("twisted_novnc",), "soak": ("twisted_novnc",)}
 #: The scenario each VNC scenario is compared with, proxy by proxy in the same round: the same
 #: build with credentials off.
 VNC_REFERENCE = {"down-vnc": "down"}
@@ -132,13 +140,45 @@ class Upgrade:
 
 
 #: Full sizes are the issue's; --quick is a smoke test that exercises every code path.
+@attrs.frozen
+class Scale:
+    """The scale scenario (issue 18, point 4): for each daemon count, ``waiting`` browsers held
+    per daemon, then COMMITs one per transaction at each rate, round-robin over the daemons."""
+
+    daemons: tuple[int, ...]
+    rates: tuple[int, ...]
+    waiting: int
+
+
+@attrs.frozen
+class Soak:
+    """The soak scenario (issue 18, point 6): ``connections`` through one daemon, the database
+    restarted every ``db_restart`` seconds."""
+
+    connections: int
+    db_restart: float
+    parallel: int = 64
+    #: Sessions of each kind the connections take turns on (max_per_session is 16).
+    sessions: int = 512
+    #: The daemon's readiness deadline: how long an unknown session is held before its 4404.
+    readiness_timeout: float = 1.0
+    #: RSS and descriptors are sampled after every this many connections (for the slope), and
+    #: compared between the end and the first sample after ``first`` connections.
+    every: int = 10_000
+    first: int = 10_000
+
+
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"down": 256 * MiB, "up": 256 * MiB, "echo": 10_000, "setup": 1000, "conc": 9000,
              "streams": (50, 8 * MiB), "ready": 1000, "ready_rate": 200,
-             "upgrade": Upgrade(1000, 100, 5.0, 5.0)},
+             "upgrade": Upgrade(1000, 100, 5.0, 5.0),
+             "scale": Scale((1, 2, 4, 8), (200, 500, 1000), 500),
+             "soak": Soak(1_000_000, 300.0)},
     "quick": {"down": 16 * MiB, "up": 16 * MiB, "echo": 1000, "setup": 100, "conc": 200,
               "streams": (10, 2 * MiB), "ready": 100, "ready_rate": 200,
-              "upgrade": Upgrade(100, 100, 2.0, 2.0)},
+              "upgrade": Upgrade(100, 100, 2.0, 2.0),
+              "scale": Scale((1, 2), (200, 500), 50),
+              "soak": Soak(2000, 1.5)},
 }
 
 #: What twisted_novnc logs when a browser's upgrade is held (counted to know all are waiting),
@@ -147,6 +187,12 @@ HELD_LINE = re.compile(r"waiting for readiness")
 LISTENING_LINE = "listening for session changes"
 ERROR_LINE = re.compile(r"Unhandled Error|Traceback \(most recent call last\)|CRITICAL|"
                         r"unexpected error")
+#: What txpostgres logs when the server goes away (STYLE.md, known pitfalls: an "Unhandled
+#: Error" per pooled connection, and at times a ValueError re-adding a closed one to the
+#: reactor): the soak restarts the database on purpose, so these are counted apart.
+DB_RESTART_TRACEBACK = re.compile(
+    r"\[connection\] Unhandled Error\n(?:\t.*\n)*?\t  File \"[^\"\n]*txpostgres/txpostgres\.py"
+    r"\".*\n(?:\t.*\n)*")
 REFUSED_LINE = re.compile(r"refused \S+ from")
 
 
@@ -290,6 +336,39 @@ class Sessions:
         with self._conn.cursor() as cur:
             cur.execute(f"TRUNCATE {self._q}")
 
+    def postmaster_pid(self) -> int:
+        """The private cluster's postmaster: its process tree is the database's CPU."""
+        if self._cluster is None:
+            raise BenchError("scale measures the database's CPU: it needs the private cluster"
+                             " (no --dsn)")
+        pid = read_postmaster_pid(self._cluster.data_dir)
+        if pid is None:
+            raise BenchError("no postmaster.pid in the private cluster")
+        return pid.pid
+
+    def backend_count(self, also_ours: Sequence[int] = ()) -> int:
+        """Client connections held on the database, the bench's own left out."""
+        with self._conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client"
+                        " backend' AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
+                        (list(also_ours),))
+            return int(cur.fetchone()[0])
+
+    def restart_cluster(self) -> bool:
+        """``pg_ctl restart -m fast`` on the private cluster (the soak's outage), then a fresh
+        connection of our own; whether the restart succeeded."""
+        if self._cluster is None:
+            raise BenchError("the soak restarts the database: it needs the private cluster")
+        # -l: the new postmaster must not inherit _run's pipe, or the call waits for it to end.
+        result = self._cluster._run(["pg_ctl", "-D", self._cluster.data_dir, "-l",
+                                     self._cluster.log_file, "-m", "fast", "-w", "-t", "60",
+                                     "restart"], timeout=90)
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        self._conn = psycopg2.connect(self.dsn)
+        self._conn.autocommit = True
+        return result.returncode == 0
+
     def committer(self) -> Committer:
         conn = psycopg2.connect(self.dsn)
         conn.autocommit = False
@@ -309,6 +388,7 @@ class Committer:
 
     def __init__(self, conn: Any, table: str) -> None:
         self._conn = conn
+        self.backend_pid: int = conn.get_backend_pid()
         self._update = (f"UPDATE {table} SET vm_ip = '127.0.0.1', status = 'running'"
                         " WHERE session_id = ANY(%s::uuid[])")
 
@@ -359,6 +439,17 @@ class Bench:
         self.sizes = dict(SIZES["quick" if args.quick else "full"])
         if args.conc:
             self.sizes["conc"] = args.conc
+        scale: Scale = self.sizes["scale"]
+        self.sizes["scale"] = Scale(
+            tuple(args.scale_daemons) if args.scale_daemons else scale.daemons,
+            tuple(args.scale_rates) if args.scale_rates else scale.rates,
+            args.scale_waiting or scale.waiting)
+        soak: Soak = self.sizes["soak"]
+        n = args.soak_connections or soak.connections
+        self.sizes["soak"] = attrs.evolve(
+            soak, connections=n, db_restart=args.soak_db_restart or soak.db_restart,
+            first=min(soak.first, max(1, n // 2)),
+            every=min(soak.every, max(1, n // 10)))
         if args.upgrade_relays or args.upgrade_interval:
             self.sizes["upgrade"] = attrs.evolve(
                 self.sizes["upgrade"],
@@ -457,7 +548,8 @@ class Bench:
 
     def start_twisted_novnc(self, port: int, target_port: int, tag: str, workers: int = 1,
                             admin_port: int | None = None,
-                            vnc: bool = False, record: bool = False) -> subprocess.Popen[Any]:
+                            vnc: bool = False, record: bool = False,
+                            readiness_timeout: float = 120) -> subprocess.Popen[Any]:
         assert self.sessions is not None
         config = self.run_dir / f"{tag}.ini"
         vnc_section = ""
@@ -478,7 +570,7 @@ class Bench:
         config.write_text(
             "[novnc]\n"
             f"listen = tcp:{port}:interface=127.0.0.1:backlog=4096\n"
-            "readiness_timeout = 120\n"
+            f"readiness_timeout = {readiness_timeout:g}\n"
             f"target_port = {target_port}\n"
             f"workers = {workers}\n"
             # The bench's clients all come from 127.0.0.1, so the per-address limits (safe
@@ -744,6 +836,275 @@ class Bench:
             out["ready_commit_rate"] = r3((len(ids) - 1) / spread) if spread > 0 else None
         return out
 
+    # -- scale: many daemons on one database (issue 18, point 4)
+
+    def _admin_port(self, used: set[int]) -> int:
+        port = procs.free_port()
+        while port in used:
+            port = procs.free_port()
+        used.add(port)
+        return port
+
+    def run_scale(self, tag: str) -> dict[str, Any]:
+        """For each K: K daemons (and one observer holding nothing), ``waiting`` browsers held
+        on each, then paced COMMITs at each rate, round-robin over the daemons."""
+        assert self.sessions is not None
+        size: Scale = self.sizes["scale"]
+        used: set[int] = set()
+        tport = self._admin_port(used)
+        target = observer = None
+        phases: list[dict[str, Any]] = []
+        sampler = None
+        try:
+            target = self.start_backend("scale", "twisted_novnc", tport, tag)
+            # The observer: a daemon with no browser at all, so every NOTIFY it gets is one
+            # it does not need; its CPU in a phase is what a shared channel costs a daemon.
+            oport, oadmin = self._admin_port(used), self._admin_port(used)
+            observer = self.start_twisted_novnc(oport, tport, f"{tag}-observer",
+                                                admin_port=oadmin)
+            sampler = procs.CpuSampler(self.sessions.postmaster_pid(), interval=0.2)
+            for k in size.daemons:
+                daemons: list[tuple[subprocess.Popen[Any], int, int, Path]] = []
+                try:
+                    for d in range(k):
+                        port, admin = self._admin_port(used), self._admin_port(used)
+                        name = f"{tag}-k{k}-d{d}"
+                        daemons.append((self.start_twisted_novnc(port, tport, name,
+                                                                 admin_port=admin),
+                                        port, admin, self.run_dir / f"{name}-proxy.log"))
+                    for rate in size.rates:
+                        phase = self._scale_phase(tag, k, rate, size.waiting, tport, daemons,
+                                                  (observer, oadmin), sampler)
+                        phases.append(phase)
+                        self.tools.say(f"scale K={k} {rate}/s: p50 {phase.get('p50_ms')} "
+                                       f"p99 {phase.get('p99_ms')} ms, observer "
+                                       f"{phase.get('observer_cpu_pct')} % of a core"
+                                       + (f", error: {phase['error']}" if phase.get("error")
+                                          else ""))
+                finally:
+                    for proc, *_ in daemons:
+                        procs.stop(proc, grace=15)
+                    for _, _, _, log in daemons:
+                        row: dict[str, Any] = {}
+                        self.scan_daemon_log(log, row)
+                        if row.get("daemon_log_errors"):
+                            phases.append({"k": k, "error": f"daemon log {log.name}: "
+                                           f"{row['daemon_log_first_error']!r}"})
+        finally:
+            if sampler is not None:
+                sampler.stop()
+            procs.stop(observer, grace=15)
+            procs.stop(target, grace=5)
+        failed = [p for p in phases if p.get("error")]
+        out: dict[str, Any] = {"scale": phases, "scale_daemons": list(size.daemons),
+                               "scale_rates": list(size.rates), "scale_waiting": size.waiting,
+                               "scale_early": sum(int(p.get("early") or 0) for p in phases)}
+        if failed:
+            out["error"] = "scale: " + "; ".join(
+                f"K={p.get('k')} {p.get('rate', '')}: {p['error']}" for p in failed[:3])
+        return out
+
+    def _scale_phase(self, tag: str, k: int, rate: int, waiting: int, tport: int,
+                     daemons: Sequence[tuple[subprocess.Popen[Any], int, int, Path]],
+                     observer: tuple[subprocess.Popen[Any], int],
+                     sampler: procs.CpuSampler) -> dict[str, Any]:
+        assert self.sessions is not None
+        name = f"{tag}-k{k}-{rate}"
+        per_daemon = [self.sessions.add(waiting, tport, ready=False)
+                      for _ in daemons]
+        ids_file = self.run_dir / f"{name}.ids"
+        ids_file.write_text("".join(f"{sid} {port}\n" for (_, port, _, _), sids
+                                    in zip(daemons, per_daemon, strict=True) for sid in sids))
+        # Round-robin: the i-th session of every daemon, then the (i+1)-th...
+        order = [sids[i] for i in range(waiting) for sids in per_daemon]
+        url = f"ws://127.0.0.1:{daemons[0][1]}/websockify/{{id}}"
+        phase: dict[str, Any] = {"k": k, "rate": rate, "n": len(order)}
+        cl = self.client(self.client_command("ready", url, "twisted_novnc", ids_file))
+        lines = procs.LineReader(cl.stdout)  # type: ignore[arg-type]
+        committer = self.sessions.committer()
+        try:
+            first = lines.next(60)
+            if not first or json.loads(first).get("event") != "sent":
+                phase["error"] = f"client did not send: {(first or '')[:200]}"
+                return phase
+
+            def held() -> bool:
+                return all(scrape(admin).get("twisted_novnc_waiting_clients") == waiting
+                           for _, _, admin, _ in daemons)
+
+            # Held: every daemon's own gauge says so (its waiters are registered, their first
+            # read scheduled); no sleep.
+            phase["all_held_before_commit"] = procs.wait_until(held, 60, 0.1)
+            pids = {proc.pid: procs.process_tree(proc.pid) for proc, *_ in daemons}
+            opid = observer[0].pid
+            before_m = [scrape(admin) for _, _, admin, _ in daemons]
+            before_o = scrape(observer[1])
+            cpu_before = {p: procs.cpu_seconds(tree) for p, tree in pids.items()}
+            ocpu_before = procs.cpu_seconds([opid])
+            pg_before = sampler.sample()
+            t0 = time.monotonic()
+            committed = committer.paced(order, rate)
+            t1 = time.monotonic()
+            pg_after = sampler.sample()
+            phase["db_connections"] = self.sessions.backend_count([committer.backend_pid])
+            # The last COMMIT's NOTIFY is still on its way: wait (bounded) until every daemon
+            # read every session it held, and the observer got every NOTIFY.
+            procs.wait_until(lambda: all(
+                scrape(admin).get("twisted_novnc_waiting_clients") == 0
+                for _, _, admin, _ in daemons), 10, 0.05)
+            procs.wait_until(lambda: notifications(scrape(observer[1]))[1]
+                             - notifications(before_o)[1] >= len(order), 10, 0.05)
+            ocpu_after = procs.cpu_seconds([opid])
+            cpu_after = {p: procs.cpu_seconds(tree) for p, tree in pids.items()}
+            after_m = [scrape(admin) for _, _, admin, _ in daemons]
+            after_o = scrape(observer[1])
+            last = lines.next(120)
+            result = json.loads(last) if last else {"error": "no result"}
+        finally:
+            committer.close()
+            procs.stop(cl, grace=10)
+        if result.get("error"):
+            phase["error"] = str(result["error"])
+            return phase
+        wall = t1 - t0
+        lat, early = [], 0
+        for sid, t101, ok in result["opens"]:
+            if not ok or t101 is None:
+                continue
+            ms = (int(t101) - committed[sid]) / 1e6
+            if ms < 0:
+                early += 1
+            lat.append(ms)
+        lat.sort()
+        spread = (max(committed.values()) - min(committed.values())) / 1e9
+        pg_cpu = sum(v - pg_before.get(p, 0.0) for p, v in pg_after.items())
+        phase.update({
+            "ok": result["ok"], "errors": result["errors"],
+            "error_kinds": result.get("error_kinds"), "early": early,
+            "p50_ms": r3(percentile(lat, 50)), "p99_ms": r3(percentile(lat, 99)),
+            "max_ms": r3(lat[-1] if lat else None),
+            "commit_rate": r3((len(order) - 1) / spread) if spread > 0 else None,
+            "commit_seconds": r3(wall),
+            "db_cpu_us_per_commit": r3(pg_cpu / len(order) * 1e6),
+            "db_cpu_pct": r3(100 * pg_cpu / wall),
+            "observer_cpu_pct": r3(100 * (ocpu_after - ocpu_before) / wall),
+            "observer_notifications": notifications(after_o)[1] - notifications(before_o)[1],
+            "daemons": [{
+                "needed": notifications(a)[0] - notifications(b)[0],
+                "discarded": notifications(a)[1] - notifications(b)[1],
+                "cpu_pct": r3(100 * (cpu_after[pid] - cpu_before[pid]) / wall),
+            } for a, b, pid in zip(after_m, before_m, pids, strict=True)],
+        })
+        if phase["errors"]:
+            phase["error"] = f"{phase['errors']} browser(s) not served: {phase['error_kinds']}"
+        elif early:
+            phase["error"] = f"{early} 101(s) before their COMMIT"
+        elif not phase["all_held_before_commit"]:
+            phase["error"] = "not every browser was held before the first COMMIT"
+        self.sessions.clear()
+        return phase
+
+    # -- soak: a million short relays through one daemon (issue 18, point 6)
+
+    def run_soak(self, tag: str) -> dict[str, Any]:
+        assert self.sessions is not None
+        size: Soak = self.sizes["soak"]
+        used: set[int] = set()
+        tport, cport = self._admin_port(used), self._admin_port(used)
+        pport, aport = self._admin_port(used), self._admin_port(used)
+        echo = cut = daemon = None
+        restarts: list[dict[str, Any]] = []
+        stop_restarts = threading.Event()
+        restarter = None
+        out: dict[str, Any] = {"soak_n": size.connections}
+        try:
+            echo = self._spawn_listening([str(self.tools.target), "echo", str(tport)], tport,
+                                         "the target", f"{tag}-target.log")
+            cut = self._spawn_listening([str(self.tools.target), "cut", str(cport), "16384"],
+                                        cport, "the cutting target", f"{tag}-cut-target.log")
+            served_ids = self.run_dir / f"{tag}.ids"
+            served_ids.write_text("\n".join(self.sessions.add(size.sessions, tport, True)) + "\n")
+            cut_ids = self.run_dir / f"{tag}-cut.ids"
+            cut_ids.write_text("\n".join(self.sessions.add(size.sessions, cport, True)) + "\n")
+            daemon = self.start_twisted_novnc(pport, tport, tag, admin_port=aport,
+                                              readiness_timeout=size.readiness_timeout)
+            idle = scrape(aport)
+            out["idle_delayed_calls"] = idle.get("twisted_novnc_delayed_calls")
+
+            def restart_loop() -> None:
+                assert self.sessions is not None
+                while not stop_restarts.wait(size.db_restart):
+                    t = time.monotonic()
+                    ok = self.sessions.restart_cluster()
+                    restarts.append({"at_s": r3(t - started), "ok": ok,
+                                     "seconds": r3(time.monotonic() - t)})
+
+            url = f"ws://127.0.0.1:{pport}/websockify/{{id}}"
+            cmd = ["node", str(HERE / "client.js"), "soak", "--url", url, "--timeout",
+                   str(self.args.client_timeout), "--conns", str(size.connections),
+                   "--parallel", str(size.parallel), "--bytes", "65536",
+                   "--ids", str(served_ids), "--cut-ids", str(cut_ids),
+                   "--progress", str(size.every), "--pause-at", str(size.first)]
+            started = time.monotonic()
+            restarter = threading.Thread(target=restart_loop, daemon=True)
+            restarter.start()
+            cl = self.client(cmd)
+            lines = procs.LineReader(cl.stdout)  # type: ignore[arg-type]
+            samples: list[dict[str, Any]] = []
+            result: dict[str, Any] = {"error": "no result"}
+            try:
+                while True:
+                    line = lines.next(self.args.client_timeout + 30)
+                    if line is None:
+                        break
+                    event = json.loads(line)
+                    if event.get("event") == "progress":
+                        samples.append(soak_sample(daemon.pid, aport, event["done"],
+                                                   time.monotonic() - started))
+                        continue
+                    if event.get("event") == "paused":
+                        # Every connection so far has ended: the daemon idle after `first`.
+                        procs.wait_until(lambda: scrape(aport).get(
+                            "twisted_novnc_connections_open") == 0, 30, 0.1)
+                        out["soak_first"] = soak_sample(daemon.pid, aport, event["done"],
+                                                        time.monotonic() - started)
+                        assert cl.stdin is not None
+                        cl.stdin.write("go\n")
+                        cl.stdin.flush()
+                        continue
+                    result = event
+                    break
+            finally:
+                procs.stop(cl, grace=10)
+                stop_restarts.set()
+                restarter.join(timeout=120)
+            seconds = time.monotonic() - started
+            # The last connections' closes are logged a turn later: wait (bounded) for none
+            # open, then count.
+            procs.wait_until(lambda: scrape(aport).get("twisted_novnc_connections_open") == 0,
+                             30, 0.1)
+            # Timers of the last connections (close handshakes, a reconnect's backoff) run
+            # out: wait (bounded) until no more are pending than when the daemon was idle.
+            settled = time.monotonic()
+            out["soak_timers_settled"] = procs.wait_until(
+                lambda: scrape(aport).get("twisted_novnc_delayed_calls", 1e9)
+                <= (idle.get("twisted_novnc_delayed_calls") or 0), 30, 0.2)
+            out["soak_timers_settle_s"] = r3(time.monotonic() - settled)
+            end = scrape(aport)
+            samples.append(soak_sample(daemon.pid, aport, "end", seconds))
+        finally:
+            stop_restarts.set()
+            procs.stop(daemon, grace=15)
+            procs.stop(echo, grace=5)
+            procs.stop(cut, grace=5)
+            if daemon is not None:
+                self.scan_daemon_log(self.run_dir / f"{tag}-proxy.log", out,
+                                     expected=DB_RESTART_TRACEBACK)
+        out.update(soak_figures(result, samples, end, size, restarts, seconds,
+                                out.get("idle_delayed_calls"), out.get("soak_first")))
+        return out
+
+
     # -- one (round, scenario, proxy)
 
     def run_one(self, rnd: int, scenario: str, proxy: str) -> dict[str, Any]:
@@ -756,6 +1117,16 @@ class Bench:
         while pport == tport:
             pport = procs.free_port()
         started = time.monotonic()
+        if scenario in ("scale", "soak"):
+            try:
+                row.update(self.run_scale(tag) if scenario == "scale" else self.run_soak(tag))
+            except BenchError as e:
+                row["error"] = f"harness: {e}"
+            finally:
+                if self.sessions is not None:
+                    self.sessions.clear()
+            row["wall_s"] = round(time.monotonic() - started, 1)
+            return row
         aport = None
         if scenario == "upgrade":
             aport = procs.free_port()
@@ -840,11 +1211,18 @@ class Bench:
             row["recordings_stopped"] = ", ".join(stopped)
         shutil.rmtree(directory, ignore_errors=True)
 
-    def scan_daemon_log(self, log: Path, row: dict[str, Any]) -> None:
+    def scan_daemon_log(self, log: Path, row: dict[str, Any],
+                        expected: re.Pattern[str] | None = None) -> None:
+        """Error lines and tracebacks of the daemon's log in the row; those ``expected``
+        matches (the soak's database restarts) are counted apart, not as errors."""
         try:
             text = log.read_text(errors="replace")
         except OSError:
             return
+        if expected is not None:
+            text, n = expected.subn("", text)
+            if n:
+                row["daemon_log_expected_tracebacks"] = n
         errors = ERROR_LINE.findall(text)
         if errors:
             row["daemon_log_errors"] = len(errors)
@@ -901,6 +1279,136 @@ class Bench:
                 text = "".join(raw.read_text() for raw in raws)
                 title = f"twisted_novnc, {scenario}, {len(raws)} round(s)"
                 (folder / f"{scenario}.md").write_text(profiles.summarise(text, title=title))
+
+
+# -- scraping a daemon's /metrics (scale and soak) ------------------------------------------------
+
+
+def scrape(admin_port: int) -> dict[str, float]:
+    """One daemon's metrics by sample name, labels in braces (``name{k=v}``); {} when it does
+    not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except (OSError, urllib.error.URLError):
+        return {}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out
+
+
+def notifications(metrics: dict[str, float]) -> tuple[int, int]:
+    """(needed, discarded) NOTIFYs so far, from a scrape."""
+    return (int(metrics.get("twisted_novnc_notifications_total{result=needed}", 0)),
+            int(metrics.get("twisted_novnc_notifications_total{result=discarded}", 0)))
+
+
+#: How the soak's client names what it saw, and what the daemon's outcome says, by class.
+SOAK_CLASSES = ("served", "refused", "cut")
+
+
+def soak_client_class(kind: str) -> str:
+    if kind == "served":
+        return "served"
+    if kind.startswith("refused_"):
+        return "refused"
+    if kind in ("cut_browser", "cut_vm"):
+        return "cut"
+    return "other"
+
+
+def soak_daemon_class(outcome: str) -> str:
+    """The daemon's ``connections_total`` outcome, classed: 1000 is a relay closed cleanly
+    (by the browser; or by the VM, which a reset at times reads as), a refusal its close code
+    (4404 unknown, 4503 database unavailable) or HTTP status, a cut the VM's reset (4502) or
+    the browser's vanishing (1006, no close frame)."""
+    if outcome == "1000":
+        return "served"
+    if outcome in ("http_404", "http_503", "http_504", "4404", "4503", "4504"):
+        return "refused"
+    if outcome in ("1006", "4502", "1001"):
+        return "cut"
+    return "other"
+
+
+def soak_sample(pid: int, admin_port: int, done: int | str, t: float) -> dict[str, Any]:
+    """The daemon's RSS and descriptors now, and the connections it had open."""
+    m = scrape(admin_port)
+    return {"done": done, "rss_kb": procs.memory_kb([pid])["rss_kb"],
+            "fds": procs.fd_count(pid), "open": m.get("twisted_novnc_connections_open"),
+            "t_s": r3(t)}
+
+
+def soak_figures(result: dict[str, Any], samples: list[dict[str, Any]], end: dict[str, float],
+                 size: Soak, restarts: list[dict[str, Any]], seconds: float,
+                 idle_timers: float | None, first: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"soak_samples": samples, "soak_restarts": restarts,
+                           "soak_seconds": r3(seconds)}
+    if result.get("error"):
+        out["error"] = f"soak client: {result['error']}"
+        return out
+    tally: dict[str, int] = result["tally"]
+    client = dict.fromkeys((*SOAK_CLASSES, "other"), 0)
+    for kind, n in tally.items():
+        client[soak_client_class(kind)] += n
+    outcomes = {k.split("outcome=")[1].rstrip("}"): int(v) for k, v in end.items()
+                if k.startswith("twisted_novnc_connections_total{")}
+    daemon = dict.fromkeys((*SOAK_CLASSES, "other"), 0)
+    for outcome, n in outcomes.items():
+        daemon[soak_daemon_class(outcome)] += n
+    progress = [s for s in samples if isinstance(s["done"], int)]
+    last = samples[-1]
+    out.update({
+        "soak_tally": tally, "soak_client": client, "soak_outcomes": outcomes,
+        "soak_daemon": daemon, "soak_conn_per_s": result.get("conn_per_s"),
+        "soak_waiting_end": end.get("twisted_novnc_waiting_clients"),
+        "soak_watched_end": end.get("twisted_novnc_watched_relays"),
+        "soak_delayed_calls_end": end.get("twisted_novnc_delayed_calls"),
+        "soak_open_end": end.get("twisted_novnc_connections_open"),
+        "soak_restarts_ok": sum(1 for r in restarts if r["ok"]),
+    })
+    if first is not None:
+        out["soak_rss_change_pct"] = r3(100 * (last["rss_kb"] - first["rss_kb"])
+                                        / first["rss_kb"])
+        if first["fds"] and last["fds"] is not None:
+            out["soak_fds_change_pct"] = r3(100 * (last["fds"] - first["fds"]) / first["fds"])
+    # The slope after the first sample compared: before it the heap is still warming up.
+    settled = [s for s in progress if s["done"] >= size.first]
+    fit = settled if len(settled) >= 2 else progress
+    if len(fit) >= 2:
+        xs = [s["done"] for s in fit]
+        ys = [s["rss_kb"] for s in fit]
+        out["soak_rss_slope_kb_per_100k"] = r3(statistics.linear_regression(xs, ys).slope
+                                               * 100_000)
+    # And over the second half alone: a heap that warms up to a plateau is not a leak.
+    half = [s for s in progress if s["done"] >= size.connections // 2]
+    if len(half) >= 2:
+        out["soak_rss_slope_second_half_kb_per_100k"] = r3(statistics.linear_regression(
+            [s["done"] for s in half], [s["rss_kb"] for s in half]).slope * 100_000)
+    problems = []
+    if sum(client.values()) != size.connections or client["other"]:
+        problems.append(f"client tally {tally} is not {size.connections} served, refused or "
+                        "cut")
+    # A VM's reset is at times read as its clean close (1000, as a served relay's): the daemon
+    # cannot tell those from served ones, so they may move from cut to served, no further.
+    clean_vm_cuts = daemon["served"] - client["served"]
+    out["soak_vm_cuts_seen_clean"] = clean_vm_cuts
+    if (sum(outcomes.values()) != size.connections or daemon["refused"] != client["refused"]
+            or daemon["other"] or daemon["cut"] + clean_vm_cuts != client["cut"]
+            or not 0 <= clean_vm_cuts <= tally.get("cut_vm", 0)):
+        problems.append(f"the daemon's outcomes {outcomes} do not match the client's {client}")
+    if end.get("twisted_novnc_waiting_clients") or end.get("twisted_novnc_watched_relays"):
+        problems.append("waiters or watches left at the end")
+    if (end.get("twisted_novnc_delayed_calls") or 0) > (idle_timers or 0):
+        problems.append("more timers pending at the end than when idle")
+    if not restarts or not all(r["ok"] for r in restarts):
+        problems.append(f"database restarts: {restarts or 'none happened'}")
+    if problems:
+        out["error"] = "soak: " + "; ".join(problems)
+    return out
 
 
 def gc_pauses(log: Path, row: dict[str, Any]) -> None:
@@ -1039,10 +1547,118 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
         "",
         report.markdown(rows, s["conc"], bench.args.rounds),
     ]
-    extra = ready_details(rows) + conc_details(rows) + upgrade_details(rows)
+    extra = (ready_details(rows) + conc_details(rows) + upgrade_details(rows)
+             + scale_details(rows) + soak_details(rows))
     if extra:
         lines += extra
     return "\n".join(lines)
+
+
+def scale_details(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Issue 18, point 4: a row per (daemons, rate) of every round, and the targets."""
+    runs = [r for r in rows if r["scenario"] == "scale" and r.get("scale")]
+    if not runs:
+        return []
+    lines = [
+        "scale (issue 18, point 4): K daemons (`workers = 1` each) on one PostgreSQL, "
+        f"{runs[0]['scale_waiting']} browsers held per daemon, COMMITs one per transaction at "
+        "the rate, round-robin over the daemons; one more daemon, the observer, holds no "
+        "browser and only receives every NOTIFY. CPU in % of one core over the commit phase; "
+        "the database's is its cluster's whole process tree. Two cores run all of it (client,"
+        " K + 1 daemons, PostgreSQL, target): from K = 4 the figures are CPU-bound.",
+        "",
+        "| round | K | rate/s | achieved/s | COMMIT→101 p50 / p99 / max ms | 101 before COMMIT "
+        "| errors | DB CPU µs/commit | DB CPU % | DB conns | per daemon: needed / discarded "
+        "NOTIFYs, CPU % | observer NOTIFYs, CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        for p in r["scale"]:
+            if "rate" not in p:
+                continue
+            per = "; ".join(f"{d['needed']} / {d['discarded']}, {fmt_num(d['cpu_pct'])}"
+                            for d in p.get("daemons", []))
+            lines.append(
+                f"| {r['round']} | {p['k']} | {p['rate']} | {fmt_num(p.get('commit_rate'))} | "
+                f"{fmt_num(p.get('p50_ms'))} / {fmt_num(p.get('p99_ms'))} / "
+                f"{fmt_num(p.get('max_ms'))} | {p.get('early', '—')} | "
+                f"{p.get('errors', '—')}{' (' + p['error'] + ')' if p.get('error') else ''} | "
+                f"{fmt_num(p.get('db_cpu_us_per_commit'))} | {fmt_num(p.get('db_cpu_pct'))} | "
+                f"{p.get('db_connections', '—')} | {per or '—'} | "
+                f"{p.get('observer_notifications', '—')}, {fmt_num(p.get('observer_cpu_pct'))} |")
+    top = [p for r in runs for p in r["scale"] if p.get("k") == 8 and p.get("rate") == 1000
+           and p.get("p99_ms") is not None]
+    p99 = statistics.median(p["p99_ms"] for p in top) if top else None
+    obs = statistics.median(p["observer_cpu_pct"] for p in top) if top else None
+    early = sum(int(r.get("scale_early") or 0) for r in runs)
+    verdict = {True: "yes", False: "**no**", None: "—"}
+    lines += [
+        "", "Targets (issue 18, point 4; medians over rounds):", "",
+        "| target | measured | met |", "|---|---|---|",
+        f"| K = 8, 1,000 commits/s: COMMIT→101 p99 ≤ 10 ms | "
+        f"{fmt_num(p99) + ' ms' if p99 is not None else 'not measured'} | "
+        f"{verdict[None if p99 is None else p99 <= 10]} |",
+        f"| K = 8, 1,000 commits/s: CPU for NOTIFYs not needed (observer) ≤ 5 % of a core | "
+        f"{fmt_num(obs) + ' %' if obs is not None else 'not measured'} | "
+        f"{verdict[None if obs is None else obs <= 5]} |",
+        f"| no 101 before its COMMIT | {early} | {verdict[early == 0]} |",
+        "",
+    ]
+    return lines
+
+
+def soak_details(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Issue 18, point 6: memory and descriptors over the run, and every connection's end."""
+    runs = [r for r in rows if r["scenario"] == "soak" and r.get("soak_samples")]
+    lines: list[str] = []
+    verdict = {True: "yes", False: "**no**", None: "—"}
+    for r in runs:
+        first, last = r.get("soak_first"), r["soak_samples"][-1]
+        rss, fds = r.get("soak_rss_change_pct"), r.get("soak_fds_change_pct")
+        timers_left = r.get("soak_delayed_calls_end") or 0
+        lines += [
+            f"soak (issue 18, point 6), round {r['round']}: {r['soak_n']:,} connections in "
+            f"{fmt_num(r.get('soak_seconds'))} s ({fmt_num(r.get('soak_conn_per_s'))} conn/s),"
+            f" the database restarted {r.get('soak_restarts_ok', 0)} time(s) "
+            f"({len(r.get('soak_restarts') or [])} tried).",
+            "",
+            "| figure | value | met |", "|---|---|---|",
+            f"| RSS, idle after {first['done'] if first else '?':,} → idle at the end | "
+            f"{first['rss_kb'] if first else '?'} → {last['rss_kb']} KB "
+            f"({fmt_num(rss)} %) | {verdict[None if rss is None else abs(rss) <= 5]} |",
+            f"| descriptors, idle after {first['done'] if first else '?':,} → idle at the end | "
+            f"{first['fds'] if first else '?'} → {last['fds']} ({fmt_num(fds)} %) | "
+            f"{verdict[None if fds is None else abs(fds) <= 5]} |",
+            f"| RSS slope (fit over the samples from {first['done'] if first else '?':,} on) | "
+            f"{fmt_num(r.get('soak_rss_slope_kb_per_100k'))} KB per 100k connections | |",
+            f"| RSS slope over the second half | "
+            f"{fmt_num(r.get('soak_rss_slope_second_half_kb_per_100k'))} KB per 100k "
+            "connections | |",
+            f"| waiters / watched relays / open connections at the end | "
+            f"{r.get('soak_waiting_end')} / {r.get('soak_watched_end')} / "
+            f"{r.get('soak_open_end')} | "
+            f"{verdict[not r.get('soak_waiting_end') and not r.get('soak_watched_end')]} |",
+            f"| reactor timers at the end (idle baseline before the run) | "
+            f"{r.get('soak_delayed_calls_end')} ({r.get('idle_delayed_calls')}; waited "
+            f"{fmt_num(r.get('soak_timers_settle_s'))} s for it) | "
+            f"{verdict[timers_left <= (r.get('idle_delayed_calls') or 0)]} |",
+            f"| tracebacks txpostgres logged when the database went away (known pitfall, "
+            f"counted apart) | {r.get('daemon_log_expected_tracebacks', 0)} | |",
+            "",
+            "| class | client's tally | daemon's connections_total |", "|---|---|---|",
+        ]
+        client, daemon = r.get("soak_client") or {}, r.get("soak_daemon") or {}
+        for cls in (*SOAK_CLASSES, "other"):
+            lines.append(f"| {cls} | {client.get(cls, '—')} | {daemon.get(cls, '—')} |")
+        lines += ["", f"Client's kinds: {r.get('soak_tally')}; daemon's outcomes: "
+                  f"{r.get('soak_outcomes')}; VM cuts the daemon saw as a clean close (1000, "
+                  f"counted served there): {r.get('soak_vm_cuts_seen_clean', 0)}.", ""]
+    return lines
+
+
+def fmt_num(x: Any) -> str:
+    return "—" if x is None else f"{x:,.3g}" if isinstance(x, float) and abs(x) < 100 else (
+        f"{x:,.0f}" if isinstance(x, float) else str(x))
 
 
 def ready_details(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -1125,13 +1741,24 @@ def conc_details(rows: Sequence[dict[str, Any]]) -> list[str]:
 # -- the command ------------------------------------------------------------------------------
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"positive integers, please: {text!r}")
+    return values
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
-                    help=f"comma list of {', '.join(SCENARIOS)} (default all)")
+                    help=f"comma list of {', '.join(SCENARIOS + ON_REQUEST)} (default all but "
+                    f"{', '.join(ON_REQUEST)})")
     ap.add_argument("--proxies", default=",".join(PROXIES),
                     help=f"comma list of {', '.join(PROXIES)} (default all)")
     ap.add_argument("--conc", type=int, default=0, help="idle connections for conc "
@@ -1140,6 +1767,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "the upgrade (default 1000; quick 100)")
     ap.add_argument("--upgrade-interval", type=int, default=0, metavar="MS", help="each "
                     "upgrade relay sends one record each way every MS ms (default 100)")
+    ap.add_argument("--scale-daemons", type=_ints, default=None, metavar="K,K,...",
+                    help="scale: daemon counts (default 1,2,4,8; quick 1,2)")
+    ap.add_argument("--scale-rates", type=_ints, default=None, metavar="R,R,...",
+                    help="scale: COMMITs per second (default 200,500,1000; quick 200,500)")
+    ap.add_argument("--scale-waiting", type=int, default=0, metavar="N",
+                    help="scale: browsers held per daemon (default 500; quick 50)")
+    ap.add_argument("--soak-connections", type=int, default=0, metavar="N",
+                    help="soak: connections (default 1,000,000; quick 2,000)")
+    ap.add_argument("--soak-db-restart", type=float, default=0, metavar="SECONDS",
+                    help="soak: restart the database every SECONDS (default 300; quick 1.5)")
     ap.add_argument("--dsn", default=None, help="use this PostgreSQL (libpq DSN) instead of "
                     "a private cluster; the bench makes and drops its own table")
     ap.add_argument("--daemon-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -1168,7 +1805,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "targets, every run) here as JSON")
     ap.add_argument("--label", default="", help="a title for this run in the report")
     args = ap.parse_args(argv)
-    for name, allowed in (("scenarios", SCENARIOS), ("proxies", PROXIES)):
+    for name, allowed in (("scenarios", SCENARIOS + ON_REQUEST), ("proxies", PROXIES)):
         chosen = [x for x in getattr(args, name).split(",") if x]
         unknown = [x for x in chosen if x not in allowed]
         if unknown or not chosen:

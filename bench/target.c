@@ -17,6 +17,8 @@
  *           login; the DES is tested against vncpasswd and a real Xvnc in tests/), send
  *           SecurityResult OK (u32 0), read ClientInit (1 byte, the browser's, passed on by
  *           the proxy), then act as `source` for BYTES (where a real server sends ServerInit)
+ *   cut     echo the first BYTES read, then reset the connection (SO_LINGER 0): a VM
+ *           cutting its relay (the soak)
  *
  * Prints "LISTENING <port>" on stdout once bound.  On SIGTERM/SIGINT prints a JSON line
  * with totals (connections, bytes_in, bytes_out) and exits.
@@ -36,7 +38,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
-enum { M_SOURCE, M_SINK, M_ECHO, M_BANNER, M_VNCAUTH };
+enum { M_SOURCE, M_SINK, M_ECHO, M_BANNER, M_VNCAUTH, M_CUT };
 static int mode;
 static long long nbytes = 256LL << 20;
 static atomic_llong conns, bytes_in, bytes_out;
@@ -121,6 +123,19 @@ static void *handle(void *arg) {
                 if (write_all(fd, "K", 1) < 0) break;
             }
         }
+    } else if (mode == M_CUT) { /* echo BYTES, then close: the VM side cutting a relay */
+        long long got = 0;
+        while (got < nbytes) {
+            size_t want = nbytes - got > BUFSZ ? BUFSZ : (size_t)(nbytes - got);
+            ssize_t r = recv(fd, buf, want, 0);
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) break;
+            got += r; atomic_fetch_add(&bytes_in, r);
+            if (write_all(fd, buf, (size_t)r) < 0) break;
+        }
+        /* A cut, not an end: reset (RST), whatever is still in flight. */
+        struct linger lg = {1, 0};
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     } else if (mode == M_ECHO) {
         for (;;) {
             ssize_t r = recv(fd, buf, BUFSZ, 0);
@@ -141,12 +156,13 @@ static volatile sig_atomic_t stop;
 static void on_sig(int s) { (void)s; stop = 1; }
 
 int main(int argc, char **argv) {
-    if (argc < 3) { fprintf(stderr, "usage: target source|sink|echo|banner|vncauth PORT [BYTES]\n"); return 2; }
+    if (argc < 3) { fprintf(stderr, "usage: target source|sink|echo|banner|vncauth|cut PORT [BYTES]\n"); return 2; }
     if (!strcmp(argv[1], "source")) mode = M_SOURCE;
     else if (!strcmp(argv[1], "sink")) { mode = M_SINK; nbytes = 0; }
     else if (!strcmp(argv[1], "echo")) mode = M_ECHO;
     else if (!strcmp(argv[1], "banner")) mode = M_BANNER;
     else if (!strcmp(argv[1], "vncauth")) mode = M_VNCAUTH;
+    else if (!strcmp(argv[1], "cut")) mode = M_CUT;
     else { fprintf(stderr, "bad mode\n"); return 2; }
     int port = atoi(argv[2]);
     if (argc > 3) nbytes = atoll(argv[3]);

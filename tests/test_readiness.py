@@ -482,3 +482,43 @@ def test_session_key_is_the_canonical_id():
     spellings = [SID.upper(), "{" + SID + "}", SID.replace("-", ""), SID]
     assert {gate.session_key(s) for s in spellings} == {SID}
     assert gate.session_key("not-a-uuid") is None
+
+
+def test_notifications_are_counted_needed_or_discarded():
+    """Each NOTIFY adds one to needed (a waiter or live relay has the session) or discarded."""
+    gate, source, clock = make_gate()
+    gate.when_ready(SID)
+    clock.advance(0)
+    gate.notified(SID)
+    gate.notified("nobody")
+    gate.notified("nobody else")
+    assert (gate.counts.needed, gate.counts.discarded) == (1, 2)
+    revoked = live(gate, clock, source, sid="4a2d7b63-9b5f-4b66-a064-1f7b1d4d3b21")
+    gate.notified("4a2d7b63-9b5f-4b66-a064-1f7b1d4d3b21")
+    assert (gate.counts.needed, gate.counts.discarded) == (2, 2) and revoked == []
+
+
+def test_counts_are_the_injected_metrics():
+    """The gate counts into the daemon's metrics, which the scrape shows with the gauges."""
+    from twisted_novnc.operations.metrics import Metrics
+
+    metrics = Metrics()
+    clock = Clock()
+    gate = ReadinessGate(MemorySessionSource(), clock, 30.0, frozenset(), 5900,
+                         counts=metrics.readiness)
+    metrics.readiness.watched = lambda: gate.watched
+    metrics.readiness.delayed_calls = lambda: len(clock.getDelayedCalls())
+    d = gate.when_ready(SID)
+    gate.notified(SID)
+    gate.notified("nobody")
+    registry = metrics.registry
+    assert registry.get_sample_value("twisted_novnc_notifications_total",
+                                     {"result": "needed"}) == 1
+    assert registry.get_sample_value("twisted_novnc_notifications_total",
+                                     {"result": "discarded"}) == 1
+    # The waiter's deadline and the read scheduled for the next turn.
+    assert registry.get_sample_value("twisted_novnc_delayed_calls") == 2
+    d.cancel()
+    d.addErrback(lambda f: f.trap(CancelledError))
+    assert registry.get_sample_value("twisted_novnc_delayed_calls") == 0
+    assert registry.get_sample_value("twisted_novnc_watched_relays") == 0

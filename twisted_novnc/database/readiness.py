@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.database.interfaces import ISessionSource
 from twisted_novnc.errors import Refusal, Refused
+from twisted_novnc.operations.metrics import ReadinessCounts
 from twisted_novnc.session import SessionRow, Target, parse_vm_ip
 
 _log = Logger()
@@ -84,6 +85,8 @@ class ReadinessGate:
     ended_statuses: Collection[str]
     default_port: int
     query_timeout: float = 5.0
+    #: Where each NOTIFY is counted, needed or discarded (the daemon's metrics).
+    counts: ReadinessCounts = attrs.field(factory=ReadinessCounts)
     #: Each session's waiters in arrival order (a dict as an ordered set): the first to come
     #: is the first judged, so the earliest verified clients get the session's slots.
     _waiters: dict[str, dict[_Waiter, None]] = attrs.field(factory=dict)
@@ -177,7 +180,10 @@ class ReadinessGate:
 
     def notified(self, session_id: str) -> None:
         if session_id in self._waiters or session_id in self._watches:
+            self.counts.needed += 1
             self._schedule_read([session_id])
+        else:
+            self.counts.discarded += 1
 
     def listening(self) -> None:
         """Notifications sent while LISTEN was down are lost: re-read every session we track."""

@@ -136,6 +136,7 @@ class Metrics:
     recordings: Any = attrs.field(init=False)
     recordings_stopped: Any = attrs.field(init=False)
     recorded_bytes: Any = attrs.field(init=False)
+    readiness: ReadinessCounts = attrs.field(factory=lambda: ReadinessCounts())
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -206,6 +207,7 @@ class Metrics:
             registry=r,
         )
         r.register(_LiveCollector(self))
+        r.register(_ReadinessCollector(self.readiness))
         # process_open_fds and process_max_fds beside the limit hits; CPU and memory too.
         ProcessCollector(registry=r)
 
@@ -226,6 +228,53 @@ class Metrics:
         """A relay came from an older process with these totals, which are that one's."""
         self.moved_in_up_bytes += up_bytes
         self.moved_in_down_bytes += down_bytes
+
+
+# -- the readiness gate's NOTIFYs and what is left pending (issue 18) -------------------------
+
+
+@attrs.define(eq=False)
+class ReadinessCounts:
+    """What the readiness gate counts for itself, and reads of what it and the reactor hold.
+
+    The gate adds one to a plain int per NOTIFY (no lock, no label lookup); the collector
+    turns them into counters at scrape time.  The gauges prove, after a soak, that no waiter,
+    watch or timer was left behind.
+    """
+
+    #: NOTIFYs for a session this process has a waiter or a live relay for.
+    needed: int = 0
+    #: NOTIFYs for sessions this process does not hold: the cost of one shared channel.
+    discarded: int = 0
+    watched: Callable[[], int] = lambda: 0
+    delayed_calls: Callable[[], int] = lambda: 0
+
+
+class _ReadinessCollector(Collector):
+    def __init__(self, counts: ReadinessCounts) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counts
+        notifications = CounterMetricFamily(
+            "twisted_novnc_notifications",
+            "NOTIFYs received on the session channel, by result: needed (a waiter or a live"
+            " relay of this process has that session, so its row is read) or discarded.",
+            labels=["result"],
+        )
+        notifications.add_metric(["needed"], c.needed)
+        notifications.add_metric(["discarded"], c.discarded)
+        yield notifications
+        yield GaugeMetricFamily(
+            "twisted_novnc_watched_relays",
+            "Live relays the readiness gate watches for their session's end.",
+            value=c.watched(),
+        )
+        yield GaugeMetricFamily(
+            "twisted_novnc_delayed_calls",
+            "Timers pending in the reactor (every deadline, expiry, retry and timeout).",
+            value=c.delayed_calls(),
+        )
 
 
 def worker_families(texts: Mapping[int, str]) -> list[Metric]:

@@ -233,6 +233,7 @@ def _proxy(
 ) -> _Proxy:
     """The store, the readiness gate, the upstream connector and the browser-facing factory."""
     db = settings.database
+    metrics = metrics or Metrics()
     store = PostgresSessionStore(
         db, dsn, reactor, token_column=settings.auth.token_column, listen_dsn=listen_dsn,
         password_column=settings.vnc.password_column,
@@ -248,12 +249,14 @@ def _proxy(
         timeout=settings.novnc.readiness_timeout,
         ended_statuses=frozenset(db.ended_statuses),
         default_port=settings.novnc.target_port,
+        counts=metrics.readiness,
     )
+    metrics.readiness.watched = lambda: gate.watched
+    metrics.readiness.delayed_calls = lambda: len(reactor.getDelayedCalls())
     store.observer = gate
     SessionDatabaseService(store, gate).setServiceParent(parent)
 
     fast = settings.novnc.fast_path
-    metrics = metrics or Metrics()
     connect = upstream_connector(
         settings.upstream, reactor, settings.novnc.max_message_size, fast=fast,
         write_timeout=settings.novnc.write_timeout,
