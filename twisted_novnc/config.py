@@ -721,7 +721,8 @@ class AdminSettings:
     listen: tuple[str, ...] = _setting(
         _OPTIONAL_ENDPOINTS,
         (),
-        "Where to serve /metrics, /healthz and /readyz; empty = no admin listener.",
+        "Where to serve /metrics, /healthz, /readyz, /upgrade and /recordings/; empty = no"
+        " admin listener.",
     )
 
 
