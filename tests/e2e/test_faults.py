@@ -327,3 +327,24 @@ def test_waiter_deadline_during_outage_is_4503(private_cluster, private_daemon):
     assert (yield within(client.closed)) == (4503, "database unavailable")
 
 
+
+
+@pytest_twisted.inlineCallbacks
+def test_database_restart_is_quiet_and_served_after(private_cluster, private_daemon, vnc_server):
+    """A database restart (stop, start, as an operator or a failover does) is one line each
+    way and no traceback: the idle pool and LISTEN connections are lost and come back, and a
+    session committed after it is served."""
+    daemon = yield private_daemon()
+    private_cluster.stop()
+    yield within(daemon.when_logged("database unreachable"))
+    private_cluster.restart()
+    yield within(daemon.when_logged("database reachable again"))
+    yield within(daemon.when_logged(LISTENING_FOR_CHANGES, times=2))
+    sid = new_id()
+    insert_many(private_cluster.dsn, private_cluster.db, [(sid, "127.0.0.1", vnc_server.port, "up")])
+    client = yield connect_session(daemon.port, sid)
+    data = yield within(client.when_received(len(RFB_BANNER)))
+    assert data == RFB_BANNER
+    client.sendClose(1000)
+    yield within(client.closed)
+    assert "Unhandled" not in daemon.output and "Traceback" not in daemon.output, daemon.output

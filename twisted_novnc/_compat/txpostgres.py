@@ -11,7 +11,11 @@ closes those gaps leans on how txpostgres works inside; each such reliance has a
 - :func:`make_pool`: a ``ConnectionPool`` whose ``connectionFactory`` makes our connections,
   which it builds (all of them, with its ``reactor``) in its constructor, into ``connections``;
 - :func:`is_open`: the psycopg2 connection a ``Connection`` wraps (``pollable()``, the same
-  object as its private ``_connection``).
+  object as its private ``_connection``);
+- :class:`QuietConnection`: a ``Connection`` whose idle death is a lost connection, not an
+  "Unhandled Error": txpostgres lets ``poll()``'s error (and re-registering a socket that is
+  gone) escape ``doRead`` when no query waits for it, and the reactor logs a traceback for
+  each, then loses the connection anyway.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import psycopg2
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -136,3 +141,47 @@ def is_open(connection: txpostgres.Connection) -> bool:
 def has_connection(connection: txpostgres.Connection) -> bool:
     """``connect`` has made a psycopg2 connection (open or not): ``close`` may be called."""
     return connection.pollable() is not None
+
+
+class QuietConnection(txpostgres.Connection):
+    """txpostgres' connection, whose death while idle (the server restarted, a backend
+    terminated) reaches the reactor as the reason it is lost, not as an exception.
+
+    Returned from ``doRead``/``doWrite``, the error makes the reactor disconnect the
+    connection exactly as a raised one does (``connectionLost`` with it, so the detector
+    reconnects), without the "Unhandled Error" traceback.  Only psycopg2's errors, and the
+    reactor's refusal of a socket already closed (``ValueError``/``OSError`` with no
+    descriptor left), are taken so; anything else still raises.
+    """
+
+    def doRead(self) -> Any:
+        try:
+            super().doRead()
+        except psycopg2.Error as e:
+            return e
+        except (ValueError, OSError) as e:
+            if not _socket_gone(self):
+                raise
+            return e
+        return None
+
+    def doWrite(self) -> Any:
+        try:
+            super().doWrite()
+        except psycopg2.Error as e:
+            return e
+        except (ValueError, OSError) as e:
+            if not _socket_gone(self):
+                raise
+            return e
+        return None
+
+
+def _socket_gone(connection: txpostgres.Connection) -> bool:
+    raw = connection.pollable()
+    if raw is None or raw.closed:
+        return True
+    try:
+        return bool(raw.fileno() < 0)
+    except psycopg2.Error:
+        return True

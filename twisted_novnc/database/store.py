@@ -26,6 +26,7 @@ from txpostgres import txpostgres
 from zope.interface import implementer
 
 from twisted_novnc._compat.txpostgres import (
+    QuietConnection,
     StoppableDetector,
     has_connection,
     is_open,
@@ -155,7 +156,7 @@ class PostgresSessionStore:
         detector = StoppableDetector(
             self._health, reconnectionIterator=jittered_backoff, reactor=self.reactor
         )
-        return txpostgres.Connection(reactor=self.reactor, detector=detector)
+        return QuietConnection(reactor=self.reactor, detector=detector)
 
     def start(self) -> None:
         """Connect the pool and the LISTEN connection; each retries on its own until it is up."""
