@@ -17,10 +17,12 @@ from canary import broken
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 
 from twisted_novnc._compat.txpostgres import (
+    QuietConnection,
     StoppableDetector,
     has_connection,
     is_open,
@@ -256,3 +258,45 @@ def test_pollable_is_the_psycopg2_connection(postgres_dsn: str) -> Generator[Any
     assert is_open(connection) and has_connection(connection)
     connection.close()
     assert raw.closed and not is_open(connection) and has_connection(connection), message
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_an_idle_connection_the_server_ends_is_lost_quietly(
+    postgres_dsn: str,
+) -> Generator[Any, Any, None]:
+    """txpostgres lets an idle connection's death escape ``doRead`` (the reactor logs an
+    Unhandled Error for it); QuietConnection hands it to the reactor as the loss's reason:
+    connectionLost with the psycopg2 error, nothing logged as an error."""
+    lost: Deferred[list[Failure]] = Deferred()
+
+    class Watched(QuietConnection):
+        def connectionLost(self, reason: Failure) -> None:
+            super().connectionLost(reason)
+            if not lost.called:
+                lost.callback([reason])  # (a Failure itself would errback)
+
+    errors: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("isError") or "log_failure" in event:
+            errors.append(event)
+
+    message = broken(
+        "txpostgres", "an idle Connection's death no longer reaches the reactor as QuietConnection"
+        " expects", STORE, PIN,
+    )
+    globalLogPublisher.addObserver(observe)
+    try:
+        connection = Watched(reactor=reactor)
+        yield connection.connect(postgres_dsn)
+        pid = connection.pollable().get_backend_pid()
+        killer = txpostgres.Connection(reactor=reactor)
+        yield killer.connect(postgres_dsn)
+        yield killer.runQuery("SELECT pg_terminate_backend(%s)", (pid,))
+        killer.close()
+        (reason,) = yield lost.addTimeout(10, reactor)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert reason.check(psycopg2.Error), (message, reason)
+    assert errors == [], (message, errors)

@@ -341,7 +341,8 @@ def test_database_restart_is_quiet_and_served_after(private_cluster, private_dae
     yield within(daemon.when_logged("database reachable again"))
     yield within(daemon.when_logged(LISTENING_FOR_CHANGES, times=2))
     sid = new_id()
-    insert_many(private_cluster.dsn, private_cluster.db, [(sid, "127.0.0.1", vnc_server.port, "up")])
+    row = (sid, "127.0.0.1", vnc_server.port, "up")
+    insert_many(private_cluster.dsn, private_cluster.db, [row])
     client = yield connect_session(daemon.port, sid)
     data = yield within(client.when_received(len(RFB_BANNER)))
     assert data == RFB_BANNER
