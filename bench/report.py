@@ -28,32 +28,30 @@ class Metric:
     higher_is_better: bool
 
 
+#: The figures of the scenarios that have a ``-rec`` variant (the same figures).
+ECHO = [Metric("p50_us", "p50 µs", False), Metric("p99_us", "p99 µs", False)]
+CONC = [
+    Metric("ok", "held", True),
+    Metric("errors", "errors", False),
+    Metric("pss_kb_per_conn", "PSS KB/conn", False),
+    Metric("rss_kb_per_conn", "RSS KB/conn", False),
+    Metric("open_seconds", "s to open all", False),
+]
+
 METRICS: dict[str, list[Metric]] = {
     "down": [Metric("mib_s", "MiB/s", True)],
     "down-vnc": [Metric("mib_s", "MiB/s", True)],
     "down-rec": [Metric("mib_s", "MiB/s", True)],
     "up": [Metric("mib_s", "MiB/s", True)],
-    "echo": [Metric("p50_us", "p50 µs", False), Metric("p99_us", "p99 µs", False)],
-    "echo-rec": [Metric("p50_us", "p50 µs", False), Metric("p99_us", "p99 µs", False)],
+    "echo": ECHO,
+    "echo-rec": ECHO,
     "setup": [
         Metric("conn_per_s", "conn/s", True),
         Metric("setup_p50_ms", "open→first byte p50 ms", False),
         Metric("setup_p99_ms", "open→first byte p99 ms", False),
     ],
-    "conc": [
-        Metric("ok", "held", True),
-        Metric("errors", "errors", False),
-        Metric("pss_kb_per_conn", "PSS KB/conn", False),
-        Metric("rss_kb_per_conn", "RSS KB/conn", False),
-        Metric("open_seconds", "s to open all", False),
-    ],
-    "conc-rec": [
-        Metric("ok", "held", True),
-        Metric("errors", "errors", False),
-        Metric("pss_kb_per_conn", "PSS KB/conn", False),
-        Metric("rss_kb_per_conn", "RSS KB/conn", False),
-        Metric("open_seconds", "s to open all", False),
-    ],
+    "conc": CONC,
+    "conc-rec": CONC,
     "streams": [Metric("agg_mib_s", "MiB/s total", True), Metric("errors", "errors", False)],
     "ready": [
         Metric("ready_p50_ms", "COMMIT→101 p50 ms", False),

@@ -104,6 +104,23 @@ def records(scenario: str) -> bool:
     return scenario in RECORD_REFERENCE
 
 
+def commit_latencies(opens: Sequence[Sequence[Any]],
+                     committed: dict[str, int]) -> tuple[list[float], int]:
+    """Each open's COMMIT → 101 in ms, sorted, from the client's ``[id, t101, ok]`` and each
+    session's COMMIT time (both CLOCK_MONOTONIC ns); and how many 101s came before their COMMIT
+    (the race the daemon exists to prevent)."""
+    lat, early = [], 0
+    for sid, t101, ok in opens:
+        if not ok or t101 is None:
+            continue
+        ms = (int(t101) - committed[sid]) / 1e6
+        if ms < 0:
+            early += 1
+        lat.append(ms)
+    lat.sort()
+    return lat, early
+
+
 def eligible(scenario: str, proxy: str, scenarios: Sequence[str] = ()) -> bool:
     """Whether ``proxy`` runs ``scenario`` when ``scenarios`` are asked for: down runs
     twisted_novnc-2w too when down-vnc does, as its reference."""
@@ -809,15 +826,7 @@ class Bench:
             procs.stop(cl, grace=10)
         if result.get("error"):
             return {"error": f"{name}: {result['error']}"}
-        lat, early = [], 0
-        for sid, t101, ok in result["opens"]:
-            if not ok or t101 is None:
-                continue
-            ms = (int(t101) - committed[sid]) / 1e6
-            if ms < 0:
-                early += 1  # a 101 before its COMMIT was sent: the race the daemon exists for
-            lat.append(ms)
-        lat.sort()
+        lat, early = commit_latencies(result["opens"], committed)
         out: dict[str, Any] = {
             f"{name}_n": len(ids), f"{name}_ok": result["ok"], f"{name}_errors": result["errors"],
             f"{name}_error_kinds": result.get("error_kinds"), f"{name}_early": early,
@@ -967,15 +976,7 @@ class Bench:
             phase["error"] = str(result["error"])
             return phase
         wall = t1 - t0
-        lat, early = [], 0
-        for sid, t101, ok in result["opens"]:
-            if not ok or t101 is None:
-                continue
-            ms = (int(t101) - committed[sid]) / 1e6
-            if ms < 0:
-                early += 1
-            lat.append(ms)
-        lat.sort()
+        lat, early = commit_latencies(result["opens"], committed)
         spread = (max(committed.values()) - min(committed.values())) / 1e9
         pg_cpu = sum(v - pg_before.get(p, 0.0) for p, v in pg_after.items())
         phase.update({

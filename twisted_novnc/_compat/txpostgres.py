@@ -155,26 +155,24 @@ class QuietConnection(txpostgres.Connection):
     """
 
     def doRead(self) -> Any:
-        try:
-            super().doRead()
-        except psycopg2.Error as e:
-            return e
-        except (ValueError, OSError) as e:
-            if not _socket_gone(self):
-                raise
-            return e
-        return None
+        return _lost_quietly(self, super().doRead)
 
     def doWrite(self) -> Any:
-        try:
-            super().doWrite()
-        except psycopg2.Error as e:
-            return e
-        except (ValueError, OSError) as e:
-            if not _socket_gone(self):
-                raise
-            return e
-        return None
+        return _lost_quietly(self, super().doWrite)
+
+
+def _lost_quietly(connection: txpostgres.Connection, step: Callable[[], None]) -> Any:
+    """Run ``doRead``/``doWrite``; the error of a connection that died, returned (the reason
+    the reactor loses it with) rather than raised."""
+    try:
+        step()
+    except psycopg2.Error as e:
+        return e
+    except (ValueError, OSError) as e:
+        if not _socket_gone(connection):
+            raise
+        return e
+    return None
 
 
 def _socket_gone(connection: txpostgres.Connection) -> bool:
