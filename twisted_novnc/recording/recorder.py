@@ -363,13 +363,18 @@ class Recording:
             self.stopped = reason
             self.recorder.stopped(self, reason, result.error, already)
 
-    def finish(self, outcome: str, up_bytes: int, down_bytes: int) -> None:
-        """The relay ended: the end record, then the file is closed."""
+    def _closing_here(self) -> bool:
+        """This process stops writing it (the relay ended, moved or was given back): whether
+        there is a file left to finish (not closed here already, not stopped by an I/O error)."""
         if self.closed:
-            return
+            return False
         self.closed = True
         self.recorder.forget(self)
-        if self.failed:
+        return not self.failed
+
+    def finish(self, outcome: str, up_bytes: int, down_bytes: int) -> None:
+        """The relay ended: the end record, then the file is closed."""
+        if not self._closing_here():
             return
         ending = Ending(
             self.recorder.clock.seconds(), outcome, up_bytes, down_bytes, self.recorded,
@@ -389,11 +394,7 @@ class Recording:
         """The relay goes on in another process: what is held is written now (the reactor
         waits: hand-offs are rare), a note says so, the file is closed without an end.  The
         state the new process appends with, or None when it should not."""
-        if self.closed:
-            return None
-        self.closed = True
-        self.recorder.forget(self)
-        if self.failed:
+        if not self._closing_here():
             return None
         self._note({"moved": os.getpid()})
         chunks, self._chunks, self._held = self._chunks, [], 0
@@ -419,11 +420,7 @@ class Recording:
     def let_go(self) -> None:
         """This process gives the relay back (a failed take-over): what is held is written
         now, and the file closed without an end or a note; the other process goes on."""
-        if self.closed:
-            return
-        self.closed = True
-        self.recorder.forget(self)
-        if self.failed:
+        if not self._closing_here():
             return
         chunks, self._chunks, self._held = self._chunks, [], 0
         close = self._sink.close
