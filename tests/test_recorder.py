@@ -183,16 +183,49 @@ def test_a_disk_slower_than_the_relay_stops_the_recording(tmp_path: Path) -> Non
 
 
 def failing_write(error: int, after: int = 0) -> FileOps:
-    """os calls whose write fails with ``error`` once ``after`` bytes are written."""
+    """os calls whose writes fail with ``error`` once ``after`` bytes are written."""
     written = [0]
 
-    def write(fd: int, data: bytes | memoryview) -> int:
-        if written[0] + len(data) > after:
+    def writev(fd: int, buffers: list[bytes]) -> int:
+        size = sum(map(len, buffers))
+        if written[0] + size > after:
             raise OSError(error, os.strerror(error))
-        written[0] += len(data)
-        return os.write(fd, data)
+        written[0] += size
+        return os.writev(fd, buffers)
 
-    return FileOps(write=write)
+    return FileOps(writev=writev)
+
+
+def test_no_descriptor_is_held_between_writes(tmp_path: Path) -> None:
+    """A recording holds no descriptor of its own between two writes (each opens, appends,
+    closes): recorded relays cost the two sockets they always did, whatever their number."""
+    recorder, clock, _ = make(tmp_path)
+    before = len(os.listdir("/proc/self/fd"))
+    recordings = [begin(recorder) for _ in range(20)]
+    for recording in recordings:
+        recording.down(b"frame")
+    clock.advance(1)
+    assert len(os.listdir("/proc/self/fd")) == before
+    for recording in recordings:
+        recording.finish("1000", 0, 5)
+    assert all(read_file_info(r.path).complete for r in recordings)
+
+
+def test_a_short_write_goes_on_until_everything_is_written(tmp_path: Path) -> None:
+    """writev may write less than it was given (a size limit, a disk filling): the rest
+    follows, in order."""
+
+    def writev(fd: int, buffers: list[bytes]) -> int:
+        data = b"".join(bytes(b) for b in buffers)
+        return os.write(fd, data[: max(1, len(data) // 3)])
+
+    recorder, clock, _ = make(tmp_path, ops=FileOps(writev=writev))
+    recording = begin(recorder)
+    recording.down(b"x" * 1000)
+    recording.down(b"y" * 10)
+    recording.finish("1000", 0, 1010)
+    info = read_file_info(recording.path)
+    assert info.complete and info.recorded_bytes == 1010 and not recording.failed
 
 
 @pytest.mark.parametrize(

@@ -202,8 +202,12 @@ class FileOps:
     """The system calls the writer makes: the os module's, or a test's that fail on cue."""
 
     open: Callable[[str, int, int], int] = os.open
-    write: Callable[[int, bytes | memoryview], int] = os.write
+    writev: Callable[[int, list[bytes]], int] = os.writev
     close: Callable[[int], None] = os.close
+
+
+#: Buffers one ``writev`` takes at most (Linux's IOV_MAX).
+IOV_MAX = 1024
 
 
 @attrs.frozen
@@ -217,52 +221,66 @@ class Written:
 
 @attrs.define(eq=False)
 class _Sink:
-    """One recording's file, touched only by the writer thread."""
+    """One recording's file, touched only by the writer thread.
+
+    No descriptor is held between two writes: each opens the file to append, writes with
+    ``writev`` (the held chunks as they are, not joined) and closes it.  A descriptor per
+    recording would make every recorded relay cost three (its two sockets and the file), and
+    recording would take from the relays the descriptors the limit was sized for.
+    """
 
     path: str
     ops: FileOps
-    fd: int | None = None
     failed: bool = False
 
     def open(self, flags: int, head: bytes) -> Written:
+        """Create the file (or, for a moved relay, check it can be appended to)."""
+        return self._append([head] if head else [], flags)
+
+    def write(self, chunks: list[bytes]) -> Written:
+        if self.failed or not chunks:
+            return Written()
+        return self._append(chunks, os.O_APPEND)
+
+    def close(self, chunks: list[bytes]) -> Written:
+        """The last write (the end record, or what a move leaves here)."""
+        return self.write(chunks)
+
+    def _append(self, chunks: list[bytes], flags: int) -> Written:
         try:
-            self.fd = self.ops.open(self.path, flags | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            fd = self.ops.open(self.path, flags | os.O_WRONLY | os.O_CLOEXEC, 0o600)
         except OSError as e:
             self.failed = True
             return Written(0, e)
-        return self.write([head]) if head else Written()
-
-    def write(self, chunks: list[bytes]) -> Written:
-        if self.failed or self.fd is None:
-            return Written()
-        data = memoryview(b"".join(chunks))
         done = 0
         try:
-            while done < len(data):
-                done += self.ops.write(self.fd, data[done:])
+            for start in range(0, len(chunks), IOV_MAX):
+                batch = chunks[start:start + IOV_MAX]
+                want = sum(map(len, batch))
+                n = self.ops.writev(fd, batch)
+                done += n
+                if n < want:
+                    # A short write (a file size limit, a disk filling up): the rest, one
+                    # buffer at a time, until it goes or fails.
+                    rest = memoryview(b"".join(batch))[n:]
+                    while rest:
+                        n = self.ops.writev(fd, [rest])  # type: ignore[list-item]
+                        if n == 0:
+                            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                        done += n
+                        rest = rest[n:]
         except OSError as e:
-            self._fail()
-            return Written(done, e)
-        return Written(done)
-
-    def close(self, chunks: list[bytes]) -> Written:
-        result = self.write(chunks) if chunks else Written()
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            try:
-                self.ops.close(fd)
-            except OSError as e:
-                if result.error is None and not self.failed:
-                    self.failed = True
-                    return Written(result.written, e)
-        return result
-
-    def _fail(self) -> None:
-        self.failed = True
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
+            self.failed = True
             with contextlib.suppress(OSError):
                 self.ops.close(fd)
+            return Written(done, e)
+        try:
+            # (Where writes are deferred, NFS say, this is where their error shows.)
+            self.ops.close(fd)
+        except OSError as e:
+            self.failed = True
+            return Written(done, e)
+        return Written(done)
 
 
 # --- one relay's recording ------------------------------------------------------------------
