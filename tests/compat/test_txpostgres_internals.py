@@ -300,3 +300,52 @@ def test_an_idle_connection_the_server_ends_is_lost_quietly(
         globalLogPublisher.removeObserver(observe)
     assert reason.check(psycopg2.Error), (message, reason)
     assert errors == [], (message, errors)
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_notifies_reach_observers_at_once_in_order(postgres_dsn: str) -> Generator[Any, Any, None]:
+    """txpostgres calls ``checkForNotifies`` once psycopg2 has read NOTIFYs, which
+    QuietConnection hands to every observer at once, in order (not through a Cooperator); an
+    observer that raises is logged, and the others and later notifications go on."""
+    message = broken(
+        "txpostgres", "Connection no longer calls checkForNotifies when NOTIFYs arrive", STORE,
+        PIN,
+    )
+    got: list[str] = []
+    three: Deferred[None] = Deferred()
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("event") == "notify_observer_failed":
+            failures.append(event)
+
+    def failing(notify: Any) -> None:
+        raise RuntimeError("observer bug")
+
+    def collect(notify: Any) -> None:
+        got.append(notify.payload)
+        if len(got) == 3 and not three.called:
+            # (Resumed after this delivery: the other observer may come after this one.)
+            reactor.callLater(0, three.callback, None)
+
+    listener = QuietConnection(reactor=reactor)
+    sender = txpostgres.Connection(reactor=reactor)
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield listener.connect(postgres_dsn)
+        yield sender.connect(postgres_dsn)
+        listener.addNotifyObserver(failing)
+        listener.addNotifyObserver(collect)
+        yield listener.runOperation("LISTEN canary_notifies")
+        yield sender.runOperation(
+            "SELECT pg_notify('canary_notifies', 'a'), pg_notify('canary_notifies', 'b'),"
+            " pg_notify('canary_notifies', 'c')"
+        )
+        yield three.addTimeout(10, reactor)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        listener.close()
+        sender.close()
+    assert got == ["a", "b", "c"], message
+    assert len(failures) == 3

@@ -15,7 +15,10 @@ closes those gaps leans on how txpostgres works inside; each such reliance has a
 - :class:`QuietConnection`: a ``Connection`` whose idle death is a lost connection, not an
   "Unhandled Error": txpostgres lets ``poll()``'s error (and re-registering a socket that is
   gone) escape ``doRead`` when no query waits for it, and the reactor logs a traceback for
-  each, then loses the connection anyway.
+  each, then loses the connection anyway.  It also hands NOTIFYs to their observers at once
+  (``checkForNotifies``, which txpostgres calls after each read and each query), not through
+  txpostgres' Cooperator: a task, a timer and a reactor turn for every notification was most
+  of what a NOTIFY cost a daemon (bench/RESULTS.md, history 17).
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import psycopg2
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from txpostgres import reconnection, retrying, txpostgres
 
 from twisted_novnc.reactors import IStoreReactor
+
+_log = Logger()
 
 
 class Health(Protocol):
@@ -156,6 +162,27 @@ class QuietConnection(txpostgres.Connection):
 
     def doRead(self) -> Any:
         return _lost_quietly(self, super().doRead)
+
+    def checkForNotifies(self) -> None:
+        """Each NOTIFY psycopg2 has read, to every observer, now and in order.
+
+        An observer must be quick (the store's only puts the session on the next read); its
+        Deferred, if it returned one, is not waited for; its exception is logged, and the
+        other observers and notifications go on (as in txpostgres' own).
+        """
+        raw = self.pollable()
+        if raw is None or not raw.notifies:
+            return
+        notifies = list(raw.notifies)
+        del raw.notifies[:]
+        observers = self.getNotifyObservers()
+        for notify in notifies:
+            for observer in observers:
+                try:
+                    observer(notify)
+                except Exception:
+                    _log.failure("a NOTIFY observer failed on {channel}",
+                                 event="notify_observer_failed", channel=notify.channel)
 
     def doWrite(self) -> Any:
         return _lost_quietly(self, super().doWrite)
