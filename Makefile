@@ -39,12 +39,20 @@ define fresh-venv
 	$(1)/bin/python -m pip install --quiet --require-hashes -r $(2)
 endef
 
+# $(call install-project,DIR): the checkout into DIR.  setuptools builds in ./build and keeps
+# what an earlier build left there, so a module since removed or moved would be installed
+# again from it: it goes first.
+define install-project
+	rm -rf build
+	$(1)/bin/python -m pip install --quiet --no-deps .
+endef
+
 $(VENV)/.locked: requirements/test.txt
 	$(call fresh-venv,$(VENV),$<)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.locked $(SOURCES)
-	$(VENV)/bin/python -m pip install --quiet --no-deps .
+	$(call install-project,$(VENV))
 	touch $@
 
 $(RUN_VENV)/.locked: requirements/runtime.txt
@@ -52,7 +60,7 @@ $(RUN_VENV)/.locked: requirements/runtime.txt
 	touch $@
 
 $(RUN_VENV)/.installed: $(RUN_VENV)/.locked $(SOURCES)
-	$(RUN_VENV)/bin/python -m pip install --quiet --no-deps .
+	$(call install-project,$(RUN_VENV))
 	touch $@
 
 $(LOWEST_VENV)/.locked: requirements/lowest.txt
@@ -60,7 +68,7 @@ $(LOWEST_VENV)/.locked: requirements/lowest.txt
 	touch $@
 
 $(LOWEST_VENV)/.installed: $(LOWEST_VENV)/.locked $(SOURCES)
-	$(LOWEST_VENV)/bin/python -m pip install --quiet --no-deps .
+	$(call install-project,$(LOWEST_VENV))
 	touch $@
 
 $(TOOLS_VENV)/.locked: requirements/tools.txt
