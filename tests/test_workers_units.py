@@ -3,6 +3,7 @@ spawning, restarts with backoff, stopping (drain, then SIGKILL), questions, log 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -220,6 +221,24 @@ def test_dead_worker_is_restarted_and_logged(logged):
     assert spawner.running()[2][1].pid == 102
     assert sup.alive() == 2 and sup.restarts == 1
     assert ("info", "worker 2 started (pid 102)") in logged
+
+
+def test_worker_that_ends_before_ready_leaves_no_unhandled_error(logged):
+    """A serving worker that dies before it says it accepts is restarted; nobody waits on its
+    ``ready``, so its failure must not surface as "Unhandled error in Deferred" when the
+    process object is collected (it used to, at the end of a test run)."""
+    sup, spawner, clock, _ = supervisor(1, backoff=steps(0.0))
+    sup.startService()
+    process, _ = spawner.running()[1]
+    process.processEnded(exited(1))
+    clock.advance(0)
+    assert spawner.running()[1][1].pid == 101
+    del process
+    spawner.started.pop(0)
+    gc.collect()
+    assert not [text for level, text in logged if "Unhandled error" in text]
+    assert ("warn", "worker 1 (pid 100) exited with status 1 after 0.0s; restarting it in 0.0s") \
+        in logged
 
 
 def test_exit_status_is_logged():

@@ -243,10 +243,18 @@ class WorkerProcess(ProcessProtocol):
             d.callback(None)
         if not self.ready.called:
             self.ready.errback(WorkerEnded(describe_end(reason)))
+            # Only a new generation waits on ``ready`` (start_generation, which has seen the
+            # failure by now); a serving worker's early end is worker_ended's to handle, not
+            # an "Unhandled error in Deferred" when the Deferred is collected.
+            self.ready.addErrback(_ended_before_ready)
         handed, self.handed = self.handed, None
         if handed is not None:
             handed.callback({})
         self.supervisor.worker_ended(self, reason)
+
+
+def _ended_before_ready(failure: Failure) -> None:
+    failure.trap(WorkerEnded)
 
 
 @attrs.define(eq=False)
