@@ -78,6 +78,8 @@ class ChannelSet:
     on_covered: Callable[[Collection[str]], None]
     linger: float = LINGER
     _by_shard: dict[int, _Shard] = attrs.field(factory=dict)
+    #: Shards that may need a LISTEN or UNLISTEN: only these are looked at per turn.
+    _dirty: set[int] = attrs.field(factory=set)
     _connected: bool = False
     _in_flight: bool = False
     _flush_call: IDelayedCall | None = None
@@ -109,7 +111,7 @@ class ChannelSet:
                 shard.linger.cancel()
             shard.linger = None
         if shard.state is not _State.LISTENED:
-            self._schedule()
+            self._schedule(number)
 
     def unfollow(self, key: str) -> None:
         """A key lost its last waiter and watch: its shard lingers, then is UNLISTENed."""
@@ -154,6 +156,8 @@ class ChannelSet:
                 shard.state = _State.LISTENED
                 if not shard.keys:
                     self._start_linger(number, shard)
+            elif shard.state is _State.IDLE:
+                self._dirty.add(number)
         self._schedule()
 
     def connection_lost(self) -> None:
@@ -166,6 +170,7 @@ class ChannelSet:
             shard.state = _State.IDLE
             if not shard.keys:
                 del self._by_shard[number]
+        self._dirty.clear()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
@@ -175,20 +180,27 @@ class ChannelSet:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def _schedule(self) -> None:
+    def _schedule(self, number: int | None = None) -> None:
         """One statement per reactor turn at most: the changes of this turn go together."""
-        if self._connected and not self._in_flight and self._flush_call is None:
+        if number is not None:
+            self._dirty.add(number)
+        if self._dirty and self._connected and not self._in_flight and self._flush_call is None:
             self._flush_call = self.clock.callLater(0, self._flush)
 
     def _flush(self) -> None:
         self._flush_call = None
         if not self._connected or self._in_flight:
             return
-        listen = [n for n, s in self._by_shard.items() if s.state is _State.IDLE and s.keys]
-        unlisten = [
-            n for n, s in self._by_shard.items()
-            if s.state is _State.LISTENED and not s.keys and s.linger is None
-        ]
+        listen, unlisten = [], []
+        for n in self._dirty:
+            shard = self._by_shard.get(n)
+            if shard is None:
+                continue
+            if shard.state is _State.IDLE and shard.keys:
+                listen.append(n)
+            elif shard.state is _State.LISTENED and not shard.keys and shard.linger is None:
+                unlisten.append(n)
+        self._dirty.clear()
         if not listen and not unlisten:
             return
         for n in listen:
@@ -221,9 +233,10 @@ class ChannelSet:
         for n in unlisten:
             shard = self._by_shard[n]
             shard.state = _State.IDLE
-            if not shard.keys:
+            if shard.keys:
+                self._dirty.add(n)  # a key came while UNLISTEN was in flight: LISTEN again
+            else:
                 del self._by_shard[n]
-            # else: a key came while UNLISTEN was in flight; _schedule LISTENs it again.
         self._schedule()
         if covered:
             self.on_covered(covered)
@@ -240,6 +253,7 @@ class ChannelSet:
         self._in_flight = False
         for n in listen:
             self._by_shard[n].state = _State.IDLE
+            self._dirty.add(n)
         for n in unlisten:
             shard = self._by_shard[n]
             shard.state = _State.LISTENED
@@ -265,4 +279,4 @@ class ChannelSet:
             return
         shard.linger = None
         if not shard.keys and shard.state is _State.LISTENED:
-            self._schedule()
+            self._schedule(number)
