@@ -8,6 +8,7 @@ import uuid
 import attrs
 import pytest
 import pytest_twisted
+from test_store import LIMIT, candidate_ids, insert
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 
@@ -17,8 +18,6 @@ from twisted_novnc.database.ids import normalise_id
 from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.database.schema import trigger_sql
 from twisted_novnc.database.store import PostgresSessionStore
-
-from test_store import LIMIT, candidate_ids, insert
 
 pytestmark = pytest.mark.integration
 
