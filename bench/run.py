@@ -53,12 +53,13 @@ try:
 
     import twisted_novnc
     from twisted_novnc.config import parse_config
+    from twisted_novnc.database.channels import shard_of
     from twisted_novnc.database.embedded import (
         EmbeddedPostgres,
         apply_sql,
         read_postmaster_pid,
     )
-    from twisted_novnc.database.schema import quote_ident, schema_sql
+    from twisted_novnc.database.schema import quote_ident, schema_sql, trigger_sql
     from twisted_novnc.recording.format import RecordingInfo, list_recordings
 except ImportError as e:  # pragma: no cover - a message instead of a traceback
     sys.exit(f"bench/run.py runs in the project's virtualenv ({e}): use `make bench` or "
@@ -165,6 +166,9 @@ class Scale:
     daemons: tuple[int, ...]
     rates: tuple[int, ...]
     waiting: int
+    #: ``[database] notify_shards`` settings, each measured over every K and rate (0 = the one
+    #: shared channel).
+    shards: tuple[int, ...] = (0, 1024)
 
 
 @attrs.frozen
@@ -353,6 +357,11 @@ class Sessions:
         with self._conn.cursor() as cur:
             cur.execute(f"TRUNCATE {self._q}")
 
+    def set_shards(self, shards: int) -> None:
+        """Re-install the table's trigger to NOTIFY over ``shards`` channels (0 = one)."""
+        self.settings = attrs.evolve(self.settings, notify_shards=shards)
+        apply_sql(self.dsn, trigger_sql(self.settings))
+
     def postmaster_pid(self) -> int:
         """The private cluster's postmaster: its process tree is the database's CPU."""
         if self._cluster is None:
@@ -460,7 +469,8 @@ class Bench:
         self.sizes["scale"] = Scale(
             tuple(args.scale_daemons) if args.scale_daemons else scale.daemons,
             tuple(args.scale_rates) if args.scale_rates else scale.rates,
-            args.scale_waiting or scale.waiting)
+            args.scale_waiting or scale.waiting,
+            tuple(args.scale_shards) if args.scale_shards is not None else scale.shards)
         soak: Soak = self.sizes["soak"]
         n = args.soak_connections or soak.connections
         self.sizes["soak"] = attrs.evolve(
@@ -566,7 +576,8 @@ class Bench:
     def start_twisted_novnc(self, port: int, target_port: int, tag: str, workers: int = 1,
                             admin_port: int | None = None,
                             vnc: bool = False, record: bool = False,
-                            readiness_timeout: float = 120) -> subprocess.Popen[Any]:
+                            readiness_timeout: float = 120,
+                            notify_shards: int = 0) -> subprocess.Popen[Any]:
         assert self.sessions is not None
         config = self.run_dir / f"{tag}.ini"
         vnc_section = ""
@@ -599,6 +610,7 @@ class Bench:
             f"table = {self.sessions.table}\n"
             "port_column = vnc_port\n"
             f"notify_channel = {self.sessions.table}\n"
+            f"notify_shards = {notify_shards}\n"
             # Its targets are on loopback, this very host, which the defaults refuse.
             "[upstream]\nallowed_networks = 127.0.0.0/8\nallow_self = on\n"
             # The upgrade scenario posts /upgrade there; the others run without one.
@@ -855,23 +867,49 @@ class Bench:
         return port
 
     def run_scale(self, tag: str) -> dict[str, Any]:
-        """For each K: K daemons (and one observer holding nothing), ``waiting`` browsers held
-        on each, then paced COMMITs at each rate, round-robin over the daemons."""
+        """For each shard setting, each K: K daemons (and one observer holding nothing),
+        ``waiting`` browsers held on each, then paced COMMITs at each rate, round-robin over
+        the daemons."""
         assert self.sessions is not None
         size: Scale = self.sizes["scale"]
         used: set[int] = set()
         tport = self._admin_port(used)
-        target = observer = None
+        target = None
         phases: list[dict[str, Any]] = []
         sampler = None
         try:
             target = self.start_backend("scale", "twisted_novnc", tport, tag)
-            # The observer: a daemon with no browser at all, so every NOTIFY it gets is one
-            # it does not need; its CPU in a phase is what a shared channel costs a daemon.
-            oport, oadmin = self._admin_port(used), self._admin_port(used)
-            observer = self.start_twisted_novnc(oport, tport, f"{tag}-observer",
-                                                admin_port=oadmin)
             sampler = procs.CpuSampler(self.sessions.postmaster_pid(), interval=0.2)
+            for shards in size.shards:
+                self.sessions.set_shards(shards)
+                self._scale_shards(tag, shards, size, tport, used, sampler, phases)
+        finally:
+            if sampler is not None:
+                sampler.stop()
+            procs.stop(target, grace=5)
+            self.sessions.set_shards(0)
+        failed = [p for p in phases if p.get("error")]
+        out: dict[str, Any] = {"scale": phases, "scale_daemons": list(size.daemons),
+                               "scale_rates": list(size.rates), "scale_waiting": size.waiting,
+                               "scale_shards": list(size.shards),
+                               "scale_early": sum(int(p.get("early") or 0) for p in phases)}
+        if failed:
+            out["error"] = "scale: " + "; ".join(
+                f"shards={p.get('shards')} K={p.get('k')} {p.get('rate', '')}: {p['error']}"
+                for p in failed[:3])
+        return out
+
+    def _scale_shards(self, tag: str, shards: int, size: Scale, tport: int, used: set[int],
+                      sampler: procs.CpuSampler, phases: list[dict[str, Any]]) -> None:
+        """Every K and rate with the trigger and the daemons on ``shards`` channels."""
+        tag = f"{tag}-s{shards}"
+        # The observer: a daemon with no browser at all, so every NOTIFY it gets is one it
+        # does not need; its CPU in a phase is what a shared channel costs a daemon (with
+        # shards it listens on none, and gets nothing).
+        oport, oadmin = self._admin_port(used), self._admin_port(used)
+        observer = self.start_twisted_novnc(oport, tport, f"{tag}-observer",
+                                            admin_port=oadmin, notify_shards=shards)
+        try:
             for k in size.daemons:
                 daemons: list[tuple[subprocess.Popen[Any], int, int, Path]] = []
                 try:
@@ -879,15 +917,16 @@ class Bench:
                         port, admin = self._admin_port(used), self._admin_port(used)
                         name = f"{tag}-k{k}-d{d}"
                         daemons.append((self.start_twisted_novnc(port, tport, name,
-                                                                 admin_port=admin),
+                                                                 admin_port=admin,
+                                                                 notify_shards=shards),
                                         port, admin, self.run_dir / f"{name}-proxy.log"))
                     for rate in size.rates:
                         phase = self._scale_phase(tag, k, rate, size.waiting, tport, daemons,
-                                                  (observer, oadmin), sampler)
+                                                  (observer, oadmin), sampler, shards)
                         phases.append(phase)
-                        self.tools.say(f"scale K={k} {rate}/s: p50 {phase.get('p50_ms')} "
-                                       f"p99 {phase.get('p99_ms')} ms, observer "
-                                       f"{phase.get('observer_cpu_pct')} % of a core"
+                        self.tools.say(f"scale shards={shards} K={k} {rate}/s: p50 "
+                                       f"{phase.get('p50_ms')} p99 {phase.get('p99_ms')} ms,"
+                                       f" observer {phase.get('observer_cpu_pct')} % of a core"
                                        + (f", error: {phase['error']}" if phase.get("error")
                                           else ""))
                 finally:
@@ -897,26 +936,16 @@ class Bench:
                         row: dict[str, Any] = {}
                         self.scan_daemon_log(log, row)
                         if row.get("daemon_log_errors"):
-                            phases.append({"k": k, "error": f"daemon log {log.name}: "
+                            phases.append({"k": k, "shards": shards,
+                                           "error": f"daemon log {log.name}: "
                                            f"{row['daemon_log_first_error']!r}"})
         finally:
-            if sampler is not None:
-                sampler.stop()
             procs.stop(observer, grace=15)
-            procs.stop(target, grace=5)
-        failed = [p for p in phases if p.get("error")]
-        out: dict[str, Any] = {"scale": phases, "scale_daemons": list(size.daemons),
-                               "scale_rates": list(size.rates), "scale_waiting": size.waiting,
-                               "scale_early": sum(int(p.get("early") or 0) for p in phases)}
-        if failed:
-            out["error"] = "scale: " + "; ".join(
-                f"K={p.get('k')} {p.get('rate', '')}: {p['error']}" for p in failed[:3])
-        return out
 
     def _scale_phase(self, tag: str, k: int, rate: int, waiting: int, tport: int,
                      daemons: Sequence[tuple[subprocess.Popen[Any], int, int, Path]],
                      observer: tuple[subprocess.Popen[Any], int],
-                     sampler: procs.CpuSampler) -> dict[str, Any]:
+                     sampler: procs.CpuSampler, shards: int = 0) -> dict[str, Any]:
         assert self.sessions is not None
         name = f"{tag}-k{k}-{rate}"
         per_daemon = [self.sessions.add(waiting, tport, ready=False)
@@ -927,7 +956,7 @@ class Bench:
         # Round-robin: the i-th session of every daemon, then the (i+1)-th...
         order = [sids[i] for i in range(waiting) for sids in per_daemon]
         url = f"ws://127.0.0.1:{daemons[0][1]}/websockify/{{id}}"
-        phase: dict[str, Any] = {"k": k, "rate": rate, "n": len(order)}
+        phase: dict[str, Any] = {"shards": shards, "k": k, "rate": rate, "n": len(order)}
         cl = self.client(self.client_command("ready", url, "twisted_novnc", ids_file))
         lines = procs.LineReader(cl.stdout)  # type: ignore[arg-type]
         committer = self.sessions.committer()
@@ -941,9 +970,19 @@ class Bench:
                 return all(scrape(admin).get("twisted_novnc_waiting_clients") == waiting
                            for _, _, admin, _ in daemons)
 
+            # With shards, held means LISTENed too: at least the shards of its sessions (more
+            # may linger from the phase before).
+            shards_of = [len({shard_of(i, shards) for i in sids}) if shards else 1
+                         for sids in per_daemon]
+
+            def listened() -> bool:
+                return all(scrape(admin).get("twisted_novnc_listened_channels", 0) >= n
+                           for (_, _, admin, _), n in zip(daemons, shards_of, strict=True))
+
             # Held: every daemon's own gauge says so (its waiters are registered, their first
-            # read scheduled); no sleep.
-            phase["all_held_before_commit"] = procs.wait_until(held, 60, 0.1)
+            # read scheduled, their shards LISTENed); no sleep.
+            phase["all_held_before_commit"] = (procs.wait_until(held, 60, 0.1)
+                                               and procs.wait_until(listened, 60, 0.1))
             pids = {proc.pid: procs.process_tree(proc.pid) for proc, *_ in daemons}
             opid = observer[0].pid
             before_m = [scrape(admin) for _, _, admin, _ in daemons]
@@ -961,8 +1000,9 @@ class Bench:
             procs.wait_until(lambda: all(
                 scrape(admin).get("twisted_novnc_waiting_clients") == 0
                 for _, _, admin, _ in daemons), 10, 0.05)
-            procs.wait_until(lambda: notifications(scrape(observer[1]))[1]
-                             - notifications(before_o)[1] >= len(order), 10, 0.05)
+            if not shards:  # with shards the observer listens on none: nothing to wait for
+                procs.wait_until(lambda: notifications(scrape(observer[1]))[1]
+                                 - notifications(before_o)[1] >= len(order), 10, 0.05)
             ocpu_after = procs.cpu_seconds([opid])
             cpu_after = {p: procs.cpu_seconds(tree) for p, tree in pids.items()}
             after_m = [scrape(admin) for _, _, admin, _ in daemons]
@@ -993,6 +1033,7 @@ class Bench:
             "daemons": [{
                 "needed": notifications(a)[0] - notifications(b)[0],
                 "discarded": notifications(a)[1] - notifications(b)[1],
+                "channels": a.get("twisted_novnc_listened_channels"),
                 "cpu_pct": r3(100 * (cpu_after[pid] - cpu_before[pid]) / wall),
             } for a, b, pid in zip(after_m, before_m, pids, strict=True)],
         })
@@ -1568,43 +1609,65 @@ def scale_details(rows: Sequence[dict[str, Any]]) -> list[str]:
         "the database's is its cluster's whole process tree. Two cores run all of it (client,"
         " K + 1 daemons, PostgreSQL, target): from K = 4 the figures are CPU-bound.",
         "",
-        "| round | K | rate/s | achieved/s | COMMIT→101 p50 / p99 / max ms | 101 before COMMIT "
-        "| errors | DB CPU µs/commit | DB CPU % | DB conns | per daemon: needed / discarded "
-        "NOTIFYs, CPU % | observer NOTIFYs, CPU % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "`shards` is `[database] notify_shards` (0 = one shared channel; N = each daemon"
+        " LISTENs only on the shards of the sessions it holds, `channels` its"
+        " `twisted_novnc_listened_channels` at the end of the commits).",
+        "",
+        "| round | shards | K | rate/s | achieved/s | COMMIT→101 p50 / p99 / max ms "
+        "| 101 before COMMIT | errors | DB CPU µs/commit | DB CPU % | DB conns | per daemon: "
+        "needed / discarded NOTIFYs, CPU %, channels | observer NOTIFYs, CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         for p in r["scale"]:
             if "rate" not in p:
                 continue
-            per = "; ".join(f"{d['needed']} / {d['discarded']}, {fmt_num(d['cpu_pct'])}"
-                            for d in p.get("daemons", []))
+            per = "; ".join(f"{d['needed']} / {d['discarded']}, {fmt_num(d['cpu_pct'])}, "
+                            f"{fmt_num(d.get('channels'))}" for d in p.get("daemons", []))
             lines.append(
-                f"| {r['round']} | {p['k']} | {p['rate']} | {fmt_num(p.get('commit_rate'))} | "
+                f"| {r['round']} | {p.get('shards', 0)} | {p['k']} | {p['rate']} | "
+                f"{fmt_num(p.get('commit_rate'))} | "
                 f"{fmt_num(p.get('p50_ms'))} / {fmt_num(p.get('p99_ms'))} / "
                 f"{fmt_num(p.get('max_ms'))} | {p.get('early', '—')} | "
                 f"{p.get('errors', '—')}{' (' + p['error'] + ')' if p.get('error') else ''} | "
                 f"{fmt_num(p.get('db_cpu_us_per_commit'))} | {fmt_num(p.get('db_cpu_pct'))} | "
                 f"{p.get('db_connections', '—')} | {per or '—'} | "
                 f"{p.get('observer_notifications', '—')}, {fmt_num(p.get('observer_cpu_pct'))} |")
-    top = [p for r in runs for p in r["scale"] if p.get("k") == 8 and p.get("rate") == 1000
-           and p.get("p99_ms") is not None]
-    p99 = statistics.median(p["p99_ms"] for p in top) if top else None
-    obs = statistics.median(p["observer_cpu_pct"] for p in top) if top else None
     early = sum(int(r.get("scale_early") or 0) for r in runs)
     verdict = {True: "yes", False: "**no**", None: "—"}
-    lines += [
-        "", "Targets (issue 18, point 4; medians over rounds):", "",
-        "| target | measured | met |", "|---|---|---|",
-        f"| K = 8, 1,000 commits/s: COMMIT→101 p99 ≤ 10 ms | "
-        f"{fmt_num(p99) + ' ms' if p99 is not None else 'not measured'} | "
-        f"{verdict[None if p99 is None else p99 <= 10]} |",
-        f"| K = 8, 1,000 commits/s: CPU for NOTIFYs not needed (observer) ≤ 5 % of a core | "
-        f"{fmt_num(obs) + ' %' if obs is not None else 'not measured'} | "
-        f"{verdict[None if obs is None else obs <= 5]} |",
-        f"| no 101 before its COMMIT | {early} | {verdict[early == 0]} |",
-        "",
-    ]
+    lines += ["", "Targets (issue 18, point 4; medians over rounds):", "",
+              "| target | shards | measured | met |", "|---|---|---|---|"]
+    top = [p for r in runs for p in r["scale"] if p.get("k") == 8 and p.get("rate") == 1000
+           and p.get("p99_ms") is not None]
+    # What one NOTIFY a daemon does not need costs it, from the observer on the shared channel.
+    per_notify = [p["observer_cpu_pct"] * p["commit_seconds"] / 100
+                  / p["observer_notifications"]
+                  for p in top if not p.get("shards") and p.get("observer_notifications")]
+    cost = statistics.median(per_notify) if per_notify else None
+    for shards in sorted({int(p.get("shards") or 0) for p in top}) or [0]:
+        these = [p for p in top if int(p.get("shards") or 0) == shards]
+        p99 = statistics.median(p["p99_ms"] for p in these) if these else None
+        if not shards:
+            obs = statistics.median(p["observer_cpu_pct"] for p in these) if these else None
+            how = "observer"
+        else:
+            # No daemon gets a NOTIFY it does not listen for: what remains is the discarded
+            # ones of its own shards, costed at the shared channel's price per NOTIFY.
+            rates = [
+                statistics.mean(d["discarded"] for d in p["daemons"]) / p["commit_seconds"]
+                for p in these if p.get("daemons") and p.get("commit_seconds")
+            ]
+            obs = (statistics.median(rates) * cost * 100) if rates and cost else None
+            how = "discarded/s times the observer's cost per NOTIFY"
+        lines += [
+            f"| K = 8, 1,000 commits/s: COMMIT→101 p99 ≤ 10 ms | {shards} | "
+            f"{fmt_num(p99) + ' ms' if p99 is not None else 'not measured'} | "
+            f"{verdict[None if p99 is None else p99 <= 10]} |",
+            f"| K = 8, 1,000 commits/s: CPU for NOTIFYs not needed ({how}) ≤ 5 % of a core | "
+            f"{shards} | {fmt_num(obs) + ' %' if obs is not None else 'not measured'} | "
+            f"{verdict[None if obs is None else obs <= 5]} |",
+        ]
+    lines += [f"| no 101 before its COMMIT | all | {early} | {verdict[early == 0]} |", ""]
     return lines
 
 
@@ -1752,6 +1815,17 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _ints0(text: str) -> list[int]:
+    """A comma list of shard counts: whole numbers, 0 allowed (the shared channel)."""
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}") from None
+    if not values or min(values) < 0 or max(values) > 65536:
+        raise argparse.ArgumentTypeError(f"whole numbers from 0 to 65536, please: {text!r}")
+    return values
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1774,6 +1848,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="scale: COMMITs per second (default 200,500,1000; quick 200,500)")
     ap.add_argument("--scale-waiting", type=int, default=0, metavar="N",
                     help="scale: browsers held per daemon (default 500; quick 50)")
+    ap.add_argument("--scale-shards", type=_ints0, default=None, metavar="N,N,...",
+                    help="scale: [database] notify_shards settings, each measured over every K"
+                         " and rate (default 0,1024; 0 = the one shared channel)")
     ap.add_argument("--soak-connections", type=int, default=0, metavar="N",
                     help="soak: connections (default 1,000,000; quick 2,000)")
     ap.add_argument("--soak-db-restart", type=float, default=0, metavar="SECONDS",

@@ -120,22 +120,32 @@ def test_quick_scale_and_soak(tmp_path: Path) -> None:
     command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
                "twisted_novnc", "--scenarios", "scale,soak", "--soak-db-restart", "1.5",
                "--out", str(tmp_path), "--json", str(summary), "--md", str(report)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT, cwd=ROOT,
+    # Scale runs each K and rate twice: on the one shared channel, then on 1,024 shards.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=2 * LIMIT, cwd=ROOT,
                           stdin=subprocess.DEVNULL, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     runs = {r["scenario"]: r for r in json.loads(summary.read_text(encoding="utf-8"))["runs"]}
     scale, soak = runs["scale"], runs["soak"]
     phases = [p for p in scale["scale"] if "rate" in p]
-    assert [(p["k"], p["rate"]) for p in phases] == [(1, 200), (1, 500), (2, 200), (2, 500)]
+    assert [(p["shards"], p["k"], p["rate"]) for p in phases] == [
+        (shards, k, rate) for shards in (0, 1024) for k in (1, 2) for rate in (200, 500)]
     for p in phases:
         assert (p["ok"], p["early"], p["all_held_before_commit"]) == (p["n"], 0, True)
         assert 0 < p["p50_ms"] <= p["p99_ms"] <= p["max_ms"]
         # Every daemon reads the sessions it holds and discards the others' NOTIFYs; the
-        # observer, holding none, gets every one.
-        assert [(d["needed"], d["discarded"]) for d in p["daemons"]] == [
-            (p["n"] // p["k"], p["n"] - p["n"] // p["k"])] * p["k"]
-        assert p["observer_notifications"] == p["n"]
+        # observer, holding none, gets every one.  With shards a daemon gets only its shards'
+        # (those of the others' sessions that share them), and the observer none.
+        held = p["n"] // p["k"]
+        if p["shards"]:
+            assert [d["needed"] for d in p["daemons"]] == [held] * p["k"]
+            assert all(d["discarded"] < p["n"] - held for d in p["daemons"] if p["k"] > 1)
+            assert all(1 <= d["channels"] <= p["shards"] for d in p["daemons"])
+            assert p["observer_notifications"] == 0
+        else:
+            assert [(d["needed"], d["discarded"]) for d in p["daemons"]] == [
+                (held, p["n"] - held)] * p["k"]
+            assert p["observer_notifications"] == p["n"]
         assert p["db_connections"] > 0 and p["db_cpu_us_per_commit"] >= 0
 
     n = soak["soak_n"]
@@ -154,6 +164,6 @@ def test_quick_scale_and_soak(tmp_path: Path) -> None:
     assert isinstance(soak["soak_rss_change_pct"], float)
 
     text = report.read_text(encoding="utf-8")
-    assert "| K = 8, 1,000 commits/s: COMMIT→101 p99 ≤ 10 ms | not measured | — |" in text
-    assert "| no 101 before its COMMIT | 0 | yes |" in text
+    assert "| K = 8, 1,000 commits/s: COMMIT→101 p99 ≤ 10 ms | 0 | not measured | — |" in text
+    assert "| no 101 before its COMMIT | all | 0 | yes |" in text
     assert "| waiters / watched relays / open connections at the end |" in text

@@ -730,6 +730,9 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("database", "status_column"): st.one_of(st.just(""), identifier),
     ("database", "ended_statuses"): st.lists(word, max_size=5).map(tuple),
     ("database", "notify_channel"): identifier,
+    # Only 0: any other count must keep <notify_channel>_<N-1> within 63 characters
+    # (test_notify_shards_channel_fits).
+    ("database", "notify_shards"): st.just(0),
     ("database", "expires_column"): st.one_of(st.just(""), identifier),
     ("database", "pool_size"): st.integers(1, 64),
     ("database", "embedded_dir"): one_line.filter(bool),
@@ -888,6 +891,30 @@ def test_listen_dsn_accepted(dsn: str, listen_dsn: str) -> None:
     """A direct listen_dsn beside a pooler's dsn, or embedded twice, or empty, is accepted."""
     settings = parse_config(f"[database]\ndsn = {dsn}\nlisten_dsn = {listen_dsn}\n")
     assert settings.database.listen_dsn == listen_dsn
+
+
+@pytest.mark.parametrize(
+    ("channel", "shards", "problem"),
+    [
+        ("c" * 58, "100000", "must be from 0 to 65536"),
+        ("c" * 58, "-1", "expected a whole number"),
+        ("c" * 58, "10001", "longer than PostgreSQL's 63 characters"),
+        ("c" * 63, "1", "longer than PostgreSQL's 63 characters"),
+    ],
+)
+def test_notify_shards_channel_fits(channel: str, shards: str, problem: str) -> None:
+    """notify_shards is bounded, and its last channel must be a PostgreSQL name (63 bytes)."""
+    err = error_for(f"[database]\nnotify_channel = {channel}\nnotify_shards = {shards}\n")
+    assert (err.section, err.key) == ("database", "notify_shards")
+    assert problem in err.problem
+
+
+def test_notify_shards_accepted() -> None:
+    """The longest name that fits, and the cap, are accepted; 0 is the shared channel."""
+    fits = parse_config(f"[database]\nnotify_channel = {'c' * 58}\nnotify_shards = 1000\n")
+    assert fits.database.notify_shards == 1000
+    assert parse_config("[database]\nnotify_shards = 65536\n").database.notify_shards == 65536
+    assert parse_config("").database.notify_shards == 0
 
 
 def test_drain_delay_may_be_zero() -> None:

@@ -522,3 +522,45 @@ def test_counts_are_the_injected_metrics():
     d.addErrback(lambda f: f.trap(CancelledError))
     assert registry.get_sample_value("twisted_novnc_delayed_calls") == 0
     assert registry.get_sample_value("twisted_novnc_watched_relays") == 0
+
+
+# --- interest per key, for LISTEN per shard ([database] notify_shards) ----------------------
+
+
+def test_follows_a_key_while_it_has_a_waiter_or_a_watch():
+    """The source hears follow at a key's first waiter or watch and unfollow when the last of
+    them is gone, not per waiter."""
+    gate, source, clock = make_gate()
+    first, second = gate.when_ready(SID), gate.when_ready(SID)
+    assert source.followed == {SID}
+    first.cancel()
+    assert source.followed == {SID}
+    watch = gate.watch(Target(SID, "10.0.0.5", 5900), lambda error: None)
+    second.cancel()
+    assert source.followed == {SID}, "the watch keeps it"
+    gate.unwatch(watch)
+    assert source.followed == set()
+
+
+def test_served_waiter_unfollows():
+    """A waiter served from the first read leaves nothing followed."""
+    gate, source, clock = make_gate()
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, "running")
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert result_of(d).host == "10.0.0.5"
+    assert source.followed == set()
+
+
+def test_listening_for_keys_rereads_them():
+    """A commit between the first read and the shard's LISTEN is found by the read that
+    listening(keys) starts; keys nobody waits for are not read."""
+    gate, source, clock = make_gate()
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    assert not d.called
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, "running")  # committed, no NOTIFY
+    gate.listening([SID, "someone-else"])
+    clock.advance(0)
+    assert result_of(d).host == "10.0.0.5"
+    assert source.fetches[-1] == frozenset({SID})

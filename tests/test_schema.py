@@ -76,3 +76,16 @@ def test_install_schema_on_existing_table(postgres_dsn, pg, tmp_path):
         payloads = [n.payload for n in pg.notifies]
         cur.execute("DROP TABLE desktops")
     assert payloads == ["d-1"]
+
+
+def test_schema_renders_the_shard_count(tmp_path, capsys):
+    """The trigger gets [database] notify_shards as its third argument (0 by default), and
+    reads a missing one as 0, so a trigger installed by an older version keeps working."""
+    config = tmp_path / "c.ini"
+    config.write_text("[database]\nnotify_channel = vms\nnotify_shards = 64\n")
+    assert main(["schema", "--config", str(config), "--no-table"]) == 0
+    out = capsys.readouterr().out
+    assert "('vms', 'session_id', '64')" in out
+    assert "COALESCE(TG_ARGV[2], '0')::int" in out
+    defaults = parse_config("", "<defaults>").database
+    assert "('twisted_novnc', 'session_id', '0')" in schema_sql(defaults)

@@ -234,6 +234,10 @@ _ENDPOINTS = Kind(
     " ``systemd:domain=INET:index=0``",
 )
 
+#: The most channels ``[database] notify_shards`` may spread sessions over: PostgreSQL matches
+#: each NOTIFY against every channel a backend listens on, so far more would cost, not save.
+MAX_NOTIFY_SHARDS = 65536
+
 #: The most worker processes ``[novnc] workers`` may ask for: a typo must not fork-bomb.
 MAX_WORKERS = 256
 
@@ -551,6 +555,13 @@ class DatabaseSettings:
         _identifier(),
         "twisted_novnc",
         "The LISTEN/NOTIFY channel the table's trigger announces changed sessions on.",
+    )
+    notify_shards: int = _setting(
+        _integer(0, MAX_NOTIFY_SHARDS),
+        0,
+        "0 = one channel (notify_channel) for every session; N > 0 = the trigger NOTIFYs"
+        " <notify_channel>_<shard>, one of N by the id's md5, and each daemon LISTENs only on"
+        " the shards its waiting browsers and live relays are in (many daemons, one database).",
     )
     expires_column: str = _setting(
         _identifier(optional=True),
@@ -980,6 +991,12 @@ def _check_together(settings: Settings, source: str) -> None:
             source, "database", "listen_dsn",
             "embedded only with dsn = embedded, and only embedded (or empty) then: LISTEN must"
             " see the commits of the database the sessions are read from",
+        )
+    if db.notify_shards and len(f"{db.notify_channel}_{db.notify_shards - 1}") > _NAME_MAX:
+        raise ConfigError(
+            source, "database", "notify_shards",
+            f"the last shard's channel {db.notify_channel}_{db.notify_shards - 1} is longer than"
+            f" PostgreSQL's {_NAME_MAX} characters: use a shorter notify_channel or fewer shards",
         )
     upstream = settings.upstream
     if not upstream.allow_self:

@@ -44,6 +44,8 @@ class MemorySessionSource:
     _held: list[tuple[Deferred[dict[str, SessionRow]], frozenset[str]]] = attrs.field(
         factory=list
     )
+    #: The keys followed now (``follow`` without its ``unfollow``), as a store's shards would.
+    followed: set[str] = attrs.field(factory=set)
 
     def normalise_id(self, raw: str) -> str | None:
         """The id as PostgreSQL would print it from a column of ``id_type``."""
@@ -65,6 +67,13 @@ class MemorySessionSource:
             return defer.fail(self.fail_with)
         keys = {self.normalise_id(i) for i in ids}
         return defer.succeed({k: self.rows[k] for k in keys if k is not None and k in self.rows})
+
+    def follow(self, key: str) -> None:
+        """Record the interest; a test plays the store's ``listening(keys)`` itself."""
+        self.followed.add(key)
+
+    def unfollow(self, key: str) -> None:
+        self.followed.discard(key)
 
     def consume_token(self, session_id: str, digest: str) -> Deferred[SessionRow | None]:
         """Clear the row's token if it matches and answer the row as it now is, like the

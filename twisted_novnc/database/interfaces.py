@@ -40,6 +40,18 @@ class ISessionSource(Interface):
         be read.
         """
 
+    def follow(key: str) -> None:
+        """This canonical id gained interest (its first waiter or watched relay): its changes
+        must be announced from now on.
+
+        A store that LISTENs per shard (``[database] notify_shards``) LISTENs on the key's
+        shard and, once that is active, tells its observer ``listening([key, ...])`` so the row
+        is read again; a store with one channel for all has nothing to do.
+        """
+
+    def unfollow(key: str) -> None:
+        """This canonical id lost its last waiter and watch (its shard may be UNLISTENed)."""
+
 
 class ITokenStore(Interface):
     """One-time tokens kept (as digests) in the session row."""

@@ -1,9 +1,12 @@
 """The session-readiness gate: one Deferred per waiting browser, fired by committed rows.
 
 A waiter is registered *before* its row is read, and every NOTIFY for its session triggers a
-fresh read, so a commit can never fall between the read and the wait.  Reads are batched: all
-sessions notified since the last query are read in one ``= ANY(...)`` query, which is what keeps
-a burst of a thousand commits to a handful of round trips.
+fresh read, so a commit can never fall between the read and the wait.  With LISTEN per shard
+(``[database] notify_shards``) the session's shard may not be listened yet when its first read
+runs: the gate follows the key at once and reads the row again when the store says its
+shard's LISTEN is active (``listening(keys)``).  Reads are batched: all sessions notified since
+the last query are read in one ``= ANY(...)`` query, which is what keeps a burst of a thousand
+commits to a handful of round trips.
 """
 
 from __future__ import annotations
@@ -129,6 +132,8 @@ class ReadinessGate:
         waiter = _Waiter(key, Deferred(functools.partial(self._cancelled, key)), on_row=on_row)
         self._waiting += 1
         waiter.timer = self.clock.callLater(self.timeout, self._deadline, waiter)
+        if key not in self._waiters and key not in self._watches:
+            self.source.follow(key)
         self._waiters.setdefault(key, {})[waiter] = None
         self._seen.setdefault(key, _Seen.NOTHING)
         self._schedule_read([key])
@@ -150,7 +155,10 @@ class ReadinessGate:
     def watch(self, target: Target, on_revoked: Callable[[Refused], None]) -> Watch:
         """Call ``on_revoked`` once if the session ends, expires or moves while it is relayed."""
         watch = Watch(target, on_revoked)
-        self._watches.setdefault(target.session_id, set()).add(watch)
+        key = target.session_id
+        if key not in self._waiters and key not in self._watches:
+            self.source.follow(key)
+        self._watches.setdefault(key, set()).add(watch)
         self._schedule_expiry(watch, target.expires_at)
         return watch
 
@@ -167,7 +175,10 @@ class ReadinessGate:
         if watches is not None:
             watches.discard(watch)
             if not watches:
-                del self._watches[watch.target.session_id]
+                key = watch.target.session_id
+                del self._watches[key]
+                if key not in self._waiters:
+                    self.source.unfollow(key)
         self._maybe_idle()
 
     def fail_all(self, refusal: Refusal, detail: str = "") -> None:
@@ -185,9 +196,13 @@ class ReadinessGate:
         else:
             self.counts.discarded += 1
 
-    def listening(self) -> None:
-        """Notifications sent while LISTEN was down are lost: re-read every session we track."""
-        self._schedule_read([*self._waiters, *self._watches])
+    def listening(self, keys: Collection[str] | None = None) -> None:
+        """Notifications sent while LISTEN was down are lost: re-read every session we track
+        (None), or these, whose shard's LISTEN has just become active."""
+        if keys is None:
+            self._schedule_read([*self._waiters, *self._watches])
+        else:
+            self._schedule_read(k for k in keys if k in self._waiters or k in self._watches)
 
     def not_listening(self) -> None:
         _log.warn("not listening for session changes; {n} waiters keep their deadline",
@@ -391,6 +406,8 @@ class ReadinessGate:
                 self._seen.pop(waiter.session_id, None)
                 self._pending.discard(waiter.session_id)
                 self._retry_ids.discard(waiter.session_id)
+                if waiter.session_id not in self._watches:
+                    self.source.unfollow(waiter.session_id)
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:

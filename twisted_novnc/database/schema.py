@@ -44,25 +44,36 @@ def trigger_sql(db: DatabaseSettings) -> str:
 
     NOTIFY is delivered only when the writing transaction commits, which is exactly the moment a
     waiting browser may proceed.  An UPDATE that changes the id announces both ids.
+
+    The trigger's third argument is ``[database] notify_shards``: above 0, each id goes to the
+    channel ``<channel>_<shard>``, the shard computed exactly as
+    :func:`twisted_novnc.database.channels.shard_of` does (a trigger installed with two
+    arguments, by an older version, notifies the one channel).
     """
     table = quote_ident(db.table)
     function = quote_ident(TRIGGER_NAME)
     args = f"{quote_literal(db.notify_channel)}, {quote_literal(db.id_column)}"
+    args += f", {quote_literal(str(db.notify_shards))}"
     return f"""\
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
 LANGUAGE plpgsql AS $body$
 DECLARE
+    shards int := COALESCE(TG_ARGV[2], '0')::int;
     new_id text;
     old_id text;
 BEGIN
     IF TG_OP <> 'DELETE' THEN
         new_id := to_jsonb(NEW) ->> TG_ARGV[1];
-        PERFORM pg_notify(TG_ARGV[0], new_id);
+        PERFORM pg_notify(CASE WHEN shards > 0 THEN TG_ARGV[0] || '_'
+            || ((('x' || substr(md5(COALESCE(new_id, '')), 1, 7))::bit(28)::int) % shards)
+            ELSE TG_ARGV[0] END, new_id);
     END IF;
     IF TG_OP <> 'INSERT' THEN
         old_id := to_jsonb(OLD) ->> TG_ARGV[1];
         IF old_id IS DISTINCT FROM new_id THEN
-            PERFORM pg_notify(TG_ARGV[0], old_id);
+            PERFORM pg_notify(CASE WHEN shards > 0 THEN TG_ARGV[0] || '_'
+                || ((('x' || substr(md5(COALESCE(old_id, '')), 1, 7))::bit(28)::int) % shards)
+                ELSE TG_ARGV[0] END, old_id);
         END IF;
     END IF;
     RETURN NULL;

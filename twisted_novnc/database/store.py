@@ -14,7 +14,7 @@ the column-type lookup that runs on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -35,9 +35,10 @@ from twisted_novnc._compat.txpostgres import (
 )
 from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.config import DatabaseSettings
+from twisted_novnc.database.channels import ChannelSet
 from twisted_novnc.database.ids import INTEGER_TYPES, normalise_id
 from twisted_novnc.database.interfaces import ISessionSource, ITokenStore
-from twisted_novnc.database.schema import quote_ident
+from twisted_novnc.database.schema import TRIGGER_NAME, quote_ident
 from twisted_novnc.reactors import IStoreReactor
 from twisted_novnc.session import SessionRow, VNCCredentials
 
@@ -75,8 +76,12 @@ class StoreObserver(Protocol):
     def notified(self, session_id: str) -> None:
         """A transaction touching this session's row has committed."""
 
-    def listening(self) -> None:
-        """LISTEN is (again) active: anything committed while it was not is unknown."""
+    def listening(self, keys: Collection[str] | None = None) -> None:
+        """LISTEN is (again) active: anything committed while it was not is unknown.
+
+        None: every channel (after a (re)connect), so every row must be read again; keys: the
+        LISTEN of these sessions' shard has just become active (``notify_shards``).
+        """
 
     def not_listening(self) -> None:
         """The LISTEN connection is lost; notifications may be missed until ``listening``."""
@@ -135,6 +140,44 @@ class PostgresSessionStore:
     #: LISTEN's own DSN (``[database] listen_dsn``: direct, when ``dsn`` is a pooler's); None =
     #: the same as ``dsn``.
     listen_dsn: Callable[[], str] | None = None
+    #: With ``notify_shards``: the shards LISTENed on, by the sessions followed.
+    _channels: ChannelSet | None = None
+    _trigger_checked: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.settings.notify_shards:
+            self._channels = ChannelSet(
+                self.settings.notify_channel, self.settings.notify_shards, self.reactor,
+                self._execute_on_listener, self._covered,
+            )
+
+    def _execute_on_listener(self, statement: str) -> Deferred[object]:
+        if self._listener is None:
+            return defer.fail(DatabaseNotReady("no LISTEN connection"))
+        d: Deferred[object] = self._listener.runOperation(statement)
+        return d
+
+    def _covered(self, keys: Collection[str]) -> None:
+        if self.observer is not None and not self._stopped:
+            self.observer.listening(keys)
+
+    def follow(self, key: str) -> None:
+        """With ``notify_shards``: LISTEN on this session's shard (the observer hears
+        ``listening([key, ...])`` once it is active).  Without: nothing, the one channel is
+        always listened."""
+        if self._channels is not None:
+            self._channels.follow(key)
+
+    def unfollow(self, key: str) -> None:
+        if self._channels is not None:
+            self._channels.unfollow(key)
+
+    @property
+    def listened_channels(self) -> int:
+        """How many channels the LISTEN connection listens on now."""
+        if not self._listening:
+            return 0
+        return 1 if self._channels is None else self._channels.listened
 
     @property
     def is_listening(self) -> bool:
@@ -196,21 +239,37 @@ class PostgresSessionStore:
         return d.addCallbacks(lambda _: True, failed)
 
     def _listen(self) -> Deferred[None]:
-        """Issue LISTEN, learn the id column's type, then tell the observer to re-read."""
+        """Issue LISTEN, learn the id column's type, then tell the observer to re-read.
+
+        With ``notify_shards``, the LISTEN is of every shard with a followed session (none at
+        first), and the shards follow the sessions from then on.
+        """
         assert self._listener is not None
-        channel = quote_ident(self.settings.notify_channel)
-        d = self._listener.runOperation(f"LISTEN {channel}")
+        if self._channels is None:
+            statement: str | None = f"LISTEN {quote_ident(self.settings.notify_channel)}"
+        else:
+            statement = self._channels.connected()
+        d: Deferred[Any] = (
+            self._listener.runOperation(statement) if statement else defer.succeed(None)
+        )
         d.addCallback(lambda _: self._introspect())
+        d.addCallback(lambda _: self._check_trigger())
 
         def listening(_: object) -> None:
             if self._stopped:
                 return
             self._listening = True
             self._listen_delays = jittered_backoff(1.0, 30.0)
+            shards = self.settings.notify_shards
             _log.info(
-                "listening for session changes on channel {channel}", event="listening_for_changes",
-                channel=self.settings.notify_channel,
+                "listening for session changes on channel {channel}"
+                + (" (shards {channel}_0 to {channel}_{last}, as sessions need them)"
+                   if shards else ""),
+                event="listening_for_changes",
+                channel=self.settings.notify_channel, last=shards - 1,
             )
+            if self._channels is not None:
+                self._channels.listened_all()
             if self.observer is not None:
                 self.observer.listening()
 
@@ -239,12 +298,63 @@ class PostgresSessionStore:
 
     def _listen_lost(self) -> None:
         self._listening = False
+        if self._channels is not None:
+            self._channels.connection_lost()
         if self.observer is not None and not self._stopped:
             self.observer.not_listening()
 
     def _notify_received(self, notify: Any) -> None:
-        if self.observer is not None and notify.channel == self.settings.notify_channel:
+        if self.observer is None:
+            return
+        channel = self.settings.notify_channel
+        if self._channels is None:
+            if notify.channel == channel:
+                self.observer.notified(notify.payload)
+        elif notify.channel.startswith(channel) and notify.channel[len(channel):][:1] == "_":
             self.observer.notified(notify.payload)
+
+    def _check_trigger(self) -> Deferred[None]:
+        """Warn (once) when the table's trigger NOTIFYs other channels than the config says:
+        a daemon LISTENing on shards while the trigger NOTIFYs the one channel (or the other way
+        round) would hold every browser whose row is not ready at once to its deadline."""
+        if self._trigger_checked:
+            return defer.succeed(None)
+        assert self._listener is not None
+        s = self.settings
+        d = self._listener.runQuery(
+            "SELECT t.tgargs FROM pg_trigger t WHERE t.tgrelid = %s::regclass AND t.tgname = %s",
+            (quote_ident(s.table), TRIGGER_NAME),
+        )
+
+        def check(rows: Sequence[tuple[Any]]) -> None:
+            self._trigger_checked = True
+            expected = (
+                f"channel {s.notify_channel}, id column {s.id_column},"
+                f" shards {s.notify_shards}"
+            )
+            if not rows:
+                _log.warn(
+                    "the table {table} has no trigger {trigger}: no NOTIFY will come (expected"
+                    " {expected}; run python -m twisted_novnc install-schema)",
+                    event="notify_trigger_mismatch", table=s.table, trigger=TRIGGER_NAME,
+                    expected=expected,
+                )
+                return
+            args = bytes(rows[0][0]).decode("utf-8", "replace").split("\x00")[:-1]
+            channel = args[0] if args else ""
+            column = args[1] if len(args) > 1 else ""
+            shards = args[2] if len(args) > 2 else "0"
+            actual = f"channel {channel}, id column {column}, shards {shards}"
+            if actual != expected:
+                _log.warn(
+                    "the trigger {trigger} on {table} NOTIFYs with {actual}, but the config"
+                    " says {expected}: browsers may wait to their deadline; run python -m"
+                    " twisted_novnc install-schema with this config",
+                    event="notify_trigger_mismatch", table=s.table, trigger=TRIGGER_NAME,
+                    expected=expected, actual=actual,
+                )
+
+        return d.addCallback(check)
 
     def _introspect(self) -> Deferred[None]:
         """Check the configured table and columns exist, and build the lookup query."""
@@ -344,6 +454,8 @@ class PostgresSessionStore:
         """Close every connection and stop every reconnection attempt."""
         self._stopped = True
         self._listening = False
+        if self._channels is not None:
+            self._channels.stop()
         if self._listen_retry is not None:
             self._listen_retry.cancel()
             self._listen_retry = None

@@ -66,6 +66,7 @@ class LiveState:
     waiting: Callable[[], int] = lambda: 0
     live_bytes: Callable[[], tuple[int, int]] = lambda: (0, 0)
     listen_connected: Callable[[], bool] = lambda: False
+    listened_channels: Callable[[], int] = lambda: 0
     database_reachable: Callable[[], bool] = lambda: False
 
 
@@ -99,6 +100,12 @@ class _LiveCollector(Collector):
             "twisted_novnc_listen_connected",
             "1 while the LISTEN connection is up and listening, else 0.",
             value=1 if live.listen_connected() else 0,
+        )
+        yield GaugeMetricFamily(
+            "twisted_novnc_listened_channels",
+            "NOTIFY channels the LISTEN connection listens on now: 1 (or 0) with one shared"
+            " channel; with [database] notify_shards, the shards of the sessions held here.",
+            value=live.listened_channels(),
         )
         yield GaugeMetricFamily(
             "twisted_novnc_database_reachable",
@@ -258,8 +265,9 @@ class _ReadinessCollector(Collector):
         c = self.counts
         notifications = CounterMetricFamily(
             "twisted_novnc_notifications",
-            "NOTIFYs received on the session channel, by result: needed (a waiter or a live"
-            " relay of this process has that session, so its row is read) or discarded.",
+            "NOTIFYs received on the session channel (or shards), by result: needed (a waiter"
+            " or a live relay of this process has that session, so its row is read) or"
+            " discarded.",
             labels=["result"],
         )
         notifications.add_metric(["needed"], c.needed)

@@ -291,6 +291,7 @@ def _proxy(
         waiting=lambda: gate.waiting,
         live_bytes=factory.live_bytes,
         listen_connected=lambda: store.is_listening,
+        listened_channels=lambda: store.listened_channels,
         database_reachable=lambda: store.database_reachable,
     )
     store.on_reconnect(metrics.database_reconnects.inc)
