@@ -292,6 +292,7 @@ def _proxy(
         live_bytes=factory.live_bytes,
         listen_connected=lambda: store.is_listening,
         database_reachable=lambda: store.database_reachable,
+        database_prepared=lambda: store.prepared,
     )
     store.on_reconnect(metrics.database_reconnects.inc)
     drain = DrainService(factory, settings.novnc.drain_timeout, reactor)
