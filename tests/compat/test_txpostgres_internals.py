@@ -25,6 +25,7 @@ from twisted_novnc._compat.txpostgres import (
     QuietConnection,
     StoppableDetector,
     has_connection,
+    is_death,
     is_open,
     server_connection,
 )
@@ -200,6 +201,25 @@ def test_stoppable_detector_reports_retries_recovers_and_stops() -> None:
     detector.checkForDeadConnection(death())  # still dead: nothing starts again
     clock.advance(60.0)
     assert len(target.connected) == 3
+
+
+def test_an_unknown_prepared_statement_is_no_death() -> None:
+    """psycopg2 raises SQLSTATE 26000 (EXECUTE of a name the server connection does not know)
+    as an OperationalError, which txpostgres' death checker takes for a dead connection; the
+    store's detectors (is_death) do not, and take every other such error as txpostgres does."""
+
+    class NotPrepared(psycopg2.OperationalError):
+        pgcode = "26000"
+
+    not_prepared = Failure(NotPrepared("prepared statement does not exist"))
+    assert reconnection.defaultDeathChecker(not_prepared), (
+        "txpostgres no longer takes 26000 for a death: is_death can go"
+    )
+    assert not is_death(not_prepared)
+    assert StoppableDetector(Health(), delays, Clock()).deathChecker is is_death
+    for error in (death(), Failure(psycopg2.InterfaceError("connection already closed"))):
+        assert is_death(error) and reconnection.defaultDeathChecker(error)
+    assert not is_death(Failure(psycopg2.ProgrammingError("syntax error")))
 
 
 def test_a_new_connection_has_no_psycopg2_connection() -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import psycopg2
+import psycopg2.errorcodes
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -67,7 +68,9 @@ class StoppableDetector(reconnection.DeadConnectionDetector):
         reconnectionIterator: Callable[[], Iterator[float]],
         reactor: IReactorTime,
     ) -> None:
-        super().__init__(reconnectionIterator=reconnectionIterator, reactor=reactor)
+        super().__init__(
+            deathChecker=is_death, reconnectionIterator=reconnectionIterator, reactor=reactor
+        )
         self.health = health
 
     def startReconnecting(self, f: Any) -> None:
@@ -104,6 +107,16 @@ class StoppableDetector(reconnection.DeadConnectionDetector):
         pending, self._retrying = self._retrying, None
         if pending is not None:
             pending.cancel()
+
+
+def is_death(f: Any) -> bool:
+    """txpostgres' test of a dead connection (psycopg2's ``InterfaceError`` and
+    ``OperationalError``), less SQLSTATE 26000: psycopg2 raises an EXECUTE of a name the
+    server connection does not know as an ``OperationalError``, on a connection alive and
+    well (behind a transaction pooler, the store's sign to stop preparing statements)."""
+    if getattr(f.value, "pgcode", None) == psycopg2.errorcodes.INVALID_SQL_STATEMENT_NAME:
+        return False
+    return bool(reconnection.defaultDeathChecker(f))
 
 
 def server_connection(connection: txpostgres.Connection) -> object | None:
