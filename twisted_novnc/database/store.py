@@ -130,6 +130,10 @@ class PostgresSessionStore:
     _listening: bool = False
     _stopped: bool = False
     _select: Statement | None = None
+    #: The same for one id, the usual lookup: ``= $1`` gets PostgreSQL's generic plan once
+    #: prepared (planned once), ``= ANY($1)`` a custom plan at every EXECUTE (planned each
+    #: time: its generic plan's estimate, for an array of unknown length, is never cheaper).
+    _select_one: Statement | None = None
     _consume: Statement | None = None
     _columns: str = ""
     _listen_retry: Any = None
@@ -326,6 +330,10 @@ class PostgresSessionStore:
                     f" AND {token} = {p[1]} RETURNING {self._columns}"
                 ),
             )
+        self._select_one = statement(
+            "fetch_one", [self._cast],
+            lambda p: f"SELECT {self._columns} FROM {table} WHERE {ident} = {p[0]}",
+        )
         return statement(
             "fetch", [f"{self._cast}[]"],
             lambda p: f"SELECT {self._columns} FROM {table} WHERE {ident} = ANY({p[0]})",
@@ -350,12 +358,15 @@ class PostgresSessionStore:
 
     def fetch(self, session_ids: Iterable[str]) -> Deferred[dict[str, SessionRow]]:
         """Read the committed rows of these sessions in one query; absent ids are absent."""
-        if self._pool is None or self._select is None:
+        if self._pool is None or self._select is None or self._select_one is None:
             return defer.fail(DatabaseNotReady("not connected to the database yet"))
         ids = [i for i in (self.normalise_id(s) for s in session_ids) if i is not None]
         if not ids:
             return defer.succeed({})
-        d = self._run(self._select, (ids,))
+        if len(ids) == 1:
+            d = self._run(self._select_one, (ids[0],))
+        else:
+            d = self._run(self._select, (ids,))
 
         def rows(result: Sequence[RowTuple]) -> dict[str, SessionRow]:
             return {r[0]: _row(r) for r in result}
