@@ -566,7 +566,7 @@ class DatabaseSettings:
         _choice("auto", "on", "off"),
         "auto",
         "Run the session lookup and the token update as SQL prepared statements on each pool"
-        " connection (planned once, about 45 us less a lookup): auto = prepared, and back to"
+        " connection (planned once, about 40 us less a lookup): auto = prepared, and back to"
         " unprepared for good at the first sign of a transaction pooler (PgBouncer's"
         " pool_mode = transaction, even with max_prepared_statements); on = always prepared"
         " (a direct connection or a session pooler only); off = never.",

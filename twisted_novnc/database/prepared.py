@@ -1,7 +1,7 @@
 """The store's queries as SQL prepared statements, and when to stop preparing them.
 
 psycopg2 has no protocol-level prepare, so a statement is prepared with SQL ``PREPARE`` on
-each server connection and run with ``EXECUTE``: PostgreSQL plans it once (about 45 µs of a
+each server connection and run with ``EXECUTE``: PostgreSQL plans it once (about 40 µs of a
 lookup, bench/README.md).  A prepared statement lives on one server connection, which a
 pooler in transaction mode swaps under its client at every transaction -- PgBouncer 1.21's
 ``max_prepared_statements`` too, which tracks protocol-level prepares only.  The first sign
