@@ -293,11 +293,12 @@ class PostgresSessionStore:
                     " in the config)"
                 )
             self.id_type = types[s.id_column]
-            self._select = self._build_select()
+            self._build_statements()
 
         return d.addCallback(check)
 
-    def _build_select(self) -> Statement:
+    def _build_statements(self) -> None:
+        """The lookups (one id, several) and, with a token column, the token update."""
         s = self.settings
         port = f"{quote_ident(s.port_column)}::integer" if s.port_column else "NULL::integer"
         status = f"{quote_ident(s.status_column)}::text" if s.status_column else "NULL::text"
@@ -334,7 +335,7 @@ class PostgresSessionStore:
             "fetch_one", [self._cast],
             lambda p: f"SELECT {self._columns} FROM {table} WHERE {ident} = {p[0]}",
         )
-        return statement(
+        self._select = statement(
             "fetch", [f"{self._cast}[]"],
             lambda p: f"SELECT {self._columns} FROM {table} WHERE {ident} = ANY({p[0]})",
         )
