@@ -307,6 +307,29 @@ def test_pool_skips_cancelled_waiters() -> None:
     assert result_of(cancelled).check(defer.CancelledError)
 
 
+def test_pool_prefers_a_usable_connection() -> None:
+    """A connection being re-established is passed over while another is free (the most
+    recently freed usable one is taken); with none usable, work still gets one (and fails
+    there, as the readiness gate expects, rather than waiting)."""
+    dead = {"b"}
+    pool = Pool(["a", "b", "c"], usable=lambda c: c not in dead)
+    taken: list[str] = []
+    pool.run(lambda c: defer.succeed(taken.append(c)))
+    assert taken == ["c"]
+    held: list[Deferred[None]] = []
+
+    def hold(c: str) -> Deferred[None]:
+        taken.append(c)
+        held.append(Deferred())
+        return held[-1]
+
+    pool.run(hold)
+    pool.run(hold)
+    assert taken == ["c", "c", "a"]
+    pool.run(hold)
+    assert taken[-1] == "b"
+
+
 def test_pool_work_that_raises_frees_its_connection() -> None:
     """Work raising instead of returning a Deferred fails its own Deferred, not the pool."""
 

@@ -26,6 +26,9 @@ class Pool(Generic[C]):
     """Runs each piece of work on a free connection, or once one is free, in order."""
 
     connections: list[C]
+    #: Whether a connection can take work now (one being re-established cannot): the most
+    #: recently freed one that can is taken, else the most recently freed.
+    usable: Callable[[C], bool] = lambda connection: True
     _idle: list[C] = attrs.field(init=False)
     _waiting: deque[Deferred[C]] = attrs.field(init=False, factory=deque)
 
@@ -41,10 +44,17 @@ class Pool(Generic[C]):
         """``work(connection)`` on a free connection; the connection is free again once its
         Deferred has fired, whatever the outcome."""
         if self._idle:
-            return self._on(self._idle.pop(), work)
+            return self._on(self._take(), work)
         waiter: Deferred[C] = Deferred()
         self._waiting.append(waiter)
         return waiter.addCallback(self._on, work)
+
+    def _take(self) -> C:
+        idle = self._idle
+        for i in range(len(idle) - 1, -1, -1):
+            if self.usable(idle[i]):
+                return idle.pop(i)
+        return idle.pop()
 
     def _on(self, connection: C, work: Callable[[C], Deferred[T]]) -> Deferred[T]:
         try:

@@ -169,6 +169,11 @@ class PostgresSessionStore:
         ]
         return bool(alive) and self._health.down_reason is None
 
+    @staticmethod
+    def _usable(connection: txpostgres.Connection) -> bool:
+        """Connected, or connecting for the first time: not dead and waiting to reconnect."""
+        return is_open(connection) and not connection.detector.connectionIsDead
+
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         self._health.on_recovered = callback
 
@@ -185,7 +190,7 @@ class PostgresSessionStore:
         self._all_pool_connections = [
             self._make_connection() for _ in range(self.settings.pool_size)
         ]
-        self._pool = Pool(list(self._all_pool_connections))
+        self._pool = Pool(list(self._all_pool_connections), usable=self._usable)
         self._statements.forget()
         self._first_connects = [
             self._connect(connection, dsn, "twisted_novnc-pool")
