@@ -143,6 +143,8 @@ VALID = [
     ("database", "notify_channel", "novnc_2", "novnc_2"),
     ("database", "pool_size", "1", 1),
     ("database", "pool_size", "64", 64),
+    ("database", "prepared_statements", "on", "on"),
+    ("database", "prepared_statements", "off", "off"),
     ("database", "embedded_dir", "/var/lib/novnc/pg", "/var/lib/novnc/pg"),
     ("record", "dir", "/var/lib/novnc/recordings", "/var/lib/novnc/recordings"),
     ("record", "mode", "all", "all"),
@@ -209,6 +211,7 @@ INVALID = [
     ("database", "notify_channel", "c" * 64, "at most 63 characters"),
     ("database", "pool_size", "0", "must be from 1 to 64, got 0"),
     ("database", "pool_size", "65", "must be from 1 to 64, got 65"),
+    ("database", "prepared_statements", "yes", "must be one of auto, on, off; got 'yes'"),
     ("database", "embedded_dir", "", "must not be empty"),
     ("database", "embedded_dir", "var\n  postgres", "must be one line"),
     ("record", "dir", "a\n  b", "must be one line"),
@@ -735,6 +738,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("database", "notify_shards"): st.just(0),
     ("database", "expires_column"): st.one_of(st.just(""), identifier),
     ("database", "pool_size"): st.integers(1, 64),
+    ("database", "prepared_statements"): st.sampled_from(["auto", "on", "off"]),
     ("database", "embedded_dir"): one_line.filter(bool),
     ("upstream", "allowed_networks"): st.sampled_from(
         ["10.0.0.0/8", "192.168.0.0/16 fc00::/7", "0.0.0.0/0 ::/0"]
@@ -915,6 +919,20 @@ def test_notify_shards_accepted() -> None:
     assert fits.database.notify_shards == 1000
     assert parse_config("[database]\nnotify_shards = 65536\n").database.notify_shards == 65536
     assert parse_config("").database.notify_shards == 0
+
+
+def test_prepared_statements_on_is_refused_behind_a_transaction_pooler() -> None:
+    """prepared_statements = on beside a listen_dsn (which says dsn is a transaction pooler's)
+    is refused, naming the key and what to use instead; auto and off are accepted there."""
+    pooled = "[database]\ndsn = host=pooler port=6432\nlisten_dsn = host=db\n"
+    err = error_for(pooled + "prepared_statements = on\n")
+    assert (err.source, err.section, err.key) == ("test.ini", "database", "prepared_statements")
+    assert "transaction" in err.problem and "use auto" in err.problem
+    for mode in ("auto", "off"):
+        settings = parse_config(pooled + f"prepared_statements = {mode}\n")
+        assert settings.database.prepared_statements == mode
+    direct = parse_config("[database]\nprepared_statements = on\n")
+    assert direct.database.prepared_statements == "on"
 
 
 def test_drain_delay_may_be_zero() -> None:

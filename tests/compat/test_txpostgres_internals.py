@@ -1,6 +1,6 @@
 """Canaries for the txpostgres internals fenced in twisted_novnc/_compat/txpostgres.py: the
-detector's reconnection steps the store re-implements, the pool's connection factory, and the
-psycopg2 connection under a txpostgres Connection."""
+detector's reconnection steps the store re-implements, and the psycopg2 connection under a
+txpostgres Connection."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from twisted_novnc._compat.txpostgres import (
     QuietConnection,
     StoppableDetector,
     has_connection,
+    is_death,
     is_open,
-    make_pool,
-    pool_connections,
+    server_connection,
 )
 
 STORE = "the session store (twisted_novnc._compat.txpostgres, database/store.py)"
@@ -203,33 +203,23 @@ def test_stoppable_detector_reports_retries_recovers_and_stops() -> None:
     assert len(target.connected) == 3
 
 
-def test_pool_builds_its_connections_with_our_factory() -> None:
-    """ConnectionPool calls its connectionFactory `min` times in its constructor, keeps them
-    in `connections`, and runs each query on one of them (make_pool, pool_connections)."""
-    clock = Clock()
-    made: list[Any] = []
+def test_an_unknown_prepared_statement_is_no_death() -> None:
+    """psycopg2 raises SQLSTATE 26000 (EXECUTE of a name the server connection does not know)
+    as an OperationalError, which txpostgres' death checker takes for a dead connection; the
+    store's detectors (is_death) do not, and take every other such error as txpostgres does."""
 
-    class Connection:
-        def __init__(self) -> None:
-            self.queries: list[str] = []
+    class NotPrepared(psycopg2.OperationalError):
+        pgcode = "26000"
 
-        def runQuery(self, sql: str) -> Deferred[list[tuple[int]]]:
-            self.queries.append(sql)
-            return defer.succeed([(1,)])
-
-    def make() -> Any:
-        made.append(Connection())
-        return made[-1]
-
-    pool = make_pool(clock, "dbname=x", 3, make)
-    assert len(made) == 3 and sorted(map(id, pool_connections(pool))) == sorted(map(id, made)), (
-        broken("txpostgres", "ConnectionPool no longer builds `min` connections with its"
-               " connectionFactory into `connections`", STORE, PIN)
+    not_prepared = Failure(NotPrepared("prepared statement does not exist"))
+    assert reconnection.defaultDeathChecker(not_prepared), (
+        "txpostgres no longer takes 26000 for a death: is_death can go"
     )
-    assert pool.reactor is clock
-    result: list[Any] = []
-    pool.runQuery("SELECT 1").addCallback(result.append)
-    assert result == [[(1,)]] and sum(len(c.queries) for c in made) == 1
+    assert not is_death(not_prepared)
+    assert StoppableDetector(Health(), delays, Clock()).deathChecker is is_death
+    for error in (death(), Failure(psycopg2.InterfaceError("connection already closed"))):
+        assert is_death(error) and reconnection.defaultDeathChecker(error)
+    assert not is_death(Failure(psycopg2.ProgrammingError("syntax error")))
 
 
 def test_a_new_connection_has_no_psycopg2_connection() -> None:
@@ -258,6 +248,29 @@ def test_pollable_is_the_psycopg2_connection(postgres_dsn: str) -> Generator[Any
     assert is_open(connection) and has_connection(connection)
     connection.close()
     assert raw.closed and not is_open(connection) and has_connection(connection), message
+
+
+@pytest.mark.integration
+@pytest_twisted.inlineCallbacks
+def test_a_reconnect_brings_a_new_psycopg2_connection(
+    postgres_dsn: str,
+) -> Generator[Any, Any, None]:
+    """Connected again (as the detector's reconnect does: close, then connect), a Connection
+    has a new psycopg2 connection (server_connection): the prepared statements are gone, and
+    the store, which keys them on it, prepares again."""
+    connection = txpostgres.Connection(reactor=reactor)
+    yield connection.connect(postgres_dsn)
+    first = server_connection(connection)
+    assert first is connection.pollable()
+    connection.close()
+    yield connection.connect(postgres_dsn)
+    try:
+        assert server_connection(connection) is not first, broken(
+            "txpostgres", "Connection.connect() again keeps the old psycopg2 connection",
+            "prepared statements (database/prepared.py)", PIN,
+        )
+    finally:
+        connection.close()
 
 
 @pytest.mark.integration

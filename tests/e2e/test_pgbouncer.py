@@ -32,9 +32,16 @@ def _quoted(value: str) -> str:
 
 
 @pytest.fixture
-def pgbouncer(postgres_dsn, scratch_dir):
+def pgbouncer_pool_size() -> int:
+    """PgBouncer's default_pool_size: a module overrides this fixture to have more."""
+    return 1
+
+
+@pytest.fixture
+def pgbouncer(postgres_dsn, scratch_dir, pgbouncer_pool_size):
     """A PgBouncer on 127.0.0.1 and a free port, pool_mode = transaction, one server
-    connection per pool (so the daemon's pooled connections take turns on it), logging in to
+    connection per pool unless ``pgbouncer_pool_size`` says otherwise (so the daemon's pooled
+    connections take turns on it), logging in to
     the suite's PostgreSQL as the suite's DSN says; its clients are trusted by name (auth_file).
     Yields the daemon's DSN through it and a DSN of its admin console."""
     binary = require_pgbouncer()
@@ -53,7 +60,8 @@ def pgbouncer(postgres_dsn, scratch_dir):
             "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
             f"auth_type = trust\nauth_file = {auth_file}\nadmin_users = {user}\n"
-            "pool_mode = transaction\ndefault_pool_size = 1\nmax_client_conn = 50\n"
+            "pool_mode = transaction\nmax_client_conn = 50\n"
+            f"default_pool_size = {pgbouncer_pool_size}\n"
         )
     for path in (auth_file, config):
         os.chmod(path, 0o644)

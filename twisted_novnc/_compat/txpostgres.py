@@ -1,17 +1,16 @@
 """txpostgres' internals the session store relies on, each behind one named function or class.
 
-txpostgres reconnects a dead connection on its own, but cannot be told to stop, says nothing
-of each failed attempt, and its pool has no hook to give each connection a detector.  What
-closes those gaps leans on how txpostgres works inside; each such reliance has a canary in
+txpostgres reconnects a dead connection on its own, but cannot be told to stop and says
+nothing of each failed attempt.  What closes those gaps leans on how txpostgres works inside;
+each such reliance has a canary in
 ``tests/compat/test_txpostgres_internals.py`` naming it and the installed txpostgres.
 
 - :class:`StoppableDetector`: a ``DeadConnectionDetector`` whose ``startReconnecting`` is
   re-implemented (txpostgres' own cannot be stopped or watched) on its ``RetryingCall``,
   ``reconnect`` and ``connectionRecovered``;
-- :func:`make_pool`: a ``ConnectionPool`` whose ``connectionFactory`` makes our connections,
-  which it builds (all of them, with its ``reactor``) in its constructor, into ``connections``;
-- :func:`is_open`: the psycopg2 connection a ``Connection`` wraps (``pollable()``, the same
-  object as its private ``_connection``);
+- :func:`is_open` and :func:`server_connection`: the psycopg2 connection a ``Connection``
+  wraps (``pollable()``, the same object as its private ``_connection``), a new one after
+  each reconnect;
 - :class:`QuietConnection`: a ``Connection`` whose idle death is a lost connection, not an
   "Unhandled Error": txpostgres lets ``poll()``'s error (and re-registering a socket that is
   gone) escape ``doRead`` when no query waits for it, and the reactor logs a traceback for
@@ -27,13 +26,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import psycopg2
+import psycopg2.errorcodes
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from txpostgres import reconnection, retrying, txpostgres
-
-from twisted_novnc.reactors import IStoreReactor
 
 _log = Logger()
 
@@ -70,7 +68,9 @@ class StoppableDetector(reconnection.DeadConnectionDetector):
         reconnectionIterator: Callable[[], Iterator[float]],
         reactor: IReactorTime,
     ) -> None:
-        super().__init__(reconnectionIterator=reconnectionIterator, reactor=reactor)
+        super().__init__(
+            deathChecker=is_death, reconnectionIterator=reconnectionIterator, reactor=reactor
+        )
         self.health = health
 
     def startReconnecting(self, f: Any) -> None:
@@ -109,33 +109,21 @@ class StoppableDetector(reconnection.DeadConnectionDetector):
             pending.cancel()
 
 
-def make_pool(
-    reactor: IStoreReactor,
-    dsn: str,
-    size: int,
-    make_connection: Callable[[], txpostgres.Connection],
-) -> txpostgres.ConnectionPool:
-    """A ``ConnectionPool`` of ``size`` connections, each made by ``make_connection`` and not
-    connected yet (:func:`pool_connections` lists them).
-
-    Its documented ``connectionFactory`` and ``reactor`` class attributes, set on a subclass:
-    the pool calls the factory ``min`` times in its constructor and keeps what it returns.
-    """
-    pool_reactor = reactor
-
-    class Pool(txpostgres.ConnectionPool):
-        reactor = pool_reactor
-
-        def connectionFactory(self, *args: Any) -> txpostgres.Connection:
-            return make_connection()
-
-    return Pool(None, dsn, min=size)
+def is_death(f: Any) -> bool:
+    """txpostgres' test of a dead connection (psycopg2's ``InterfaceError`` and
+    ``OperationalError``), less SQLSTATE 26000: psycopg2 raises an EXECUTE of a name the
+    server connection does not know as an ``OperationalError``, on a connection alive and
+    well (behind a transaction pooler, the store's sign to stop preparing statements)."""
+    if getattr(f.value, "pgcode", None) == psycopg2.errorcodes.INVALID_SQL_STATEMENT_NAME:
+        return False
+    return bool(reconnection.defaultDeathChecker(f))
 
 
-def pool_connections(pool: txpostgres.ConnectionPool) -> list[txpostgres.Connection]:
-    """The connections a pool holds now (its ``connections``): all it made, but for those
-    running a query (it takes each out while it runs one)."""
-    return list(pool.connections)
+def server_connection(connection: txpostgres.Connection) -> object | None:
+    """The psycopg2 connection under ``connection`` now (None before its first connect): a
+    new one after each reconnect, so what was prepared on the old one is gone."""
+    raw: object | None = connection.pollable()
+    return raw
 
 
 def is_open(connection: txpostgres.Connection) -> bool:

@@ -6,8 +6,12 @@ can never delay a NOTIFY.
 
 The pool may go through a pooler in transaction mode (PgBouncer): each query is one statement in
 autocommit (txpostgres' connections are asynchronous psycopg2 ones, always in autocommit), with
-its parameters bound by psycopg2 on the client (no server-side prepared statement), and nothing
-on a pooled connection sets session state (no SET, LISTEN, temporary table or advisory lock).
+its parameters bound by psycopg2 on the client, and nothing on a pooled connection sets session
+state (no SET, LISTEN, temporary table or advisory lock) -- but for the prepared statements of
+``[database] prepared_statements``: the lookup and the token update are prepared once per
+server connection (PostgreSQL plans them once), and with ``auto`` the first sign of a
+transaction pooler (EXECUTE on a server connection that never prepared the statement, PREPARE
+on one that already has it) sends that query again unprepared and every later one too.
 LISTEN is session state: its connection is a direct one (``[database] listen_dsn``), and so is
 the column-type lookup that runs on it.
 """
@@ -30,14 +34,14 @@ from twisted_novnc._compat.txpostgres import (
     StoppableDetector,
     has_connection,
     is_open,
-    make_pool,
-    pool_connections,
 )
 from twisted_novnc.backoff import jittered_backoff
 from twisted_novnc.config import DatabaseSettings
 from twisted_novnc.database.channels import ChannelSet
 from twisted_novnc.database.ids import INTEGER_TYPES, normalise_id
 from twisted_novnc.database.interfaces import ISessionSource, ITokenStore
+from twisted_novnc.database.pool import Pool
+from twisted_novnc.database.prepared import PreparedStatements, Statement, statement
 from twisted_novnc.database.schema import TRIGGER_NAME, quote_ident
 from twisted_novnc.reactors import IStoreReactor
 from twisted_novnc.session import SessionRow, VNCCredentials
@@ -126,11 +130,16 @@ class PostgresSessionStore:
     #: ``[record] record_column``, read with the row when set.
     record_column: str = ""
     id_type: str | None = None
-    _pool: txpostgres.ConnectionPool | None = None
+    _pool: Pool[txpostgres.Connection] | None = None
     _listener: txpostgres.Connection | None = None
     _listening: bool = False
     _stopped: bool = False
-    _select: str = ""
+    _select: Statement | None = None
+    #: The same for one id, the usual lookup: ``= $1`` gets PostgreSQL's generic plan once
+    #: prepared (planned once), ``= ANY($1)`` a custom plan at every EXECUTE (planned each
+    #: time: its generic plan's estimate, for an array of unknown length, is never cheaper).
+    _select_one: Statement | None = None
+    _consume: Statement | None = None
     _columns: str = ""
     _listen_retry: Any = None
     _health: _Health = attrs.field(factory=_Health)
@@ -178,6 +187,17 @@ class PostgresSessionStore:
         if not self._listening:
             return 0
         return 1 if self._channels is None else self._channels.listened
+    _statements: PreparedStatements = attrs.field(
+        default=attrs.Factory(
+            lambda self: PreparedStatements(self.settings.prepared_statements), takes_self=True
+        )
+    )
+
+    @property
+    def prepared(self) -> bool:
+        """Lookups run as prepared statements (``prepared_statements`` on, or auto and no
+        transaction pooler seen)."""
+        return self._statements.prepared
 
     @property
     def is_listening(self) -> bool:
@@ -192,6 +212,11 @@ class PostgresSessionStore:
         ]
         return bool(alive) and self._health.down_reason is None
 
+    @staticmethod
+    def _usable(connection: txpostgres.Connection) -> bool:
+        """Connected, or connecting for the first time: not dead and waiting to reconnect."""
+        return is_open(connection) and not connection.detector.connectionIsDead
+
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         self._health.on_recovered = callback
 
@@ -205,9 +230,11 @@ class PostgresSessionStore:
         """Connect the pool and the LISTEN connection; each retries on its own until it is up."""
         self._stopped = False
         dsn = self.dsn()
-        self._pool = make_pool(self.reactor, dsn, self.settings.pool_size, self._make_connection)
-        # The pool hands connections out and back; keep our own list to judge health by.
-        self._all_pool_connections = pool_connections(self._pool)
+        self._all_pool_connections = [
+            self._make_connection() for _ in range(self.settings.pool_size)
+        ]
+        self._pool = Pool(list(self._all_pool_connections), usable=self._usable)
+        self._statements.forget()
         self._first_connects = [
             self._connect(connection, dsn, "twisted_novnc-pool")
             for connection in self._all_pool_connections
@@ -381,11 +408,12 @@ class PostgresSessionStore:
                     " in the config)"
                 )
             self.id_type = types[s.id_column]
-            self._select = self._build_select()
+            self._build_statements()
 
         return d.addCallback(check)
 
-    def _build_select(self) -> str:
+    def _build_statements(self) -> None:
+        """The lookups (one id, several) and, with a token column, the token update."""
         s = self.settings
         port = f"{quote_ident(s.port_column)}::integer" if s.port_column else "NULL::integer"
         status = f"{quote_ident(s.status_column)}::text" if s.status_column else "NULL::text"
@@ -408,9 +436,23 @@ class PostgresSessionStore:
             f"{ident}::text, {quote_ident(s.ip_column)}::text, {port}, {status}, {expires},"
             f" {token}, {secrets}, {record}"
         )
-        return (
-            f"SELECT {self._columns} FROM {quote_ident(s.table)}"
-            f" WHERE {ident} = ANY(%s::{self._cast}[])"
+        table = quote_ident(s.table)
+        if self.token_column:
+            token = quote_ident(self.token_column)
+            self._consume = statement(
+                "consume", [self._cast, ""],
+                lambda p: (
+                    f"UPDATE {table} SET {token} = NULL WHERE {ident} = {p[0]}"
+                    f" AND {token} = {p[1]} RETURNING {self._columns}"
+                ),
+            )
+        self._select_one = statement(
+            "fetch_one", [self._cast],
+            lambda p: f"SELECT {self._columns} FROM {table} WHERE {ident} = {p[0]}",
+        )
+        self._select = statement(
+            "fetch", [f"{self._cast}[]"],
+            lambda p: f"SELECT {self._columns} FROM {table} WHERE {ident} = ANY({p[0]})",
         )
 
     @property
@@ -422,15 +464,9 @@ class PostgresSessionStore:
 
         Two browsers racing with one token: the row lock lets exactly one UPDATE match.
         """
-        if self._pool is None or not self._select:
+        if self._pool is None or self._consume is None:
             return defer.fail(DatabaseNotReady("not connected to the database yet"))
-        s = self.settings
-        sql = (
-            f"UPDATE {quote_ident(s.table)} SET {quote_ident(self.token_column)} = NULL"
-            f" WHERE {quote_ident(s.id_column)} = %s::{self._cast}"
-            f" AND {quote_ident(self.token_column)} = %s RETURNING {self._columns}"
-        )
-        d = self._pool.runQuery(sql, (session_id, digest))
+        d = self._run(self._consume, (session_id, digest))
         return d.addCallback(lambda rows: _row(rows[0]) if rows else None)
 
     def normalise_id(self, raw: str) -> str | None:
@@ -438,17 +474,26 @@ class PostgresSessionStore:
 
     def fetch(self, session_ids: Iterable[str]) -> Deferred[dict[str, SessionRow]]:
         """Read the committed rows of these sessions in one query; absent ids are absent."""
-        if self._pool is None or not self._select:
+        if self._pool is None or self._select is None or self._select_one is None:
             return defer.fail(DatabaseNotReady("not connected to the database yet"))
         ids = [i for i in (self.normalise_id(s) for s in session_ids) if i is not None]
         if not ids:
             return defer.succeed({})
-        d = self._pool.runQuery(self._select, (ids,))
+        if len(ids) == 1:
+            d = self._run(self._select_one, (ids[0],))
+        else:
+            d = self._run(self._select, (ids,))
 
         def rows(result: Sequence[RowTuple]) -> dict[str, SessionRow]:
             return {r[0]: _row(r) for r in result}
 
         return d.addCallback(rows)
+
+    def _run(self, query: Statement, params: tuple[Any, ...]) -> Deferred[Any]:
+        """The query's rows, from the first free pool connection."""
+        assert self._pool is not None
+        run = self._statements.run
+        return self._pool.run(lambda connection: run(connection, query, params))
 
     def stop(self) -> None:
         """Close every connection and stop every reconnection attempt."""
@@ -459,7 +504,7 @@ class PostgresSessionStore:
         if self._listen_retry is not None:
             self._listen_retry.cancel()
             self._listen_retry = None
-        connections = [self._listener, *(pool_connections(self._pool) if self._pool else ())]
+        connections = [self._listener, *self._all_pool_connections]
         for connection in connections:
             if connection is None:
                 continue

@@ -68,6 +68,7 @@ class LiveState:
     listen_connected: Callable[[], bool] = lambda: False
     listened_channels: Callable[[], int] = lambda: 0
     database_reachable: Callable[[], bool] = lambda: False
+    database_prepared: Callable[[], bool] = lambda: False
 
 
 class _LiveCollector(Collector):
@@ -111,6 +112,12 @@ class _LiveCollector(Collector):
             "twisted_novnc_database_reachable",
             "1 while the database answers, else 0.",
             value=1 if live.database_reachable() else 0,
+        )
+        yield GaugeMetricFamily(
+            "twisted_novnc_database_prepared",
+            "1 while lookups run as prepared statements, 0 while unprepared"
+            " ([database] prepared_statements = off, or auto behind a transaction pooler).",
+            value=1 if live.database_prepared() else 0,
         )
         info = GaugeMetricFamily(
             "twisted_novnc_build_info", "The running version.", labels=["version"]

@@ -293,6 +293,7 @@ def _proxy(
         listen_connected=lambda: store.is_listening,
         listened_channels=lambda: store.listened_channels,
         database_reachable=lambda: store.database_reachable,
+        database_prepared=lambda: store.prepared,
     )
     store.on_reconnect(metrics.database_reconnects.inc)
     drain = DrainService(factory, settings.novnc.drain_timeout, reactor)
