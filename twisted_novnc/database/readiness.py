@@ -244,9 +244,12 @@ class ReadinessGate:
     def _apply(self, rows: dict[str, SessionRow], batch: set[str]) -> None:
         self._retry_delays = jittered_backoff(0.05, 2.0)
         for key in batch:
+            # Watched before this row was judged: a relay that opens from it (its upstream
+            # connected at once, on loopback) was set up with this row and needs no look.
+            watched = key in self._watches
             if key in self._waiters:
                 self._judge(key, rows.get(key))
-            if key in self._watches:
+            if watched:
                 self._judge_live(key, rows.get(key))
 
     def _ended(self, row: SessionRow) -> Refused | None:
