@@ -202,15 +202,37 @@ class ReadinessGate:
 
     def _flush(self) -> None:
         self._flush_call = None
+        read = self._send()
+        if read is not None:
+            read[0].addBoth(self._arrived, read[1])
+
+    def _send(self) -> tuple[Deferred[dict[str, SessionRow]], set[str]] | None:
+        """Send one query for every pending session still waited on or watched."""
         batch = {k for k in self._pending if k in self._waiters or k in self._watches}
         self._pending.clear()
         if not batch:
-            return
+            return None
         self._in_flight = True
-        d = self._bounded(self.source.fetch(batch))
-        d.addCallbacks(self._apply, self._read_failed, callbackArgs=(batch,),
-                       errbackArgs=(batch,))
-        d.addBoth(self._read_done)
+        return self._bounded(self.source.fetch(batch)), batch
+
+    def _arrived(self, result: dict[str, SessionRow] | Failure, batch: set[str]) -> None:
+        """A read's answer.  The sessions notified meanwhile are sent for *before* these rows
+        are judged: in a burst the first read is small (the NOTIFYs read in its turn), and
+        the rest's query then runs while this one's relays are being opened.  Still one query
+        at a time, and answers judged in the order they were asked for: the next answer's
+        callbacks are added only once these rows are judged."""
+        self._in_flight = False
+        following = self._send()
+        try:
+            if isinstance(result, Failure):
+                self._read_failed(result, batch)
+            else:
+                self._apply(result, batch)
+        finally:
+            if following is None:
+                self._schedule_read(())
+            else:
+                following[0].addBoth(self._arrived, following[1])
 
     def _bounded(self, fetch: Deferred[dict[str, SessionRow]]) -> Deferred[dict[str, SessionRow]]:
         """The fetch's result, or a failure after ``query_timeout``: a query stuck on a dead
@@ -236,10 +258,6 @@ class ReadinessGate:
 
         fetch.addBoth(arrived)
         return bounded
-
-    def _read_done(self, _: object) -> None:
-        self._in_flight = False
-        self._schedule_read(())
 
     def _apply(self, rows: dict[str, SessionRow], batch: set[str]) -> None:
         self._retry_delays = jittered_backoff(0.05, 2.0)
