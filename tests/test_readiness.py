@@ -187,6 +187,26 @@ def test_database_errors_retry_then_give_4503():
     assert clock.getDelayedCalls() == []
 
 
+class RaisingSource(MemorySessionSource):
+    """A source whose fetch raises instead of failing its Deferred."""
+
+    def fetch(self, session_ids):
+        self.fetches.append(frozenset(session_ids))
+        raise RuntimeError("connection refused")
+
+
+def test_a_fetch_that_raises_is_a_failed_read():
+    """A fetch that raises is a failed read like any other (retried, 4503 at the deadline),
+    not a gate that never reads again."""
+    gate, source, clock = make_gate(RaisingSource(), timeout=3)
+    d = gate.when_ready(SID)
+    for _ in range(30):
+        clock.advance(0.1)
+    assert len(source.fetches) > 2, "reads are retried"
+    assert refusal_of(d) is Refusal.DATABASE_UNAVAILABLE
+    assert clock.getDelayedCalls() == []
+
+
 def test_database_recovers_before_deadline():
     """A waiter whose reads failed still connects when the database answers in time."""
     source = MemorySessionSource(fail_with=RuntimeError("down"))

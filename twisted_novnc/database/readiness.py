@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -213,7 +213,9 @@ class ReadinessGate:
         if not batch:
             return None
         self._in_flight = True
-        return self._bounded(self.source.fetch(batch)), batch
+        # (A source that raised rather than failing its Deferred would leave the gate
+        # reading nothing ever again, and lose the answer being judged.)
+        return self._bounded(maybeDeferred(self.source.fetch, batch)), batch
 
     def _arrived(self, result: dict[str, SessionRow] | Failure, batch: set[str]) -> None:
         """A read's answer.  The sessions notified meanwhile are sent for *before* these rows
