@@ -100,6 +100,26 @@ def test_notify_during_read_causes_another_read():
     assert result_of(d).host == "10.0.0.9"
 
 
+def test_the_next_read_leaves_before_the_rows_are_judged():
+    """A burst's sessions notified during a read are asked for as soon as its answer arrives,
+    before its rows are judged (that query runs while the first relays open); still one
+    query in flight, and the answers judged in the order they were asked for."""
+    source = MemorySessionSource(hold=True)
+    gate, source, clock = make_gate(source)
+    seen: list[tuple[str, int]] = []
+    waits = {}
+    for sid in ("a", "b"):
+        source.rows[sid] = SessionRow(sid, "10.0.0.1", None, None)
+        waits[sid] = gate.when_ready(sid)
+        waits[sid].addCallback(lambda t: seen.append((t.session_id, len(source.fetches))))
+        clock.advance(0)  # "a" is read alone; "b" waits for that read to come back
+    assert [set(f) for f in source.fetches] == [{"a"}]
+    source.hold = False  # the second read, once sent, is answered at once
+    source.release()
+    assert seen == [("a", 2), ("b", 2)]
+    assert gate.waiting == 0 and clock.getDelayedCalls() == []
+
+
 def test_notifications_are_batched():
     """Many notifications in one turn become one query naming all the sessions."""
     gate, source, clock = make_gate()
@@ -163,6 +183,26 @@ def test_database_errors_retry_then_give_4503():
     for _ in range(30):
         clock.advance(0.1)
     assert len(source.fetches) > 2, "reads are retried while the database fails"
+    assert refusal_of(d) is Refusal.DATABASE_UNAVAILABLE
+    assert clock.getDelayedCalls() == []
+
+
+class RaisingSource(MemorySessionSource):
+    """A source whose fetch raises instead of failing its Deferred."""
+
+    def fetch(self, session_ids):
+        self.fetches.append(frozenset(session_ids))
+        raise RuntimeError("connection refused")
+
+
+def test_a_fetch_that_raises_is_a_failed_read():
+    """A fetch that raises is a failed read like any other (retried, 4503 at the deadline),
+    not a gate that never reads again."""
+    gate, source, clock = make_gate(RaisingSource(), timeout=3)
+    d = gate.when_ready(SID)
+    for _ in range(30):
+        clock.advance(0.1)
+    assert len(source.fetches) > 2, "reads are retried"
     assert refusal_of(d) is Refusal.DATABASE_UNAVAILABLE
     assert clock.getDelayedCalls() == []
 

@@ -111,13 +111,42 @@ def test_refused_is_connection_refused():
     assert not factory.built
 
 
-@pytest.fixture
-def held_attempt():
-    """A connect to a listener on 127.0.0.1, started on a HeldReactor (so it stays in
-    progress): the reactor, the factory and the connector, with a 2 s timeout."""
+def test_a_loopback_connect_is_done_at_start():
+    """On loopback the handshake is over when ``connect()`` returns: the protocol is built and
+    connected in ``start``, with no writer registered and no timer made."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
+    factory = Recorder()
+    connector = SocketConnector(reactor, "127.0.0.1", listener.getsockname()[1], factory, 2.0)
+    try:
+        connector.start()
+        protocol = factory.connected.result
+        assert factory.built[0].port == listener.getsockname()[1]
+        assert connector not in reactor.getWriters() and connector._timer is None
+        assert not factory.failed.called
+        protocol.transport.loseConnection()
+    finally:
+        listener.close()
+
+
+def test_a_loopback_refusal_is_known_at_start():
+    """Nothing listening on loopback: the refusal is known when ``start`` returns."""
+    held, factory = HeldReactor(), Recorder()
+    SocketConnector(held, "127.0.0.1", closed_port(), factory, 2.0).start()
+    assert factory.reason.check(error.ConnectionRefusedError)
+    assert held.writers == set() and held.clock.getDelayedCalls() == []
+
+
+@pytest.fixture
+def held_attempt():
+    """A connect to a listener on 127.0.0.1 whose accept queue is full (so its handshake stays
+    in progress), started on a HeldReactor: the reactor, the factory and the connector, with
+    a 2 s timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname(), timeout=5)  # the queue's one
     held, factory = HeldReactor(), Recorder()
     connector = SocketConnector(held, "127.0.0.1", listener.getsockname()[1], factory, 2.0)
     connector.start()
@@ -125,6 +154,7 @@ def held_attempt():
         yield held, factory, connector
     finally:
         connector.stopConnecting()
+        filler.close()
         listener.close()
 
 

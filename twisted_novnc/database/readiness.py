@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -217,15 +217,39 @@ class ReadinessGate:
 
     def _flush(self) -> None:
         self._flush_call = None
+        read = self._send()
+        if read is not None:
+            read[0].addBoth(self._arrived, read[1])
+
+    def _send(self) -> tuple[Deferred[dict[str, SessionRow]], set[str]] | None:
+        """Send one query for every pending session still waited on or watched."""
         batch = {k for k in self._pending if k in self._waiters or k in self._watches}
         self._pending.clear()
         if not batch:
-            return
+            return None
         self._in_flight = True
-        d = self._bounded(self.source.fetch(batch))
-        d.addCallbacks(self._apply, self._read_failed, callbackArgs=(batch,),
-                       errbackArgs=(batch,))
-        d.addBoth(self._read_done)
+        # (A source that raised rather than failing its Deferred would leave the gate
+        # reading nothing ever again, and lose the answer being judged.)
+        return self._bounded(maybeDeferred(self.source.fetch, batch)), batch
+
+    def _arrived(self, result: dict[str, SessionRow] | Failure, batch: set[str]) -> None:
+        """A read's answer.  The sessions notified meanwhile are sent for *before* these rows
+        are judged: in a burst the first read is small (the NOTIFYs read in its turn), and
+        the rest's query then runs while this one's relays are being opened.  Still one query
+        at a time, and answers judged in the order they were asked for: the next answer's
+        callbacks are added only once these rows are judged."""
+        self._in_flight = False
+        following = self._send()
+        try:
+            if isinstance(result, Failure):
+                self._read_failed(result, batch)
+            else:
+                self._apply(result, batch)
+        finally:
+            if following is None:
+                self._schedule_read(())
+            else:
+                following[0].addBoth(self._arrived, following[1])
 
     def _bounded(self, fetch: Deferred[dict[str, SessionRow]]) -> Deferred[dict[str, SessionRow]]:
         """The fetch's result, or a failure after ``query_timeout``: a query stuck on a dead
@@ -252,16 +276,15 @@ class ReadinessGate:
         fetch.addBoth(arrived)
         return bounded
 
-    def _read_done(self, _: object) -> None:
-        self._in_flight = False
-        self._schedule_read(())
-
     def _apply(self, rows: dict[str, SessionRow], batch: set[str]) -> None:
         self._retry_delays = jittered_backoff(0.05, 2.0)
         for key in batch:
+            # Watched before this row was judged: a relay that opens from it (its upstream
+            # connected at once, on loopback) was set up with this row and needs no look.
+            watched = key in self._watches
             if key in self._waiters:
                 self._judge(key, rows.get(key))
-            if key in self._watches:
+            if watched:
                 self._judge_live(key, rows.get(key))
 
     def _ended(self, row: SessionRow) -> Refused | None:

@@ -315,7 +315,8 @@ class SocketConnector:
     ``reactor.connectTCP`` builds a Connector and a Client, defers ``connect()`` to the next
     reactor turn, calls ``connect()`` and ``getsockopt`` twice and moves the descriptor in and
     out of epoll four times; in a burst of ready sessions that is a good part of each one's
-    CPU.  This is a socket, one ``connect()``, a wait for writability and ``SO_ERROR``; the
+    CPU.  This is a socket, ``connect()`` (twice: a loopback connect is done when the first
+    returns), a wait for writability and ``SO_ERROR`` when it is not done yet; the
     connected socket becomes a transport the way ``reactor.adoptStreamConnection`` makes one
     (a ``tcp.Server``: a :class:`RelayTransport`, without the dup).  Toward the factory it
     behaves as a Connector does: ``buildProtocol``, or ``clientConnectionFailed`` with the same
@@ -345,6 +346,11 @@ class SocketConnector:
             self._fail(error.getConnectError((e.errno, e.strerror)))
             return
         result = sock.connect_ex((self.host, self.port))
+        if result == errno.EINPROGRESS:
+            # On loopback the kernel has done the whole handshake inside the call, yet says
+            # EINPROGRESS: asking again (EALREADY while a remote VM's handshake is on the
+            # way) saves the writer registration, the timer and a reactor turn.
+            result = sock.connect_ex((self.host, self.port))
         if result in (0, errno.EISCONN):
             self._socket = sock
             self._connected()
