@@ -577,7 +577,8 @@ class Bench:
                             admin_port: int | None = None,
                             vnc: bool = False, record: bool = False,
                             readiness_timeout: float = 120,
-                            notify_shards: int = 0) -> subprocess.Popen[Any]:
+                            notify_shards: int = 0,
+                            malloc_log: Path | None = None) -> subprocess.Popen[Any]:
         assert self.sessions is not None
         config = self.run_dir / f"{tag}.ini"
         vnc_section = ""
@@ -618,8 +619,10 @@ class Bench:
                if admin_port is not None else "") + vnc_section, encoding="utf-8")
         log = self.run_dir / f"{tag}-proxy.log"
         env = None
-        if self.args.trace_malloc or self.args.gc_log:
+        if self.args.trace_malloc or self.args.gc_log or malloc_log is not None:
             env = dict(os.environ, PYTHONPATH=str(HERE / "inject"))
+            if malloc_log is not None:
+                env["TNOVNC_BENCH_MALLOC"] = str(malloc_log)
             if self.args.trace_malloc:
                 env["TNOVNC_BENCH_TRACEMALLOC"] = str(self.run_dir / f"{tag}-tracemalloc")
             if self.args.gc_log:
@@ -1068,8 +1071,11 @@ class Bench:
             served_ids.write_text("\n".join(self.sessions.add(size.sessions, tport, True)) + "\n")
             cut_ids = self.run_dir / f"{tag}-cut.ids"
             cut_ids.write_text("\n".join(self.sessions.add(size.sessions, cport, True)) + "\n")
+            malloc_log = (self.run_dir / f"{tag}-malloc.jsonl" if self.args.soak_malloc_trim
+                          else None)
             daemon = self.start_twisted_novnc(pport, tport, tag, admin_port=aport,
-                                              readiness_timeout=size.readiness_timeout)
+                                              readiness_timeout=size.readiness_timeout,
+                                              malloc_log=malloc_log)
             idle = scrape(aport)
             out["idle_delayed_calls"] = idle.get("twisted_novnc_delayed_calls")
 
@@ -1110,6 +1116,8 @@ class Bench:
                             "twisted_novnc_connections_open") == 0, 30, 0.1)
                         out["soak_first"] = soak_sample(daemon.pid, aport, event["done"],
                                                         time.monotonic() - started)
+                        if malloc_log is not None:
+                            out["soak_first"]["malloc"] = malloc_sample(daemon.pid, malloc_log)
                         assert cl.stdin is not None
                         cl.stdin.write("go\n")
                         cl.stdin.flush()
@@ -1134,6 +1142,8 @@ class Bench:
             out["soak_timers_settle_s"] = r3(time.monotonic() - settled)
             end = scrape(aport)
             samples.append(soak_sample(daemon.pid, aport, "end", seconds))
+            if malloc_log is not None:
+                samples[-1]["malloc"] = malloc_sample(daemon.pid, malloc_log)
         finally:
             stop_restarts.set()
             procs.stop(daemon, grace=15)
@@ -1364,7 +1374,7 @@ def soak_client_class(kind: str) -> str:
 
 def soak_daemon_class(outcome: str) -> str:
     """The daemon's ``connections_total`` outcome, classed: 1000 is a relay closed cleanly
-    (by the browser; or by the VM, which a reset at times reads as), a refusal its close code
+    (by the browser, the soak's only clean end), a refusal its close code
     (4404 unknown, 4503 database unavailable) or HTTP status, a cut the VM's reset (4502) or
     the browser's vanishing (1006, no close frame)."""
     if outcome == "1000":
@@ -1382,6 +1392,30 @@ def soak_sample(pid: int, admin_port: int, done: int | str, t: float) -> dict[st
     return {"done": done, "rss_kb": procs.memory_kb([pid])["rss_kb"],
             "fds": procs.fd_count(pid), "open": m.get("twisted_novnc_connections_open"),
             "t_s": r3(t)}
+
+
+#: The signal bench/inject/sitecustomize.py samples the heap on (SIGUSR2 is the upgrade).
+MALLOC_SIGNAL = signal.SIGRTMIN + 2
+
+
+def malloc_sample(pid: int, log: Path) -> dict[str, Any] | None:
+    """The daemon's heap, and its RSS after ``malloc_trim(0)`` (--soak-malloc-trim): one line
+    it appends to ``log`` when signalled; None when it does not catch the signal (not glibc),
+    which would otherwise end it, or does not answer within 10 s."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    if not caught >> (MALLOC_SIGNAL - 1) & 1:
+        return None
+
+    def lines() -> list[str]:
+        return log.read_text(encoding="ascii").splitlines() if log.exists() else []
+
+    before = len(lines())
+    os.kill(pid, MALLOC_SIGNAL)
+    if not procs.wait_until(lambda: len(lines()) > before, 10, 0.05):
+        return None
+    row: dict[str, Any] = json.loads(lines()[before])
+    return row
 
 
 def soak_figures(result: dict[str, Any], samples: list[dict[str, Any]], end: dict[str, float],
@@ -1417,6 +1451,9 @@ def soak_figures(result: dict[str, Any], samples: list[dict[str, Any]], end: dic
                                         / first["rss_kb"])
         if first["fds"] and last["fds"] is not None:
             out["soak_fds_change_pct"] = r3(100 * (last["fds"] - first["fds"]) / first["fds"])
+        if first.get("malloc") and last.get("malloc"):
+            a, b = first["malloc"]["rss_trimmed_kb"], last["malloc"]["rss_trimmed_kb"]
+            out["soak_rss_trimmed_change_pct"] = r3(100 * (b - a) / a)
     # The slope after the first sample compared: before it the heap is still warming up.
     settled = [s for s in progress if s["done"] >= size.first]
     fit = settled if len(settled) >= 2 else progress
@@ -1434,13 +1471,8 @@ def soak_figures(result: dict[str, Any], samples: list[dict[str, Any]], end: dic
     if sum(client.values()) != size.connections or client["other"]:
         problems.append(f"client tally {tally} is not {size.connections} served, refused or "
                         "cut")
-    # A VM's reset is at times read as its clean close (1000, as a served relay's): the daemon
-    # cannot tell those from served ones, so they may move from cut to served, no further.
-    clean_vm_cuts = daemon["served"] - client["served"]
-    out["soak_vm_cuts_seen_clean"] = clean_vm_cuts
-    if (sum(outcomes.values()) != size.connections or daemon["refused"] != client["refused"]
-            or daemon["other"] or daemon["cut"] + clean_vm_cuts != client["cut"]
-            or not 0 <= clean_vm_cuts <= tally.get("cut_vm", 0)):
+    # Class by class: a VM's reset is a cut (4502), never a clean close (1000).
+    if sum(outcomes.values()) != size.connections or daemon != client:
         problems.append(f"the daemon's outcomes {outcomes} do not match the client's {client}")
     if end.get("twisted_novnc_waiting_clients") or end.get("twisted_novnc_watched_relays"):
         problems.append("waiters or watches left at the end")
@@ -1671,6 +1703,25 @@ def scale_details(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def soak_malloc_rows(r: dict[str, Any], first: dict[str, Any] | None,
+                     last: dict[str, Any]) -> list[str]:
+    """With --soak-malloc-trim: what of the RSS is free memory the allocators keep."""
+    a, b = (first or {}).get("malloc"), last.get("malloc")
+    if not a or not b:
+        return []
+    pct = r.get("soak_rss_trimmed_change_pct")
+    met = "yes" if pct is not None and abs(pct) <= 5 else "**no**"
+    return [
+        f"| glibc heap: from the system / in use / free, after {first['done']:,} → at the end"
+        f" | {a['heap_kb']} / {a['heap_used_kb']} / {a['heap_free_kb']} → {b['heap_kb']} / "
+        f"{b['heap_used_kb']} / {b['heap_free_kb']} KB | |",
+        f"| pymalloc arenas (1 MiB), after {first['done']:,} → at the end | "
+        f"{a['pymalloc_arenas']} → {b['pymalloc_arenas']} | |",
+        f"| RSS after malloc_trim(0), idle after {first['done']:,} → idle at the end | "
+        f"{a['rss_trimmed_kb']} → {b['rss_trimmed_kb']} KB ({fmt_num(pct)} %) | {met} |",
+    ]
+
+
 def soak_details(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Issue 18, point 6: memory and descriptors over the run, and every connection's end."""
     runs = [r for r in rows if r["scenario"] == "soak" and r.get("soak_samples")]
@@ -1690,6 +1741,7 @@ def soak_details(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"| RSS, idle after {first['done'] if first else '?':,} → idle at the end | "
             f"{first['rss_kb'] if first else '?'} → {last['rss_kb']} KB "
             f"({fmt_num(rss)} %) | {verdict[None if rss is None else abs(rss) <= 5]} |",
+            *soak_malloc_rows(r, first, last),
             f"| descriptors, idle after {first['done'] if first else '?':,} → idle at the end | "
             f"{first['fds'] if first else '?'} → {last['fds']} ({fmt_num(fds)} %) | "
             f"{verdict[None if fds is None else abs(fds) <= 5]} |",
@@ -1715,8 +1767,7 @@ def soak_details(rows: Sequence[dict[str, Any]]) -> list[str]:
         for cls in (*SOAK_CLASSES, "other"):
             lines.append(f"| {cls} | {client.get(cls, '—')} | {daemon.get(cls, '—')} |")
         lines += ["", f"Client's kinds: {r.get('soak_tally')}; daemon's outcomes: "
-                  f"{r.get('soak_outcomes')}; VM cuts the daemon saw as a clean close (1000, "
-                  f"counted served there): {r.get('soak_vm_cuts_seen_clean', 0)}.", ""]
+                  f"{r.get('soak_outcomes')}.", ""]
     return lines
 
 
@@ -1855,6 +1906,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="soak: connections (default 1,000,000; quick 2,000)")
     ap.add_argument("--soak-db-restart", type=float, default=0, metavar="SECONDS",
                     help="soak: restart the database every SECONDS (default 300; quick 1.5)")
+    ap.add_argument("--soak-malloc-trim", action="store_true",
+                    help="soak: at the idle samples, also the daemon's glibc heap and its RSS "
+                    "after malloc_trim(0) (bench/inject): what the allocator keeps")
     ap.add_argument("--dsn", default=None, help="use this PostgreSQL (libpq DSN) instead of "
                     "a private cluster; the bench makes and drops its own table")
     ap.add_argument("--daemon-set", action="append", default=[], metavar="SECTION.KEY=VALUE",

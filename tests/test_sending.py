@@ -206,3 +206,39 @@ def test_relay_listeners_accept_into_relay_transports(tmp_path):
     finally:
         for service, _ in ports:
             yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reset_found_by_send_now_is_a_lost_connection():
+    """A peer's reset that send_now's own send finds (and the kernel reports only once) ends the
+    connection as lost, not as the clean end of file the next read would see: a VM's reset is
+    4502, not 1000."""
+    import socket
+    import struct
+
+    from twisted.internet.error import ConnectionLost
+
+    class Server(Protocol):
+        def connectionMade(self) -> None:
+            self.lost: Deferred[None] = Deferred()
+            made.callback(self)
+
+        def connectionLost(self, reason) -> None:
+            self.reason = reason
+            self.lost.callback(None)
+
+    made: Deferred[Server] = Deferred()
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Server)
+    )
+    try:
+        peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+        server = yield made
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # a reset, delivered on loopback before close returns
+        send_now(server.transport, b"", b"after the reset")  # its send finds the reset
+        yield server.lost
+        assert server.reason.check(ConnectionLost), server.reason
+        assert not server.reason.check(ConnectionDone), server.reason
+    finally:
+        yield port.stopListening()

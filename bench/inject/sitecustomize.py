@@ -7,13 +7,23 @@ as growth since the first).  The bench signals before the conc clients connect, 
 held and after they left, so the second file says which lines hold each idle connection's
 memory and the third what stays behind.
 
+``TNOVNC_BENCH_MALLOC=FILE`` (the soak's ``--soak-malloc-trim``): on each SIGRTMIN+2 (SIGUSR2 is
+the daemon's upgrade) append one JSON line to FILE: RSS, glibc's heap (``mallinfo2``: bytes
+from the system, in use, free) and pymalloc's arenas, after a full collection; then
+``malloc_trim(0)`` and RSS again.  What the trim gives back was free memory the allocator kept.
+
 ``TNOVNC_BENCH_GCLOG=FILE``: append one line per garbage collection that takes 1 ms or more:
 ``<CLOCK_MONOTONIC ns at its end> gen<N> <ms>``, to line pauses up with the bench's timings.
 """
 
+import contextlib
+import ctypes
 import gc
+import json
 import os
 import signal
+import sys
+import tempfile
 import time
 import tracemalloc
 
@@ -46,6 +56,55 @@ def _trace_malloc(prefix: str) -> None:
     signal.signal(signal.SIGUSR2, dump)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _pymalloc_arenas() -> int | None:
+    """pymalloc's arenas now (1 MiB each), from ``sys._debugmallocstats``, which only writes
+    to the C stderr: through a temporary file."""
+    with tempfile.TemporaryFile("w+") as f:
+        saved = os.dup(2)
+        try:
+            os.dup2(f.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        for line in f:
+            if line.startswith("# arenas allocated current"):
+                return int(line.split("=")[1].replace(",", ""))
+    return None
+
+
+def _malloc(path: str) -> None:
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+
+    def sample(signum: int, frame: object) -> None:
+        gc.collect()
+        info = libc.mallinfo2()
+        row = {"rss_kb": _rss_kb(), "heap_kb": (info.arena + info.hblkhd) // 1024,
+               "heap_used_kb": (info.uordblks + info.hblkhd) // 1024,
+               "heap_free_kb": info.fordblks // 1024, "pymalloc_arenas": _pymalloc_arenas()}
+        libc.malloc_trim(0)
+        row["rss_trimmed_kb"] = _rss_kb()
+        with open(path, "a", encoding="ascii") as f:
+            f.write(json.dumps(row) + "\n")
+
+    with contextlib.suppress(AttributeError, OSError):  # not glibc: no samples, the bench says so
+        libc.mallinfo2  # noqa: B018 - looked up to fail early
+        signal.signal(signal.SIGRTMIN + 2, sample)
+
+
 def _gc_log(path: str) -> None:
     out = open(path, "a", buffering=1, encoding="ascii")  # noqa: SIM115 - for the process
     started = [0]
@@ -62,5 +121,7 @@ def _gc_log(path: str) -> None:
 
 if os.environ.get("TNOVNC_BENCH_TRACEMALLOC"):
     _trace_malloc(os.environ["TNOVNC_BENCH_TRACEMALLOC"])
+if os.environ.get("TNOVNC_BENCH_MALLOC"):
+    _malloc(os.environ["TNOVNC_BENCH_MALLOC"])
 if os.environ.get("TNOVNC_BENCH_GCLOG"):
     _gc_log(os.environ["TNOVNC_BENCH_GCLOG"])

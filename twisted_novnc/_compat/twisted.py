@@ -100,8 +100,9 @@ def send_now(transport: Any, header: bytes, payload: Any) -> None:
 
     One ``sendmsg`` (header and payload gathered by the kernel, not joined) when nothing is
     queued; only what the kernel did not take goes to the transport's own buffer, so ordering,
-    back-pressure (``bufferSize`` and the registered producer) and error handling stay
-    Twisted's.  Any other transport, or one with bytes queued: ``write``.
+    back-pressure (``bufferSize`` and the registered producer) stay Twisted's; a send that
+    fails aborts the connection (a lost one, as when Twisted's own send fails).  Any other
+    transport, or one with bytes queued: ``write``.
     """
     if not _writes_through(transport):
         _queue(transport, header, payload)
@@ -114,8 +115,11 @@ def send_now(transport: Any, header: bytes, payload: Any) -> None:
     except BlockingIOError:
         sent = 0
     except OSError:
-        # Let the transport find the error itself when it tries, and close as usual.
-        _queue(transport, header, payload)
+        # The peer is gone (reset, broken pipe).  The kernel reports a reset once, and this
+        # send took it: the transport's next read would find only an end of file and close
+        # as cleanly as a FIN (a VM's reset read as its clean close, 1000 instead of 4502).
+        # Abort, as Twisted ends a connection whose own send fails: ConnectionLost.
+        transport.abortConnection()
         return
     if sent < len(header):
         _queue(transport, header[sent:], payload)
