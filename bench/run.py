@@ -1112,8 +1112,7 @@ class Bench:
                         continue
                     if event.get("event") == "paused":
                         # Every connection so far has ended: the daemon idle after `first`.
-                        procs.wait_until(lambda: scrape(aport).get(
-                            "twisted_novnc_connections_open") == 0, 30, 0.1)
+                        wait_idle(aport)
                         out["soak_first"] = soak_sample(daemon.pid, aport, event["done"],
                                                         time.monotonic() - started)
                         if malloc_log is not None:
@@ -1131,8 +1130,7 @@ class Bench:
             seconds = time.monotonic() - started
             # The last connections' closes are logged a turn later: wait (bounded) for none
             # open, then count.
-            procs.wait_until(lambda: scrape(aport).get("twisted_novnc_connections_open") == 0,
-                             30, 0.1)
+            wait_idle(aport)
             # Timers of the last connections (close handshakes, a reconnect's backoff) run
             # out: wait (bounded) until no more are pending than when the daemon was idle.
             settled = time.monotonic()
@@ -1384,6 +1382,17 @@ def soak_daemon_class(outcome: str) -> str:
     if outcome in ("1006", "4502", "1001"):
         return "cut"
     return "other"
+
+
+def wait_idle(admin_port: int) -> None:
+    """Until the daemon has no connection open (30 s at most), and has done what it does on
+    falling idle: its memory trim (``[novnc] memory_trim_interval``, within a second of its
+    last close; 5 s at most, so a daemon that trims nothing only waits)."""
+    trims = scrape(admin_port).get("twisted_novnc_memory_trims_total", 0)
+    procs.wait_until(
+        lambda: scrape(admin_port).get("twisted_novnc_connections_open") == 0, 30, 0.1)
+    procs.wait_until(
+        lambda: scrape(admin_port).get("twisted_novnc_memory_trims_total", 0) > trims, 5, 0.1)
 
 
 def soak_sample(pid: int, admin_port: int, done: int | str, t: float) -> dict[str, Any]:

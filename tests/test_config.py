@@ -700,6 +700,7 @@ VALUES: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("novnc", "max_message_size"): st.integers(1024, 64 * 1024 * 1024),
     ("novnc", "drain_timeout"): st.floats(0.001, 1e6),
     ("novnc", "drain_delay"): st.one_of(st.just(0.0), st.floats(0.001, 1e6)),
+    ("novnc", "memory_trim_interval"): st.one_of(st.just(0.0), st.floats(0.001, 1e6)),
     ("novnc", "upgrade_drain_timeout"): st.floats(0.001, 1e6),
     ("novnc", "trusted_proxies"): st.lists(
         st.sampled_from(["10.0.0.0/8", "127.0.0.1/32", "192.168.1.0/24", "::1/128"]),

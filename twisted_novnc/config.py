@@ -414,6 +414,13 @@ class NovncSettings:
         " served (a load balancer's time to notice) before the drain starts; only with an"
         " [admin] listener (nothing else could notice); 0 = drain at once.",
     )
+    memory_trim_interval: float = _setting(
+        _SECONDS_OR_ZERO,
+        60.0,
+        "Every this many seconds, and once each time the last browser connection closes, hand"
+        " the heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere):"
+        " without it the process keeps its busiest moment's memory; 0 = never.",
+    )
     upgrade_drain_timeout: float = _setting(
         _SECONDS,
         86400.0,

@@ -150,6 +150,7 @@ class Metrics:
     recordings: Any = attrs.field(init=False)
     recordings_stopped: Any = attrs.field(init=False)
     recorded_bytes: Any = attrs.field(init=False)
+    memory_trims: Any = attrs.field(init=False)
     readiness: ReadinessCounts = attrs.field(factory=lambda: ReadinessCounts())
 
     def __attrs_post_init__(self) -> None:
@@ -159,6 +160,12 @@ class Metrics:
             "WebSocket connections ended, by outcome (close code, or the HTTP status that"
             " refused the upgrade).",
             ["outcome"], registry=r,
+        )
+        self.memory_trims = Counter(
+            "twisted_novnc_memory_trims",
+            "Times the heap's free memory was handed back to the system ([novnc]"
+            " memory_trim_interval, and each time the process fell idle).",
+            registry=r,
         )
         self.vm_logins = Counter(
             "twisted_novnc_vm_logins",

@@ -33,6 +33,7 @@ from twisted_novnc.front.viewer import Viewer
 from twisted_novnc.operations.admin import AdminSite, admin_site, serve_workers, unserved_site
 from twisted_novnc.operations.fdlimit import AcceptGuard, guard_accepts
 from twisted_novnc.operations.logs import LogService
+from twisted_novnc.operations.memory import MemoryTrimmer
 from twisted_novnc.operations.metrics import LiveState, Metrics
 from twisted_novnc.privatefile import PrivateFileError
 from twisted_novnc.processes.databases import EmbeddedSchemaService, SessionDatabaseService
@@ -296,6 +297,10 @@ def _proxy(
         database_prepared=lambda: store.prepared,
     )
     store.on_reconnect(metrics.database_reconnects.inc)
+    MemoryTrimmer(
+        settings.novnc.memory_trim_interval, lambda: len(factory.connections), reactor,
+        on_trim=metrics.memory_trims.inc,
+    ).setServiceParent(parent)
     drain = DrainService(factory, settings.novnc.drain_timeout, reactor)
     if recorder is not None:
         # Before the drain: a MultiService stops its children last first, so the drain has
