@@ -611,7 +611,9 @@ class Bench:
             f"table = {self.sessions.table}\n"
             "port_column = vnc_port\n"
             f"notify_channel = {self.sessions.table}\n"
-            f"notify_shards = {notify_shards}\n"
+            # Only when set: a build from before notify_shards (a "before" daemon) refuses it.
+            + (f"notify_shards = {notify_shards}\n" if notify_shards else "")
+            +
             # Its targets are on loopback, this very host, which the defaults refuse.
             "[upstream]\nallowed_networks = 127.0.0.0/8\nallow_self = on\n"
             # The upgrade scenario posts /upgrade there; the others run without one.
