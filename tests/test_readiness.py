@@ -604,3 +604,94 @@ def test_listening_for_keys_rereads_them():
     clock.advance(0)
     assert result_of(d).host == "10.0.0.5"
     assert source.fetches[-1] == frozenset({SID})
+
+
+# -- a relay whose watch starts after the read that served it --------------------------------
+
+
+def served(gate, source, clock, sid=SID):
+    """A waiter served from a read; its relay not yet watched (its VM still connecting)."""
+    source.rows[sid] = SessionRow(sid, "10.0.0.5", None, "running")
+    d = gate.when_ready(sid)
+    clock.advance(0)
+    return result_of(d)
+
+
+def test_session_ended_before_its_relay_is_watched_is_revoked():
+    """The session ends while its relay is being set up (a VNC login takes seconds): that NOTIFY
+    found no waiter and no watch.  Watching then reads the row again and revokes."""
+    gate, source, clock = make_gate()
+    target = served(gate, source, clock)
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, "ended")
+    gate.notified(SID)
+    revoked = []
+    gate.watch(target, revoked.append)
+    clock.advance(0)
+    assert [r.refusal for r in revoked] == [Refusal.ENDED]
+    assert gate.watched == 0
+
+
+def test_no_notify_since_the_read_means_no_second_read():
+    """The usual case costs nothing: no NOTIFY for the session since its read, no read."""
+    gate, source, clock = make_gate()
+    target = served(gate, source, clock)
+    gate.notified("another-session")
+    reads = len(source.fetches)
+    gate.watch(target, lambda r: None)
+    clock.advance(0)
+    assert len(source.fetches) == reads and gate.watched == 1
+
+
+def test_a_notify_sent_during_the_read_is_not_lost():
+    """A NOTIFY that arrives while the read is in flight: the row read may predate it, and the
+    waiter it would have re-read for is gone once served."""
+    gate, source, clock = make_gate()
+    source.hold = True
+    source.rows[SID] = SessionRow(SID, "10.0.0.5", None, "running")
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    gate.notified(SID)  # its commit reached the server after the read's snapshot
+    source.hold = False
+    source.release()
+    target = result_of(d)
+    assert target.host == "10.0.0.5"
+    source.rows[SID] = SessionRow(SID, "10.0.0.9", None, "running")
+    revoked = []
+    gate.watch(target, revoked.append)
+    clock.advance(0)
+    assert [r.refusal for r in revoked] == [Refusal.MOVED]
+
+
+def test_listen_regained_or_notify_forgotten_reads_again():
+    """LISTEN lost and regained since the read, or so many NOTIFYs since that this one may have
+    been forgotten: read again rather than trust the old row."""
+    from twisted_novnc.database.readiness import RECENT_NOTIFIED
+
+    gate, source, clock = make_gate()
+    target = served(gate, source, clock)
+    gate.listening()
+    reads = len(source.fetches)
+    gate.watch(target, lambda r: None)
+    clock.advance(0)
+    assert len(source.fetches) == reads + 1
+
+    other = "5b0f3c2a-8a4e-4a55-9f53-0f6a0f3c2a10"
+    target = served(gate, source, clock, other)
+    for i in range(RECENT_NOTIFIED + 1):
+        gate.notified(f"s{i}")
+    reads = len(source.fetches)
+    gate.watch(target, lambda r: None)
+    clock.advance(0)
+    assert source.fetches[reads:] == [frozenset({other})]
+
+
+def test_a_moved_relay_is_not_judged_by_event_counts():
+    """A relay taken over from another process has no read of ours (read_at None): the
+    upgrade path asks for its recheck itself."""
+    gate, source, clock = make_gate()
+    for i in range(10):
+        gate.notified(SID if i % 2 else "x")
+    reads = len(source.fetches)
+    gate.watch(Target(SID, "10.0.0.5", 5900), lambda r: None)
+    clock.advance(0)
+    assert len(source.fetches) == reads

@@ -59,6 +59,9 @@ class Target:
     credentials: VNCCredentials | None = None
     #: The row's ``[record] record_column``, None when not configured.
     record: bool | None = None
+    #: When the read that found the row was sent, in the readiness gate's count of events;
+    #: None when the target did not come from a read (a relay moved from another process).
+    read_at: int | None = attrs.field(default=None, eq=False)
 
 
 @functools.lru_cache(maxsize=4096)

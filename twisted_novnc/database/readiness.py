@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
@@ -51,6 +52,12 @@ _DEADLINE_REFUSALS = {
     _Seen.NOT_READY: Refusal.NOT_READY,
 }
 
+
+#: How many recently notified sessions the gate remembers (with when, in its own count of
+#: events), for a relay whose watch starts after the read that served it: a NOTIFY in between
+#: found no waiter and no watch.  A relay's set-up (its VM's connect, its VNC login) outlasting
+#: this many other sessions' NOTIFYs is re-read anyway.
+RECENT_NOTIFIED = 4096
 
 #: Shown each row a read finds for a waiter's session (not ended, ready or not); raising
 #: fails that waiter alone.
@@ -106,6 +113,15 @@ class ReadinessGate:
     _in_flight: bool = False
     #: How many waiters there are (``waiting`` is asked on every new connection).
     _waiting: int = 0
+    #: The gate's count of events (NOTIFYs, LISTEN regained): a read sent at count N reflects
+    #: every commit announced up to N.
+    _events: int = 0
+    #: The sessions notified lately, with the count at their last NOTIFY (oldest first).
+    _recent: OrderedDict[str, int] = attrs.field(factory=OrderedDict)
+    #: The count when LISTEN was last regained (everything may have been missed before).
+    _relistened_at: int = -1
+    #: The count of the newest NOTIFY no longer remembered.
+    _forgotten_at: int = -1
 
     # -- the public side -----------------------------------------------------------------
 
@@ -160,7 +176,19 @@ class ReadinessGate:
             self.source.follow(key)
         self._watches.setdefault(key, set()).add(watch)
         self._schedule_expiry(watch, target.expires_at)
+        if self._missed_since(key, target.read_at):
+            self._schedule_read([key])
         return watch
+
+    def _missed_since(self, key: str, read_at: int | None) -> bool:
+        """Whether a commit to this session may have been announced after the read that made
+        ``read_at`` was sent (that NOTIFY found no waiter and no watch to re-read for)."""
+        if read_at is None:
+            return False
+        if self._relistened_at > read_at or self._forgotten_at > read_at:
+            return True  # LISTEN was lost, or a NOTIFY since was forgotten: read again
+        last = self._recent.get(key)
+        return last is not None and last > read_at
 
     def recheck(self, key: str) -> None:
         """Read the session's row again soon and judge every watch of it: a relay taken over
@@ -190,6 +218,12 @@ class ReadinessGate:
     # -- the store's side (StoreObserver) ----------------------------------------------
 
     def notified(self, session_id: str) -> None:
+        self._events += 1
+        recent = self._recent
+        recent[session_id] = self._events
+        recent.move_to_end(session_id)
+        if len(recent) > RECENT_NOTIFIED:
+            self._forgotten_at = recent.popitem(last=False)[1]
         if session_id in self._waiters or session_id in self._watches:
             self.counts.needed += 1
             self._schedule_read([session_id])
@@ -200,6 +234,8 @@ class ReadinessGate:
         """Notifications sent while LISTEN was down are lost: re-read every session we track
         (None), or these, whose shard's LISTEN has just become active."""
         if keys is None:
+            self._events += 1
+            self._relistened_at = self._events
             self._schedule_read([*self._waiters, *self._watches])
         else:
             self._schedule_read(k for k in keys if k in self._waiters or k in self._watches)
@@ -219,9 +255,9 @@ class ReadinessGate:
         self._flush_call = None
         read = self._send()
         if read is not None:
-            read[0].addBoth(self._arrived, read[1])
+            read[0].addBoth(self._arrived, *read[1:])
 
-    def _send(self) -> tuple[Deferred[dict[str, SessionRow]], set[str]] | None:
+    def _send(self) -> tuple[Deferred[dict[str, SessionRow]], set[str], int] | None:
         """Send one query for every pending session still waited on or watched."""
         batch = {k for k in self._pending if k in self._waiters or k in self._watches}
         self._pending.clear()
@@ -230,9 +266,11 @@ class ReadinessGate:
         self._in_flight = True
         # (A source that raised rather than failing its Deferred would leave the gate
         # reading nothing ever again, and lose the answer being judged.)
-        return self._bounded(maybeDeferred(self.source.fetch, batch)), batch
+        return self._bounded(maybeDeferred(self.source.fetch, batch)), batch, self._events
 
-    def _arrived(self, result: dict[str, SessionRow] | Failure, batch: set[str]) -> None:
+    def _arrived(
+        self, result: dict[str, SessionRow] | Failure, batch: set[str], read_at: int
+    ) -> None:
         """A read's answer.  The sessions notified meanwhile are sent for *before* these rows
         are judged: in a burst the first read is small (the NOTIFYs read in its turn), and
         the rest's query then runs while this one's relays are being opened.  Still one query
@@ -244,12 +282,12 @@ class ReadinessGate:
             if isinstance(result, Failure):
                 self._read_failed(result, batch)
             else:
-                self._apply(result, batch)
+                self._apply(result, batch, read_at)
         finally:
             if following is None:
                 self._schedule_read(())
             else:
-                following[0].addBoth(self._arrived, following[1])
+                following[0].addBoth(self._arrived, *following[1:])
 
     def _bounded(self, fetch: Deferred[dict[str, SessionRow]]) -> Deferred[dict[str, SessionRow]]:
         """The fetch's result, or a failure after ``query_timeout``: a query stuck on a dead
@@ -276,14 +314,14 @@ class ReadinessGate:
         fetch.addBoth(arrived)
         return bounded
 
-    def _apply(self, rows: dict[str, SessionRow], batch: set[str]) -> None:
+    def _apply(self, rows: dict[str, SessionRow], batch: set[str], read_at: int) -> None:
         self._retry_delays = jittered_backoff(0.05, 2.0)
         for key in batch:
             # Watched before this row was judged: a relay that opens from it (its upstream
             # connected at once, on loopback) was set up with this row and needs no look.
             watched = key in self._watches
             if key in self._waiters:
-                self._judge(key, rows.get(key))
+                self._judge(key, rows.get(key), read_at)
             if watched:
                 self._judge_live(key, rows.get(key))
 
@@ -329,7 +367,7 @@ class ReadinessGate:
         self.unwatch(watch)
         watch.on_revoked(error)
 
-    def _judge(self, key: str, row: SessionRow | None) -> None:
+    def _judge(self, key: str, row: SessionRow | None, read_at: int) -> None:
         ended = self._ended(row) if row is not None else None
         if row is None:
             self._seen[key] = _Seen.ABSENT
@@ -350,7 +388,7 @@ class ReadinessGate:
                 port = row.port or self.default_port
                 self._succeed(key, Target(
                     key, host, port, row.expires_at, row.token_digest, row.credentials,
-                    row.record,
+                    row.record, read_at,
                 ))
 
     def _show_row(self, key: str, row: SessionRow) -> None:
