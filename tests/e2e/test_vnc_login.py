@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from db_fixtures import insert_ready
-from e2e_support import connect_session, http_get, metric_values, new_id, within
+from e2e_support import connect_session, http_get, metric_values, new_id, until, within
 from test_upgrade import moved_count
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
@@ -44,6 +44,10 @@ class ScriptedVNC(Protocol):
         self.buffer = b""
         self.state = "version"
         self.challenge = os.urandom(16)
+        if self.factory.held is not None:  # the test says when the VM answers
+            held, self.factory.held = self.factory.held, None
+            held.callback(lambda: self.transport.write(self.factory.opening))
+            return
         self.transport.write(self.factory.opening)
         if self.factory.opening != b"RFB 003.008\n":
             self.state = "scripted"
@@ -85,6 +89,8 @@ class ScriptedVNCFactory(Factory):
         self.opening = opening
         self.connections = 0
         self.client_init = b""
+        #: When set, the next connection waits: this fires with what makes it speak.
+        self.held: defer.Deferred[Any] | None = None
 
 
 @pytest.fixture
@@ -246,3 +252,40 @@ def test_a_logged_in_relay_moves_in_an_upgrade_one_mid_greeting_stays(
     for client in (relaying, greeting):
         client.sendClose(1000)
         assert (yield within(client.closed)) == (1000, None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_session_ended_during_the_vm_login_is_revoked(
+    daemon_factory, pg, sessions_table, postgres_dsn, vnc_factory
+):
+    """The session ends while the proxy is still logging in to its VM (after the read that
+    found it ready, before its relay is watched): that NOTIFY finds no waiter and no relay.
+    The relay, once it starts, reads its row again and closes with 4410."""
+    vm, port = vnc_factory()
+    vm.held = defer.Deferred()
+    add_password_column(postgres_dsn, sessions_table)
+    daemon = yield daemon_factory(
+        {"vnc": {"password_column": "vnc_pw"}, "admin": {"listen": "tcp:0:interface=127.0.0.1"}}
+    )
+    sid = new_id()
+    insert_ready(pg, sessions_table, sid, port)
+    set_password(sessions_table, pg, sid, PASSWORD)
+    client = yield connect_session(daemon.port, sid)
+    speak = yield within(vm.held)  # the daemon has read the row and is at the VM's door
+    with pg.cursor() as cur:
+        cur.execute(
+            f'UPDATE "{sessions_table.table}" SET status = %s WHERE session_id = %s',
+            ("ended", sid),
+        )
+
+    def discarded() -> defer.Deferred[bool]:
+        """Whether the NOTIFY has reached the daemon, and found nothing to wake."""
+        key = ("twisted_novnc_notifications_total", (("result", "discarded"),))
+        return http_get(daemon.admin_port, "/metrics").addCallback(
+            lambda answer: metric_values(answer[1].decode()).get(key, 0.0) >= 1
+        )
+
+    yield until(discarded)
+    speak()
+    assert (yield within(client.closed)) == (4410, "session ended")
+    yield within(daemon.when_logged(f"{sid} .*4410 session ended"))
