@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
 from twisted_novnc.relay.sending import RELAY_BUFFER_SIZE, send_now, tune_relay_transport
+
+
+class _Server(Protocol):
+    """One accepted connection, put in its port's queue; ``lost`` fires when it ends."""
+
+    def __init__(self, accepted: DeferredQueue[_Server]) -> None:
+        self.accepted = accepted
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.accepted.put(self)
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.lost.callback(None)
+
+
+def listen(accepted: DeferredQueue[_Server]) -> Deferred:
+    """A loopback port that puts each connection it accepts in ``accepted``."""
+    return TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(functools.partial(_Server, accepted))
+    )
+
 
 
 class Collector(Protocol):
@@ -105,25 +129,13 @@ def test_close_now_sends_the_fin_before_the_next_turn():
 
     from twisted_novnc.relay.sending import close_now
 
-    class Server(Protocol):
-        def connectionMade(self) -> None:
-            self.lost: Deferred[None] = Deferred()
-            made.callback(self)
-
-        def connectionLost(self, reason) -> None:
-            self.reason = reason
-            self.lost.callback(None)
-
-    made: Deferred[Server] = Deferred()
-    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        Factory.forProtocol(Server)
-    )
+    accepted: DeferredQueue[_Server] = DeferredQueue()
+    port = yield listen(accepted)
     try:
         for queued in (b"", b"x" * 100):
-            made = Deferred()
             peer = socket.create_connection(("127.0.0.1", port.getHost().port))
             peer.settimeout(5)
-            server = yield made
+            server = yield accepted.get()
             if queued:
                 server.transport.write(queued)  # queued: Twisted writes on its next turn
             close_now(server.transport)
@@ -218,22 +230,11 @@ def test_a_reset_found_by_send_now_is_a_lost_connection():
 
     from twisted.internet.error import ConnectionLost
 
-    class Server(Protocol):
-        def connectionMade(self) -> None:
-            self.lost: Deferred[None] = Deferred()
-            made.callback(self)
-
-        def connectionLost(self, reason) -> None:
-            self.reason = reason
-            self.lost.callback(None)
-
-    made: Deferred[Server] = Deferred()
-    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        Factory.forProtocol(Server)
-    )
+    accepted: DeferredQueue[_Server] = DeferredQueue()
+    port = yield listen(accepted)
     try:
         peer = socket.create_connection(("127.0.0.1", port.getHost().port))
-        server = yield made
+        server = yield accepted.get()
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.close()  # a reset, delivered on loopback before close returns
         send_now(server.transport, b"", b"after the reset")  # its send finds the reset
