@@ -800,7 +800,7 @@ class Bench:
     def snapshot_memory(self, proc: subprocess.Popen[Any] | None) -> None:
         """With --trace-malloc, have the daemon write its allocations (inject/)."""
         if self.args.trace_malloc and proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGUSR2)
+            os.kill(proc.pid, TRACE_MALLOC_SIGNAL)
             time.sleep(2.0)  # a snapshot of a large heap takes a moment
 
     def run_ready(self, url: str, proxy: str, log: Path, paced_ids: Path, burst_ids: Path,
@@ -1405,6 +1405,10 @@ def soak_sample(pid: int, admin_port: int, done: int | str, t: float) -> dict[st
             "t_s": r3(t)}
 
 
+#: The signal bench/inject/sitecustomize.py snapshots tracemalloc on (--trace-malloc; SIGUSR2
+#: is the daemon's upgrade, which replaces any handler installed before it).
+TRACE_MALLOC_SIGNAL = signal.SIGRTMIN + 3
+
 #: The signal bench/inject/sitecustomize.py samples the heap on (SIGUSR2 is the upgrade).
 MALLOC_SIGNAL = signal.SIGRTMIN + 2
 
@@ -1555,8 +1559,16 @@ def machine() -> dict[str, Any]:
 
 
 def code_under_test(twistd: str) -> dict[str, Any]:
-    """Which twisted_novnc the daemon ran: the installed package, compared with the tree."""
+    """Which twisted_novnc the daemon ran: the package the ``twistd``'s own Python imports
+    (another virtualenv's with ``--twistd``), compared with the tree."""
     installed = Path(twisted_novnc.__file__).resolve().parent
+    python = Path(twistd).parent / "python"
+    if python.exists():
+        found = subprocess.run(
+            [str(python), "-c", "import twisted_novnc; print(twisted_novnc.__file__)"],
+            capture_output=True, text=True, check=False, timeout=60).stdout.strip()
+        if found:
+            installed = Path(found).resolve().parent
     source = ROOT / "twisted_novnc"
     differs = []
     if installed != source.resolve():

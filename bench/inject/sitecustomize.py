@@ -1,7 +1,7 @@
 """Instruments twistd for ``bench/run.py --trace-malloc`` / ``--gc-log``; loaded through
 PYTHONPATH only then, and does nothing unless its environment variables are set.
 
-``TNOVNC_BENCH_TRACEMALLOC=PREFIX``: start tracemalloc; on each SIGUSR2 run a full collection
+``TNOVNC_BENCH_TRACEMALLOC=PREFIX``: start tracemalloc; on each SIGRTMIN+3 run a full collection
 and write ``PREFIX-N.txt``, the allocations by source line (the first snapshot whole, later ones
 as growth since the first).  The bench signals before the conc clients connect, while they are
 held and after they left, so the second file says which lines hold each idle connection's
@@ -53,7 +53,8 @@ def _trace_malloc(prefix: str) -> None:
             for stat in stats[:_TOP]:
                 f.write(f"{stat}\n")
 
-    signal.signal(signal.SIGUSR2, dump)
+    # Not SIGUSR2: the daemon's upgrade signal, whose handler replaces this one.
+    signal.signal(signal.SIGRTMIN + 3, dump)
 
 
 class _MallInfo2(ctypes.Structure):
