@@ -309,8 +309,9 @@ def test_pool_skips_cancelled_waiters() -> None:
 
 def test_pool_prefers_a_usable_connection() -> None:
     """A connection being re-established is passed over while another is free (the most
-    recently freed usable one is taken); with none usable, work still gets one (and fails
-    there, as the readiness gate expects, rather than waiting)."""
+    recently freed usable one is taken); while every usable one is busy, work waits for one
+    rather than meeting the dead one (after a database restart, a browser's lookup would fail
+    and wait for the gate's retry)."""
     dead = {"b"}
     pool = Pool(["a", "b", "c"], usable=lambda c: c not in dead)
     taken: list[str] = []
@@ -326,8 +327,44 @@ def test_pool_prefers_a_usable_connection() -> None:
     pool.run(hold)
     pool.run(hold)
     assert taken == ["c", "c", "a"]
-    pool.run(hold)
-    assert taken[-1] == "b"
+    waiting = pool.run(lambda c: defer.succeed(taken.append(c) or c))
+    assert taken == ["c", "c", "a"] and pool.queued == 1
+    held[1].callback(None)  # "a" is free again: the waiting work runs there, not on "b"
+    assert result_of(waiting) == "a" and pool.queued == 0
+
+
+def test_pool_wakes_waiting_work_when_a_connection_comes_back() -> None:
+    """Work waiting for a usable connection runs as soon as an idle one is usable again (the
+    store calls ``wake`` from each connection's recovery), not only when another is freed."""
+    dead = {"b"}
+    pool = Pool(["a", "b"], usable=lambda c: c not in dead)
+    held: Deferred[None] = Deferred()
+    pool.run(lambda c: held)  # on "a"
+    waiting = pool.run(lambda c: defer.succeed(c))
+    pool.wake()
+    assert pool.queued == 1  # "b" is idle but still dead
+    dead.clear()
+    pool.wake()
+    assert result_of(waiting) == "b" and pool.queued == 0
+
+
+def test_pool_with_no_usable_connection_fails_fast() -> None:
+    """In an outage (no connection usable) work takes a dead connection and fails there at
+    once, for the readiness gate to retry on its backoff, rather than waiting out the outage;
+    work queued behind busy ones does the same once they are freed dead."""
+    dead = {"a", "b"}
+    pool = Pool(["a", "b"], usable=lambda c: c not in dead)
+    ran: list[str] = []
+    pool.run(lambda c: defer.succeed(ran.append(c)))
+    assert ran == ["b"]
+    dead.discard("a")
+    held: Deferred[None] = Deferred()
+    pool.run(lambda c: held)  # on "a", the usable one
+    queued = pool.run(lambda c: defer.succeed(ran.append(c) or c))
+    assert pool.queued == 1  # a usable connection is busy: wait for it
+    dead.add("a")  # ... which dies under its query
+    held.errback(RuntimeError("connection lost"))
+    assert result_of(queued) in ("a", "b") and pool.queued == 0
 
 
 def test_pool_work_that_raises_frees_its_connection() -> None:

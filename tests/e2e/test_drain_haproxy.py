@@ -130,11 +130,20 @@ def haproxy_shipped(tmp_path):
             pytest_twisted.blockon(within(proto.ended))
 
 
-def served_by(daemons: dict, sid: str) -> str:
-    """The name of the daemon whose log has the request for ``sid``."""
-    names = [name for name, daemon in daemons.items() if f"request {sid}" in daemon.output]
-    assert len(names) == 1, (sid, names)
-    return names[0]
+@defer.inlineCallbacks
+def served_by(daemons: dict, *sids: str):
+    """The names of the daemons whose logs have the requests for ``sids``, each in exactly one.
+    Waits for the lines: a browser may be served before its daemon's log line (with workers,
+    relayed by the main process) has reached this process."""
+    names = set()
+    for sid in sids:
+        pattern = re.escape(f"request {sid}")
+        watches = [daemon.when_logged(pattern) for daemon in daemons.values()]
+        yield within(defer.DeferredList(watches, fireOnOneCallback=True))
+        found = [name for name, daemon in daemons.items() if f"request {sid}" in daemon.output]
+        assert len(found) == 1, (sid, found)
+        names.add(found[0])
+    return names
 
 
 @pytest_twisted.inlineCallbacks
@@ -179,7 +188,7 @@ def test_sigterm_behind_haproxy_drains_without_a_refusal(
         client = yield connect_session(port, sid)
         assert (yield within(client.when_received(len(RFB_BANNER)))) == RFB_BANNER
         live.append(client)
-        where[client] = served_by(daemons, sid)
+        (where[client],) = yield served_by(daemons, sid)
     on_one = [c for c in live if where[c] == "novnc1"]
     on_two = [c for c in live if where[c] == "novnc2"]
     assert on_one and on_two, where
@@ -192,7 +201,7 @@ def test_sigterm_behind_haproxy_drains_without_a_refusal(
     # During drain_delay the stopping daemon still serves: directly, and through HAProxy
     # until it is marked down (whichever daemon it picks, nobody is refused).
     direct = yield browsers_served(one.port, pg, sessions_table, vnc_server.port, 2)
-    assert {served_by(daemons, sid) for sid in direct} == {"novnc1"}
+    assert (yield served_by(daemons, *direct)) == {"novnc1"}
     yield served(3)
 
     def one_down():
@@ -203,12 +212,12 @@ def test_sigterm_behind_haproxy_drains_without_a_refusal(
     assert not draining.search(one.output), "the drain started before HAProxy noticed"
     assert one.transport is not None and not one.ended.called
     after = yield served(4)
-    assert {served_by(daemons, sid) for sid in after} == {"novnc2"}
+    assert (yield served_by(daemons, *after)) == {"novnc2"}
 
     results = yield within(defer.gatherResults([c.closed for c in on_one]), 30)
     assert results == [(1001, "server shutting down")] * len(on_one)
     assert draining.search(one.output)
-    assert {served_by(daemons, sid) for sid in (yield served(2))} == {"novnc2"}
+    assert (yield served_by(daemons, *(yield served(2)))) == {"novnc2"}
     assert (yield within(one.ended, 30)) in (0, None), one.output[-3000:]
     for client in on_two:  # the other daemon's relays never noticed
         assert not client.closed.called

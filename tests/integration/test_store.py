@@ -9,14 +9,15 @@ import attrs
 import psycopg2
 import pytest
 import pytest_twisted
-from psycopg2.extensions import connection
+from db_fixtures import create_sessions_table
+from psycopg2.extensions import connection, make_dsn
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from twisted_novnc.config import parse_config
 from twisted_novnc.database.ids import normalise_id
 from twisted_novnc.database.readiness import ReadinessGate
-from twisted_novnc.database.store import PostgresSessionStore
+from twisted_novnc.database.store import DatabaseNotReady, PostgresSessionStore
 from twisted_novnc.processes.service import make_service
 from twisted_novnc.session import SessionRow
 from twisted_novnc.testing import every_service, recording_client_factory
@@ -221,3 +222,93 @@ def deferLater0() -> defer.Deferred[None]:
     from twisted.internet import task
 
     return task.deferLater(reactor, 0, lambda: None)
+
+
+@pytest.fixture
+def own_database(postgres_dsn):
+    """A database of its own (its connections can be refused without touching the others'):
+    (dsn, name); dropped after, with whatever is still connected."""
+    name = "tn_pool_" + uuid.uuid4().hex[:12]
+    admin = psycopg2.connect(postgres_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_dsn(postgres_dsn, dbname=name), name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def logged(event_name: str) -> defer.Deferred[dict]:
+    """Fires with the next log event called ``event_name``."""
+    from twisted.logger import globalLogPublisher
+
+    seen: defer.Deferred[dict] = defer.Deferred()
+
+    def observe(event: dict) -> None:
+        if event.get("event") == event_name and not seen.called:
+            globalLogPublisher.removeObserver(observe)
+            seen.callback(event)
+
+    globalLogPublisher.addObserver(observe)
+    return seen.addTimeout(LIMIT, reactor)
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookups_wait_for_a_live_connection_while_another_reconnects(own_database):
+    """One pool connection dies and cannot come back yet (the database refuses new
+    connections): lookups queue on the live one rather than meet the dead one (each would fail
+    and wait for the gate's retry, as after every database restart); with none live, a lookup
+    fails at once and says why; once connections are accepted again, lookups are served."""
+    dsn, name = own_database
+    settings = attrs.evolve(create_sessions_table(dsn), pool_size=2)
+    sid = str(uuid.uuid4())
+    pg = psycopg2.connect(dsn)
+    pg.autocommit = True
+    insert(pg, settings.table, sid, "127.0.0.1", 5900, "running")
+    admin = psycopg2.connect(make_dsn(dsn, dbname="postgres"))
+    admin.autocommit = True
+
+    def sql(statement: str) -> list[tuple]:
+        with admin.cursor() as cur:
+            cur.execute(statement)
+            return cur.fetchall() if cur.description else []
+
+    observer = RecordingObserver()
+    store = PostgresSessionStore(settings, lambda: dsn, reactor, observer)
+    store.start()
+    try:
+        yield observer.when_listening.addTimeout(LIMIT, reactor)
+        assert (yield store.when_pool_connected())
+        sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        pids = [pid for (pid,) in sql(
+            "SELECT pid FROM pg_stat_activity"
+            f" WHERE datname = '{name}' AND application_name = 'twisted_novnc-pool'"
+        )]
+        assert len(pids) == 2
+        unreachable = logged("database_unreachable")
+        sql(f"SELECT pg_terminate_backend({pids[0]})")
+        yield unreachable
+        found = yield defer.gatherResults([store.fetch([sid]) for _ in range(6)])
+        assert [sorted(rows) for rows in found] == [[sid]] * 6
+        sql(f"SELECT pg_terminate_backend({pids[1]})")
+        errors = []
+        for _ in range(3):  # a lookup meeting the second death first fails with psycopg2's error
+            try:
+                yield store.fetch([sid])
+            except Exception as e:
+                errors.append(e)
+                if isinstance(e, DatabaseNotReady):
+                    break
+        assert isinstance(errors[-1], DatabaseNotReady), errors
+        assert str(errors[-1]) == "no database connection is up; reconnecting"
+        reachable = logged("database_reachable")
+        sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        yield reachable
+        assert sorted((yield store.fetch([sid]))) == [sid]
+    finally:
+        store.stop()
+        pg.close()
+        admin.close()

@@ -95,11 +95,14 @@ class StoppableDetector(reconnection.DeadConnectionDetector):
         return f
 
     def connectionRecovered(self) -> Any:
+        """The connection is usable first, then the outage's end is said: a lookup sent when
+        "database reachable again" is logged runs on it."""
         self._retrying = None
+        recovered = super().connectionRecovered()
         self.health.up()
         if self.health.on_recovered is not None:
             self.health.on_recovered()
-        return super().connectionRecovered()
+        return recovered
 
     def stop(self) -> None:
         """Stop any reconnection under way, and never start another."""

@@ -27,6 +27,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from txpostgres import txpostgres
+from txpostgres.reconnection import ConnectionDead
 from zope.interface import implementer
 
 from twisted_novnc._compat.txpostgres import (
@@ -233,7 +234,9 @@ class PostgresSessionStore:
         self._all_pool_connections = [
             self._make_connection() for _ in range(self.settings.pool_size)
         ]
-        self._pool = Pool(list(self._all_pool_connections), usable=self._usable)
+        self._pool = pool = Pool(list(self._all_pool_connections), usable=self._usable)
+        for connection in self._all_pool_connections:  # work may wait for a usable one
+            connection.detector.addRecoveryHandler(pool.wake)
         self._statements.forget()
         self._first_connects = [
             self._connect(connection, dsn, "twisted_novnc-pool")
@@ -493,7 +496,8 @@ class PostgresSessionStore:
         """The query's rows, from the first free pool connection."""
         assert self._pool is not None
         run = self._statements.run
-        return self._pool.run(lambda connection: run(connection, query, params))
+        d = self._pool.run(lambda connection: run(connection, query, params))
+        return d.addErrback(_not_ready_while_reconnecting)
 
     def stop(self) -> None:
         """Close every connection and stop every reconnection attempt."""
@@ -515,6 +519,14 @@ class PostgresSessionStore:
 
 class DatabaseNotReady(Exception):
     """The store has no working connection (yet)."""
+
+
+def _not_ready_while_reconnecting(f: Any) -> Any:
+    """txpostgres fails work on a connection it is re-establishing with a bare
+    ``ConnectionDead`` (no message: the log said "session lookup failed: ; retrying"); the
+    pool sends work there only when no connection is up."""
+    f.trap(ConnectionDead)
+    raise DatabaseNotReady("no database connection is up; reconnecting")
 
 
 class SchemaMismatch(Exception):
