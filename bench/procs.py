@@ -114,6 +114,22 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return sum(cpu_by_pid(pids).values())
 
 
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) clock ticks of every core so far, from /proc/stat's first line (idle and
+    iowait are the idle part)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    total = sum(ticks[:8])  # guest time is counted in user already
+    return total - idle, total
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of every core's time that was busy between two :func:`machine_busy` looks."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else None
+
+
 class CpuSampler:
     """Samples a process tree's CPU per process on a thread (every ``interval`` s), so the
     CPU of a process that exits between two looks is still counted up to its last sample."""

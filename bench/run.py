@@ -621,8 +621,11 @@ class Bench:
                if admin_port is not None else "") + vnc_section, encoding="utf-8")
         log = self.run_dir / f"{tag}-proxy.log"
         env = None
-        if self.args.trace_malloc or self.args.gc_log or malloc_log is not None:
+        if (self.args.trace_malloc or self.args.gc_log or malloc_log is not None
+                or self.args.lookup_from_memory):
             env = dict(os.environ, PYTHONPATH=str(HERE / "inject"))
+            if self.args.lookup_from_memory:
+                env["TNOVNC_BENCH_LOOKUP_FROM_MEMORY"] = "1"
             if malloc_log is not None:
                 env["TNOVNC_BENCH_MALLOC"] = str(malloc_log)
             if self.args.trace_malloc:
@@ -804,21 +807,23 @@ class Bench:
             time.sleep(2.0)  # a snapshot of a large heap takes a moment
 
     def run_ready(self, url: str, proxy: str, log: Path, paced_ids: Path, burst_ids: Path,
-                  ) -> dict[str, Any]:
+                  proxy_pid: int | None = None) -> dict[str, Any]:
         """Clients wait; sessions are committed one per transaction, then all in one."""
         assert self.sessions is not None
         committer = self.sessions.committer()
         try:
             paced = self._ready_phase(url, proxy, log, paced_ids, "ready",
-                                      lambda ids: committer.paced(ids, self.sizes["ready_rate"]))
+                                      lambda ids: committer.paced(ids, self.sizes["ready_rate"]),
+                                      proxy_pid)
             burst = self._ready_phase(url, proxy, log, burst_ids, "burst",
-                                      lambda ids: dict.fromkeys(ids, committer.all_at_once(ids)))
+                                      lambda ids: dict.fromkeys(ids, committer.all_at_once(ids)),
+                                      proxy_pid)
         finally:
             committer.close()
         return {**paced, **burst}
 
     def _ready_phase(self, url: str, proxy: str, log: Path, ids_file: Path, name: str,
-                     commit: Any) -> dict[str, Any]:
+                     commit: Any, proxy_pid: int | None = None) -> dict[str, Any]:
         ids = ids_file.read_text().split()
         offset = log.stat().st_size
         cl = self.client(self.client_command("ready", url, proxy, ids_file))
@@ -836,8 +841,14 @@ class Bench:
 
             all_held = procs.wait_until(lambda: held() >= len(ids), 60, 0.1)
             time.sleep(0.5)  # the first reads of the held sessions (all not ready) finish
+            tree = procs.process_tree(proxy_pid) if proxy_pid is not None else []
+            cpu_before, busy_before = procs.cpu_seconds(tree), procs.machine_busy()
             committed = commit(ids)
             last = lines.next(120)
+            # From the COMMIT to the client's result (just after the last 101): what the
+            # daemon used of a core, and how busy the whole machine was meanwhile.
+            cpu_used = procs.cpu_seconds(tree) - cpu_before
+            busy_after = procs.machine_busy()
             result = json.loads(last) if last else {"error": "no result"}
         finally:
             procs.stop(cl, grace=10)
@@ -855,6 +866,9 @@ class Bench:
         }
         # CLOCK_MONOTONIC, to line the phase up with the daemon's own logs (e.g. GC pauses).
         out[f"{name}_commits_ns"] = [min(committed.values()), max(committed.values())]
+        if tree:
+            out[f"{name}_daemon_cpu_ms"] = r3(cpu_used * 1000)
+            out[f"{name}_machine_busy"] = r3(procs.busy_share(busy_before, busy_after))
         if name == "burst":
             out["burst_last_ms"] = out["burst_max_ms"]
         else:
@@ -1220,7 +1234,8 @@ class Bench:
             if scenario == "ready":
                 assert ids_file is not None and burst_file is not None
                 result = self.run_ready(url, proxy, self.run_dir / f"{tag}-proxy.log",
-                                        ids_file, burst_file)
+                                        ids_file, burst_file,
+                                        proxy_proc.pid if proxy_proc is not None else None)
             elif scenario == "upgrade":
                 assert ids_file is not None and aport is not None
                 result = self.run_upgrade(url, proxy, ids_file, tport, aport,
@@ -1634,6 +1649,10 @@ def render(bench: Bench, meta: dict[str, Any]) -> str:
                 + (" with uncommitted changes in twisted_novnc/"
                    if code["git_dirty_twisted_novnc"] else ""))
         lines += [note + ".", ""]
+    if bench.args.lookup_from_memory:
+        lines += ["**Experiment, not the product:** `--lookup-from-memory`: twisted_novnc read "
+                  "the first lookup from PostgreSQL and answered every later one from memory.",
+                  ""]
     s = bench.sizes
     lines += [
         f"Sizes: down/down-vnc/up {s['down'] // MiB} MiB, echo {s['echo']:,} x 64 B, setup "
@@ -1807,10 +1826,17 @@ def ready_details(rows: Sequence[dict[str, Any]]) -> list[str]:
     early = sum(int(r.get("ready_early") or 0) + int(r.get("burst_early") or 0) for r in runs)
     unheld = sum(1 for r in runs if not r.get("ready_all_held_before_commit", True)
                  or not r.get("burst_all_held_before_commit", True))
+    cpu = [(r["burst_daemon_cpu_ms"], r.get("burst_machine_busy"), r.get("burst_last_ms"))
+           for r in runs if r.get("burst_daemon_cpu_ms") is not None]
+    burst = ("; the burst, per run, the daemon's CPU from the COMMIT to the last 101 (and the "
+             "machine's busy share of its cores meanwhile, last open): " + ", ".join(
+                 f"{c:.0f} ms ({b:.0%}, {last:.0f} ms)" if b is not None and last is not None
+                 else f"{c:.0f} ms" for c, b, last in cpu)) if cpu else ""
     return [
         f"ready: COMMITs paced at a median {statistics.median(rates):.0f}/s achieved; "
         f"{early} client(s) opened before their COMMIT was sent (must be 0); "
-        f"{unheld} run(s) where not every client was seen held before the first COMMIT.",
+        f"{unheld} run(s) where not every client was seen held before the first COMMIT"
+        f"{burst}.",
         "",
     ] if rates else []
 
@@ -1948,6 +1974,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "tracemalloc and write what conc's held connections allocated (slow)")
     ap.add_argument("--gc-log", action="store_true", help="log twisted_novnc's garbage-"
                     "collection pauses of 1 ms or more, and count those inside ready's phases")
+    ap.add_argument("--lookup-from-memory", action="store_true", help="an experiment: "
+                    "twisted_novnc answers every lookup after the first from memory (the "
+                    "first row, under the asked id), to measure what the database's round "
+                    "trip costs setup; figures of such runs are not the product's")
     ap.add_argument("--client-open", choices=("raw", "ws"), default="raw",
                     help="how the client opens setup's and conc's connections: a minimal "
                     "hand-written handshake (default) or the ws library")
@@ -1969,6 +1999,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         setattr(args, name, [x for x in allowed if x in chosen])
     if args.rounds < 1 or args.rounds > 50:
         ap.error("--rounds: from 1 to 50")
+    if args.lookup_from_memory and args.scenarios != ["setup"]:
+        # Its rows are committed before the run and all name one target; elsewhere a row read
+        # from memory would open sessions not committed yet, or the wrong target.
+        ap.error("--lookup-from-memory: only with --scenarios setup")
     return args
 
 

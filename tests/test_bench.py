@@ -86,6 +86,8 @@ def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
     assert (ready["ready_early"], ready["burst_early"]) == (0, 0)  # no 101 before its COMMIT
     assert 0 < ready["ready_p50_ms"] <= ready["ready_p99_ms"] <= ready["ready_max_ms"]
     assert ready["burst_last_ms"] > 0
+    # The burst's CPU (clock ticks: 0 is possible at --quick's size) and the machine's share.
+    assert ready["burst_daemon_cpu_ms"] >= 0 and 0 < ready["burst_machine_busy"] <= 1
     upgrade = next(r for r in runs if r["scenario"] == "upgrade")
     relays = data["sizes"]["upgrade"]["relays"]
     assert upgrade["upgrade_moved"] == relays  # every relay left the old generation
@@ -100,6 +102,7 @@ def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
     assert targets["down ≥ 1.0 x socat"]["met"] is None  # not measured in this run
 
     text = report.read_text(encoding="utf-8")
+    assert "the daemon's CPU from the COMMIT to the last 101" in text
     assert "| down-vnc ≥ 0.95 x down (same build) |" in text
     assert "| down-rec ≥ 0.8 x down (same build) |" in text
     header = next(line for line in text.splitlines() if line.startswith("| scenario |"))
@@ -173,3 +176,31 @@ def test_quick_scale_and_soak(tmp_path: Path) -> None:
     assert "| no 101 before its COMMIT | all | 0 | yes |" in text
     assert "| waiters / watched relays / open connections at the end |" in text
     assert "| RSS after malloc_trim(0), idle after 1,000 → idle at the end |" in text
+
+
+def test_lookup_from_memory_measures_setup_without_the_round_trip(tmp_path: Path) -> None:
+    """The experiment behind issue 18's point 1 (bench/RESULTS.md, history 27): setup with
+    every lookup after the first answered from memory runs, says so in the daemon's log and
+    the report, and is refused with any other scenario (its rows would open sessions not
+    committed yet)."""
+    require([f"{tool} (Debian: apt-get install nodejs npm gcc)" for tool in MISSING], "the bench")
+    refused = subprocess.run(
+        [sys.executable, str(RUN), "--lookup-from-memory", "--scenarios", "setup,ready"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL,
+        check=False)
+    assert refused.returncode == 2
+    assert "--lookup-from-memory: only with --scenarios setup" in refused.stderr
+    summary, report = tmp_path / "summary.json", tmp_path / "report.md"
+    command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
+               "twisted_novnc", "--scenarios", "setup", "--lookup-from-memory",
+               "--out", str(tmp_path), "--json", str(summary), "--md", str(report)]
+    if os.environ.get(TEST_DSN_ENV):
+        command += ["--dsn", os.environ[TEST_DSN_ENV]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT, cwd=ROOT,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [run] = json.loads(summary.read_text(encoding="utf-8"))["runs"]
+    assert run["scenario"] == "setup" and run.get("error") is None and run["conn_per_s"] > 0
+    [log] = tmp_path.glob("run-*/r1-setup-twisted_novnc-proxy.log")
+    assert "lookups after the first are answered from memory" in log.read_text()
+    assert "**Experiment, not the product:**" in report.read_text(encoding="utf-8")

@@ -14,6 +14,12 @@ from the system, in use, free) and pymalloc's arenas, after a full collection; t
 
 ``TNOVNC_BENCH_GCLOG=FILE``: append one line per garbage collection that takes 1 ms or more:
 ``<CLOCK_MONOTONIC ns at its end> gen<N> <ms>``, to line pauses up with the bench's timings.
+
+``TNOVNC_BENCH_LOOKUP_FROM_MEMORY=1`` (``--lookup-from-memory``, an experiment, never a
+deployment): the session store reads the first lookup's rows from PostgreSQL, then answers
+every later lookup from memory with that row under the asked id (the setup scenario's rows all
+name the same target).  What setup does without the database's round trip is what the lookup
+costs, and what the rest of the cycle can reach at best.
 """
 
 import contextlib
@@ -124,5 +130,57 @@ if os.environ.get("TNOVNC_BENCH_TRACEMALLOC"):
     _trace_malloc(os.environ["TNOVNC_BENCH_TRACEMALLOC"])
 if os.environ.get("TNOVNC_BENCH_MALLOC"):
     _malloc(os.environ["TNOVNC_BENCH_MALLOC"])
+def _lookup_from_memory() -> None:
+    """Patch ``PostgresSessionStore.fetch`` once its module is imported (importing it here
+    would import Twisted before twistd has chosen its reactor)."""
+    import importlib.abc
+    import importlib.util
+
+    name = "twisted_novnc.database.store"
+
+    def patch(module: object) -> None:
+        import attrs
+        from twisted.internet import defer
+
+        store = module.PostgresSessionStore  # type: ignore[attr-defined]
+        real = store.fetch
+        template: list[object] = []
+
+        def fetch(self, session_ids):
+            ids = list(session_ids)
+            if template:
+                return defer.succeed({i: attrs.evolve(template[0], session_id=i) for i in ids})
+
+            def keep(rows):
+                if rows and not template:
+                    template.append(next(iter(rows.values())))
+                return rows
+
+            return real(self, ids).addCallback(keep)
+
+        store.fetch = fetch
+        sys.stderr.write("bench: lookups after the first are answered from memory\n")
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            loader = spec.loader
+            original = loader.exec_module
+
+            def exec_module(module):
+                original(module)
+                patch(module)
+
+            loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Finder())
+
+
 if os.environ.get("TNOVNC_BENCH_GCLOG"):
     _gc_log(os.environ["TNOVNC_BENCH_GCLOG"])
+if os.environ.get("TNOVNC_BENCH_LOOKUP_FROM_MEMORY"):
+    _lookup_from_memory()
