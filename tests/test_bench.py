@@ -31,23 +31,30 @@ MISSING = [tool for tool in TOOLS if shutil.which(tool) is None]
 LIMIT = 180  # seconds; it takes about 15 here, most of it npm ci and starting PostgreSQL
 
 
+def quick_bench(tmp_path: Path, scenarios: str, *extra: str, dsn: bool = True,
+                limit: int = LIMIT) -> tuple[dict, str]:
+    """``bench/run.py --quick --rounds 1`` on twisted_novnc alone: the summary and the
+    report, once it has exited 0 (on the suite's own database when one is named and ``dsn``)."""
+    summary, report = tmp_path / "summary.json", tmp_path / "report.md"
+    command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
+               "twisted_novnc", "--scenarios", scenarios, *extra,
+               "--out", str(tmp_path), "--json", str(summary), "--md", str(report)]
+    if dsn and os.environ.get(TEST_DSN_ENV):
+        command += ["--dsn", os.environ[TEST_DSN_ENV]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=ROOT,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return (json.loads(summary.read_text(encoding="utf-8")),
+            report.read_text(encoding="utf-8"))
+
+
 def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
     """echo, ready, upgrade, conc, and down beside down-vnc (the VM login on), with down, echo
     and conc again recording (issue 14) against the real daemon: no failed run, every
     recording whole, and the report parses."""
     require([f"{tool} (Debian: apt-get install nodejs npm gcc)" for tool in MISSING], "the bench")
-    summary, report = tmp_path / "summary.json", tmp_path / "report.md"
-    command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
-               "twisted_novnc", "--scenarios",
-               "down,down-vnc,down-rec,echo,echo-rec,conc,conc-rec,ready,upgrade",
-               "--out", str(tmp_path), "--json", str(summary), "--md", str(report)]
-    if os.environ.get(TEST_DSN_ENV):
-        command += ["--dsn", os.environ[TEST_DSN_ENV]]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT, cwd=ROOT,
-                          stdin=subprocess.DEVNULL, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    data = json.loads(summary.read_text(encoding="utf-8"))
+    data, text = quick_bench(
+        tmp_path, "down,down-vnc,down-rec,echo,echo-rec,conc,conc-rec,ready,upgrade")
     runs = data["runs"]
     scenarios = ["conc", "conc-rec", "down", "down-rec", "down-vnc", "echo", "echo-rec",
                  "ready", "upgrade"]
@@ -101,7 +108,6 @@ def test_quick_bench_measures_twisted_novnc(tmp_path: Path) -> None:
     assert isinstance(targets["ready p50 ≤ 2 ms (COMMIT → 101)"]["met"], bool)
     assert targets["down ≥ 1.0 x socat"]["met"] is None  # not measured in this run
 
-    text = report.read_text(encoding="utf-8")
     assert "the daemon's CPU from the COMMIT to the last 101" in text
     assert "| down-vnc ≥ 0.95 x down (same build) |" in text
     assert "| down-rec ≥ 0.8 x down (same build) |" in text
@@ -119,17 +125,10 @@ def test_quick_scale_and_soak(tmp_path: Path) -> None:
     Both run on the bench's own cluster (its CPU is measured, and the soak restarts it), so
     no --dsn.  The soak's restarts come every 1.5 s: its 2,000 connections take a few."""
     require([f"{tool} (Debian: apt-get install nodejs npm gcc)" for tool in MISSING], "the bench")
-    summary, report = tmp_path / "summary.json", tmp_path / "report.md"
-    command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
-               "twisted_novnc", "--scenarios", "scale,soak", "--soak-db-restart", "1.5",
-               "--soak-malloc-trim",
-               "--out", str(tmp_path), "--json", str(summary), "--md", str(report)]
     # Scale runs each K and rate twice: on the one shared channel, then on 1,024 shards.
-    done = subprocess.run(command, capture_output=True, text=True, timeout=2 * LIMIT, cwd=ROOT,
-                          stdin=subprocess.DEVNULL, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    runs = {r["scenario"]: r for r in json.loads(summary.read_text(encoding="utf-8"))["runs"]}
+    data, text = quick_bench(tmp_path, "scale,soak", "--soak-db-restart", "1.5",
+                             "--soak-malloc-trim", dsn=False, limit=2 * LIMIT)
+    runs = {r["scenario"]: r for r in data["runs"]}
     scale, soak = runs["scale"], runs["soak"]
     phases = [p for p in scale["scale"] if "rate" in p]
     assert [(p["shards"], p["k"], p["rate"]) for p in phases] == [
@@ -171,7 +170,6 @@ def test_quick_scale_and_soak(tmp_path: Path) -> None:
         assert heap["rss_trimmed_kb"] > 0 and heap["rss_kb"] > 0
     assert isinstance(soak["soak_rss_trimmed_change_pct"], float)
 
-    text = report.read_text(encoding="utf-8")
     assert "| K = 8, 1,000 commits/s: COMMIT→101 p99 ≤ 10 ms | 0 | not measured | — |" in text
     assert "| no 101 before its COMMIT | all | 0 | yes |" in text
     assert "| waiters / watched relays / open connections at the end |" in text
@@ -190,17 +188,9 @@ def test_lookup_from_memory_measures_setup_without_the_round_trip(tmp_path: Path
         check=False)
     assert refused.returncode == 2
     assert "--lookup-from-memory: only with --scenarios setup" in refused.stderr
-    summary, report = tmp_path / "summary.json", tmp_path / "report.md"
-    command = [sys.executable, str(RUN), "--quick", "--rounds", "1", "--proxies",
-               "twisted_novnc", "--scenarios", "setup", "--lookup-from-memory",
-               "--out", str(tmp_path), "--json", str(summary), "--md", str(report)]
-    if os.environ.get(TEST_DSN_ENV):
-        command += ["--dsn", os.environ[TEST_DSN_ENV]]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT, cwd=ROOT,
-                          stdin=subprocess.DEVNULL, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    [run] = json.loads(summary.read_text(encoding="utf-8"))["runs"]
+    data, text = quick_bench(tmp_path, "setup", "--lookup-from-memory")
+    [run] = data["runs"]
     assert run["scenario"] == "setup" and run.get("error") is None and run["conn_per_s"] > 0
     [log] = tmp_path.glob("run-*/r1-setup-twisted_novnc-proxy.log")
     assert "lookups after the first are answered from memory" in log.read_text()
-    assert "**Experiment, not the product:**" in report.read_text(encoding="utf-8")
+    assert "**Experiment, not the product:**" in text
