@@ -6,13 +6,15 @@ Every test runs on the fast path and on the stock path (``[novnc] fast_path = on
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import pytest_twisted
 import txaio
 from test_frames import client_frame
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -32,6 +34,7 @@ from twisted_novnc.testing import (
     RFB_BANNER,
     MemoryPeer,
     MemorySessionSource,
+    Outcome,
     RawExchange,
     VNCEchoFactory,
     recording_client_factory,
@@ -137,7 +140,7 @@ def test_upgrade_waits_until_session_is_ready(harness):
     """No 101 is sent while the session is not ready; it is sent once it is."""
     client = yield harness.connect()
     yield _turns(5)
-    assert not client.opened.called
+    assert not client.handshake_over
     assert harness.gate.waiting == 1
     harness.ready()
     yield client.opened
@@ -910,3 +913,35 @@ def test_a_text_first_frame_is_refused_before_its_payload(fast_path):
             tracemalloc.stop()
         assert kept < size // 4, f"{kept} bytes of a refused text message kept"
         assert w.frames()[-1][0] == 8 and len(w.frames()) == 1
+
+
+def test_outcome_gives_each_waiter_its_own_deferred() -> None:
+    """The test client's ``opened``: a failure nobody waits for is never an unhandled error;
+    waiters before and after it get it; a waiter that gave up (cancelled) is skipped."""
+    unhandled: list[str] = []
+
+    def observe(event: dict) -> None:
+        if "Unhandled error" in str(event.get("log_format", "")):
+            unhandled.append(event["log_format"])
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        quiet = Outcome()
+        quiet.settle(Failure(ConnectionError("closed before open")))
+        del quiet
+        gc.collect()
+        assert unhandled == []
+        outcome = Outcome()
+        before, gave_up = outcome.waiter(), outcome.waiter()
+        gave_up.cancel()
+        assert not outcome.called
+        outcome.settle(Failure(ConnectionError("closed before open")))
+        outcome.settle(None)  # only the first counts
+        for d in (before, outcome.waiter()):
+            errors: list[Failure] = []
+            d.addErrback(errors.append)
+            assert errors and errors[0].check(ConnectionError)
+        gave_up.addErrback(lambda f: f.trap(CancelledError))
+        assert outcome.called
+    finally:
+        globalLogPublisher.removeObserver(observe)

@@ -695,3 +695,44 @@ def test_a_moved_relay_is_not_judged_by_event_counts():
     gate.watch(Target(SID, "10.0.0.5", 5900), lambda r: None)
     clock.advance(0)
     assert len(source.fetches) == reads
+
+
+def test_a_read_the_closing_store_fails_is_no_outage(logged):
+    """At shutdown the gate is closed before the store: a read still in flight (a live relay's
+    row) that the closing store fails logs no "session lookup failed", schedules no retry,
+    and nothing is read after."""
+    gate, source, clock = make_gate()
+    revoked = live(gate, clock, source)
+    source.hold = True
+    gate.notified(SID)
+    clock.advance(0)
+    assert len(source.fetches) == 2  # the NOTIFY's read, in flight
+    gate.close()
+    source.fail_with = RuntimeError("Connection was closed cleanly")
+    source.release()
+    gate.notified(SID)
+    gate.listening()
+    clock.advance(0)
+    assert len(source.fetches) == 2 and revoked == []
+    assert not [text for _, text in logged if "lookup failed" in text]
+    assert [c for c in clock.getDelayedCalls() if c.active()] == []
+
+
+def test_a_failed_read_nobody_waits_for_is_dropped(logged):
+    """A read whose browsers all left while it was in flight fails quietly: no line, no
+    retry (a retry would read for nobody)."""
+    gate, source, clock = make_gate()
+    source.hold = True
+    d = gate.when_ready(SID)
+    clock.advance(0)
+    d.cancel()
+    source.fail_with = RuntimeError("server closed the connection")
+    source.release()
+    assert not [text for _, text in logged if "lookup failed" in text]
+    assert clock.getDelayedCalls() == [] and len(source.fetches) == 1
+    d = gate.when_ready(SID)  # a browser still waiting: the failure is logged and retried
+    clock.advance(0)
+    source.release()
+    assert [text for _, text in logged if "lookup failed" in text]
+    assert gate.waiting == 1 and len(clock.getDelayedCalls()) == 2  # its deadline, the retry
+    d.cancel()

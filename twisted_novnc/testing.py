@@ -117,12 +117,48 @@ class VNCEchoFactory(Factory):
         self.lost: list[Any] = []
 
 
+@attrs.define(eq=False)
+class Outcome:
+    """Something that happens once, or fails once, that any number of parties may wait for,
+    or none: each asks :meth:`waiter` for a Deferred of its own.  A failure nobody asked for
+    is then never an "Unhandled error in Deferred" (as one Deferred kept for everybody would
+    be: a browser refused before its handshake, whose test waits only for the close)."""
+
+    _result: Any = None
+    _done: bool = False
+    _waiters: list[Deferred[Any]] = attrs.field(factory=list)
+
+    @property
+    def called(self) -> bool:
+        return self._done
+
+    def waiter(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        if self._done:
+            d.callback(self._result) if not isinstance(self._result, Failure) \
+                else d.errback(self._result)
+        else:
+            self._waiters.append(d)
+        return d
+
+    def settle(self, result: Any) -> None:
+        """Happened (a value) or failed (a :class:`Failure`); only the first counts."""
+        if self._done:
+            return
+        self._done, self._result = True, result
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if d.called:  # cancelled (a timeout gave up on it)
+                continue
+            d.errback(result) if isinstance(result, Failure) else d.callback(result)
+
+
 class RecordingClient(WebSocketClientProtocol):
     """A WebSocket client that records what a browser's page would see."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.opened: Deferred[None] = Deferred()
+        self._opened = Outcome()
         self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
         self.received = bytearray()
         self.subprotocol: str | None = None
@@ -131,8 +167,19 @@ class RecordingClient(WebSocketClientProtocol):
     def onConnect(self, response: Any) -> None:
         self.subprotocol = response.protocol
 
+    @property
+    def opened(self) -> Deferred[None]:
+        """Fires once the opening handshake is complete; fails if the connection closed
+        before it.  A Deferred of the caller's own (:class:`Outcome`)."""
+        return self._opened.waiter()
+
+    @property
+    def handshake_over(self) -> bool:
+        """The opening handshake has completed or failed (``opened`` has its outcome)."""
+        return self._opened.called
+
     def onOpen(self) -> None:
-        self.opened.callback(None)
+        self._opened.settle(None)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.received += payload
@@ -150,15 +197,11 @@ class RecordingClient(WebSocketClientProtocol):
         return d
 
     def leave(self) -> None:
-        """Drop the connection from this side, as a browser tab closing; that it then never
-        opens is expected, not an error to report."""
-        if not self.opened.called:
-            self.opened.addErrback(lambda failure: failure.trap(ConnectionError))
+        """Drop the connection from this side, as a browser tab closing."""
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if not self.opened.called:
-            self.opened.errback(ConnectionError(f"closed before open: {code} {reason}"))
+        self._opened.settle(Failure(ConnectionError(f"closed before open: {code} {reason}")))
         if not self.closed.called:
             self.closed.callback((code, reason))
 

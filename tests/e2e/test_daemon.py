@@ -44,7 +44,7 @@ def test_incident_upgrade_waits_for_commit(
         insert_session(pg, db, sentinel, "127.0.0.1", vnc_server.port, "running")
         witness = yield connect_session(daemon.port, sentinel)
         yield within(witness.opened)
-        assert not client.opened.called and not client.closed.called
+        assert not client.handshake_over and not client.closed.called
         backend.commit()
 
     yield within(client.opened)
@@ -65,7 +65,7 @@ def test_client_before_row_exists(daemon_factory, vnc_server, pg, sessions_table
     daemon = yield daemon_factory()
     client = yield connect_session(daemon.port, sid)
     yield within(daemon.when_logged(f"request {sid} from"))
-    assert not client.opened.called
+    assert not client.handshake_over
     insert_session(pg, sessions_table, sid, "127.0.0.1", vnc_server.port, "running")
     yield within(client.opened)
     data = yield within(client.when_received(len(RFB_BANNER)))
@@ -99,7 +99,8 @@ def test_refusal_codes_for_real(impatient, pg, sessions_table):
     results = {}
     for sid, client in clients.items():
         results[sid] = yield within(client.closed)
-        assert not client.opened.called or client.opened.called  # handshake completed or not
+        # A close code, so the opening handshake completed first (never a bare 1006).
+        assert client.handshake_over and (yield client.opened) is None
     assert results[absent] == (4404, "no such session")
     assert results[booting] == (4504, "session not ready in time")
     assert results[ended] == (4410, "session ended")

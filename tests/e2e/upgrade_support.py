@@ -24,6 +24,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from twisted_novnc.testing import Outcome
 
 #: One record: its number, eight times (64 bytes); any byte lost, repeated or moved shows.
 RECORD = 64
@@ -143,18 +146,22 @@ class StreamingBrowser(RecordsOverWebSocket, WebSocketClientProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self.opened: defer.Deferred[None] = defer.Deferred()
+        self._opened = Outcome()
         self.closed: tuple[Any, ...] | None = None
         self.sent = 0
         self.received = Sequence()
 
+    @property
+    def opened(self) -> defer.Deferred[None]:
+        """Fires at the handshake's end; fails if closed before (a Deferred of one's own)."""
+        return self._opened.waiter()
+
     def onOpen(self) -> None:
-        self.opened.callback(None)
+        self._opened.settle(None)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.closed = (wasClean, code, reason)
-        if not self.opened.called:
-            self.opened.errback(ConnectionError(f"closed before open: {code} {reason}"))
+        self._opened.settle(Failure(ConnectionError(f"closed before open: {code} {reason}")))
 
 
 @pytest_twisted.inlineCallbacks

@@ -111,6 +111,8 @@ class ReadinessGate:
     #: connections while they reconnect, are not logged again within LOOKUP_LOG_INTERVAL).
     _lookup_logged_at: float | None = None
     _in_flight: bool = False
+    #: The store is closing (the daemon stops): nothing more is read.
+    _closed: bool = False
     #: How many waiters there are (``waiting`` is asked on every new connection).
     _waiting: int = 0
     #: The gate's count of events (NOTIFYs, LISTEN regained): a read sent at count N reflects
@@ -215,6 +217,12 @@ class ReadinessGate:
             self._fail(key, Refused(refusal, detail))
         self._stop_calls()
 
+    def close(self) -> None:
+        """The store is about to close: every waiter fails (shutting down), and nothing is
+        read any more; a read the closing store fails is no outage (no line, no retry)."""
+        self._closed = True
+        self.fail_all(Refusal.SHUTTING_DOWN)
+
     # -- the store's side (StoreObserver) ----------------------------------------------
 
     def notified(self, session_id: str) -> None:
@@ -247,6 +255,8 @@ class ReadinessGate:
     # -- reading -------------------------------------------------------------------------
 
     def _schedule_read(self, keys: Iterable[str]) -> None:
+        if self._closed:
+            return
         self._pending.update(keys)
         if self._flush_call is None and not self._in_flight and self._pending:
             self._flush_call = self.clock.callLater(0, self._flush)
@@ -261,7 +271,7 @@ class ReadinessGate:
         """Send one query for every pending session still waited on or watched."""
         batch = {k for k in self._pending if k in self._waiters or k in self._watches}
         self._pending.clear()
-        if not batch:
+        if not batch or self._closed:
             return None
         self._in_flight = True
         # (A source that raised rather than failing its Deferred would leave the gate
@@ -404,6 +414,8 @@ class ReadinessGate:
                 waiter.deferred.errback(failure)
 
     def _read_failed(self, failure: Any, batch: set[str]) -> None:
+        if self._closed or not any(k in self._waiters or k in self._watches for k in batch):
+            return  # the daemon stops, or every browser it was for has gone: nothing to redo
         now = self.clock.seconds()
         last = self._lookup_logged_at
         if last is None or now - last >= LOOKUP_LOG_INTERVAL:  # not once per retry

@@ -14,7 +14,6 @@ from twisted_novnc.database.embedded import EmbeddedPostgresService, apply_sql
 from twisted_novnc.database.readiness import ReadinessGate
 from twisted_novnc.database.schema import schema_sql
 from twisted_novnc.database.store import PostgresSessionStore
-from twisted_novnc.errors import Refusal
 from twisted_novnc.processes.hint import session_hint
 
 _log = Logger()
@@ -32,7 +31,7 @@ class SessionDatabaseService(Service):
         self.store.start()
 
     def stopService(self) -> None:
-        self.gate.fail_all(Refusal.SHUTTING_DOWN)
+        self.gate.close()
         self.store.stop()
         return Service.stopService(self)
 
