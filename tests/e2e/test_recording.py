@@ -172,6 +172,7 @@ def test_mode_column_records_only_rows_that_say_so(
         if not flag:
             assert files(directory) == []
     path = yield only_file(directory, daemon)
+    yield until(lambda: complete(path))  # the writer thread creates the file, then writes it
     assert read_info(str(path)).header.session_id == sid
 
 
