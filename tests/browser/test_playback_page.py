@@ -45,13 +45,22 @@ def player_url(admin_port: int, name: str, speed: str) -> str:
     return f"http://127.0.0.1:{admin_port}/recordings/{quote(name)}?speed={speed}"
 
 
+def _complete(path) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the file holds a whole recording (the thread creates it, then writes it: a
+    look in between finds it empty)."""
+    try:
+        return bool(read_info(str(path)).complete)
+    except (OSError, ValueError):
+        return False
+
+
 @defer.inlineCallbacks
 def complete_recording(directory):  # type: ignore[no-untyped-def]
     """The directory's one recording once its end record is written (the recorder's thread
     writes it just after the relay closes): checked every 50 ms; the caller bounds the wait."""
     while True:
         found = [p for p in directory.iterdir() if p.name.endswith(SUFFIX)]
-        if len(found) == 1 and read_info(str(found[0])).complete:
+        if len(found) == 1 and _complete(found[0]):
             return found[0]
         assert len(found) <= 1, found
         yield task.deferLater(reactor, 0.05, lambda: None)
